@@ -1,0 +1,256 @@
+"""Streaming benchmark: end-to-end images/s against the in-memory decode ceiling, and RSS.
+
+Builds a job of photo-like JPEGs (random 240–480 px crops of scikit-learn's sample
+photos, quality 90, 500 per chunk), serves the chunk bytes from a static server in another
+process (absolute chunk URLs, as a blob store would give) with the reference API server
+answering metadata, and prints in one run:
+
+- end-to-end images/s of ``for image, label in dataset`` (median of ``--repeat`` runs);
+- the ceiling: the same chunk bytes decoded from memory by the same decoder on the same
+  number of threads, in the same run; and their ratio;
+- the same end-to-end figure with chunk bytes served by the reference server itself;
+- peak RSS while iterating 10 and 40 chunks (each in a fresh process), against the bound
+  baseline + (prefetch + 2) x chunk bytes + one batch;
+- peak RSS of ``to_arrays()`` against 1.2 x the arrays' bytes + 2 chunks.
+
+Usage: python benchmarks/stream.py [--images-per-chunk 500] [--chunks 10] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+KEY = "bench-key"
+JOB = "job_bench"
+JOB_40 = "job_bench40"
+
+
+def make_photos(root: Path, count: int, seed: int = 0) -> None:
+    """``count`` JPEG crops of the sample photos under three label folders."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    labels = ("china", "flower", "mixed")
+    for i in range(count):
+        photo = photos[i % 2]
+        h, w = photo.shape[:2]
+        ch = int(rng.integers(240, min(h, 480) + 1))
+        cw = int(rng.integers(240, min(w, 480) + 1))
+        y = int(rng.integers(0, h - ch + 1))
+        x = int(rng.integers(0, w - cw + 1))
+        crop = photo[y : y + ch, x : x + cw]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        label = labels[i % 3]
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(crop)).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def build_store(work: Path, per_chunk: int, chunks: int) -> Path:
+    """A store with JOB (``chunks`` chunks) and JOB_40 (the same chunks repeated to 40)."""
+    from pixcrawler.packer import pack
+
+    store = work / "store"
+    marker = store / f".built-{per_chunk}-{chunks}"
+    if marker.exists():
+        return store
+    shutil.rmtree(store, ignore_errors=True)
+    src = work / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    make_photos(src, per_chunk * chunks)
+    pack(src, store, job_id=JOB, chunk_size=per_chunk)
+    job = json.loads((store / JOB / "job.json").read_text())
+    big = store / JOB_40 / "chunks"
+    big.mkdir(parents=True)
+    entries = []
+    for i in range(40):
+        source = job["chunks"][i % chunks]
+        os.link(store / JOB / "chunks" / f"{i % chunks:05d}.zip", big / f"{i:05d}.zip")
+        entries.append({**source, "index": i})
+    job.update(
+        id=JOB_40,
+        chunks=entries,
+        total_images=sum(e["image_count"] for e in entries),
+        size_bytes=sum(e["size_bytes"] for e in entries),
+    )
+    (store / JOB_40 / "job.json").write_text(json.dumps(job))
+    (store / "keys.json").write_text(json.dumps({KEY: "default"}))
+    marker.touch()
+    return store
+
+
+def ceiling(store: Path, threads: int) -> float:
+    """Images/s decoding every chunk's images from memory: same decoder, same threads."""
+    from pixcrawler import config
+    from pixcrawler.archive import ChunkArchive
+    from pixcrawler.decode import ImageDecoder
+
+    decoder = ImageDecoder()
+    archives = [
+        ChunkArchive(path.read_bytes(), chunk_id=i)
+        for i, path in enumerate(sorted((store / JOB / "chunks").glob("*.zip")))
+    ]
+    groups = [
+        (archive, archive.samples[s : s + config.DECODE_GROUP])
+        for archive in archives
+        for s in range(0, len(archive.samples), config.DECODE_GROUP)
+    ]
+
+    def work(item: tuple[ChunkArchive, list]) -> int:  # type: ignore[type-arg]
+        archive, group = item
+        for sample in group:
+            decoder.decode(archive.payload(sample))
+        return len(group)
+
+    with ThreadPoolExecutor(threads) as pool:
+        started = time.perf_counter()
+        count = sum(pool.map(work, groups))
+        return count / (time.perf_counter() - started)
+
+
+def end_to_end(base_url: str, job: str, threads: int) -> float:
+    from pixcrawler import load_dataset
+
+    with load_dataset(job, KEY, base_url, decode_threads=threads) as dataset:
+        started = time.perf_counter()
+        count = sum(1 for _ in dataset)
+        return count / (time.perf_counter() - started)
+
+
+RSS_CHILD = """
+import json, sys
+from pixcrawler import load_dataset
+
+def vm(field):  # this process's own figures (ru_maxrss would include the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+job, key, url, what = sys.argv[1:5]
+ds = load_dataset(job, key, url)
+out = {"baseline": vm("VmRSS")}
+if what == "iterate":
+    n = sum(1 for _ in ds)
+else:
+    X, y = ds.to_arrays(image_size=(128, 128))
+    n = len(X)
+    out["array_bytes"] = X.nbytes + y.nbytes
+out["peak"] = vm("VmHWM")
+out["images"] = n
+print(json.dumps(out))
+"""
+
+
+def rss_child(base_url: str, job: str, what: str) -> dict[str, float]:
+    """Peak RSS of a fresh process that iterates (or ``to_arrays``) ``job``."""
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, job, KEY, base_url, what],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+STATIC_CHILD = """
+import sys, time
+from pathlib import Path
+from pixcrawler.testing.static import StaticServer
+server = StaticServer(Path(sys.argv[1])).start()
+print(server.base_url, flush=True)
+time.sleep(1e9)
+"""
+
+
+def row(name: str, value: str, note: str = "") -> None:
+    print(f"{name:<34}{value:>14}   {note}")
+
+
+def runs(values: list[float]) -> str:
+    return "runs: " + ", ".join(f"{v:,.0f}" for v in values)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images-per-chunk", type=int, default=500)
+    parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pixcrawler-bench"
+    )
+    args = parser.parse_args()
+
+    from pixcrawler.decode import ImageDecoder
+    from pixcrawler.server import create_app, run_in_thread
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    store = build_store(args.workdir, args.images_per_chunk, args.chunks)
+    chunk_bytes = statistics.mean(p.stat().st_size for p in (store / JOB / "chunks").glob("*.zip"))
+    print(
+        f"dataset: {args.chunks} chunks x {args.images_per_chunk} JPEGs, {mib(chunk_bytes)} "
+        f"per chunk; decoder {ImageDecoder().backend} on {args.threads} threads; "
+        f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
+
+    with ExitStack() as stack:
+        static = subprocess.Popen(
+            [sys.executable, "-c", STATIC_CHILD, str(store)], stdout=subprocess.PIPE, text=True
+        )
+        stack.callback(static.kill)
+        assert static.stdout is not None
+        blob_url = static.stdout.readline().strip()
+        keys = {KEY: "default"}
+        api_static = stack.enter_context(
+            run_in_thread(create_app(store, keys, chunk_base_url=blob_url))
+        )
+        api_self = stack.enter_context(run_in_thread(create_app(store, keys)))
+
+        ceilings, e2e, e2e_self = [], [], []
+        for _ in range(args.repeat):
+            ceilings.append(ceiling(store, args.threads))
+            e2e.append(end_to_end(api_static, JOB, args.threads))
+            e2e_self.append(end_to_end(api_self, JOB, args.threads))
+        c, e, s = (statistics.median(v) for v in (ceilings, e2e, e2e_self))
+        row("decode ceiling (from memory)", f"{c:,.0f} img/s", runs(ceilings))
+        row("end to end (static chunk host)", f"{e:,.0f} img/s", runs(e2e))
+        row("  ratio to the ceiling", f"{e / c:.2f}", "target >= 0.85")
+        row("end to end (reference server)", f"{s:,.0f} img/s", f"ratio {s / c:.2f}")
+
+        prefetch = 2
+        peaks = {}
+        for job, n in ((JOB, args.chunks), (JOB_40, 40)):
+            r = rss_child(api_static, job, "iterate")
+            peaks[n] = r["peak"]
+            bound = r["baseline"] + (prefetch + 2) * chunk_bytes
+            note = f"baseline {mib(r['baseline'])}, bound {mib(bound)}"
+            row(f"peak RSS iterating {n} chunks", mib(r["peak"]), note)
+        row("  40 chunks / 10 chunks", f"{peaks[40] / peaks[args.chunks]:.2f}", "target <= 1.10")
+        r = rss_child(api_static, JOB, "arrays")
+        bound = r["baseline"] + 1.2 * r["array_bytes"] + 2 * chunk_bytes
+        note = f"arrays {mib(r['array_bytes'])}, bound {mib(bound)}"
+        row("peak RSS to_arrays(128x128)", mib(r["peak"]), note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Where the API key and base URL come from: argument, environment, then the login file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import config
+from .exceptions import AuthenticationError
+
+CREDENTIALS_FILE = "credentials.json"
+
+
+def config_dir() -> Path:
+    """The per-user config directory (``PIXCRAWLER_CONFIG_DIR`` overrides the platform's)."""
+    override = os.environ.get(config.ENV_CONFIG_DIR)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("pixcrawler", appauthor=False))
+
+
+def credentials_path() -> Path:
+    return config_dir() / CREDENTIALS_FILE
+
+
+def save_api_key(api_key: str) -> Path:
+    """Write the key for later commands, readable by the user only (mode 0600)."""
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"api_key": api_key}, fh)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def _stored_api_key() -> str | None:
+    try:
+        data = json.loads(credentials_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    key = data.get("api_key") if isinstance(data, dict) else None
+    return key if isinstance(key, str) and key else None
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    """The explicit key, else ``PIXCRAWLER_API_KEY``, else the ``pixcrawler login`` file."""
+    key = api_key or os.environ.get(config.ENV_API_KEY) or _stored_api_key()
+    if not key:
+        raise AuthenticationError(
+            "No API key given: pass api_key=..., set the PIXCRAWLER_API_KEY environment "
+            "variable, or run `pixcrawler login`."
+        )
+    return key
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """The explicit URL, else ``PIXCRAWLER_BASE_URL``, else the production API."""
+    return base_url or os.environ.get(config.ENV_BASE_URL) or config.DEFAULT_BASE_URL

@@ -1,0 +1,53 @@
+"""Every tunable and environment variable of the SDK, in one place."""
+
+from __future__ import annotations
+
+# Environment variables.
+ENV_API_KEY = "PIXCRAWLER_API_KEY"
+ENV_BASE_URL = "PIXCRAWLER_BASE_URL"
+ENV_CACHE_DIR = "PIXCRAWLER_CACHE_DIR"
+ENV_CONFIG_DIR = "PIXCRAWLER_CONFIG_DIR"
+ENV_SERVER_KEYS = "PIXCRAWLER_SERVER_KEYS"
+
+# The API.
+DEFAULT_BASE_URL = "https://api.pixcrawler.com"
+API_PREFIX = "/api/v1"
+USER_AGENT = "pixcrawler-sdk"
+DEFAULT_MAX_WORKERS = 4
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_PAGE_SIZE = 50
+
+# Retries: "3 retries" is up to 4 attempts, exponential backoff with full jitter.
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF_BASE = 0.5  # seconds; attempt n waits uniform(0, min(cap, base * 2**n))
+DEFAULT_BACKOFF_MAX = 30.0
+MAX_RETRY_AFTER = 60.0  # a longer Retry-After is raised to the caller, not slept
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+URL_EXPIRED_STATUSES = frozenset({403, 410})
+
+# The downloader.
+DEFAULT_PREFETCH = 2
+READ_BLOCK = 1 << 20  # bytes received (and hashed) per read
+MIN_RANGE_PART = 8 << 20  # a chunk is split into parallel ranges only above 2 x this
+
+# Archive guards.
+MAX_MEMBERS = 100_000
+MAX_MEMBER_BYTES = 512 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
+
+# Decoding.
+DEFAULT_DECODE_THREADS = 2
+DECODE_GROUP = 32  # images per decode task
+DECODE_GROUPS_IN_FLIGHT = 6
+SUPPORTED_MODES = ("RGB", "L", "RGBA")
+ON_ERROR_POLICIES = ("raise", "skip", "warn")
+
+# The packer.
+DEFAULT_CHUNK_SIZE = 500
+DEFAULT_OWNER = "default"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+JOB_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+
+# The map-style torch cache.
+DEFAULT_MEMORY_CACHE_BYTES = 1 << 30

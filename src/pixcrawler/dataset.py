@@ -1,0 +1,638 @@
+"""The user's object: a lazily loaded job, iterated image by image, in batches or whole.
+
+``Dataset`` composes the client (metadata), the downloader (chunk bytes), the archive
+(members) and the decoder (pixels). It never speaks HTTP itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from . import config
+from .archive import ChunkArchive, Sample
+from .auth import resolve_api_key, resolve_base_url
+from .client import ApiClient
+from .decode import ImageDecoder, validate_image_size
+from .downloader import ChunkDownloader, TransferStats
+from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
+from .models import Job
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("pixcrawler")
+
+ImageSize = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata of a job, as ``pixcrawler info`` prints it."""
+
+    id: str
+    name: str
+    status: str
+    progress: float
+    num_images: int
+    num_chunks: int
+    chunk_size: int
+    size_bytes: int
+    labels: tuple[str, ...]
+    created_at: datetime | None
+    completed_at: datetime | None
+    image_size: ImageSize | None
+    version: int
+
+    @classmethod
+    def from_job(cls, job: Job) -> DatasetInfo:
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=job.status,
+            progress=job.progress,
+            num_images=num_images_of(job),
+            num_chunks=len(job.chunks),
+            chunk_size=job.chunk_size,
+            size_bytes=job.size_bytes or sum(c.size_bytes or 0 for c in job.chunks),
+            labels=job.labels,
+            created_at=parse_time(job.created_at),
+            completed_at=parse_time(job.completed_at),
+            image_size=job.image_size,
+            version=job.version,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def __str__(self) -> str:
+        created = self.created_at.strftime("%Y-%m-%d %H:%M:%S") if self.created_at else "-"
+        noun = "class" if len(self.labels) == 1 else "classes"
+        return "\n".join(
+            [
+                f"Dataset: {self.id}",
+                f"Status: {self.status}",
+                f"Images: {self.num_images:,}",
+                f"Chunks: {self.num_chunks:,}",
+                f"Size: {human_size(self.size_bytes)}",
+                f"Created: {created}",
+                f"Labels: {', '.join(self.labels)} ({len(self.labels)} {noun})",
+            ]
+        )
+
+
+@dataclass
+class DatasetStats:
+    """What a dataset has done so far: read it to see why a first batch is slow.
+
+    ``wait_seconds`` is the time the consumer spent waiting for data (download or decode);
+    ``first_image_seconds`` the time from the start of iteration to the first image.
+    """
+
+    images: int = 0
+    skipped: int = 0
+    skipped_ids: list[str] = field(default_factory=list)
+    chunks: int = 0
+    wait_seconds: float = 0.0
+    first_image_seconds: float | None = None
+    transfer: TransferStats = field(default_factory=TransferStats)
+
+    @property
+    def bytes_downloaded(self) -> int:
+        return self.transfer.bytes_received
+
+    def __str__(self) -> str:
+        first = "-" if self.first_image_seconds is None else f"{self.first_image_seconds:.2f} s"
+        return (
+            f"{self.images:,} images, {self.skipped:,} skipped, {self.chunks:,} chunks, "
+            f"{human_size(self.transfer.bytes_received)} received, "
+            f"{self.transfer.retries} retries, first image after {first}, "
+            f"waited {self.wait_seconds:.2f} s"
+        )
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What a worker process needs to open its own client (nothing live, so it pickles)."""
+
+    api_key: str
+    base_url: str
+    timeout: float
+    verify_ssl: bool
+    retry: RetryPolicy
+    max_workers: int
+
+    def connect(self) -> ApiClient:
+        with warnings.catch_warnings():
+            if not self.verify_ssl:  # warned once, when the user asked for it
+                warnings.simplefilter("ignore")
+            return ApiClient(
+                self.api_key,
+                self.base_url,
+                timeout=self.timeout,
+                verify_ssl=self.verify_ssl,
+                retry=self.retry,
+                pool_size=self.max_workers,
+            )
+
+    def __repr__(self) -> str:
+        return f"ClientSettings(base_url={self.base_url!r})"
+
+
+class Dataset:
+    """A completed PixCrawler job, loaded lazily. Create it with :func:`load_dataset`.
+
+    Nothing is downloaded until you iterate. Chunks stream through memory: at most
+    ``prefetch`` chunks are held ahead of the one being decoded, and each is released
+    once its images have been yielded.
+
+    Example:
+        >>> with load_dataset("job_123", api_key="key") as dataset:
+        ...     for images, labels in dataset.iter_batches(batch_size=64):
+        ...         train(images, labels)
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        settings: ClientSettings,
+        *,
+        client: ApiClient | None = None,
+        prefetch: int = config.DEFAULT_PREFETCH,
+        mode: str = "RGB",
+        image_size: ImageSize | None = None,
+        on_error: str = "raise",
+        decode_threads: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if on_error not in config.ON_ERROR_POLICIES:
+            raise ValueError(
+                f"on_error must be one of {', '.join(config.ON_ERROR_POLICIES)}, got {on_error!r}"
+            )
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.job = job
+        self.settings = settings
+        self.prefetch = prefetch
+        self.mode = mode
+        self.image_size = validate_image_size(image_size) if image_size is not None else None
+        self.on_error = on_error
+        self.decode_threads = decode_threads or config.DEFAULT_DECODE_THREADS
+        self.progress = progress
+        self.stats = DatasetStats()
+        ImageDecoder(mode)  # validate the mode now, not at the first image
+        self._client = client
+        self._lock = threading.Lock()
+        self._downloaders: set[ChunkDownloader] = set()
+        self._closed = False
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Dataset metadata and statistics."""
+        return DatasetInfo.from_job(self.job)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Label names; a label's integer id is its position here."""
+        return self.job.labels
+
+    @property
+    def num_images(self) -> int:
+        """Total number of images in the dataset."""
+        return num_images_of(self.job)
+
+    @property
+    def num_chunks(self) -> int:
+        """Total number of chunks."""
+        return len(self.job.chunks)
+
+    @property
+    def chunk_size(self) -> int:
+        """Images per chunk (typically 500)."""
+        return self.job.chunk_size
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(id={self.job.id!r}, name={self.job.name!r}, images={self.num_images}, "
+            f"chunks={self.num_chunks}, labels={len(self.labels)}, "
+            f"base_url={self.settings.base_url!r})"
+        )
+
+    # -- iteration -----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
+        """Yield ``(image, label)``: an ``(H, W, C)`` uint8 array and the label name.
+
+        Example:
+            >>> for image, label in dataset:
+            ...     process(image, label)
+        """
+        for sample, image in self.iter_samples():
+            yield image, sample.label
+
+    def iter_samples(
+        self, image_size: ImageSize | None = None, chunks: list[int] | None = None
+    ) -> Iterator[tuple[Sample, np.ndarray]]:
+        """Yield ``(sample, image)`` with the sample's id, path and metadata."""
+        size = validate_image_size(image_size) if image_size is not None else self.image_size
+        samples = self._decoded(ImageDecoder(self.mode, size), chunks)
+        if not self.progress:
+            yield from samples
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(samples, total=self.num_images, unit="img", desc=self.job.id) as bar:
+            yield from bar
+
+    def iter_batches(
+        self,
+        batch_size: int = 32,
+        drop_last: bool = False,
+        *,
+        image_size: ImageSize | None = None,
+    ) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Yield ``(images, labels)``: a ``(B, H, W, C)`` uint8 array and B label names.
+
+        Each batch is a new array allocated once at its full size. Images of different
+        sizes need ``image_size=(H, W)``; without it they raise :class:`MixedImageSizesError`.
+
+        Example:
+            >>> for images, labels in dataset.iter_batches(batch_size=64):
+            ...     train_model(images, labels)
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch: np.ndarray | None = None
+        labels: list[str] = []
+        for sample, image in self.iter_samples(image_size):
+            if batch is None:
+                batch = np.empty((batch_size, *image.shape), dtype=np.uint8)
+            _put(batch, len(labels), image, sample)
+            labels.append(sample.label)
+            if len(labels) == batch_size:
+                yield batch, labels
+                batch, labels = None, []
+        if labels and batch is not None and not drop_last:
+            yield batch[: len(labels)], labels
+
+    def to_arrays(self, *, image_size: ImageSize | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Load the whole dataset: ``X`` of shape (N, H, W, C) uint8 and ``y`` label names.
+
+        Warning: this holds every image in memory. ``X`` is allocated once at its final size
+        and filled chunk by chunk (no list-then-stack doubling).
+
+        Example:
+            >>> X, y = dataset.to_arrays()
+            >>> X_train, X_test, y_train, y_test = train_test_split(X, y)
+        """
+        total = self.num_images
+        images: np.ndarray | None = None
+        labels: list[str] = []
+        for sample, image in self.iter_samples(image_size):
+            if images is None:
+                images = np.empty((total, *image.shape), dtype=np.uint8)
+            if len(labels) >= len(images):
+                raise PixCrawlerError(
+                    f"job {self.job.id} lists {total} images but its chunks hold more"
+                )
+            _put(images, len(labels), image, sample)
+            labels.append(sample.label)
+        if images is None:
+            channels = ImageDecoder(self.mode).channels
+            height, width = image_size or self.image_size or (0, 0)
+            images = np.empty((0, height, width, channels), dtype=np.uint8)
+        return images[: len(labels)], np.array(labels, dtype=str)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """A DataFrame with columns ``image`` (arrays), ``label`` and ``metadata`` (dicts).
+
+        Example:
+            >>> df = dataset.to_dataframe()
+            >>> df[df["label"] == "cat"]
+        """
+        from .loaders import require
+
+        pandas = require("pandas", "pandas")
+        rows: dict[str, list[Any]] = {"image": [], "label": [], "metadata": []}
+        for sample, image in self.iter_samples():
+            rows["image"].append(image)
+            rows["label"].append(sample.label)
+            rows["metadata"].append(sample_metadata(sample, image))
+        return cast("pd.DataFrame", pandas.DataFrame(rows))
+
+    def to_torch(self, transform: Callable[[Any], Any] | None = None, **options: Any) -> Any:
+        """A PyTorch dataset (map-style by default; ``streaming=True`` for an iterable one).
+
+        Images are uint8 HWC arrays (``transform`` gets them), labels integer class ids.
+
+        Example:
+            >>> loader = DataLoader(dataset.to_torch(), batch_size=32, shuffle=True)
+        """
+        from .loaders import to_torch
+
+        return to_torch(self, transform, **options)
+
+    def to_tensorflow(self, **options: Any) -> Any:
+        """A ``tf.data.Dataset`` of ``(image uint8 HWC, label int64 id)``.
+
+        Example:
+            >>> tf_dataset = dataset.to_tensorflow().batch(32).prefetch(1)
+        """
+        from .loaders import to_tensorflow
+
+        return to_tensorflow(self, **options)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Cancel downloads in flight and release connections. Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            downloaders = list(self._downloaders)
+        for downloader in downloaders:
+            downloader.close()
+        if self._client is not None:
+            self._client.close()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for live in ("_client", "_lock", "_downloaders", "stats"):
+            del state[live]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._client = None
+        self._lock = threading.Lock()
+        self._downloaders = set()
+        self.stats = DatasetStats()
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    def client(self) -> ApiClient:
+        with self._lock:
+            if self._closed:
+                raise PixCrawlerError("the dataset is closed")
+            if self._client is None:
+                self._client = self.settings.connect()
+            return self._client
+
+    def downloader(self, *, prefetch: int | None = None) -> ChunkDownloader:
+        """A downloader over this job's chunks, closed with the dataset."""
+        client = self.client()
+        downloader = ChunkDownloader(
+            client,
+            self.job.chunks,
+            max_workers=self.settings.max_workers,
+            prefetch=prefetch or self.prefetch,
+            refresh=lambda: client.get_completed_job(self.job.id).chunks,
+            stats=self.stats.transfer,
+        )
+        with self._lock:
+            self._downloaders.add(downloader)
+        return downloader
+
+    def _release(self, downloader: ChunkDownloader) -> None:
+        downloader.close()
+        with self._lock:
+            self._downloaders.discard(downloader)
+
+    def _decoded(
+        self, decoder: ImageDecoder, chunks: list[int] | None
+    ) -> Iterator[tuple[Sample, np.ndarray]]:
+        """Decoded samples in order: groups of images decode on a thread pool, several
+        groups in flight across chunk boundaries so the decoders never wait on a chunk edge.
+        """
+        started = time.perf_counter()
+        downloader = self.downloader()
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="pixcrawler-decode")
+        inflight: deque[tuple[list[Sample], Future[list[Any]]]] = deque()
+        groups = self._groups(downloader, chunks)
+        chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
+        try:
+            while True:
+                waited = time.perf_counter()
+                # Keep decoders busy across a chunk edge, but never open a third chunk.
+                while len(inflight) < config.DECODE_GROUPS_IN_FLIGHT and len(chunk_ends) < 2:
+                    item = next(groups, None)
+                    if item is None:
+                        break
+                    archive, group, last = item
+                    inflight.append((group, pool.submit(_decode_group, archive, group, decoder)))
+                    if last:
+                        chunk_ends.append(len(inflight))
+                if not inflight:
+                    return
+                chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)
+                group, future = inflight.popleft()
+                results = future.result()
+                self.stats.wait_seconds += time.perf_counter() - waited
+                for sample, result in zip(group, results, strict=True):
+                    if isinstance(result, DecompressionError):
+                        self._on_bad_sample(sample, result)
+                        continue
+                    if self.stats.first_image_seconds is None:
+                        self.stats.first_image_seconds = time.perf_counter() - started
+                    self.stats.images += 1
+                    yield sample, result
+        finally:
+            groups.close()
+            for _, future in inflight:
+                future.cancel()
+            pool.shutdown(wait=True)
+            self._release(downloader)
+
+    def _groups(
+        self, downloader: ChunkDownloader, chunks: list[int] | None
+    ) -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
+        """(archive, group of samples, whether it is the chunk's last group)."""
+        for chunk, data in downloader.iter_chunks(chunks):
+            archive = ChunkArchive(data, chunk_id=chunk.index)
+            del data
+            self.stats.chunks += 1
+            log.debug("chunk %d: %d images", chunk.index, len(archive))
+            samples = archive.samples
+            if not samples:
+                continue
+            for start in range(0, len(samples), config.DECODE_GROUP):
+                end = start + config.DECODE_GROUP
+                yield archive, samples[start:end], end >= len(samples)
+
+    def _on_bad_sample(self, sample: Sample, error: DecompressionError) -> None:
+        if self.on_error == "raise":
+            raise error
+        self.stats.skipped += 1
+        self.stats.skipped_ids.append(sample.id)
+        if self.on_error == "warn":
+            warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=4)
+
+
+def _decode_group(
+    archive: ChunkArchive, group: list[Sample], decoder: ImageDecoder
+) -> list[np.ndarray | DecompressionError]:
+    """Runs on a decode thread: every sample's pixels, or the error that names it."""
+    results: list[np.ndarray | DecompressionError] = []
+    for sample in group:
+        try:
+            results.append(decoder.decode(archive.payload(sample)))
+        except DecompressionError as exc:
+            message = exc.message
+            if sample.id not in message:
+                message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
+            error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
+            error.__cause__ = exc.__cause__ or exc
+            results.append(error)
+    return results
+
+
+def _put(target: np.ndarray, row: int, image: np.ndarray, sample: Sample) -> None:
+    if image.shape != target.shape[1:]:
+        raise MixedImageSizesError(
+            f"image {sample.id!r} is {image.shape[1]}x{image.shape[0]} but earlier images are "
+            f"{target.shape[2]}x{target.shape[1]}: images of different sizes cannot be stacked. "
+            "Pass image_size=(H, W) to resize them all."
+        )
+    target[row] = image
+
+
+def sample_metadata(sample: Sample, image: np.ndarray) -> dict[str, Any]:
+    """The metadata column of ``to_dataframe``: ids and sizes, then the manifest's own."""
+    return {
+        "id": sample.id,
+        "path": sample.path,
+        "chunk": sample.chunk_id,
+        "height": int(image.shape[0]),
+        "width": int(image.shape[1]),
+        **dict(sample.metadata),
+    }
+
+
+def num_images_of(job: Job) -> int:
+    if job.total_images:
+        return job.total_images
+    return sum(c.image_count or 0 for c in job.chunks)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def human_size(size: float) -> str:
+    """1024-based, one decimal: ``2684354560`` → ``2.5 GB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} PB"  # pragma: no cover
+
+
+def load_dataset(
+    job_id: str | int,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    max_workers: int = config.DEFAULT_MAX_WORKERS,
+    timeout: float = config.DEFAULT_TIMEOUT,
+    verify_ssl: bool = True,
+    *,
+    prefetch: int = config.DEFAULT_PREFETCH,
+    mode: str = "RGB",
+    image_size: ImageSize | None = None,
+    on_error: str = "raise",
+    decode_threads: int | None = None,
+    retries: int = config.DEFAULT_RETRIES,
+    backoff: float = config.DEFAULT_BACKOFF_BASE,
+    progress: bool = False,
+) -> Dataset:
+    """Load a PixCrawler dataset lazily: only the job's metadata is fetched here.
+
+    Args:
+        job_id: Job/dataset identifier.
+        api_key: PixCrawler API key (else ``PIXCRAWLER_API_KEY``, else ``pixcrawler login``).
+        base_url: API host (else ``PIXCRAWLER_BASE_URL``, else production).
+        max_workers: Parallel download threads.
+        timeout: Seconds to connect, and the longest silence allowed mid-transfer.
+        verify_ssl: Verify TLS certificates.
+        prefetch: Chunks downloaded ahead of the consumer (bounds memory).
+        mode: ``"RGB"``, ``"L"`` or ``"RGBA"``.
+        image_size: ``(H, W)`` to resize every image to.
+        on_error: What a corrupt image does: ``"raise"``, ``"skip"`` or ``"warn"``.
+        decode_threads: Threads decoding images (default 2).
+        retries: Retries per request on network errors, 429 and 5xx.
+        backoff: Base of the exponential backoff, in seconds.
+        progress: Show a progress bar while iterating.
+
+    Raises:
+        AuthenticationError: Invalid API key.
+        NotFoundError: Job not found.
+        JobNotCompleteError: Job still processing (or failed, or cancelled).
+
+    Example:
+        >>> dataset = load_dataset("job_123", api_key="key")
+        >>> for image, label in dataset:
+        ...     print(image.shape)
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    settings = ClientSettings(
+        api_key=resolve_api_key(api_key),
+        base_url=resolve_base_url(base_url),
+        timeout=float(timeout),
+        verify_ssl=verify_ssl,
+        retry=RetryPolicy(retries=retries, backoff_base=backoff),
+        max_workers=max_workers,
+    )
+    client = ApiClient(
+        settings.api_key,
+        settings.base_url,
+        timeout=settings.timeout,
+        verify_ssl=verify_ssl,
+        retry=settings.retry,
+        pool_size=max_workers,
+    )
+    try:
+        job = client.get_completed_job(job_id)
+    except BaseException:
+        client.close()
+        raise
+    return Dataset(
+        job,
+        settings,
+        client=client,
+        prefetch=prefetch,
+        mode=mode,
+        image_size=image_size,
+        on_error=on_error,
+        decode_threads=decode_threads,
+        progress=progress,
+    )

@@ -1,0 +1,206 @@
+"""Encoded image bytes → HWC ``uint8`` arrays, the same pixels whichever decoder runs.
+
+Pillow is the reference and the fallback. When the ``fast`` extra (simplejpeg, a
+libjpeg-turbo binding) is installed, plain JPEGs take it: about twice Pillow's speed, and,
+like Pillow, it releases the GIL, so a thread pool scales with cores. simplejpeg does not
+apply EXIF orientation or read CMYK, so those images go to Pillow. With ``image_size`` a
+JPEG is first scaled in the DCT domain to at least the target, then resized exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
+
+from . import config
+from .exceptions import DecompressionError
+
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+_SIMPLEJPEG_SPACES = {"RGB": "RGB", "L": "GRAY"}
+_CHANNELS = {"RGB": 3, "L": 1, "RGBA": 4}
+
+
+def _load_simplejpeg() -> Any:
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+class ImageDecoder:
+    """Decodes one image at a time; safe to share between threads.
+
+    Args:
+        mode: ``"RGB"`` (default), ``"L"`` or ``"RGBA"``, converted as Pillow's ``convert``.
+        image_size: ``(H, W)`` to resize every image to exactly, or None to keep sizes.
+        max_pixels: images whose header claims more pixels are refused (decompression bomb).
+        backend: ``"auto"`` (simplejpeg for JPEGs when installed), ``"pillow"``.
+    """
+
+    def __init__(
+        self,
+        mode: str = "RGB",
+        image_size: tuple[int, int] | None = None,
+        *,
+        max_pixels: int = config.MAX_IMAGE_PIXELS,
+        backend: str = "auto",
+    ) -> None:
+        if mode not in _CHANNELS:
+            raise ValueError(f"mode must be one of {', '.join(_CHANNELS)}, got {mode!r}")
+        if image_size is not None:
+            image_size = validate_image_size(image_size)
+        if backend not in ("auto", "pillow"):
+            raise ValueError(f"backend must be 'auto' or 'pillow', got {backend!r}")
+        self.mode = mode
+        self.channels = _CHANNELS[mode]
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+        self._simplejpeg = _load_simplejpeg() if backend == "auto" else None
+        self._space = _SIMPLEJPEG_SPACES.get(mode)
+
+    @property
+    def backend(self) -> str:
+        return "simplejpeg" if self._simplejpeg is not None and self._space else "pillow"
+
+    def decode(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        """An ``(H, W, C)`` uint8 array; :class:`DecompressionError` if it cannot be decoded."""
+        try:
+            if self._space and self._simplejpeg is not None and data[:2] == b"\xff\xd8":
+                array = self._decode_jpeg(data)
+                if array is not None:
+                    return array
+            return self._decode_pillow(data)
+        except DecompressionError:
+            raise
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            struct.error,
+            Image.DecompressionBombError,
+        ) as exc:
+            raise DecompressionError(f"cannot decode image: {exc}") from exc
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise DecompressionError(
+                f"image claims {width}x{height} = {width * height:,} pixels, over the limit "
+                f"of {self.max_pixels:,} (a decompression bomb?); raise max_pixels to allow it"
+            )
+
+    def _decode_jpeg(self, data: bytes | bytearray | memoryview) -> np.ndarray | None:
+        sj: Any = self._simplejpeg
+        height, width, space, _ = sj.decode_jpeg_header(data)
+        if space not in ("RGB", "YCbCr", "Gray") or jpeg_orientation(data) != 1:
+            return None  # CMYK/YCCK or rotated: Pillow handles those
+        self._check_pixels(width, height)
+        if self.image_size is None:
+            array: np.ndarray = sj.decode_jpeg(data, colorspace=self._space)
+            return array
+        th, tw = self.image_size
+        array = sj.decode_jpeg(data, colorspace=self._space, min_height=th, min_width=tw)
+        if array.shape[:2] == (th, tw):
+            return array
+        return self._resize_array(array)
+
+    def _resize_array(self, array: np.ndarray) -> np.ndarray:
+        th, tw = self.image_size or array.shape[:2]
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        resized = np.array(image.resize((tw, th), Image.Resampling.BILINEAR))
+        return resized.reshape(th, tw, self.channels)
+
+    def _decode_pillow(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        self._check_pixels(width, height)
+        orientation = _pillow_orientation(image)
+        if self.image_size is not None and isinstance(image, JpegImageFile):
+            th, tw = self.image_size
+            want = (th, tw) if orientation in _SWAPS_AXES else (tw, th)
+            image.draft(image.mode, want)
+        image.load()
+        if orientation in _TRANSPOSE:
+            image = image.transpose(_TRANSPOSE[orientation])
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        if self.image_size is not None and image.size != self.image_size[::-1]:
+            th, tw = self.image_size
+            image = image.resize((tw, th), Image.Resampling.BILINEAR)
+        array = np.array(image)
+        return array.reshape(array.shape[0], array.shape[1], self.channels)
+
+
+def validate_image_size(image_size: Any) -> tuple[int, int]:
+    """``(H, W)`` as two positive ints, or a ValueError naming what was given."""
+    try:
+        height, width = (int(v) for v in image_size)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}") from exc
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return height, width
+
+
+def _pillow_orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block must not cost the image
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def jpeg_orientation(data: bytes | bytearray | memoryview) -> int:
+    """The EXIF orientation (1–8) of a JPEG, read from its APP1 segment; 1 if none."""
+    view = memoryview(data)
+    pos = 2
+    end = len(view)
+    while pos + 4 <= end:
+        if view[pos] != 0xFF:
+            return 1
+        marker = view[pos + 1]
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
+            return 1
+        length = (view[pos + 2] << 8) | view[pos + 3]
+        segment = view[pos + 4 : pos + 2 + length]
+        if marker == 0xE1 and bytes(segment[:6]) == b"Exif\x00\x00":
+            return _tiff_orientation(bytes(segment[6:]))
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            return 1
+        tag, _type, _count = struct.unpack_from(order + "HHI", tiff, entry)
+        if tag == _ORIENTATION_TAG:
+            (value,) = struct.unpack_from(order + "H", tiff, entry + 8)
+            return value if 1 <= value <= 8 else 1
+    return 1

@@ -1,0 +1,495 @@
+"""Chunk bytes: a window of downloads in flight, retries, Range resume and sha256 checks.
+
+No business logic: this module knows chunks as indexes, URLs, sizes and digests. It knows
+nothing of labels or images.
+
+Guarantees:
+- a chunk handed out is complete and, where the API gave a sha256, verified;
+- an interrupted transfer resumes with ``Range`` from the bytes already held;
+- a checksum mismatch discards the bytes and downloads once more from byte 0, then gives up
+  with :class:`DownloadError`;
+- the API key goes only to the API's origin (the client sees to that), and an expired
+  presigned URL (403/410 from another host) makes the job's URLs be read again, once;
+- ``iter_chunks`` holds at most ``prefetch`` chunks ahead of its consumer, and closing it
+  (an early ``break``) cancels what is in flight and unblocks its sockets at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from . import config
+from .client import ApiClient, map_status
+from .exceptions import DownloadError, PixCrawlerError
+from .models import Chunk
+from .retry import parse_retry_after
+
+log = logging.getLogger("pixcrawler")
+
+Refresh = Callable[[], Sequence[Chunk]]
+
+
+@dataclass
+class TransferStats:
+    """Counters of what crossed the network; safe to read while a download runs."""
+
+    bytes_received: int = 0
+    chunks_completed: int = 0
+    requests: int = 0
+    retries: int = 0
+    resumed: int = 0
+    checksum_failures: int = 0
+    url_refreshes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+class _Sink(Protocol):
+    def write(self, pos: int, data: bytes) -> None: ...
+    def restart(self) -> None: ...
+
+
+class _MemorySink:
+    """Bytes into one buffer, preallocated when the size is known (no doubling on growth)."""
+
+    def __init__(self, size: int | None) -> None:
+        self.buffer = bytearray(size) if size is not None else bytearray()
+        self._fixed = size is not None
+        self._view = memoryview(self.buffer) if self._fixed else None
+
+    def write(self, pos: int, data: bytes) -> None:
+        if self._view is not None:
+            if pos + len(data) > len(self.buffer):
+                raise _IntegrityError("the server sent more bytes than the chunk's listed size")
+            self._view[pos : pos + len(data)] = data
+        else:
+            self.buffer[pos:] = data
+
+    def restart(self) -> None:
+        if not self._fixed:
+            del self.buffer[:]
+
+
+class _FileSink:
+    """Bytes appended to a ``.part`` file, so a later run can resume from its length."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def write(self, pos: int, data: bytes) -> None:
+        self.fh.seek(pos)
+        self.fh.write(data)
+
+    def restart(self) -> None:
+        self.fh.seek(0)
+        self.fh.truncate()
+
+
+class _IntegrityError(Exception):
+    """The bytes are wrong (size or digest): start the chunk again from byte 0."""
+
+
+class _RangeIgnored(Exception):
+    """The server answered a ranged request with the whole body."""
+
+
+class _Cancelled(PixCrawlerError):
+    def __init__(self) -> None:
+        super().__init__("the download was cancelled")
+
+
+class ChunkDownloader:
+    """Downloads a job's chunks for one consumer; see the module docstring for guarantees."""
+
+    def __init__(
+        self,
+        client: ApiClient,
+        chunks: Sequence[Chunk],
+        *,
+        max_workers: int = config.DEFAULT_MAX_WORKERS,
+        prefetch: int = config.DEFAULT_PREFETCH,
+        refresh: Refresh | None = None,
+        stats: TransferStats | None = None,
+    ) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.client = client
+        self.max_workers = max_workers
+        self.prefetch = prefetch
+        self.stats = stats or TransferStats()
+        self._refresh = refresh
+        self._lock = threading.Lock()
+        self._chunks = {c.index: c for c in chunks}
+        self._active: dict[threading.Event, set[urllib3.BaseHTTPResponse]] = {}
+        self._closed = threading.Event()
+        self._part_pool: ThreadPoolExecutor | None = None
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def indexes(self) -> list[int]:
+        return sorted(self._chunks)
+
+    def chunk(self, index: int) -> Chunk:
+        with self._lock:
+            return self._chunks[index]
+
+    def fetch(self, index: int, cancel: threading.Event | None = None) -> bytearray:
+        """One chunk, complete and verified, in memory."""
+        cancel = cancel or threading.Event()
+        self._watch(cancel)
+        try:
+            for attempt in (1, 2):
+                chunk = self.chunk(index)
+                try:
+                    sink = _MemorySink(chunk.size_bytes)
+                    digest = self._receive(chunk, sink, cancel)
+                    self._verify(chunk, digest, attempt)
+                except _IntegrityError as exc:
+                    self._integrity_failed(chunk, attempt, str(exc))
+                    continue
+                self.stats.add(chunks_completed=1)
+                return sink.buffer
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._unwatch(cancel)
+
+    def fetch_to_file(self, index: int, path: Path, cancel: threading.Event | None = None) -> Path:
+        """One chunk into ``path``, resuming ``path.part`` from a previous run; atomic rename.
+
+        The final name appears only once every byte is present and verified.
+        """
+        cancel = cancel or threading.Event()
+        part = path.with_name(path.name + ".part")
+        self._watch(cancel)
+        try:
+            for attempt in (1, 2):
+                chunk = self.chunk(index)
+                with open(part, "a+b") as fh:
+                    held = fh.seek(0, os.SEEK_END)
+                    if chunk.size_bytes is not None and held > chunk.size_bytes:
+                        fh.truncate(0)
+                        held = 0
+                    hasher = _hash_file(fh, held)
+                    if held:
+                        self.stats.add(resumed=1)
+                    try:
+                        digest = self._receive(chunk, _FileSink(fh), cancel, held, hasher)
+                        self._verify(chunk, digest, attempt)
+                    except _IntegrityError as exc:
+                        fh.truncate(0)
+                        self._integrity_failed(chunk, attempt, str(exc))
+                        continue
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(part, path)
+                self.stats.add(chunks_completed=1)
+                return path
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._unwatch(cancel)
+
+    def iter_chunks(self, order: Iterable[int] | None = None) -> Iterator[tuple[Chunk, bytearray]]:
+        """Chunks in ``order`` (default: by index), ``prefetch`` of them in flight ahead."""
+        todo = iter(self.indexes if order is None else list(order))
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="pixcrawler-download")
+        window: deque[tuple[int, Future[bytearray]]] = deque()
+
+        def submit_next() -> None:
+            index = next(todo, None)
+            if index is not None:
+                window.append((index, pool.submit(self.fetch, index, cancel)))
+
+        try:
+            for _ in range(self.prefetch):
+                submit_next()
+            while window:
+                index, future = window.popleft()
+                data = future.result()
+                submit_next()
+                yield self.chunk(index), data
+                del data
+        finally:
+            cancel.set()
+            for _, future in window:
+                future.cancel()
+            self._abort(cancel)
+            pool.shutdown(wait=True)
+
+    def close(self) -> None:
+        """Cancel every transfer in flight; later fetches fail at once."""
+        self._closed.set()
+        with self._lock:
+            events = list(self._active)
+        for event in events:
+            event.set()
+            self._abort(event)
+        if self._part_pool is not None:
+            self._part_pool.shutdown(wait=True, cancel_futures=True)
+            self._part_pool = None
+
+    # -- one chunk ---------------------------------------------------------------------------
+
+    def _receive(
+        self,
+        chunk: Chunk,
+        sink: _Sink,
+        cancel: threading.Event,
+        start: int = 0,
+        hasher: Any = None,
+    ) -> str:
+        """Every byte of ``chunk`` into ``sink``; returns the sha256 hex digest."""
+        parts = self._split(chunk.size_bytes) if start == 0 else []
+        if len(parts) > 1 and isinstance(sink, _MemorySink):
+            try:
+                return self._receive_parts(chunk, sink, parts, cancel)
+            except _RangeIgnored:
+                log.debug("chunk %d: ranges not honoured, one stream instead", chunk.index)
+        hasher = hasher if hasher is not None else hashlib.sha256()
+        hasher = self._stream(chunk.index, sink, start, chunk.size_bytes, hasher, cancel)
+        return str(hasher.hexdigest())
+
+    def _split(self, size: int | None) -> list[tuple[int, int]]:
+        """Byte ranges for the workers the window leaves idle (none if it fills them)."""
+        spare = self.max_workers // self.prefetch
+        if size is None or spare < 2 or size < 2 * config.MIN_RANGE_PART:
+            return []
+        n = min(spare, size // config.MIN_RANGE_PART)
+        step = -(-size // n)
+        return [(lo, min(size, lo + step)) for lo in range(0, size, step)]
+
+    def _receive_parts(
+        self,
+        chunk: Chunk,
+        sink: _MemorySink,
+        parts: list[tuple[int, int]],
+        cancel: threading.Event,
+    ) -> str:
+        with self._lock:
+            if self._part_pool is None:
+                self._part_pool = ThreadPoolExecutor(
+                    self.max_workers, thread_name_prefix="pixcrawler-range"
+                )
+            pool = self._part_pool
+        futures = [
+            pool.submit(self._stream, chunk.index, sink, lo, hi, None, cancel)
+            for lo, hi in parts[1:]
+        ]
+        try:
+            self._stream(chunk.index, sink, parts[0][0], parts[0][1], None, cancel)
+            for future in futures:
+                future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+        return hashlib.sha256(sink.buffer).hexdigest()
+
+    def _stream(
+        self,
+        index: int,
+        sink: _Sink,
+        start: int,
+        end: int | None,
+        hasher: Any,
+        cancel: threading.Event,
+    ) -> Any:
+        """Bytes ``[start, end)`` of chunk ``index`` (to EOF if ``end`` is None), with retries.
+
+        Returns the hasher fed with every byte in order (a fresh one if the server made us
+        start over), or None when ``hasher`` was None (a parallel part).
+        """
+        pos = start
+        failures = 0
+        refreshed = False
+        policy = self.client.retry
+        while True:
+            if cancel.is_set() or self._closed.is_set():
+                raise _Cancelled()
+            chunk = self.chunk(index)
+            url = self.client.resolve(chunk.url)
+            headers = {}
+            ranged = pos > 0 or (end is not None and start > 0) or (hasher is None)
+            if ranged:
+                last = "" if end is None else str(end - 1)
+                headers["Range"] = f"bytes={pos}-{last}"
+            retry_after: float | None = None
+            response: urllib3.BaseHTTPResponse | None = None
+            complete = False
+            try:
+                self.stats.add(requests=1)
+                response = self.client.request(url, headers=headers, stream=True)
+                self._track(cancel, response)
+                status = response.status
+                if status == 200 and ranged:
+                    if hasher is None:
+                        raise _RangeIgnored()
+                    pos = start = 0  # the server ignored Range: take the whole body afresh
+                    sink.restart()
+                    hasher = _reset(hasher)
+                elif status == 206:
+                    _check_content_range(response, pos, index)
+                elif status == 416 and end is not None and pos >= end:
+                    return hasher
+                if status in (200, 206):
+                    # read1 hands over whatever arrived, so bytes received before a
+                    # connection drop are kept and the retry resumes after them.
+                    while block := response.read1(config.READ_BLOCK):
+                        if cancel.is_set():
+                            raise _Cancelled()
+                        if end is not None and pos + len(block) > end:
+                            raise _IntegrityError(f"the server sent more than {end} bytes")
+                        sink.write(pos, block)
+                        if hasher is not None:
+                            hasher.update(block)
+                        pos += len(block)
+                        self.stats.add(bytes_received=len(block))
+                    if end is None or pos >= end:
+                        complete = True
+                        return hasher
+                    raise urllib3.exceptions.ProtocolError(
+                        f"connection closed at byte {pos} of {end}"
+                    )
+                if (
+                    status in config.URL_EXPIRED_STATUSES
+                    and not self.client.sends_key_to(url)
+                    and self._refresh is not None
+                    and not refreshed
+                ):
+                    refreshed = True
+                    self._refresh_urls()
+                    continue
+                if status not in config.RETRY_STATUSES:
+                    cause = map_status(response, f"GET chunk {index}")
+                    raise DownloadError(
+                        f"Chunk {index} could not be downloaded: {cause.message}",
+                        chunk_id=index,
+                        status_code=status,
+                    ) from cause
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                failures += 1
+                if policy.retry_after_too_long(retry_after) or failures > policy.retries:
+                    raise DownloadError(
+                        f"Chunk {index} failed with HTTP {status} after {failures} "
+                        f"attempt{'s' if failures > 1 else ''}"
+                        + (f"; retry in {retry_after:.0f} s" if retry_after else ""),
+                        chunk_id=index,
+                        status_code=status,
+                    )
+            except Urllib3Error as exc:
+                if cancel.is_set() or self._closed.is_set():
+                    raise _Cancelled() from exc
+                failures += 1
+                if failures > policy.retries:
+                    raise DownloadError(
+                        f"Chunk {index} failed after {failures} attempts "
+                        f"({exc.__class__.__name__}) at byte {pos}",
+                        chunk_id=index,
+                    ) from exc
+                if pos > start:
+                    self.stats.add(resumed=1)
+                log.debug("chunk %d: %s at byte %d, resuming", index, exc.__class__.__name__, pos)
+            finally:
+                if response is not None:
+                    self._untrack(cancel, response)
+                    if not complete:
+                        response.close()  # unread bytes must not go back to the pool
+                    response.release_conn()
+            self.stats.add(retries=1)
+            if cancel.wait(policy.delay(failures, retry_after)):
+                raise _Cancelled()
+
+    def _verify(self, chunk: Chunk, digest: str, attempt: int) -> None:
+        if chunk.sha256 is not None and digest != chunk.sha256.lower():
+            raise _IntegrityError(f"sha256 {digest[:12]}… does not match {chunk.sha256[:12]}…")
+
+    def _integrity_failed(self, chunk: Chunk, attempt: int, why: str) -> None:
+        self.stats.add(checksum_failures=1)
+        if attempt >= 2:
+            raise DownloadError(
+                f"Chunk {chunk.index} is corrupt: {why}, twice; the server's copy may be bad",
+                chunk_id=chunk.index,
+            )
+        log.warning("chunk %d corrupt (%s); downloading it again", chunk.index, why)
+
+    def _refresh_urls(self) -> None:
+        if self._refresh is None:
+            return
+        fresh = self._refresh()
+        self.stats.add(url_refreshes=1)
+        with self._lock:
+            self._chunks.update({c.index: c for c in fresh})
+
+    # -- cancellation: a blocked socket read is unblocked by shutting its socket down ------
+
+    def _watch(self, cancel: threading.Event) -> None:
+        with self._lock:
+            self._active.setdefault(cancel, set())
+
+    def _unwatch(self, cancel: threading.Event) -> None:
+        with self._lock:
+            if not self._active.get(cancel):
+                self._active.pop(cancel, None)
+
+    def _track(self, cancel: threading.Event, response: urllib3.BaseHTTPResponse) -> None:
+        with self._lock:
+            self._active.setdefault(cancel, set()).add(response)
+
+    def _untrack(self, cancel: threading.Event, response: urllib3.BaseHTTPResponse) -> None:
+        with self._lock:
+            self._active.get(cancel, set()).discard(response)
+
+    def _abort(self, cancel: threading.Event) -> None:
+        with self._lock:
+            responses = list(self._active.pop(cancel, ()))
+        for response in responses:
+            shutdown = getattr(response, "shutdown", None)
+            if shutdown is not None:
+                with contextlib.suppress(OSError):
+                    shutdown()
+
+
+def _check_content_range(response: urllib3.BaseHTTPResponse, pos: int, index: int) -> None:
+    value = response.headers.get("Content-Range", "")
+    try:
+        first = int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        first = -1
+    if first != pos:
+        raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value!r}")
+
+
+def _hash_file(fh: Any, length: int) -> Any:
+    hasher = hashlib.sha256()
+    fh.seek(0)
+    remaining = length
+    while remaining:
+        block = fh.read(min(config.READ_BLOCK, remaining))
+        if not block:
+            break
+        hasher.update(block)
+        remaining -= len(block)
+    return hasher
+
+
+def _reset(hasher: Any) -> Any:
+    return hashlib.new(hasher.name)

@@ -1,0 +1,86 @@
+"""Typed values of the wire contract: a job and its chunks, parsed from JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .exceptions import PixCrawlerError
+
+JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk archive of a job, as the API lists it."""
+
+    index: int
+    url: str
+    size_bytes: int | None = None
+    sha256: str | None = None
+    image_count: int | None = None
+    expires_at: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Chunk:
+        try:
+            return cls(
+                index=int(data["index"]),
+                url=str(data["url"]),
+                size_bytes=_opt_int(data.get("size_bytes")),
+                sha256=_opt_str(data.get("sha256")),
+                image_count=_opt_int(data.get("image_count")),
+                expires_at=_opt_str(data.get("expires_at")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PixCrawlerError(f"the API returned a malformed chunk entry: {exc!r}") from exc
+
+
+@dataclass(frozen=True)
+class Job:
+    """A PixCrawler job (dataset) as ``GET /jobs/{id}`` returns it."""
+
+    id: str
+    name: str
+    status: str
+    progress: float = 0.0
+    created_at: str | None = None
+    completed_at: str | None = None
+    total_images: int = 0
+    chunk_size: int = 0
+    size_bytes: int = 0
+    labels: tuple[str, ...] = ()
+    version: int = 1
+    image_size: tuple[int, int] | None = None
+    chunks: tuple[Chunk, ...] = field(default=())
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Job:
+        try:
+            image_size = data.get("image_size")
+            return cls(
+                id=str(data["id"]),
+                name=str(data.get("name") or data["id"]),
+                status=str(data.get("status", "completed")),
+                progress=float(data.get("progress") or 0),
+                created_at=_opt_str(data.get("created_at")),
+                completed_at=_opt_str(data.get("completed_at")),
+                total_images=int(data.get("total_images") or 0),
+                chunk_size=int(data.get("chunk_size") or 0),
+                size_bytes=int(data.get("size_bytes") or 0),
+                labels=tuple(str(label) for label in data.get("labels") or ()),
+                version=int(data.get("version") or 1),
+                image_size=(int(image_size[0]), int(image_size[1])) if image_size else None,
+                chunks=tuple(Chunk.from_json(c) for c in data.get("chunks") or ()),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise PixCrawlerError(f"the API returned a malformed job: {exc!r}") from exc
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)

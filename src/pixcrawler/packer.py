@@ -1,0 +1,457 @@
+"""Turn a folder of labelled images into a job in a server store (``pixcrawler pack``).
+
+The input is the layout PixCrawler's crawler writes, one sub-folder per label::
+
+    <src>/cat/0001.jpg
+    <src>/animals/dog/0002.png      # nested folders give the label "animals/dog"
+
+The output is ``<store>/<job_id>/chunks/00000.zip ...`` plus ``<store>/<job_id>/job.json``
+(see "Store on disk" in the design). Packing is deterministic: the same input gives the
+same chunk bytes and the same checksums, so re-packing never invalidates a client's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
+from .models import JOB_STATUSES
+
+__all__ = ["PackResult", "pack", "write_job"]
+
+# Fixed zip metadata: the same input must give the same bytes on any machine, any day.
+_ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+_ZIP_CREATE_SYSTEM = 3  # Unix, so external_attr below reads as permission bits
+_ZIP_EXTERNAL_ATTR = (0o100644 & 0xFFFF) << 16  # a regular file, rw-r--r--
+_ZIP_DEFLATE_LEVEL = 6
+_MANIFEST_NAME = "manifest.json"
+
+# Pillow format name -> compression. Formats that are already compressed gain nothing from
+# deflate and would cost the reader a decompression, so they are stored.
+_STORED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP"})
+_DEFLATED_FORMATS = frozenset({"BMP", "TIFF"})
+_ACCEPTED_FORMATS = _STORED_FORMATS | _DEFLATED_FORMATS
+# Pillow's JPEG plugin opens MPO files itself; "MPO" is not a plugin name it accepts here.
+_OPEN_FORMATS = tuple(sorted(_ACCEPTED_FORMATS - {"MPO"}))
+
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # ImageOps.exif_transpose swaps w and h
+
+_HASH_BLOCK = 1 << 20
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_NOT_COMPLETED_STATUSES = tuple(s for s in JOB_STATUSES if s != "completed")
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What :func:`pack` wrote: the job id, its size, and the files it left out (and why)."""
+
+    job_id: str
+    total_images: int
+    num_chunks: int
+    size_bytes: int
+    labels: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]  # (path relative to SRC, reason)
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One accepted source image, as measured by the validation pass."""
+
+    source: Path
+    rel: str  # POSIX path relative to SRC; also the member path and the image id
+    label: str
+    width: int  # displayed size, after EXIF orientation
+    height: int
+    sha256: str
+    size_bytes: int
+    format: str
+
+
+def pack(
+    src: Path,
+    store: Path,
+    *,
+    job_id: str | None = None,
+    name: str | None = None,
+    owner: str = DEFAULT_OWNER,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PackResult:
+    """Pack the labelled image folder ``src`` into a completed job in ``store``.
+
+    Every image under a sub-folder of ``src`` is packed, labelled with its folder's path
+    relative to ``src`` (``cat``, ``animals/cat``). Files in ``src`` itself, non-images
+    and images Pillow cannot decode are left out and listed in ``PackResult.skipped``.
+
+    Example::
+
+        result = pack(Path("crawl/cats_vs_dogs"), Path("store"), chunk_size=500)
+        print(result.job_id, result.total_images, result.skipped)
+
+    Raises:
+        ValueError: ``src`` is not a folder, ``job_id`` or ``chunk_size`` is invalid, the
+            job id belongs to another owner, or no valid image was found.
+    """
+    src = Path(src)
+    store = Path(store)
+    started = _utc_now()
+    if not src.is_dir():
+        raise ValueError(f"source folder {str(src)!r} does not exist or is not a folder")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    _check_owner(owner)
+    if job_id is not None:
+        _check_job_id(job_id)
+
+    images, skipped = _scan(src)
+    if not images:
+        raise ValueError(
+            f"no valid image found under {str(src)!r}: put images in one sub-folder per "
+            f"label (<src>/<label>/0001.jpg); skipped {len(skipped)} file(s)"
+        )
+    groups = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
+    if job_id is None:
+        job_id = _default_job_id(images, owner=owner, chunk_size=chunk_size)
+
+    job_dir = store / job_id
+    _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
+    chunks_dir = job_dir / "chunks"
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+
+    chunk_entries: list[dict[str, Any]] = []
+    for index, group in enumerate(groups):
+        size, digest = _write_chunk(chunks_dir / f"{index:05d}.zip", job_id, index, group)
+        chunk_entries.append(
+            {
+                "index": index,
+                "size_bytes": size,
+                "sha256": digest,
+                "image_count": len(group),
+                "expires_at": None,
+            }
+        )
+    _remove_stale_chunks(chunks_dir, keep=len(groups))
+
+    labels = sorted({image.label for image in images})
+    sizes = {(image.height, image.width) for image in images}
+    total_bytes = sum(entry["size_bytes"] for entry in chunk_entries)
+    job = {
+        "id": job_id,
+        "name": name if name is not None else src.resolve().name,
+        "status": "completed",
+        "progress": 100,
+        "created_at": started,
+        "completed_at": _utc_now(),
+        "total_images": len(images),
+        "chunk_size": chunk_size,
+        "size_bytes": total_bytes,
+        "labels": labels,
+        "version": 1,
+        "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
+        "chunks": chunk_entries,
+        "owner": owner,
+    }
+    # job.json last: a job is listed as completed only once every chunk is in place.
+    _write_json_atomic(job_dir / "job.json", job)
+    return PackResult(
+        job_id=job_id,
+        total_images=len(images),
+        num_chunks=len(groups),
+        size_bytes=total_bytes,
+        labels=tuple(labels),
+        skipped=tuple(skipped),
+    )
+
+
+def write_job(
+    store: Path,
+    job_id: str,
+    *,
+    status: str,
+    progress: float,
+    owner: str = DEFAULT_OWNER,
+    name: str | None = None,
+    labels: Iterable[str] = (),
+) -> Path:
+    """Write a job that is not completed (no chunks) to ``store``; return its job.json path.
+
+    For testing clients against unfinished jobs: ``status`` is one of ``pending``,
+    ``running``, ``failed`` or ``cancelled`` (a completed job comes from :func:`pack`).
+
+    Example::
+
+        write_job(Path("store"), "job_running", status="running", progress=42.5)
+    """
+    _check_job_id(job_id)
+    _check_owner(owner)
+    if status not in _NOT_COMPLETED_STATUSES:
+        raise ValueError(
+            f"status must be one of {', '.join(_NOT_COMPLETED_STATUSES)}, got {status!r} "
+            "(a completed job is made with pack())"
+        )
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+        raise ValueError(f"progress must be a number from 0 to 100, got {progress!r}")
+    if not 0 <= progress <= 100:  # also rejects NaN
+        raise ValueError(f"progress must be a number from 0 to 100, got {progress!r}")
+    job_dir = Path(store) / job_id
+    _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
+    job = {
+        "id": job_id,
+        "name": name if name is not None else job_id,
+        "status": status,
+        # An integral progress is written as an int, as the wire contract's examples are.
+        "progress": int(progress) if float(progress).is_integer() else float(progress),
+        "created_at": _utc_now(),
+        "completed_at": None,
+        "total_images": 0,
+        "chunk_size": 0,
+        "size_bytes": 0,
+        "labels": sorted(set(labels)),
+        "version": 1,
+        "image_size": None,
+        "chunks": [],
+        "owner": owner,
+    }
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / "job.json"
+    _write_json_atomic(path, job)
+    return path
+
+
+# -- scanning ----------------------------------------------------------------------------
+
+
+def _scan(src: Path) -> tuple[list[_Image], list[tuple[str, str]]]:
+    """Walk ``src``; return the valid images sorted by (label, path) and the skipped files."""
+    images: list[_Image] = []
+    skipped: list[tuple[str, str]] = []
+    # followlinks=False: a symlinked folder could loop or pull in files from anywhere.
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        folder = Path(dirpath)
+        rel_folder = folder.relative_to(src).as_posix()
+        hidden = sorted(d for d in dirnames if d.startswith("."))
+        for d in hidden:
+            skipped.append((_join(rel_folder, d) + "/", "hidden folder, not scanned"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            rel = _join(rel_folder, filename)
+            reason = _reject_reason(filename, at_root=rel_folder == ".")
+            if reason is None:
+                measured = _measure(folder / filename, rel, label=rel_folder)
+                if isinstance(measured, str):
+                    reason = measured
+                else:
+                    images.append(measured)
+            if reason is not None:
+                skipped.append((rel, reason))
+    images.sort(key=lambda image: (image.label, image.rel))
+    skipped.sort()
+    return images, skipped
+
+
+def _join(rel_folder: str, name: str) -> str:
+    return name if rel_folder == "." else f"{rel_folder}/{name}"
+
+
+def _reject_reason(filename: str, *, at_root: bool) -> str | None:
+    """Why a file is left out before opening it, or None when it is worth opening."""
+    if filename.startswith("."):
+        return "hidden file"
+    if not filename.lower().endswith(IMAGE_EXTENSIONS):
+        return "not an image file (extension not one of " + " ".join(IMAGE_EXTENSIONS) + ")"
+    if at_root:
+        return "in the root folder: images must be in a sub-folder named after their label"
+    return None
+
+
+def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
+    """Open and fully decode one image; return its record, or why it is skipped."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if not data:
+        return "empty file"
+    try:
+        with warnings.catch_warnings():
+            # A large (but not bomb-sized) image is valid data; its warning is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # formats= keeps Pillow from trying other plugins (EPS would run Ghostscript).
+            with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as image:
+                image_format = image.format or "unknown"
+                if image_format not in _ACCEPTED_FORMATS:
+                    return f"unsupported image format {image_format}"
+                image.load()
+                width, height = image.size
+                orientation = image.getexif().get(_ORIENTATION_TAG)
+    # Pillow signals a bad file with many exception types (OSError, SyntaxError, ValueError,
+    # struct.error, DecompressionBombError ...); any of them means "not a usable image".
+    except Exception as exc:
+        return f"cannot be decoded by Pillow: {type(exc).__name__}: {exc}"
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return _Image(
+        source=path,
+        rel=rel,
+        label=label,
+        width=width,
+        height=height,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        format=image_format,
+    )
+
+
+def _default_job_id(images: Sequence[_Image], *, owner: str, chunk_size: int) -> str:
+    """A job id that is a pure function of the packed content (and its owner).
+
+    The chunks' own checksums cannot be used: every manifest names the job id. So the id
+    hashes what determines the chunks' content (paths, labels, image checksums, chunk size)
+    plus the owner, so that two owners packing the same folder get two jobs.
+    """
+    content = {
+        "chunk_size": chunk_size,
+        "owner": owner,
+        "images": [[image.rel, image.label, image.sha256] for image in images],
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "job_" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) -> tuple[int, str]:
+    """Write one chunk archive atomically; return its size and sha256."""
+    manifest = {
+        "job_id": job_id,
+        "chunk_index": index,
+        "images": [
+            {
+                "path": image.rel,
+                "label": image.label,
+                "id": image.rel,
+                "width": image.width,
+                "height": image.height,
+                "sha256": image.sha256,
+                "metadata": {
+                    "format": image.format,
+                    "size_bytes": image.size_bytes,
+                    "source": image.rel,
+                },
+            }
+            for image in images
+        ],
+    }
+    manifest_bytes = json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as archive:
+            _add_member(archive, _MANIFEST_NAME, manifest_bytes, zipfile.ZIP_DEFLATED)
+            for image in images:
+                data = image.source.read_bytes()
+                # The validation pass hashed these bytes; a file edited since then would
+                # make the manifest lie, so stop instead of packing it.
+                if hashlib.sha256(data).hexdigest() != image.sha256:
+                    raise RuntimeError(
+                        f"{image.rel!r} changed while it was being packed; pack again"
+                    )
+                method = (
+                    zipfile.ZIP_STORED if image.format in _STORED_FORMATS else zipfile.ZIP_DEFLATED
+                )
+                _add_member(archive, image.rel, data, method)
+        size, digest = _file_digest(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; chunks are meant to be served
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size, digest
+
+
+def _add_member(archive: zipfile.ZipFile, name: str, data: bytes, method: int) -> None:
+    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE_TIME)
+    info.compress_type = method
+    info.create_system = _ZIP_CREATE_SYSTEM
+    info.external_attr = _ZIP_EXTERNAL_ATTR
+    level = _ZIP_DEFLATE_LEVEL if method == zipfile.ZIP_DEFLATED else None
+    archive.writestr(info, data, compress_type=method, compresslevel=level)
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _remove_stale_chunks(chunks_dir: Path, *, keep: int) -> None:
+    """Delete chunk files left by an earlier, larger packing of the same job id."""
+    for entry in chunks_dir.iterdir():
+        stem = entry.name.removesuffix(".zip")
+        if entry.name.endswith(".zip") and stem.isdigit() and int(stem) >= keep:
+            entry.unlink()
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    data = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data + b"\n")
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+# -- validation --------------------------------------------------------------------------
+
+
+def _check_job_id(job_id: object) -> None:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+        raise ValueError(
+            f"invalid job id {job_id!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
+        )
+
+
+def _check_owner(owner: object) -> None:
+    if not isinstance(owner, str) or not owner.strip():
+        raise ValueError(f"owner must be a non-empty string, got {owner!r}")
+
+
+def _check_not_foreign(job_json: Path, *, job_id: str, owner: str) -> None:
+    """Refuse to overwrite a job that another owner already has under this id."""
+    try:
+        existing = json.loads(job_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    current = existing.get("owner") if isinstance(existing, dict) else None
+    if current is not None and current != owner:
+        raise ValueError(
+            f"job {job_id!r} already exists in this store and belongs to another owner; "
+            "choose another --job-id"
+        )
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

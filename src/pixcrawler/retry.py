@@ -1,0 +1,60 @@
+"""Retry policy shared by the API client and the chunk downloader.
+
+"3 retries" means up to 4 attempts. Attempt ``n`` (0-based count of failures so far)
+waits ``uniform(0, min(backoff_max, backoff_base * 2**n))`` -- exponential backoff with
+full jitter, so many clients hitting one rate-limited API spread out instead of hammering
+it in lockstep. A server's ``Retry-After`` is honoured up to ``max_retry_after``; a longer
+one is not slept but raised to the caller, saying when to retry.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+
+from . import config
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a failed request is retried."""
+
+    retries: int = config.DEFAULT_RETRIES
+    backoff_base: float = config.DEFAULT_BACKOFF_BASE
+    backoff_max: float = config.DEFAULT_BACKOFF_MAX
+    max_retry_after: float = config.MAX_RETRY_AFTER
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.backoff_base < 0 or self.backoff_max < 0:
+            raise ValueError("backoff_base and backoff_max must be >= 0")
+
+    def delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before the next attempt, after ``failures`` failed ones."""
+        if retry_after is not None:
+            return max(0.0, retry_after)
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, failures - 1)))
+        return random.uniform(0.0, ceiling)
+
+    def retry_after_too_long(self, retry_after: float | None) -> bool:
+        return retry_after is not None and retry_after > self.max_retry_after
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)

@@ -1,0 +1,98 @@
+"""Run the reference server: in the foreground (``pixcrawler serve``) or in a thread (tests)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from .app import create_app
+from .store import KEYS_FILE, ensure_server_keys
+
+__all__ = ["run_in_thread", "serve"]
+
+_START_TIMEOUT = 10.0  # seconds for uvicorn to start listening in run_in_thread
+_STOP_TIMEOUT = 5.0  # seconds to wait for the server thread at exit
+_GRACEFUL_SHUTDOWN = 2  # seconds uvicorn waits for open connections before closing them
+
+
+def serve(store: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``store`` over HTTP until interrupted.
+
+    With no key configured (``<store>/keys.json`` or ``PIXCRAWLER_SERVER_KEYS``) a key for
+    owner ``default`` is created, written to ``keys.json`` (mode 0600) and printed once.
+
+    Example::
+
+        serve(Path("store"), port=8000)
+    """
+    store = Path(store)
+    keys, created = ensure_server_keys(store)
+    if created is not None:
+        # The one place a key is ever printed: the operator needs it, and it is new.
+        print(f"Created API key for owner 'default': {created}", flush=True)
+        print(f"(saved to {store / KEYS_FILE}; it will not be shown again)", flush=True)
+    app = create_app(store, keys)
+    print(f"Serving {store} on http://{_url_host(host)}:{port} (Ctrl+C to stop)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@contextmanager
+def run_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run an ASGI ``app`` with uvicorn on a daemon thread; yield its base URL.
+
+    The socket is bound here (``port=0`` picks a free port) so the URL is known before the
+    server starts; the block runs once the server accepts connections, and the server is
+    stopped and joined on exit.
+
+    Example::
+
+        with run_in_thread(create_app(store, {"key": "default"})) as base_url:
+            urllib3.request("GET", base_url + "/health")
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(
+            target=server.run,
+            kwargs={"sockets": [sock]},
+            name=f"pixcrawler-server-{bound_port}",
+            daemon=True,
+        )
+        thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread exited before it started listening")
+            if time.monotonic() > deadline:
+                server.should_exit = True
+                raise RuntimeError(f"the server did not start within {_START_TIMEOUT:.0f} s")
+            time.sleep(0.005)
+        try:
+            yield f"http://{_url_host(host)}:{bound_port}"
+        finally:
+            server.should_exit = True
+            thread.join(_STOP_TIMEOUT)
+    finally:
+        sock.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

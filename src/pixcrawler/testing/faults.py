@@ -1,0 +1,570 @@
+"""A fault-injecting HTTP reverse proxy, to test retries, resume and checksums for real.
+
+Put :class:`FaultProxy` between a client and any upstream (our server, a
+:class:`~pixcrawler.testing.static.StaticServer`) and tell a :class:`FaultSchedule` which
+requests misbehave and how. Faults happen on a real TCP connection, so a client sees what
+it would see from a real network: a reset is an RST, a truncation is a FIN before
+``Content-Length`` bytes, a stall is silence on an open socket::
+
+    schedule = FaultSchedule.script([Fault("reset", after_bytes=65536)], match=r"/chunks/")
+    with StaticServer(store) as blobs, FaultProxy(blobs.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(..., base_url=proxy.base_url)   # first chunk GET is cut
+        assert proxy.stats.faults["reset"] == 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import random as _random
+import re
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Literal, get_args
+from urllib.parse import unquote, urlsplit
+
+from pixcrawler.testing.static import _LoopbackServer, _QuietHandler, _TrackingHTTPServer
+
+__all__ = ["FAULT_KINDS", "Fault", "FaultKind", "FaultProxy", "FaultSchedule", "ProxyStats"]
+
+FaultKind = Literal["reset", "status", "rate_limit", "stall", "truncate", "corrupt", "expired"]
+FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
+
+# Kinds a retrying client must absorb with no special case: the default of random().
+DEFAULT_RANDOM_KINDS: tuple[FaultKind, ...] = ("reset", "status", "rate_limit", "truncate")
+
+# Kinds answered by the proxy itself, without contacting the upstream.
+_REPLY_KINDS = frozenset({"status", "rate_limit", "expired"})
+# Kinds that interrupt the body after `after_bytes` bytes.
+_CUT_KINDS = frozenset({"reset", "stall", "truncate"})
+
+_BLOCK = 256 * 1024  # bytes relayed per read from the upstream
+_UPSTREAM_TIMEOUT = 30.0
+# A reset waits (bounded) for the bytes before it to be acknowledged: SO_LINGER=0 discards
+# unsent data, and the client must hold exactly `after_bytes` bytes when the RST lands.
+_RESET_DRAIN_TIMEOUT = 2.0
+_RESET_DRAIN_POLL = 0.001
+
+# Per RFC 9110 these describe one hop only and are never forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+try:  # Linux (and some BSDs): bytes sent but not yet acknowledged by the peer
+    import fcntl
+    import termios
+
+    _TIOCOUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - other platforms
+    _TIOCOUTQ = None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected failure. ``kind`` picks the failure; the other fields tune it.
+
+    - ``"reset"``: upstream headers and ``after_bytes`` body bytes, then a TCP RST.
+    - ``"status"``: ``status`` (500-599, default 503) with a JSON error body, upstream not
+      contacted; ``Retry-After`` when ``retry_after`` is set.
+    - ``"rate_limit"``: 429 with ``Retry-After: retry_after`` (default 1 s) and a JSON body.
+    - ``"stall"``: headers and ``after_bytes`` bytes, then ``seconds`` of silence; then
+      ``then="continue"`` sends the rest, ``then="close"`` closes the connection.
+    - ``"truncate"``: the upstream's headers (its full ``Content-Length``) but only
+      ``after_bytes`` body bytes, then a clean close (FIN).
+    - ``"corrupt"``: the whole response with the body byte at ``offset`` XOR-ed with 0xFF,
+      so only a checksum can notice; nothing happens if the body is shorter.
+    - ``"expired"``: 403 (or ``status=410``) with a JSON body, as a blob store answers an
+      expired presigned URL; upstream not contacted.
+
+    A fractional ``retry_after`` is sent as such (``0.2``): not valid HTTP, but it keeps
+    tests fast against a client that parses seconds as a float.
+    """
+
+    kind: FaultKind
+    after_bytes: int = 0
+    status: int | None = None
+    retry_after: float | None = None
+    seconds: float = 5.0
+    then: Literal["continue", "close"] = "continue"
+    offset: int = 0
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {FAULT_KINDS}")
+        if self.after_bytes < 0 or self.offset < 0 or self.seconds < 0:
+            raise ValueError("after_bytes, offset and seconds must be >= 0")
+        if self.retry_after is not None and self.retry_after < 0:
+            raise ValueError("retry_after must be >= 0")
+        if self.then not in ("continue", "close"):
+            raise ValueError(f"then must be 'continue' or 'close', not {self.then!r}")
+        # Fill in the status each replying kind sends, so equal faults compare equal.
+        if self.kind == "status":
+            status = 503 if self.status is None else self.status
+            if not 500 <= status <= 599:
+                raise ValueError(f"a 'status' fault sends a 5xx status, not {status}")
+        elif self.kind == "rate_limit":
+            if self.status not in (None, 429):
+                raise ValueError("a 'rate_limit' fault always sends 429")
+            status = 429
+            if self.retry_after is None:
+                object.__setattr__(self, "retry_after", 1.0)
+        elif self.kind == "expired":
+            status = 403 if self.status is None else self.status
+            if status not in (403, 410):
+                raise ValueError(f"an 'expired' fault sends 403 or 410, not {status}")
+        else:
+            if self.status is not None:
+                raise ValueError(f"a {self.kind!r} fault relays the upstream's status")
+            return
+        object.__setattr__(self, "status", status)
+
+
+class FaultSchedule:
+    """Which requests get which :class:`Fault`; build one with :meth:`script`,
+    :meth:`random` or :meth:`none`.
+
+    Only requests whose URL path matches ``match`` (``re.search``; every path when
+    ``None``) consult the schedule; the others always pass clean. Decisions are taken in
+    the order requests arrive, under a lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        script: Sequence[Fault | None] = (),
+        rate: float | None = None,
+        kinds: Sequence[Fault] = (),
+        seed: int = 0,
+        match: str | re.Pattern[str] | None = None,
+    ) -> None:
+        self._script = tuple(script)
+        self._rate = rate
+        self._kinds = tuple(kinds)
+        self._seed = seed
+        self._rng = _random.Random(seed)
+        self._match = re.compile(match) if isinstance(match, str) else match
+        self._lock = threading.Lock()
+        self._matched = 0
+
+    @classmethod
+    def script(
+        cls, faults: Iterable[Fault | None], *, match: str | re.Pattern[str] | None = None
+    ) -> FaultSchedule:
+        """The n-th matching request gets ``faults[n]`` (``None``: passes clean); every
+        request after the list passes clean."""
+        return cls(script=list(faults), match=match)
+
+    @classmethod
+    def random(
+        cls,
+        rate: float,
+        kinds: Sequence[FaultKind | Fault] = DEFAULT_RANDOM_KINDS,
+        *,
+        seed: int = 0,
+        match: str | re.Pattern[str] | None = None,
+    ) -> FaultSchedule:
+        """Each matching request gets a fault with probability ``rate``, its kind drawn
+        uniformly from ``kinds`` (a kind name means that kind's defaults; a :class:`Fault`
+        is used as given). The same seed gives the same sequence of decisions."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be within [0, 1], not {rate}")
+        templates = [k if isinstance(k, Fault) else Fault(k) for k in kinds]
+        if not templates:
+            raise ValueError("random() needs at least one fault kind")
+        return cls(rate=rate, kinds=templates, seed=seed, match=match)
+
+    @classmethod
+    def none(cls) -> FaultSchedule:
+        """No faults: the proxy only relays and counts."""
+        return cls()
+
+    def decide(self, path: str) -> Fault | None:
+        """The fault for the next request to ``path``, or ``None``; advances the schedule."""
+        if self._match is not None and self._match.search(path) is None:
+            return None
+        with self._lock:
+            n = self._matched
+            self._matched += 1
+            if self._rate is None:
+                return self._script[n] if n < len(self._script) else None
+            # Two draws per decision, always, so the sequence depends on the seed alone.
+            hit = self._rng.random() < self._rate
+            template = self._rng.choice(self._kinds)
+            return template if hit else None
+
+    @property
+    def matched(self) -> int:
+        """How many requests have consulted the schedule."""
+        with self._lock:
+            return self._matched
+
+    @property
+    def exhausted(self) -> bool:
+        """A script has handed out its last entry (a random schedule never is)."""
+        with self._lock:
+            return self._rate is None and self._matched >= len(self._script)
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    """A snapshot of a :class:`FaultProxy`'s counters."""
+
+    requests: int = 0
+    requests_by_path: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    bytes_forwarded: int = 0
+    fault_log: tuple[tuple[str, str], ...] = ()
+    errors: int = 0
+
+    @property
+    def faults_injected(self) -> int:
+        """Faults of every kind."""
+        return sum(self.faults.values())
+
+
+class _Counters:
+    """The proxy's mutable, thread-safe counters; they outlive a stop()/start()."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.by_path: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.bytes_forwarded = 0
+        self.fault_log: list[tuple[str, str]] = []
+        self.errors = 0
+
+    def clear(self) -> None:
+        with self.lock:
+            self.requests = 0
+            self.by_path.clear()
+            self.faults.clear()
+            self.bytes_forwarded = 0
+            self.fault_log.clear()
+            self.errors = 0
+
+
+class _ProxyHTTPServer(_TrackingHTTPServer):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        proxy: FaultProxy,
+    ) -> None:
+        self.proxy = proxy
+        super().__init__(address, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        counters = self.proxy._counters
+        with counters.lock:
+            counters.errors += 1
+
+
+class _ProxyHandler(_QuietHandler):
+    server: _ProxyHTTPServer
+    _upstream_conn: http.client.HTTPConnection | None = None
+
+    def do_GET(self) -> None:
+        self._proxy()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def finish(self) -> None:
+        self._drop_upstream()
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    # The request side.
+
+    def _proxy(self) -> None:
+        proxy = self.server.proxy
+        split = urlsplit(self.path)
+        path = unquote(split.path) or "/"
+        counters = proxy._counters
+        with counters.lock:
+            counters.requests += 1
+            counters.by_path[path] += 1
+
+        if "Transfer-Encoding" in self.headers:
+            # Request bodies are framed by Content-Length only; no client of ours streams.
+            self.close_connection = True
+            self.send_json_error(411, "LengthRequiredError", "send a Content-Length body")
+            return
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            self.close_connection = True
+            self.send_json_error(400, "BadRequestError", f"bad Content-Length {length!r}")
+            return
+        body = self.rfile.read(int(length)) or None
+
+        fault = proxy.schedule.decide(path)
+        if fault is not None:
+            with counters.lock:
+                counters.faults[fault.kind] += 1
+                counters.fault_log.append((path, fault.kind))
+        if fault is not None and fault.kind in _REPLY_KINDS:
+            self._reply_fault(fault)
+            return
+
+        target = proxy._upstream_prefix + (split.path or "/")
+        if split.query:
+            target += f"?{split.query}"
+        try:
+            response = self._forward(target, body)
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop_upstream()
+            self.send_json_error(502, "BadGatewayError", f"upstream {proxy.upstream}: {exc}")
+            return
+        self._relay(response, fault)
+
+    def _forward(self, target: str, body: bytes | None) -> http.client.HTTPResponse:
+        reused = self._upstream_conn is not None
+        try:
+            return self._send_upstream(target, body)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # A kept-alive upstream connection may have been closed while idle: one retry
+            # on a fresh connection, never on a fresh one that failed.
+            self._drop_upstream()
+            if not reused:
+                raise
+            return self._send_upstream(target, body)
+
+    def _send_upstream(self, target: str, body: bytes | None) -> http.client.HTTPResponse:
+        if self._upstream_conn is None:
+            self._upstream_conn = self.server.proxy._connect_upstream()
+        conn = self._upstream_conn
+        conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", self.server.proxy._upstream_host)
+        for name, value in self.headers.items():
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "host":
+                conn.putheader(name, value)
+        conn.endheaders(body)
+        return conn.getresponse()
+
+    def _drop_upstream(self) -> None:
+        if self._upstream_conn is not None:
+            self._upstream_conn.close()
+            self._upstream_conn = None
+
+    # The response side.
+
+    def _reply_fault(self, fault: Fault) -> None:
+        status = fault.status if fault.status is not None else 503
+        headers = {}
+        if fault.retry_after is not None:
+            headers["Retry-After"] = _format_seconds(fault.retry_after)
+        if fault.kind == "rate_limit":
+            error_type = "RateLimitError"
+            message = f"rate limited (injected); retry after {headers['Retry-After']} s"
+        elif fault.kind == "expired":
+            error_type = "ForbiddenError"
+            message = "request has expired (injected)"
+        else:
+            error_type = "ServerError"
+            message = f"server error {status} (injected)"
+        self.send_json_error(status, error_type, fault.message or message, headers=headers)
+
+    def _relay(self, response: http.client.HTTPResponse, fault: Fault | None) -> None:
+        has_body = self.command != "HEAD" and response.status >= 200
+        has_body = has_body and response.status not in (204, 304)
+        # Without a Content-Length upstream (chunked, or close-delimited) we frame the body
+        # ourselves, so the client connection can stay alive either way.
+        chunked = has_body and response.getheader("Content-Length") is None
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        try:
+            self.end_headers()
+            complete = self._relay_body(response, fault, chunked=chunked)
+        except (OSError, http.client.HTTPException):
+            # Either side went away mid-body; neither connection is usable now.
+            complete = False
+            self.close_connection = True
+        if not complete:
+            # The upstream response was not read to its end: its connection is spoiled.
+            self._drop_upstream()
+
+    def _relay_body(
+        self, response: http.client.HTTPResponse, fault: Fault | None, *, chunked: bool
+    ) -> bool:
+        """Copy the body in blocks, applying ``fault``; whether it ran to its end."""
+        cut = fault.after_bytes if fault is not None and fault.kind in _CUT_KINDS else None
+        flip = fault.offset if fault is not None and fault.kind == "corrupt" else None
+        block = bytearray(_BLOCK)
+        view = memoryview(block)
+        done = 0
+        try:
+            while True:
+                if fault is not None and cut is not None and done >= cut:
+                    cut = None
+                    if not self._interrupt(fault):
+                        return False
+                # Reads stop exactly at the cut, so the client holds `after_bytes` bytes.
+                limit = _BLOCK if cut is None else min(_BLOCK, cut - done)
+                n = response.readinto(view[:limit])
+                if not n:
+                    break
+                if flip is not None and done <= flip < done + n:
+                    block[flip - done] ^= 0xFF
+                if chunked:
+                    self.wfile.write(b"".join((b"%x\r\n" % n, view[:n], b"\r\n")))
+                else:
+                    self.wfile.write(view[:n])
+                done += n
+            # A cut at or past the end of the body happens once the body is sent.
+            if fault is not None and cut is not None and not self._interrupt(fault):
+                return False
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            return True
+        finally:
+            counters = self.server.proxy._counters
+            with counters.lock:
+                counters.bytes_forwarded += done
+
+    def _interrupt(self, fault: Fault) -> bool:
+        """Apply a cut fault at the cut point; whether the body goes on afterwards."""
+        if fault.kind == "reset":
+            self._reset_connection()
+            return False
+        if fault.kind == "truncate":
+            # The server closes the socket after this response: shutdown(SHUT_WR), a FIN.
+            self.close_connection = True
+            return False
+        stopped = self.server.proxy._stop_event.wait(fault.seconds)
+        if stopped or fault.then == "close":
+            self.close_connection = True
+            return False
+        return True
+
+    def _reset_connection(self) -> None:
+        sock = self.connection
+        _wait_acknowledged(sock, self.server.proxy._stop_event)
+        # Linger on with a zero timeout: close() drops the connection with an RST, not FIN.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        self.close_connection = True
+
+
+def _wait_acknowledged(sock: socket.socket, stop: threading.Event) -> None:
+    """Wait until the peer has acknowledged every byte sent (bounded), where we can tell."""
+    if _TIOCOUTQ is None:  # pragma: no cover - other platforms
+        stop.wait(0.05)
+        return
+    deadline = time.monotonic() + _RESET_DRAIN_TIMEOUT
+    buf = bytearray(4)
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            fcntl.ioctl(sock.fileno(), _TIOCOUTQ, buf)
+        except OSError:
+            return
+        if struct.unpack("i", buf)[0] == 0:
+            return
+        time.sleep(_RESET_DRAIN_POLL)
+
+
+def _format_seconds(seconds: float) -> str:
+    return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+class FaultProxy(_LoopbackServer):
+    """A reverse proxy to ``upstream`` that injects the faults ``schedule`` decides.
+
+    Forwards the method, path and query, headers (``Authorization``, ``X-API-Key``,
+    ``Range`` ...) and a ``Content-Length`` body; relays the upstream's status, headers and
+    body in blocks. ``schedule`` may be replaced while running (``proxy.schedule = ...``);
+    the next request uses the new one. Example::
+
+        with FaultProxy(srv.base_url, schedule=FaultSchedule.random(0.2, seed=1)) as proxy:
+            urllib3.request("GET", f"{proxy.base_url}/chunks/00000.zip")
+    """
+
+    _handler = _ProxyHandler
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        schedule: FaultSchedule | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        upstream_timeout: float = _UPSTREAM_TIMEOUT,
+    ) -> None:
+        super().__init__(host, port)
+        parts = urlsplit(upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream must be an http(s) URL, not {upstream!r}")
+        self.upstream = upstream.rstrip("/")
+        self.schedule = schedule if schedule is not None else FaultSchedule.none()
+        self.upstream_timeout = upstream_timeout
+        self._upstream_scheme = parts.scheme
+        self._upstream_hostname = parts.hostname
+        self._upstream_port = parts.port
+        self._upstream_host = parts.netloc
+        self._upstream_prefix = parts.path.rstrip("/")
+        self._counters = _Counters()
+        self._stop_event = threading.Event()
+
+    def _make_httpd(self) -> _TrackingHTTPServer:
+        return _ProxyHTTPServer((self.host, self.port), self._handler, self)
+
+    def _connect_upstream(self) -> http.client.HTTPConnection:
+        if self._upstream_scheme == "https":
+            return http.client.HTTPSConnection(
+                self._upstream_hostname, self._upstream_port, timeout=self.upstream_timeout
+            )
+        return http.client.HTTPConnection(
+            self._upstream_hostname, self._upstream_port, timeout=self.upstream_timeout
+        )
+
+    def start(self) -> FaultProxy:
+        """Bind, listen and serve on a daemon thread; returns ``self``."""
+        self._stop_event.clear()
+        super().start()
+        return self
+
+    def _before_stop(self) -> None:
+        # Wakes every stall at once, so stop() never waits out a stall's seconds.
+        self._stop_event.set()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    @property
+    def stats(self) -> ProxyStats:
+        """Requests (in all and per URL path), faults per kind, body bytes forwarded."""
+        c = self._counters
+        with c.lock:
+            return ProxyStats(
+                requests=c.requests,
+                requests_by_path=Counter(c.by_path),
+                faults=Counter(c.faults),
+                bytes_forwarded=c.bytes_forwarded,
+                fault_log=tuple(c.fault_log),
+                errors=c.errors,
+            )
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the schedule keeps its place)."""
+        self._counters.clear()

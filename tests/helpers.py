@@ -1,0 +1,76 @@
+"""Small helpers shared by the SDK tests: a header-recording host and digest of a run."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def digest(samples: Iterable[tuple[np.ndarray, Any]]) -> tuple[int, str]:
+    """(count, sha256 over every image's shape, pixels and label): a run's fingerprint."""
+    hasher = hashlib.sha256()
+    count = 0
+    for image, label in samples:
+        hasher.update(repr((image.shape, str(label))).encode())
+        hasher.update(np.ascontiguousarray(image).tobytes())
+        count += 1
+    return count, hasher.hexdigest()
+
+
+class RecordingHost:
+    """A blob host on any loopback address: serves files under ``root`` and records the
+    headers of every request, so a test can prove what was (not) sent to it."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.2") -> None:
+        self.root = root
+        self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self.redirect_to: str | None = None
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with lock:
+                    outer.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    outer.paths.append(self.path)
+                if outer.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirect_to + self.path)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                path = (outer.root / self.path.split("?")[0].lstrip("/")).resolve()
+                if not path.is_file() or outer.root.resolve() not in path.parents:
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingHost:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

@@ -1,0 +1,202 @@
+"""The API client against the real server: credentials, errors, retries, key hygiene."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import LiveServer
+from constants import JOB_OTHER, JOB_UNIFORM, OTHER_KEY, UNFINISHED_JOBS, UNIFORM_TOTAL
+from helpers import RecordingHost, digest
+from pixcrawler import load_dataset
+from pixcrawler.client import ApiClient, api_root
+from pixcrawler.exceptions import (
+    AuthenticationError,
+    JobNotCompleteError,
+    NetworkError,
+    NotFoundError,
+    PixCrawlerError,
+)
+from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
+
+pytestmark = pytest.mark.timeout(60)
+FAST = {"retries": 3, "backoff": 0.01}
+
+
+def test_wrong_key_raises_authentication_error(live_server: LiveServer) -> None:
+    with pytest.raises(AuthenticationError) as info:
+        load_dataset(JOB_UNIFORM, api_key="not-a-key", base_url=live_server.base_url)
+    assert info.value.status_code == 401
+    assert "not-a-key" not in str(info.value)
+
+
+def test_missing_key_everywhere_says_how_to_give_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PIXCRAWLER_API_KEY", raising=False)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(AuthenticationError, match="PIXCRAWLER_API_KEY"):
+        load_dataset(JOB_UNIFORM, base_url="http://127.0.0.1:9")
+
+
+def test_environment_supplies_key_and_url_and_arguments_win(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIXCRAWLER_API_KEY", live_server.api_key)
+    monkeypatch.setenv("PIXCRAWLER_BASE_URL", live_server.base_url)
+    assert len(load_dataset(JOB_UNIFORM)) == UNIFORM_TOTAL
+    with pytest.raises(AuthenticationError):
+        load_dataset(JOB_UNIFORM, api_key="explicit-wrong-key")
+    monkeypatch.setenv("PIXCRAWLER_BASE_URL", "http://127.0.0.1:9")
+    assert len(load_dataset(JOB_UNIFORM, base_url=live_server.base_url)) == UNIFORM_TOTAL
+
+
+def test_login_file_is_the_last_fallback(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pixcrawler.auth import save_api_key
+
+    monkeypatch.delenv("PIXCRAWLER_API_KEY", raising=False)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(tmp_path))
+    path = save_api_key(live_server.api_key)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(load_dataset(JOB_UNIFORM, base_url=live_server.base_url)) == UNIFORM_TOTAL
+
+
+def test_unknown_and_foreign_jobs_are_not_found(live_server: LiveServer) -> None:
+    for job_id in ("job_nope", JOB_OTHER):
+        with pytest.raises(NotFoundError) as info:
+            load_dataset(job_id, live_server.api_key, live_server.base_url)
+        assert info.value.status_code == 404
+    # the other owner does see it
+    assert len(load_dataset(JOB_OTHER, OTHER_KEY, live_server.base_url)) > 0
+
+
+@pytest.mark.parametrize(("job_id", "status", "progress"), UNFINISHED_JOBS)
+def test_unfinished_jobs_raise_with_status_and_progress(
+    live_server: LiveServer, job_id: str, status: str, progress: float
+) -> None:
+    with pytest.raises(JobNotCompleteError) as info:
+        load_dataset(job_id, live_server.api_key, live_server.base_url)
+    error = info.value
+    assert (error.status, error.progress) == (status, progress)
+    if status in ("failed", "cancelled"):
+        assert "will not complete" in str(error) and "still processing" not in str(error)
+    else:
+        assert "still processing" in str(error) and f"{progress:g}%" in str(error)
+
+
+def test_job_ids_are_validated_and_ints_accepted(live_server: LiveServer) -> None:
+    with pytest.raises(ValueError, match="job_id"):
+        load_dataset("../etc/passwd", live_server.api_key, live_server.base_url)
+    with pytest.raises(NotFoundError):
+        load_dataset(12345, live_server.api_key, live_server.base_url)
+
+
+def test_base_url_with_api_prefix_is_tolerated(live_server: LiveServer) -> None:
+    assert api_root("http://h:1/") == api_root("http://h:1/api/v1") == "http://h:1/api/v1"
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url + "/api/v1/")
+    assert len(dataset) == UNIFORM_TOTAL
+    with pytest.raises(ValueError, match="base_url"):
+        load_dataset(JOB_UNIFORM, live_server.api_key, "api.example.com")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_api_raises_network_error_after_bounded_retries() -> None:
+    started = time.monotonic()
+    with pytest.raises(NetworkError, match="4 attempts") as info:
+        load_dataset(JOB_UNIFORM, "k", f"http://127.0.0.1:{closed_port()}", timeout=1, **FAST)
+    assert isinstance(info.value.__cause__, Exception)
+    assert time.monotonic() - started < 10
+
+
+def test_5xx_burst_is_retried_with_backoff(live_server: LiveServer) -> None:
+    burst = [Fault("status", status=code) for code in (500, 502, 503)]
+    schedule = FaultSchedule.script(burst, match="/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **FAST)
+        assert len(dataset) == UNIFORM_TOTAL
+        assert proxy.stats.requests == 4
+
+
+def test_5xx_after_retries_is_a_network_error_with_the_status(live_server: LiveServer) -> None:
+    schedule = FaultSchedule.script([Fault("status", status=503)] * 10, match="/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        with pytest.raises(NetworkError) as info:
+            load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, retries=2, backoff=0.01)
+        assert info.value.status_code == 503
+        assert proxy.stats.requests == 3  # 2 retries = 3 attempts, never more
+
+
+def test_429_waits_for_retry_after(live_server: LiveServer) -> None:
+    schedule = FaultSchedule.script([Fault("rate_limit", retry_after=1)], match="/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        started = time.monotonic()
+        load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **FAST)
+        assert time.monotonic() - started >= 0.9
+
+
+def test_429_with_a_long_retry_after_is_raised_not_slept(live_server: LiveServer) -> None:
+    schedule = FaultSchedule.script([Fault("rate_limit", retry_after=3600)], match="/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        started = time.monotonic()
+        with pytest.raises(NetworkError, match="retry in 3600 s") as info:
+            load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **FAST)
+        assert info.value.retry_after == 3600 and info.value.status_code == 429
+        assert time.monotonic() - started < 5
+
+
+def test_4xx_other_than_429_is_never_retried(live_server: LiveServer) -> None:
+    with FaultProxy(live_server.base_url) as proxy:
+        with pytest.raises(AuthenticationError):
+            load_dataset(JOB_UNIFORM, "wrong", proxy.base_url, **FAST)
+        assert proxy.stats.requests == 1
+
+
+def test_key_is_not_sent_to_a_chunk_host_on_another_origin(
+    live_server: LiveServer, server_factory: object
+) -> None:
+    with RecordingHost(live_server.store, host="127.0.0.2") as blob:
+        api = server_factory(live_server.store, chunk_base_url=blob.base_url)  # type: ignore[operator]
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, api)
+        assert dataset.job.chunks[0].url.startswith(blob.base_url)
+        assert digest(dataset)[0] == UNIFORM_TOTAL
+    assert len(blob.headers) == dataset.num_chunks
+    for headers in blob.headers:
+        assert "authorization" not in headers and "x-api-key" not in headers
+        assert live_server.api_key not in " ".join(headers.values())
+
+
+def test_key_is_not_forwarded_through_a_redirect_to_another_host(live_server: LiveServer) -> None:
+    with RecordingHost(live_server.store, host="127.0.0.2") as target:
+        with RecordingHost(live_server.store, host="127.0.0.1") as api_side:
+            api_side.redirect_to = target.base_url
+            client = ApiClient(live_server.api_key, api_side.base_url)
+            response = client.request(api_side.base_url + "/job_uniform/job.json")
+            assert response.status == 200
+        assert "authorization" in api_side.headers[0]
+        assert "authorization" not in target.headers[0]
+
+
+def test_verify_ssl_false_warns() -> None:
+    with pytest.warns(UserWarning, match="verify_ssl=False"):
+        ApiClient("k", "https://127.0.0.1:9", verify_ssl=False)
+
+
+def test_client_repr_hides_the_key() -> None:
+    assert "secret-key" not in repr(ApiClient("secret-key", "http://127.0.0.1:9"))
+
+
+def test_malformed_job_json_is_a_clear_error(live_server: LiveServer) -> None:
+    with RecordingHost(live_server.store) as host:
+        client = ApiClient("k", host.base_url)
+        with pytest.raises(PixCrawlerError):
+            client.get_json("/nope")

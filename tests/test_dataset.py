@@ -1,0 +1,273 @@
+"""The Dataset API against the real reference server: every public method and property."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+import pixcrawler
+from conftest import LiveServer, PackedStore
+from constants import (
+    EXIF_ROTATED_DISPLAY_SIZE,
+    EXIF_ROTATED_ID,
+    JOB_MIXED,
+    JOB_UNIFORM,
+    MIXED_TOTAL,
+    UNIFORM_CHUNK_SIZE,
+    UNIFORM_LABELS,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
+from helpers import digest
+from pixcrawler import Dataset, DatasetInfo, load_dataset
+from pixcrawler.exceptions import MixedImageSizesError, PixCrawlerError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def uniform(live_server: LiveServer) -> Dataset:
+    return load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+
+
+def pillow_pixels(path: Path, mode: str = "RGB") -> np.ndarray:
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert(mode)
+        array = np.asarray(image)
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+def source_images(packed: PackedStore, job_id: str) -> dict[str, Path]:
+    root = packed.sources[job_id]
+    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+
+
+def test_load_dataset_downloads_nothing_until_iterated(uniform: Dataset) -> None:
+    assert uniform.stats.transfer.requests == 0
+    assert uniform.num_images == UNIFORM_TOTAL == len(uniform)
+    assert uniform.num_chunks == -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
+    assert uniform.chunk_size == UNIFORM_CHUNK_SIZE
+    assert uniform.labels == UNIFORM_LABELS
+
+
+def test_info_is_frozen_metadata_printed_like_the_spec(uniform: Dataset) -> None:
+    info = uniform.info
+    assert isinstance(info, DatasetInfo)
+    assert (info.id, info.status, info.num_images) == (JOB_UNIFORM, "completed", UNIFORM_TOTAL)
+    assert info.labels == UNIFORM_LABELS and info.image_size == UNIFORM_SIZE
+    with pytest.raises(AttributeError):
+        info.status = "failed"  # type: ignore[misc]
+    lines = str(info).splitlines()
+    assert lines[0] == f"Dataset: {JOB_UNIFORM}"
+    assert lines[1:4] == ["Status: completed", "Images: 60", "Chunks: 4"]
+    assert lines[4].startswith("Size: ") and lines[4].endswith("KB")
+    assert lines[6] == "Labels: bird, cat, dog (3 classes)"
+
+
+def test_info_sizes_and_dates_are_formatted_as_the_spec_shows() -> None:
+    from pixcrawler.dataset import human_size, parse_time
+
+    assert human_size(2_684_354_560) == "2.5 GB"
+    assert human_size(512) == "512 B"
+    created = parse_time("2025-10-30T12:00:00Z")
+    assert created is not None and created.strftime("%Y-%m-%d %H:%M:%S") == "2025-10-30 12:00:00"
+
+
+def test_iteration_yields_every_image_with_its_label_and_exact_pixels(
+    uniform: Dataset, packed: PackedStore
+) -> None:
+    sources = source_images(packed, JOB_UNIFORM)
+    seen = []
+    for sample, image in uniform.iter_samples():
+        assert image.dtype == np.uint8 and image.shape == (*UNIFORM_SIZE, 3)
+        assert image.flags.writeable
+        expected = pillow_pixels(sources[sample.path])
+        tolerance = 0 if sample.path.endswith(".png") else 2  # lossy: another libjpeg build
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= tolerance
+        assert sample.label == sample.path.split("/")[0]
+        seen.append(sample.id)
+    assert sorted(seen) == sorted(sources)
+    plain = [(image.shape, label) for image, label in uniform]
+    assert len(plain) == UNIFORM_TOTAL and {label for _, label in plain} == set(UNIFORM_LABELS)
+
+
+def test_iterating_twice_gives_the_same_images(uniform: Dataset) -> None:
+    assert digest(uniform) == digest(uniform)
+
+
+def test_iter_batches_stacks_preallocated_batches_and_keeps_the_remainder(
+    uniform: Dataset,
+) -> None:
+    batches = list(uniform.iter_batches(batch_size=25))
+    assert [len(labels) for _, labels in batches] == [25, 25, 10]
+    assert all(images.shape == (len(labels), *UNIFORM_SIZE, 3) for images, labels in batches)
+    flat = [
+        (image, label)
+        for images, labels in batches
+        for image, label in zip(images, labels, strict=True)
+    ]
+    assert digest(flat) == digest(uniform)
+    assert [len(lb) for _, lb in uniform.iter_batches(batch_size=25, drop_last=True)] == [25, 25]
+
+
+def test_iter_batches_default_batch_size_is_32(uniform: Dataset) -> None:
+    assert [len(labels) for _, labels in uniform.iter_batches()] == [32, 28]
+
+
+def test_to_arrays_returns_all_images_and_label_names(uniform: Dataset) -> None:
+    X, y = uniform.to_arrays()
+    assert X.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3) and X.dtype == np.uint8
+    assert y.shape == (UNIFORM_TOTAL,) and set(y) == set(UNIFORM_LABELS)
+    assert digest(zip(X, y, strict=True)) == digest(uniform)
+
+
+def test_mixed_sizes_need_image_size_and_the_error_says_so(live_server: LiveServer) -> None:
+    dataset = load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url)
+    with pytest.raises(MixedImageSizesError, match=r"image_size=\(H, W\)"):
+        dataset.to_arrays()
+    with pytest.raises(MixedImageSizesError):
+        list(dataset.iter_batches(batch_size=8))
+    X, _ = dataset.to_arrays(image_size=(16, 20))
+    assert X.shape == (MIXED_TOTAL, 16, 20, 3)
+    images, labels = next(dataset.iter_batches(batch_size=8, image_size=(24, 24)))
+    assert images.shape == (8, 24, 24, 3) and len(labels) == 8
+
+
+def test_mixed_formats_and_modes_decode_like_pillow(
+    live_server: LiveServer, packed: PackedStore
+) -> None:
+    sources = source_images(packed, JOB_MIXED)
+    for mode, channels in (("RGB", 3), ("L", 1), ("RGBA", 4)):
+        dataset = load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url, mode=mode)
+        count = 0
+        for sample, image in dataset.iter_samples():
+            expected = pillow_pixels(sources[sample.path], mode)
+            assert image.shape == expected.shape and image.shape[2] == channels, sample.path
+            lossy = sample.path.endswith((".jpg", ".jpeg", ".webp"))
+            diff = np.abs(image.astype(int) - expected.astype(int)).max()
+            assert diff <= (2 if lossy else 0), (mode, sample.path, diff)
+            count += 1
+        assert count == MIXED_TOTAL
+    labels = {
+        label for _, label in load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url)
+    }
+    assert "animals/cat" in labels
+
+
+def test_exif_orientation_is_applied(live_server: LiveServer) -> None:
+    dataset = load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url)
+    shapes = {sample.id: image.shape for sample, image in dataset.iter_samples()}
+    assert shapes[EXIF_ROTATED_ID][:2] == EXIF_ROTATED_DISPLAY_SIZE
+
+
+def test_image_size_given_to_load_dataset_resizes_everything(live_server: LiveServer) -> None:
+    dataset = load_dataset(
+        JOB_MIXED, live_server.api_key, live_server.base_url, image_size=(12, 10)
+    )
+    assert {image.shape for image, _ in dataset} == {(12, 10, 3)}
+
+
+def test_to_dataframe_has_image_label_metadata_columns(uniform: Dataset) -> None:
+    pytest.importorskip("pandas")
+    df = uniform.to_dataframe()
+    assert list(df.columns) == ["image", "label", "metadata"]
+    assert len(df) == UNIFORM_TOTAL
+    assert len(df[df["label"] == "cat"]) == UNIFORM_TOTAL // 3
+    meta = df["metadata"].iloc[0]
+    assert {"id", "path", "chunk", "width", "height", "sha256"} - set(meta) <= {"sha256"}
+    assert meta["width"] == UNIFORM_SIZE[1]
+
+
+def test_early_break_cancels_downloads_and_leaves_no_threads(live_server: LiveServer) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, prefetch=2)
+    for i, _ in enumerate(dataset):
+        if i == 3:
+            break
+    gc.collect()
+    leftover = [
+        t
+        for t in threading.enumerate()
+        if t.ident not in before and t.name.startswith("pixcrawler")
+    ]
+    assert leftover == []
+    assert dataset.stats.chunks <= 2  # decoding opens at most two chunks at once
+    dataset.close()
+
+
+def test_context_manager_closes_and_a_closed_dataset_refuses_to_iterate(
+    live_server: LiveServer,
+) -> None:
+    with load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url) as dataset:
+        next(iter(dataset))
+    with pytest.raises(PixCrawlerError, match="closed"):
+        next(iter(dataset))
+    dataset.close()  # twice is fine
+
+
+def test_repr_never_shows_the_key(uniform: Dataset, live_server: LiveServer) -> None:
+    text = repr(uniform) + str(uniform.info) + repr(uniform.settings) + str(uniform.stats)
+    assert live_server.api_key not in text
+    assert JOB_UNIFORM in repr(uniform)
+
+
+def test_stats_explain_where_time_went(uniform: Dataset) -> None:
+    for _ in uniform:
+        pass
+    stats = uniform.stats
+    assert stats.images == UNIFORM_TOTAL and stats.skipped == 0
+    assert stats.chunks == uniform.num_chunks
+    assert stats.transfer.bytes_received == uniform.info.size_bytes
+    assert stats.first_image_seconds is not None and stats.first_image_seconds >= 0
+    assert "first image after" in str(stats)
+
+
+def test_progress_bar_is_opt_in(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quiet = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    list(quiet)
+    assert capsys.readouterr().err == ""
+    loud = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, progress=True)
+    list(loud)
+    assert "60/60" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_rejected_early(live_server: LiveServer) -> None:
+    args = (JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    with pytest.raises(ValueError, match="on_error"):
+        load_dataset(*args, on_error="ignore")
+    with pytest.raises(ValueError, match="mode"):
+        load_dataset(*args, mode="CMYK")
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset(*args, image_size=(0, 4))
+    with pytest.raises(ValueError, match="max_workers"):
+        load_dataset(*args, max_workers=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(load_dataset(*args).iter_batches(batch_size=0))
+
+
+def test_dataset_pickles_without_live_connections(uniform: Dataset) -> None:
+    import pickle
+
+    next(iter(uniform))
+    clone = pickle.loads(pickle.dumps(uniform))
+    assert digest(clone) == digest(uniform)
+
+
+def test_import_pixcrawler_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pixcrawler; "
+        "print(sorted(m for m in ('torch', 'tensorflow', 'pandas', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert {"load_dataset", "Dataset", "DatasetInfo", "PixCrawlerError"} <= set(pixcrawler.__all__)

@@ -1,0 +1,348 @@
+"""The packer turns a labelled image folder into deterministic chunk archives and a job.json."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageOps
+
+from conftest import PackedStore, build_mixed_source
+from constants import (
+    EXIF_ROTATED_DISPLAY_SIZE,
+    EXIF_ROTATED_ID,
+    EXIF_ROTATED_STORED_SIZE,
+    JOB_MIXED,
+    JOB_UNIFORM,
+    MIXED_CHUNK_SIZE,
+    MIXED_LABELS,
+    MIXED_TOTAL,
+    UNIFORM_CHUNK_SIZE,
+    UNIFORM_LABELS,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
+from imagegen import make_image, make_image_folder, save_image
+from pixcrawler.config import JOB_ID_PATTERN
+from pixcrawler.packer import pack, write_job
+
+pytestmark = pytest.mark.timeout(30)
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def chunk_files(store: Path, job_id: str) -> list[Path]:
+    return sorted((store / job_id / "chunks").glob("*.zip"))
+
+
+def manifests(store: Path, job_id: str) -> list[dict[str, Any]]:
+    out = []
+    for path in chunk_files(store, job_id):
+        with zipfile.ZipFile(path) as archive:
+            out.append(json.loads(archive.read("manifest.json")))
+    return out
+
+
+def read_job(store: Path, job_id: str) -> dict[str, Any]:
+    return dict(json.loads((store / job_id / "job.json").read_text()))
+
+
+# -- determinism -------------------------------------------------------------------------
+
+
+def test_packing_twice_gives_byte_identical_chunks_and_the_same_job_id(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    src = packed.sources[JOB_MIXED]
+    first = pack(src, tmp_path / "a", chunk_size=MIXED_CHUNK_SIZE)
+    second = pack(src, tmp_path / "b", chunk_size=MIXED_CHUNK_SIZE)
+    assert first == second
+    assert re.fullmatch(r"job_[0-9a-f]{12}", first.job_id)
+    a, b = chunk_files(tmp_path / "a", first.job_id), chunk_files(tmp_path / "b", first.job_id)
+    assert [p.name for p in a] == ["00000.zip", "00001.zip", "00002.zip"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    job_a, job_b = read_job(tmp_path / "a", first.job_id), read_job(tmp_path / "b", first.job_id)
+    assert job_a["chunks"] == job_b["chunks"]
+    assert [c["sha256"] for c in job_a["chunks"]] == [
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in a
+    ]
+
+
+def test_default_job_id_depends_on_content_and_owner(packed: PackedStore, tmp_path: Path) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    base = pack(src, tmp_path, chunk_size=UNIFORM_CHUNK_SIZE).job_id
+    assert pack(src, tmp_path, chunk_size=UNIFORM_CHUNK_SIZE, owner="other").job_id != base
+    assert pack(src, tmp_path, chunk_size=7).job_id != base
+    assert pack(src, tmp_path, chunk_size=UNIFORM_CHUNK_SIZE, name="renamed").job_id == base
+
+
+def test_repacking_into_fewer_chunks_removes_the_stale_ones(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    assert pack(src, tmp_path, job_id="job_x", chunk_size=7).num_chunks == 9
+    result = pack(src, tmp_path, job_id="job_x", chunk_size=30)
+    assert result.num_chunks == 2
+    assert [p.name for p in chunk_files(tmp_path, "job_x")] == ["00000.zip", "00001.zip"]
+    assert not list((tmp_path / "job_x" / "chunks").glob(".*"))  # no temp files left
+
+
+# -- archives ----------------------------------------------------------------------------
+
+
+def test_manifest_is_first_and_members_follow_its_order(packed: PackedStore) -> None:
+    all_paths: list[str] = []
+    for index, path in enumerate(chunk_files(packed.store, JOB_MIXED)):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            manifest = json.loads(archive.read("manifest.json"))
+        assert names[0] == "manifest.json"
+        assert names[1:] == [image["path"] for image in manifest["images"]]
+        assert (manifest["job_id"], manifest["chunk_index"]) == (JOB_MIXED, index)
+        assert len(manifest["images"]) <= MIXED_CHUNK_SIZE
+        all_paths += names[1:]
+    labels = [path.rsplit("/", 1)[0] for path in all_paths]
+    assert sorted(zip(labels, all_paths, strict=True)) == list(zip(labels, all_paths, strict=True))
+    assert len(all_paths) == len(set(all_paths)) == MIXED_TOTAL
+    # One stem, two formats: two images with two ids.
+    assert {"cat/dup.jpg", "cat/dup.png"} <= set(all_paths)
+
+
+def test_images_are_stored_byte_identical_with_manifest_fields(packed: PackedStore) -> None:
+    src = packed.sources[JOB_MIXED]
+    for path in chunk_files(packed.store, JOB_MIXED):
+        with zipfile.ZipFile(path) as archive:
+            for image in json.loads(archive.read("manifest.json"))["images"]:
+                data = archive.read(image["path"])
+                assert data == (src / image["path"]).read_bytes()
+                assert image["id"] == image["path"] == image["metadata"]["source"]
+                assert image["label"] == image["path"].rsplit("/", 1)[0]
+                assert image["sha256"] == hashlib.sha256(data).hexdigest()
+                assert image["metadata"]["size_bytes"] == len(data)
+                with Image.open(io.BytesIO(data)) as decoded:
+                    assert image["metadata"]["format"] == decoded.format
+                    shown = ImageOps.exif_transpose(decoded)
+                    assert (image["width"], image["height"]) == shown.size
+
+
+def test_compressed_formats_are_stored_and_others_deflated(packed: PackedStore) -> None:
+    methods: dict[str, set[int]] = {}
+    for path in chunk_files(packed.store, JOB_MIXED):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist()[1:]:
+                ext = info.filename.rsplit(".", 1)[1]
+                methods.setdefault(ext, set()).add(info.compress_type)
+    stored, deflated = {zipfile.ZIP_STORED}, {zipfile.ZIP_DEFLATED}
+    assert methods == {
+        "jpg": stored,
+        "jpeg": stored,
+        "png": stored,
+        "gif": stored,
+        "webp": stored,
+        "bmp": deflated,
+        "tif": deflated,
+        "tiff": deflated,
+    }
+
+
+def test_zip_entries_carry_no_time_or_host_specific_metadata(packed: PackedStore) -> None:
+    for path in chunk_files(packed.store, JOB_UNIFORM):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                assert info.date_time == (1980, 1, 1, 0, 0, 0)
+                assert info.external_attr == 0o100644 << 16
+                assert info.create_system == 3
+                assert info.extra == b""
+
+
+def test_exif_rotated_jpeg_records_its_displayed_size(packed: PackedStore) -> None:
+    entries = {i["id"]: i for m in manifests(packed.store, JOB_MIXED) for i in m["images"]}
+    rotated = entries[EXIF_ROTATED_ID]
+    with Image.open(packed.sources[JOB_MIXED] / EXIF_ROTATED_ID) as image:
+        assert image.size[::-1] == EXIF_ROTATED_STORED_SIZE  # the pixels are 20 x 30 (H x W)
+    assert (rotated["height"], rotated["width"]) == EXIF_ROTATED_DISPLAY_SIZE
+
+
+def test_nested_folders_give_slash_separated_labels(packed: PackedStore) -> None:
+    assert packed.results[JOB_MIXED].labels == MIXED_LABELS
+    nested = [
+        i
+        for m in manifests(packed.store, JOB_MIXED)
+        for i in m["images"]
+        if i["label"] == "animals/cat"
+    ]
+    assert len(nested) == 5
+    assert all(i["path"].startswith("animals/cat/") for i in nested)
+
+
+# -- job.json ----------------------------------------------------------------------------
+
+
+def test_job_json_describes_the_completed_job(packed: PackedStore) -> None:
+    job = read_job(packed.store, JOB_UNIFORM)
+    result = packed.results[JOB_UNIFORM]
+    files = chunk_files(packed.store, JOB_UNIFORM)
+    assert set(job) == {
+        "id", "name", "status", "progress", "created_at", "completed_at", "total_images",
+        "chunk_size", "size_bytes", "labels", "version", "image_size", "chunks", "owner",
+    }  # fmt: skip
+    assert (job["id"], job["name"], job["owner"]) == (JOB_UNIFORM, "uniform", "default")
+    assert (job["status"], job["progress"], job["version"]) == ("completed", 100, 1)
+    assert TIMESTAMP.fullmatch(job["created_at"]) and TIMESTAMP.fullmatch(job["completed_at"])
+    assert job["created_at"] <= job["completed_at"]
+    assert job["total_images"] == result.total_images == UNIFORM_TOTAL
+    assert job["labels"] == list(result.labels) == sorted(UNIFORM_LABELS)
+    assert job["image_size"] == list(UNIFORM_SIZE)
+    assert job["chunk_size"] == UNIFORM_CHUNK_SIZE
+    assert [c["image_count"] for c in job["chunks"]] == [16, 16, 16, 12]
+    assert job["size_bytes"] == result.size_bytes == sum(p.stat().st_size for p in files)
+    for chunk, path in zip(job["chunks"], files, strict=True):
+        data = path.read_bytes()
+        assert chunk == {
+            "index": int(path.stem),
+            "size_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "image_count": chunk["image_count"],
+            "expires_at": None,
+        }
+    assert result.num_chunks == len(files) == 4
+
+
+def test_default_name_is_the_source_folder_name(packed: PackedStore) -> None:
+    assert read_job(packed.store, JOB_MIXED)["name"] == "mixed"
+    assert read_job(packed.store, JOB_MIXED)["image_size"] is None
+
+
+# -- what is left out ----------------------------------------------------------------------
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "src", {"cat": 3, "dog": 2})
+    good = (src / "cat" / "0000.jpg").read_bytes()
+    (src / "cat" / "notes.txt").write_text("not an image")
+    (src / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
+    (src / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (src / "dog" / "empty.png").write_bytes(b"")
+    (src / "dog" / "text.png").write_text("hello")
+    (src / "root.jpg").write_bytes(good)
+    (src / "cat" / ".DS_Store").write_bytes(b"\0\0")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "x.jpg").write_bytes(good)
+
+    result = pack(src, tmp_path / "store")
+    reasons = dict(result.skipped)
+    assert set(reasons) == {
+        ".cache/",
+        "cat/.DS_Store",
+        "cat/corrupt.jpg",
+        "cat/notes.txt",
+        "cat/truncated.jpg",
+        "dog/empty.png",
+        "dog/text.png",
+        "root.jpg",
+    }
+    assert "not an image" in reasons["cat/notes.txt"]
+    assert "cannot be decoded" in reasons["cat/corrupt.jpg"]
+    assert "cannot be decoded" in reasons["cat/truncated.jpg"]
+    assert "empty" in reasons["dog/empty.png"]
+    assert "root folder" in reasons["root.jpg"]
+    assert [path for path, _ in result.skipped] == sorted(reasons)
+    assert result.total_images == 5
+    packed_names = {
+        i["path"] for m in manifests(tmp_path / "store", result.job_id) for i in m["images"]
+    }
+    assert packed_names == {f"cat/{i:04d}.jpg" for i in range(3)} | {
+        f"dog/{i:04d}.jpg" for i in range(2)
+    }
+
+
+def test_extensions_are_case_insensitive(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    save_image(make_image("cat", (16, 16)), src / "cat" / "A.JPG")
+    save_image(make_image("cat", (16, 16), index=1), src / "cat" / "b.PnG")
+    save_image(make_image("cat", (16, 16), index=2), src / "cat" / "c.TIFF")
+    assert pack(src, tmp_path / "store").total_images == 3
+
+
+def test_a_folder_without_valid_images_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    save_image(make_image("x", (16, 16)), src / "at_root.jpg")
+    (src / "cat").mkdir()
+    (src / "cat" / "notes.txt").write_text("no")
+    with pytest.raises(ValueError, match="no valid image"):
+        pack(src, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_missing_source_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a folder"):
+        pack(tmp_path / "nope", tmp_path / "store")
+
+
+@pytest.mark.parametrize("job_id", ["", "../evil", "a/b", "job id", "x" * 65, "job.1", "é"])
+def test_invalid_job_id_is_rejected(packed: PackedStore, tmp_path: Path, job_id: str) -> None:
+    assert not re.fullmatch(JOB_ID_PATTERN, job_id)
+    with pytest.raises(ValueError, match="invalid job id"):
+        pack(packed.sources[JOB_UNIFORM], tmp_path / "store", job_id=job_id)
+    with pytest.raises(ValueError, match="invalid job id"):
+        write_job(tmp_path / "store", job_id, status="pending", progress=0)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5, True])
+def test_invalid_chunk_size_is_rejected(
+    packed: PackedStore, tmp_path: Path, chunk_size: Any
+) -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        pack(packed.sources[JOB_UNIFORM], tmp_path, chunk_size=chunk_size)
+
+
+def test_another_owners_job_id_is_not_overwritten(packed: PackedStore, tmp_path: Path) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_taken", owner="alice")
+    with pytest.raises(ValueError, match="another owner"):
+        pack(src, tmp_path, job_id="job_taken", owner="bob")
+    assert read_job(tmp_path, "job_taken")["owner"] == "alice"
+
+
+# -- unfinished jobs -----------------------------------------------------------------------
+
+
+def test_write_job_creates_an_unfinished_job_without_chunks(tmp_path: Path) -> None:
+    path = write_job(tmp_path, "job_r", status="running", progress=42.5, labels=["b", "a", "b"])
+    job = json.loads(path.read_text())
+    assert path == tmp_path / "job_r" / "job.json"
+    assert (job["id"], job["name"], job["owner"]) == ("job_r", "job_r", "default")
+    assert (job["status"], job["progress"], job["chunks"]) == ("running", 42.5, [])
+    assert job["labels"] == ["a", "b"]
+    assert job["completed_at"] is None and TIMESTAMP.fullmatch(job["created_at"])
+    assert write_job(tmp_path, "job_p", status="pending", progress=0).exists()
+
+
+@pytest.mark.parametrize(
+    ("status", "progress"),
+    [
+        ("completed", 100),
+        ("done", 50),
+        ("running", 101),
+        ("running", -1),
+        ("running", float("nan")),
+    ],
+)
+def test_write_job_rejects_bad_status_or_progress(
+    tmp_path: Path, status: str, progress: float
+) -> None:
+    with pytest.raises(ValueError):
+        write_job(tmp_path, "job_w", status=status, progress=progress)
+
+
+def test_mixed_source_builder_is_reusable(tmp_path: Path) -> None:
+    # Other test modules build their own copy of job_mixed's source; it must pack cleanly.
+    result = pack(build_mixed_source(tmp_path / "m"), tmp_path / "s", job_id=JOB_MIXED)
+    assert (result.total_images, result.skipped) == (MIXED_TOTAL, ())

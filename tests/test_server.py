@@ -1,0 +1,536 @@
+"""The reference server speaks wire contract v1 over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import urllib3
+
+from conftest import LiveServer
+from constants import (
+    JOB_MIXED,
+    JOB_OTHER,
+    JOB_UNIFORM,
+    OTHER_KEY,
+    TEST_KEY,
+    UNFINISHED_JOBS,
+    UNIFORM_CHUNK_SIZE,
+    UNIFORM_LABELS,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
+from imagegen import make_image_folder
+from pixcrawler.config import ENV_SERVER_KEYS
+from pixcrawler.models import Job
+from pixcrawler.packer import pack, write_job
+from pixcrawler.server import create_app, run_in_thread, runner
+from pixcrawler.server.store import KEYS_FILE, ensure_server_keys, load_server_keys
+
+pytestmark = pytest.mark.timeout(30)
+
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
+SECRET = "TOP-SECRET-OUTSIDE"
+MY_JOBS = {JOB_UNIFORM, JOB_MIXED} | {job_id for job_id, _, _ in UNFINISHED_JOBS}
+
+
+def get(
+    http: urllib3.PoolManager, url: str, headers: dict[str, str] | None = None
+) -> urllib3.BaseHTTPResponse:
+    return http.request("GET", url, headers=headers if headers is not None else AUTH)
+
+
+def raw_get(base_url: str, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """Send ``target`` byte for byte (urllib3 would normalise ``..`` and re-encode)."""
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        for name, value in (headers if headers is not None else AUTH).items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def assert_error(response: urllib3.BaseHTTPResponse, status: int, error_type: str) -> str:
+    """The response is the contract's error JSON; return its message."""
+    assert response.status == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["type"] == error_type
+    assert body["error"]["status_code"] == status
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+def job_json(store: Path, job_id: str) -> dict[str, Any]:
+    return dict(json.loads((store / job_id / "job.json").read_text()))
+
+
+# -- health and auth ---------------------------------------------------------------------
+
+
+def test_health_needs_no_key(live_server: LiveServer, http: urllib3.PoolManager) -> None:
+    response = get(http, live_server.base_url + "/health", headers={})
+    assert response.status == 200
+    assert response.json() == {"status": "healthy"}
+
+
+def test_missing_key_is_401_with_error_json(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    response = get(http, f"{live_server.base_url}/api/v1/jobs/{JOB_UNIFORM}", headers={})
+    message = assert_error(response, 401, "AuthenticationError")
+    assert "Bearer" in message
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer wrong-key"},
+        {"X-API-Key": "wrong-key"},
+        {"Authorization": f"Basic {TEST_KEY}"},
+        {"Authorization": "Bearer"},
+    ],
+)
+def test_wrong_key_is_401_and_never_echoed(
+    live_server: LiveServer, http: urllib3.PoolManager, headers: dict[str, str]
+) -> None:
+    response = get(http, f"{live_server.base_url}/api/v1/jobs", headers=headers)
+    assert_error(response, 401, "AuthenticationError")
+    assert b"wrong-key" not in response.data
+    assert TEST_KEY.encode() not in response.data
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {TEST_KEY}"},
+        {"Authorization": f"bearer {TEST_KEY}"},
+        {"X-API-Key": TEST_KEY},
+        {"Authorization": "Bearer wrong-key", "X-API-Key": TEST_KEY},
+    ],
+)
+def test_bearer_and_x_api_key_both_authenticate(
+    live_server: LiveServer, http: urllib3.PoolManager, headers: dict[str, str]
+) -> None:
+    response = get(http, f"{live_server.base_url}/api/v1/jobs/{JOB_UNIFORM}", headers=headers)
+    assert response.status == 200
+    assert response.json()["id"] == JOB_UNIFORM
+
+
+def test_another_owners_job_is_404_like_a_missing_one(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    base = live_server.base_url
+    mine = get(http, f"{base}/api/v1/jobs/{JOB_OTHER}", {"Authorization": f"Bearer {OTHER_KEY}"})
+    assert mine.status == 200
+    assert mine.json()["id"] == JOB_OTHER
+
+    theirs = get(http, f"{base}/api/v1/jobs/{JOB_OTHER}")
+    missing = get(http, f"{base}/api/v1/jobs/job_does_not_exist")
+    assert_error(theirs, 404, "NotFoundError")
+    assert_error(missing, 404, "NotFoundError")
+    chunk = get(http, f"{base}/api/v1/jobs/{JOB_OTHER}/chunks/0")
+    assert_error(chunk, 404, "NotFoundError")
+    assert not chunk.data.startswith(b"PK")
+    # The other owner cannot see ours either.
+    ours = get(http, f"{base}/api/v1/jobs/{JOB_UNIFORM}", {"X-API-Key": OTHER_KEY})
+    assert_error(ours, 404, "NotFoundError")
+
+
+# -- listing -----------------------------------------------------------------------------
+
+
+def test_list_shows_only_the_callers_jobs_without_chunks(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    body = get(http, f"{live_server.base_url}/api/v1/jobs").json()
+    assert (body["total"], body["page"], body["size"], body["pages"]) == (len(MY_JOBS), 1, 50, 1)
+    assert {item["id"] for item in body["items"]} == MY_JOBS
+    for item in body["items"]:
+        assert "chunks" not in item
+        assert "owner" not in item
+        assert item["status"] in ("pending", "running", "completed", "failed", "cancelled")
+
+    theirs = get(http, f"{live_server.base_url}/api/v1/jobs", {"X-API-Key": OTHER_KEY}).json()
+    assert [item["id"] for item in theirs["items"]] == [JOB_OTHER]
+    assert theirs["total"] == 1
+
+
+def test_list_paginates_without_overlap(live_server: LiveServer, http: urllib3.PoolManager) -> None:
+    url = f"{live_server.base_url}/api/v1/jobs"
+    pages = [get(http, f"{url}?page={page}&size=4").json() for page in (1, 2, 3)]
+    assert [len(p["items"]) for p in pages] == [4, len(MY_JOBS) - 4, 0]
+    assert all(p["total"] == len(MY_JOBS) and p["pages"] == 2 and p["size"] == 4 for p in pages)
+    assert [p["page"] for p in pages] == [1, 2, 3]
+    seen = [item["id"] for p in pages for item in p["items"]]
+    assert sorted(seen) == sorted(MY_JOBS)
+    # The order is stable from one request to the next.
+    assert get(http, f"{url}?page=1&size=4").json()["items"] == pages[0]["items"]
+
+
+@pytest.mark.parametrize(
+    "query", ["page=0", "page=-1", "size=0", "size=1001", "page=abc", "size=1.5"]
+)
+def test_bad_pagination_is_422_validation_error(
+    live_server: LiveServer, http: urllib3.PoolManager, query: str
+) -> None:
+    response = get(http, f"{live_server.base_url}/api/v1/jobs?{query}")
+    message = assert_error(response, 422, "ValidationError")
+    assert query.split("=")[0] in message
+
+
+# -- job shapes --------------------------------------------------------------------------
+
+
+def test_completed_job_lists_chunks_with_api_urls(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    body = get(http, f"{live_server.base_url}/api/v1/jobs/{JOB_UNIFORM}").json()
+    on_disk = job_json(live_server.store, JOB_UNIFORM)
+    assert body["status"] == "completed"
+    assert body["progress"] == 100
+    assert body["total_images"] == UNIFORM_TOTAL
+    assert body["chunk_size"] == UNIFORM_CHUNK_SIZE
+    assert body["labels"] == sorted(UNIFORM_LABELS)
+    assert body["image_size"] == list(UNIFORM_SIZE)
+    assert body["version"] == 1
+    assert "owner" not in body
+    assert [c["index"] for c in body["chunks"]] == [0, 1, 2, 3]
+    for chunk, stored in zip(body["chunks"], on_disk["chunks"], strict=True):
+        assert chunk["url"] == f"/api/v1/jobs/{JOB_UNIFORM}/chunks/{chunk['index']}"
+        assert {k: v for k, v in chunk.items() if k != "url"} == stored
+    # Everything but urls and owner is job.json as written.
+    assert {k: v for k, v in body.items() if k != "chunks"} == {
+        k: v for k, v in on_disk.items() if k not in ("chunks", "owner")
+    }
+    job = Job.from_json(body)
+    assert job.image_size == UNIFORM_SIZE
+    assert sum(c.image_count or 0 for c in job.chunks) == UNIFORM_TOTAL
+
+
+def test_mixed_size_job_has_no_image_size(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    body = get(http, f"{live_server.base_url}/api/v1/jobs/{JOB_MIXED}").json()
+    assert body["image_size"] is None
+    assert "animals/cat" in body["labels"]
+
+
+@pytest.mark.parametrize(("job_id", "status", "progress"), UNFINISHED_JOBS)
+def test_unfinished_job_reports_status_and_progress_and_no_chunks(
+    live_server: LiveServer,
+    http: urllib3.PoolManager,
+    job_id: str,
+    status: str,
+    progress: float,
+) -> None:
+    body = get(http, f"{live_server.base_url}/api/v1/jobs/{job_id}").json()
+    assert (body["id"], body["status"], body["progress"]) == (job_id, status, progress)
+    assert body["chunks"] == []
+    response = get(http, f"{live_server.base_url}/api/v1/jobs/{job_id}/chunks/0")
+    message = assert_error(response, 404, "NotFoundError")
+    assert status in message
+
+
+# -- chunks ------------------------------------------------------------------------------
+
+
+def test_chunk_download_is_the_file_and_matches_etag_and_job_json(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    on_disk = job_json(live_server.store, JOB_UNIFORM)
+    for chunk in on_disk["chunks"]:
+        index = chunk["index"]
+        response = get(http, f"{live_server.base_url}/api/v1/jobs/{JOB_UNIFORM}/chunks/{index}")
+        expected = (live_server.store / JOB_UNIFORM / "chunks" / f"{index:05d}.zip").read_bytes()
+        assert response.status == 200
+        assert response.data == expected
+        digest = hashlib.sha256(response.data).hexdigest()
+        assert response.headers["ETag"] == f'"{digest}"'
+        assert digest == chunk["sha256"]
+        assert int(response.headers["Content-Length"]) == len(expected) == chunk["size_bytes"]
+        assert response.headers["Content-Type"] == "application/zip"
+        assert response.headers["Accept-Ranges"] == "bytes"
+
+
+def chunk_url(server: LiveServer, index: int = 0) -> str:
+    return f"{server.base_url}/api/v1/jobs/{JOB_UNIFORM}/chunks/{index}"
+
+
+def chunk_bytes(server: LiveServer, index: int = 0) -> bytes:
+    return (server.store / JOB_UNIFORM / "chunks" / f"{index:05d}.zip").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "stop"),
+    [
+        ("bytes=0-99", 0, 100),  # the first bytes
+        ("bytes=100-299", 100, 300),  # the middle
+        ("bytes=500-", 500, None),  # resume: open-ended
+        ("bytes=-100", -100, None),  # the last bytes
+        ("bytes=10-999999999", 10, None),  # an end past the file is clamped
+        ("bytes=-999999999", 0, None),  # a suffix longer than the file is all of it
+        ("BYTES=0-0", 0, 1),  # unit names are case-insensitive
+    ],
+)
+def test_single_range_is_206_with_content_range(
+    live_server: LiveServer, http: urllib3.PoolManager, header: str, start: int, stop: int | None
+) -> None:
+    data = chunk_bytes(live_server)
+    expected = data[start:stop]
+    response = get(http, chunk_url(live_server), {**AUTH, "Range": header})
+    assert response.status == 206
+    assert response.data == expected
+    positions = range(len(data))[start:stop]
+    expected_range = f"bytes {positions[0]}-{positions[-1]}/{len(data)}"
+    assert response.headers["Content-Range"] == expected_range
+    assert int(response.headers["Content-Length"]) == len(expected)
+    assert response.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+
+
+def test_resumed_download_reassembles_the_chunk(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    data = chunk_bytes(live_server, 1)
+    head = get(http, chunk_url(live_server, 1), {**AUTH, "Range": "bytes=0-1233"}).data
+    tail = get(http, chunk_url(live_server, 1), {**AUTH, "Range": f"bytes={len(head)}-"}).data
+    assert head + tail == data
+
+
+@pytest.mark.parametrize("header", ["bytes={size}-", "bytes={size}-{size}", "bytes=-0"])
+def test_unsatisfiable_range_is_416(
+    live_server: LiveServer, http: urllib3.PoolManager, header: str
+) -> None:
+    size = len(chunk_bytes(live_server))
+    response = get(http, chunk_url(live_server), {**AUTH, "Range": header.format(size=size)})
+    assert_error(response, 416, "RangeNotSatisfiable")
+    assert response.headers["Content-Range"] == f"bytes */{size}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=abc",
+        "bytes=10-5",
+        "bytes=-",
+        "bytes=0-10,20-30",  # multiple ranges: answered with the whole file
+        "items=0-10",
+        "0-10",
+        "bytes=+1-5",
+    ],
+)
+def test_malformed_or_multiple_range_sends_the_whole_chunk(
+    live_server: LiveServer, http: urllib3.PoolManager, header: str
+) -> None:
+    response = get(http, chunk_url(live_server), {**AUTH, "Range": header})
+    assert response.status == 200
+    assert response.data == chunk_bytes(live_server)
+    assert "Content-Range" not in response.headers
+
+
+def test_if_range_with_another_etag_sends_the_whole_chunk(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    data = chunk_bytes(live_server)
+    etag = f'"{hashlib.sha256(data).hexdigest()}"'
+    same = get(http, chunk_url(live_server), {**AUTH, "Range": "bytes=5-9", "If-Range": etag})
+    assert (same.status, same.data) == (206, data[5:10])
+    other = get(http, chunk_url(live_server), {**AUTH, "Range": "bytes=5-9", "If-Range": '"x"'})
+    assert (other.status, other.data) == (200, data)
+
+
+def test_large_chunk_streams_in_blocks_and_ranges_cross_blocks(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
+) -> None:
+    # A 2.5 MiB file spans three of the server's 1 MiB send blocks.
+    data = os.urandom(5 << 19)
+    write_job(tmp_path, "job_big", status="running", progress=99)
+    job = job_json(tmp_path, "job_big")
+    job.update(status="completed", progress=100)
+    job["chunks"] = [
+        {"index": 0, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ]
+    (tmp_path / "job_big" / "chunks").mkdir()
+    (tmp_path / "job_big" / "chunks" / "00000.zip").write_bytes(data)
+    (tmp_path / "job_big" / "job.json").write_text(json.dumps(job))
+    url = server_factory(tmp_path) + "/api/v1/jobs/job_big/chunks/0"
+
+    assert get(http, url).data == data
+    start, end = (1 << 20) - 10, (2 << 20) + 10
+    part = get(http, url, {**AUTH, "Range": f"bytes={start}-{end - 1}"})
+    assert (part.status, part.data) == (206, data[start:end])
+
+
+# -- path safety -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server over a store with a secret beside it and a keys.json in it; its base URL."""
+    root = tmp_path_factory.mktemp("guarded")
+    store = root / "store"
+    src = make_image_folder(root / "src", {"a": 3}, seed=5)
+    pack(src, store, job_id="job_a")
+    (root / "secret.txt").write_text(SECRET)
+    (store / KEYS_FILE).write_text(json.dumps({TEST_KEY: "default", "KEYFILE-SECRET": "x"}))
+    # keys=None: the server reads the store's keys.json (one more file worth stealing).
+    with run_in_thread(create_app(store, None)) as base_url:
+        yield base_url
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/v1/jobs/..%2F..%2Fsecret.txt",
+        "/api/v1/jobs/..%2Fkeys.json",
+        "/api/v1/jobs/../keys.json",
+        "/api/v1/jobs/%2e%2e",
+        "/api/v1/jobs/..",
+        "/api/v1/jobs/.",
+        "/api/v1/jobs/%2Fetc%2Fpasswd",
+        "/api/v1/jobs//etc/passwd",
+        "/api/v1/jobs/job_a%2F..%2F..%2Fsecret.txt/chunks/0",
+        "/api/v1/jobs/job_a/chunks/..%2F..%2Fjob.json",
+        "/api/v1/jobs/job_a/chunks/..%2F..%2F..%2Fsecret.txt",
+        "/api/v1/jobs/job_a/chunks/%2Fetc%2Fpasswd",
+        "/api/v1/jobs/job_a/chunks/-1",
+        "/api/v1/jobs/job_a/chunks/1",
+        "/api/v1/jobs/job_a/chunks/99999999999999999999999",
+        "/api/v1/jobs/job_a/chunks/0x0",
+        "/api/v1/jobs/job_a/chunks/%EF%BC%90",  # a full-width zero, which int() accepts
+        "/api/v1/jobs/job_a/chunks/+0",
+        "/api/v1/jobs/job_a/chunks/0.0",
+        "/api/v1/jobs/job_a/chunks/00000.zip",
+        "/api/v1/jobs/job_a%00/chunks/0",
+        "/api/v1/jobs/job_a/chunks/",
+        "/api/v1/jobs/",
+        "/api/v1/../../secret.txt",
+        "/keys.json",
+    ],
+)
+def test_path_traversal_is_404_and_never_file_contents(guarded: str, target: str) -> None:
+    status, body = raw_get(guarded, target)
+    assert status == 404
+    error = json.loads(body)["error"]
+    assert (error["type"], error["status_code"]) == ("NotFoundError", 404)
+    assert SECRET.encode() not in body
+    assert b"KEYFILE-SECRET" not in body
+    assert not body.startswith(b"PK")
+
+
+def test_guarded_store_still_serves_its_job(guarded: str) -> None:
+    status, body = raw_get(guarded, "/api/v1/jobs/job_a/chunks/0")
+    assert status == 200
+    assert body.startswith(b"PK")
+
+
+def test_unknown_route_is_404_error_json(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    response = get(http, f"{live_server.base_url}/api/v2/jobs")
+    assert_error(response, 404, "NotFoundError")
+    post = http.request("POST", f"{live_server.base_url}/api/v1/jobs", headers=AUTH)
+    assert_error(post, 405, "MethodNotAllowedError")
+
+
+# -- options and store changes -----------------------------------------------------------
+
+
+def test_chunk_base_url_gives_absolute_chunk_urls(
+    store: Path, server_factory: Any, http: urllib3.PoolManager
+) -> None:
+    base_url = server_factory(store, chunk_base_url="http://cdn.example/store/")
+    body = get(http, f"{base_url}/api/v1/jobs/{JOB_UNIFORM}").json()
+    assert [c["url"] for c in body["chunks"]] == [
+        f"http://cdn.example/store/{JOB_UNIFORM}/chunks/{i:05d}.zip" for i in range(4)
+    ]
+    # Each url names the file a static host serving the store folder would send.
+    for chunk in body["chunks"]:
+        relative = chunk["url"].removeprefix("http://cdn.example/store/")
+        assert hashlib.sha256((store / relative).read_bytes()).hexdigest() == chunk["sha256"]
+
+
+def test_rewritten_job_json_is_seen_on_the_next_request(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
+) -> None:
+    write_job(tmp_path, "job_live", status="pending", progress=0)
+    url = server_factory(tmp_path) + "/api/v1/jobs/job_live"
+    assert get(http, url).json()["status"] == "pending"
+    write_job(tmp_path, "job_live", status="running", progress=55.5)
+    assert (get(http, url).json()["status"], get(http, url).json()["progress"]) == ("running", 55.5)
+
+
+def test_broken_job_json_entry_is_500_error_json(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
+) -> None:
+    (tmp_path / "job_bad").mkdir()
+    bad = {"id": "job_bad", "status": "completed", "owner": "default", "chunks": [{"no": 1}]}
+    (tmp_path / "job_bad" / "job.json").write_text(json.dumps(bad))
+    response = get(http, server_factory(tmp_path) + "/api/v1/jobs/job_bad")
+    assert_error(response, 500, "InternalServerError")
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+def test_ensure_server_keys_creates_one_private_key_for_default(tmp_path: Path) -> None:
+    keys, created = ensure_server_keys(tmp_path / "new-store", environ={})
+    assert created is not None and len(created) >= 32
+    assert keys == {created: "default"}
+    path = tmp_path / "new-store" / KEYS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {created: "default"}
+    # Next start: the key is loaded, not replaced, and not announced again.
+    assert ensure_server_keys(tmp_path / "new-store", environ={}) == (keys, None)
+
+
+def test_ensure_server_keys_keeps_configured_keys(tmp_path: Path) -> None:
+    env = {ENV_SERVER_KEYS: " k1:alice , k2:bob ,"}
+    assert ensure_server_keys(tmp_path, environ=env) == ({"k1": "alice", "k2": "bob"}, None)
+    assert not (tmp_path / KEYS_FILE).exists()
+
+
+def test_env_keys_merge_over_keys_json(tmp_path: Path) -> None:
+    (tmp_path / KEYS_FILE).write_text(json.dumps({"k1": "alice", "k2": "bob"}))
+    keys = load_server_keys(tmp_path, environ={ENV_SERVER_KEYS: "k2:carol,k:3:dave"})
+    assert keys == {"k1": "alice", "k2": "carol", "k:3": "dave"}
+
+
+@pytest.mark.parametrize("value", ["no-owner", "secret-key:", ":owner"])
+def test_malformed_env_keys_raise_without_the_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ValueError, match=ENV_SERVER_KEYS) as info:
+        load_server_keys(tmp_path, environ={ENV_SERVER_KEYS: value})
+    assert "secret-key" not in str(info.value)
+
+
+def test_serve_announces_a_created_key_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.delenv(ENV_SERVER_KEYS, raising=False)
+    monkeypatch.setattr(runner.uvicorn, "run", lambda app, **kw: calls.append(kw))
+    runner.serve(tmp_path / "store", port=8123)
+    key = next(iter(json.loads((tmp_path / "store" / KEYS_FILE).read_text())))
+    out = capsys.readouterr().out
+    assert f"Created API key for owner 'default': {key}" in out
+    assert calls == [
+        {"host": "127.0.0.1", "port": 8123, "log_level": "warning", "access_log": False}
+    ]
+
+    runner.serve(tmp_path / "store", port=8123)
+    assert key not in capsys.readouterr().out
