@@ -98,6 +98,7 @@ class ChunkArchive:
         max_member_bytes: int = config.MAX_MEMBER_BYTES,
     ) -> None:
         self.chunk_id = chunk_id
+        self.buffer = buffer
         self.view = memoryview(buffer).cast("B")
         self.max_member_bytes = max_member_bytes
         self.members = self._read_directory(max_members)
@@ -106,6 +107,18 @@ class ChunkArchive:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def close(self) -> bytearray | None:
+        """Release this archive's view of the chunk bytes; return them if reusable.
+
+        None when something still views the bytes (they must not be overwritten then) or
+        they are not a bytearray.
+        """
+        try:
+            self.view.release()
+        except BufferError:
+            return None
+        return self.buffer if isinstance(self.buffer, bytearray) else None
 
     def _error(self, message: str, sample_id: str | None = None) -> DecompressionError:
         where = f"chunk {self.chunk_id}" if self.chunk_id is not None else "chunk"

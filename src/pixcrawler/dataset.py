@@ -429,7 +429,7 @@ class Dataset:
         started = time.perf_counter()
         downloader = self.downloader()
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="pixcrawler-decode")
-        inflight: deque[tuple[list[Sample], Future[list[Any]]]] = deque()
+        inflight: deque[tuple[list[Sample], Future[list[Any]], ChunkArchive | None]] = deque()
         groups = self._groups(downloader, chunks)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
         try:
@@ -441,14 +441,21 @@ class Dataset:
                     if item is None:
                         break
                     archive, group, last = item
-                    inflight.append((group, pool.submit(_decode_group, archive, group, decoder)))
+                    future = pool.submit(_decode_group, archive, group, decoder)
+                    inflight.append((group, future, archive if last else None))
                     if last:
                         chunk_ends.append(len(inflight))
                 if not inflight:
                     return
                 chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)
-                group, future = inflight.popleft()
+                group, future, finished = inflight.popleft()
                 results = future.result()
+                if finished is not None:
+                    # Every group of that chunk has decoded (in order): its bytes are free.
+                    reusable = finished.close()
+                    if reusable is not None:
+                        downloader.recycle(reusable)
+                    del finished, reusable
                 self.stats.wait_seconds += time.perf_counter() - waited
                 for sample, result in zip(group, results, strict=True):
                     if isinstance(result, DecompressionError):
@@ -460,7 +467,7 @@ class Dataset:
                     yield sample, result
         finally:
             groups.close()
-            for _, future in inflight:
+            for _, future, _ in inflight:
                 future.cancel()
             pool.shutdown(wait=True)
             self._release(downloader)
