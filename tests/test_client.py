@@ -200,3 +200,9 @@ def test_malformed_job_json_is_a_clear_error(live_server: LiveServer) -> None:
         client = ApiClient("k", host.base_url)
         with pytest.raises(PixCrawlerError):
             client.get_json("/nope")
+
+
+def test_base_url_must_be_http_or_https() -> None:
+    for url in ("ftp://example.com", "file:///etc", "example.com"):
+        with pytest.raises(ValueError, match="http"):
+            api_root(url)

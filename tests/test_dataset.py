@@ -74,6 +74,10 @@ def test_info_sizes_and_dates_are_formatted_as_the_spec_shows() -> None:
 
     assert human_size(2_684_354_560) == "2.5 GB"
     assert human_size(512) == "512 B"
+    from pixcrawler.models import Job
+
+    empty = DatasetInfo.from_job(Job(id="job_x", name="x", status="pending"))
+    assert str(empty).splitlines()[-1] == "Labels: - (0 classes)"
     created = parse_time("2025-10-30T12:00:00Z")
     assert created is not None and created.strftime("%Y-%m-%d %H:%M:%S") == "2025-10-30 12:00:00"
 

@@ -52,7 +52,7 @@ def api_root(base_url: str) -> str:
     root = base_url.rstrip("/")
     if root.endswith(config.API_PREFIX):
         root = root[: -len(config.API_PREFIX)]
-    if not urlsplit(root).scheme:
+    if urlsplit(root).scheme not in ("http", "https"):
         raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
     return root + config.API_PREFIX
 

@@ -88,7 +88,7 @@ class DatasetInfo:
                 f"Chunks: {self.num_chunks:,}",
                 f"Size: {human_size(self.size_bytes)}",
                 f"Created: {created}",
-                f"Labels: {', '.join(self.labels)} ({len(self.labels)} {noun})",
+                f"Labels: {', '.join(self.labels) or '-'} ({len(self.labels)} {noun})",
             ]
         )
 

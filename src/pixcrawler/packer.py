@@ -301,7 +301,10 @@ def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
     # Pillow signals a bad file with many exception types (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError ...); any of them means "not a usable image".
     except Exception as exc:
-        return f"cannot be decoded by Pillow: {type(exc).__name__}: {exc}"
+        # Pillow names the in-memory file object ("<_io.BytesIO object at 0x...>"): drop
+        # the address so a report is the same from run to run.
+        reason = re.sub(r" <[^>]* at 0x[0-9a-f]+>", "", str(exc))
+        return f"cannot be decoded by Pillow: {type(exc).__name__}: {reason}"
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     return _Image(

@@ -1,0 +1,878 @@
+"""The installed ``pixcrawler`` console script, run as a subprocess against a real server.
+
+Each test runs the console script of this interpreter (``pip install -e .`` puts it next to
+``sys.executable``) with ``PYTHONPATH`` pointing at this checkout's ``src``, a private
+config dir, and no ``PIXCRAWLER_*`` variables from the caller's environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import urllib3
+
+from conftest import LiveServer, PackedStore
+from constants import (
+    EXIF_ROTATED_DISPLAY_SIZE,
+    EXIF_ROTATED_ID,
+    JOB_MIXED,
+    JOB_OTHER,
+    JOB_UNIFORM,
+    MIXED_TOTAL,
+    TEST_KEYS,
+    UNFINISHED_JOBS,
+    UNIFORM_LABELS,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
+from imagegen import make_image_folder
+from pixcrawler import load_dataset
+from pixcrawler.config import READ_BLOCK
+from pixcrawler.packer import pack, write_job
+from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# A key that would stand out anywhere it leaked.
+SECRET = "sk-live-CANARY-7f3a9c2e51d04b86"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _console_script() -> str | None:
+    beside = Path(sys.executable).parent / "pixcrawler"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("pixcrawler")
+
+
+@dataclass
+class Result:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def __str__(self) -> str:
+        return (
+            f"pixcrawler {' '.join(self.args)} -> {self.returncode}\n"
+            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+        )
+
+
+@dataclass
+class Cli:
+    """Runs the console script in ``cwd`` with a private config dir."""
+
+    script: str
+    cwd: Path
+    config_dir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIXCRAWLER_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+        env["PIXCRAWLER_CONFIG_DIR"] = str(self.config_dir)
+        env.update(self.env_extra)
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 50, **env: str) -> Result:
+        done = subprocess.run(
+            [self.script, *args],
+            cwd=self.cwd,
+            env=self.env(**env),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Result(tuple(args), done.returncode, done.stdout, done.stderr)
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [self.script, *args],
+            cwd=self.cwd,
+            env=self.env(**env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    script = _console_script()
+    if script is None:
+        pytest.fail("the pixcrawler console script is not installed: pip install -e . --no-deps")
+    work = tmp_path / "work"
+    work.mkdir()
+    return Cli(script=script, cwd=work, config_dir=tmp_path / "config")
+
+
+def api(server: LiveServer | str, key: str | None = None) -> list[str]:
+    """``--base-url`` (and ``--api-key``) arguments for a server."""
+    if isinstance(server, LiveServer):
+        return ["--base-url", server.base_url, "--api-key", key or server.api_key]
+    return ["--base-url", server] + (["--api-key", key] if key else [])
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def sdk_samples(server: LiveServer | str, job_id: str, key: str, **kwargs: object) -> list:
+    base_url = server.base_url if isinstance(server, LiveServer) else server
+    with load_dataset(job_id, api_key=key, base_url=base_url) as dataset:
+        return list(dataset.iter_samples(**kwargs))  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def image_files(root: Path) -> dict[str, bytes]:
+    """Every non-hidden file under ``root`` except ``metadata.jsonl``, by relative path."""
+    files = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        hidden = any(part.startswith(".") for part in rel.split("/"))
+        if path.is_file() and rel != "metadata.jsonl" and not hidden:
+            files[rel] = path.read_bytes()
+    return files
+
+
+# -- help, usage -------------------------------------------------------------------------------
+
+COMMANDS = ["download", "list", "info", "login", "pack", "serve", "demo"]
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_every_command_has_help_with_an_example(cli: Cli, command: str) -> None:
+    args = [command, "--help"] if command else ["--help"]
+    result = cli.run(*args, PIXCRAWLER_API_KEY=SECRET)
+    assert result.returncode == 0, result
+    assert "Usage: pixcrawler" in result.stdout
+    assert "Example" in result.stdout
+    assert "pixcrawler " + (command or "download") in result.stdout.split("Example")[1]
+    assert SECRET not in result.output
+
+
+def test_top_level_help_lists_commands_and_exit_codes(cli: Cli) -> None:
+    result = cli.run("--help")
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert "130 interrupted" in result.stdout
+    assert cli.run("--version").stdout.startswith("pixcrawler, version ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["frobnicate"],
+        ["download"],
+        ["download", JOB_UNIFORM, "--format", "parquet"],
+        ["download", JOB_UNIFORM, "--max-workers", "0"],
+        ["download", JOB_UNIFORM, "--image-size", "32"],
+        ["info", "../etc/passwd"],
+        ["list", "--base-url", "ftp://example.com"],
+        ["list", "--base-url", "example.com"],
+        ["pack", "/nonexistent-folder", "--store", "s"],
+    ],
+)
+def test_usage_errors_exit_2(cli: Cli, args: list[str]) -> None:
+    result = cli.run(*args)
+    assert result.returncode == 2, result
+    assert "Error: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_image_size_is_for_numpy_only(cli: Cli, live_server: LiveServer) -> None:
+    result = cli.run(
+        "download", JOB_UNIFORM, "--format", "zip", "--image-size", "8", "8", *api(live_server)
+    )
+    assert result.returncode == 2, result
+    assert "--image-size" in result.stderr
+
+
+# -- download: each format against the packed source ---------------------------------------
+
+
+def test_zip_download_is_the_store_chunks_byte_for_byte(cli: Cli, live_server: LiveServer) -> None:
+    result = cli.run("download", JOB_UNIFORM, "--format", "zip", "-o", "out", *api(live_server))
+    assert result.returncode == 0, result
+    assert result.stderr == ""  # no progress bar off a terminal
+    served = sorted((live_server.store / JOB_UNIFORM / "chunks").glob("*.zip"))
+    got_dir = cli.cwd / "out" / JOB_UNIFORM / "chunks"
+    assert [p.name for p in served] == sorted(p.name for p in got_dir.iterdir())
+    assert served[0].name == "00000.zip"
+    for path in served:
+        assert (got_dir / path.name).read_bytes() == path.read_bytes()
+    assert f"Downloaded {JOB_UNIFORM}: {UNIFORM_TOTAL} images in {len(served)} chunks" in (
+        result.stdout
+    )
+
+
+def test_images_download_is_byte_identical_to_the_packed_files(
+    cli: Cli, live_server: LiveServer, packed: PackedStore
+) -> None:
+    result = cli.run("download", JOB_MIXED, "--format", "images", "-o", "out", *api(live_server))
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / JOB_MIXED
+    source = image_files(packed.sources[JOB_MIXED])
+    assert image_files(root) == source  # nested labels, dup.jpg + dup.png, every format
+    records = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == MIXED_TOTAL
+    assert [r["chunk"] for r in records] == sorted(r["chunk"] for r in records)
+    for record in records:
+        data = (root / record["file"]).read_bytes()
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+        assert record["file"] == record["id"] == record["path"]
+        assert record["file"].startswith(record["label"] + "/")
+        assert set(record) >= {"id", "label", "path", "chunk", "width", "height", "metadata"}
+    rotated = next(r for r in records if r["id"] == EXIF_ROTATED_ID)
+    assert (rotated["height"], rotated["width"]) == EXIF_ROTATED_DISPLAY_SIZE
+    assert not (root / ".partial").exists()
+    assert not list(root.rglob("*.part"))
+
+
+def test_numpy_download_equals_the_sdk_iteration(cli: Cli, live_server: LiveServer) -> None:
+    result = cli.run("download", JOB_UNIFORM, "-o", "out", "--no-progress", *api(live_server))
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / JOB_UNIFORM
+    X = np.load(root / "X.npy", mmap_mode="r")
+    y = np.load(root / "y.npy")
+    labels = json.loads((root / "labels.json").read_text())
+    assert labels == list(UNIFORM_LABELS)
+    assert X.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3) and X.dtype == np.uint8
+    assert y.shape == (UNIFORM_TOTAL,) and y.dtype == np.int64
+    samples = sdk_samples(live_server, JOB_UNIFORM, live_server.api_key)
+    assert len(samples) == UNIFORM_TOTAL
+    for row, (sample, image) in enumerate(samples):
+        np.testing.assert_array_equal(X[row], image)
+        assert labels[y[row]] == sample.label
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".progress.json",
+        "X.npy",
+        "labels.json",
+        "y.npy",
+    ]
+
+
+def test_numpy_of_mixed_sizes_needs_image_size_and_writes_nothing_without_it(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    result = cli.run("download", JOB_MIXED, "-o", "out", *api(live_server))
+    assert result.returncode == 2, result
+    assert "--image-size" in result.stderr and "--format images" in result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert not list((cli.cwd / "out").rglob("X.npy*"))
+
+    result = cli.run(
+        "download", JOB_MIXED, "-o", "out", "--image-size", "24", "20", *api(live_server)
+    )
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / JOB_MIXED
+    X = np.load(root / "X.npy")
+    y = np.load(root / "y.npy")
+    labels = json.loads((root / "labels.json").read_text())
+    assert X.shape == (MIXED_TOTAL, 24, 20, 3)
+    samples = sdk_samples(live_server, JOB_MIXED, live_server.api_key, image_size=(24, 20))
+    for row, (sample, image) in enumerate(samples):
+        np.testing.assert_array_equal(X[row], image)
+        assert labels[y[row]] == sample.label
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+BIG_JOB = "job_big"
+BIG_CHUNK = 20
+BIG_TOTAL = 60
+STALL_AT = READ_BLOCK + READ_BLOCK // 4  # past the first block the downloader writes
+
+
+@dataclass(frozen=True)
+class BigJob:
+    base_url: str
+    store: Path
+    source: Path
+    chunk_sizes: list[int]
+
+
+@pytest.fixture(scope="module")
+def big_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigJob]:
+    """A job of three ~2 MB chunks (256x256 PNGs) behind its own server."""
+    from pixcrawler.server import create_app, run_in_thread
+
+    root = tmp_path_factory.mktemp("big")
+    source = make_image_folder(
+        root / "src", {"ant": 30, "bee": 30}, size=(256, 256), formats=("png",), seed=5
+    )
+    store = root / "store"
+    result = pack(source, store, job_id=BIG_JOB, chunk_size=BIG_CHUNK)
+    chunks = sorted((store / BIG_JOB / "chunks").glob("*.zip"))
+    sizes = [path.stat().st_size for path in chunks]
+    assert result.num_chunks == 3 and min(sizes) > STALL_AT + READ_BLOCK // 4, sizes
+    with run_in_thread(create_app(store, TEST_KEYS)) as base_url:
+        yield BigJob(base_url=base_url, store=store, source=source, chunk_sizes=sizes)
+
+
+def chunk_path(index: int) -> str:
+    return f"/api/v1/jobs/{BIG_JOB}/chunks/{index}"
+
+
+def job_json_bytes(proxy: FaultProxy, key: str) -> int:
+    """Bytes of the job's JSON body, as the proxy forwards it to the CLI; the proxy's
+    counters are zero on return."""
+    proxy.reset_stats()
+    response = urllib3.request(
+        "GET", f"{proxy.base_url}/api/v1/jobs/{BIG_JOB}", headers={"X-API-Key": key}
+    )
+    assert response.status == 200
+    size = len(response.data)
+    forwarded(proxy, size)  # counted by now, so the reset below does not race it
+    proxy.reset_stats()
+    return size
+
+
+def forwarded(proxy: FaultProxy, expected: int) -> int:
+    """The proxy's byte count once it has caught up with ``expected`` (or 5 s have passed):
+    it counts a response once written, which may be just after the client has it all."""
+    deadline = time.monotonic() + 5
+    while proxy.stats.bytes_forwarded < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # and nothing more arrives
+    return proxy.stats.bytes_forwarded
+
+
+def check_output(fmt: str, root: Path, big: BigJob, key: str) -> None:
+    if fmt == "zip":
+        for index, path in enumerate(sorted((big.store / BIG_JOB / "chunks").glob("*.zip"))):
+            assert (root / "chunks" / f"{index:05d}.zip").read_bytes() == path.read_bytes()
+    elif fmt == "images":
+        assert image_files(root) == image_files(big.source)
+        lines = (root / "metadata.jsonl").read_text().splitlines()
+        assert len(lines) == len({json.loads(line)["id"] for line in lines}) == BIG_TOTAL
+    else:
+        X = np.load(root / "X.npy", mmap_mode="r")
+        y = np.load(root / "y.npy")
+        labels = json.loads((root / "labels.json").read_text())
+        samples = sdk_samples(big.base_url, BIG_JOB, key)
+        assert X.shape[0] == len(samples) == BIG_TOTAL
+        for row, (sample, image) in enumerate(samples):
+            np.testing.assert_array_equal(X[row], image)
+            assert labels[y[row]] == sample.label
+    assert not list(root.rglob("*.part"))
+    assert not (root / ".partial").exists()
+
+
+def first_chunk_written(fmt: str, root: Path) -> bool:
+    if fmt == "zip":
+        return (root / "chunks" / "00000.zip").exists()
+    try:
+        state = json.loads((root / ".progress.json").read_text())[fmt]
+    except (OSError, ValueError, KeyError):
+        return False
+    return 0 in state["done"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "how"),
+    [("zip", signal.SIGKILL), ("numpy", signal.SIGINT), ("images", signal.SIGKILL)],
+)
+def test_rerun_after_a_kill_mid_chunk_transfers_only_the_rest(
+    cli: Cli, big_job: BigJob, fmt: str, how: signal.Signals
+) -> None:
+    key = next(iter(TEST_KEYS))
+    stall = Fault("stall", after_bytes=STALL_AT, seconds=60)
+    schedule = FaultSchedule.script([None, stall], match=r"/chunks/")
+    root = cli.cwd / "out" / BIG_JOB
+    part = (root / "chunks" if fmt == "zip" else root / ".partial") / "00001.zip.part"
+    with FaultProxy(big_job.base_url, schedule=schedule) as proxy:
+        args = ["download", BIG_JOB, "--format", fmt, "-o", "out", "--max-workers", "1"]
+        process = cli.start(*args, *api(proxy.base_url, key))
+        try:
+            wait_for(lambda: size_of(part) > 0, what="chunk 1 to be partly received")
+            wait_for(lambda: first_chunk_written(fmt, root), what="chunk 0 to be written")
+            process.send_signal(how)
+            _, stderr = process.communicate(timeout=20)
+        finally:
+            process.kill()
+            process.wait()
+        if how == signal.SIGINT:
+            assert process.returncode == 130, stderr
+            assert "interrupted" in stderr and "resume" in stderr
+            assert "Traceback" not in stderr
+        held = size_of(part)
+        assert 0 < held < big_job.chunk_sizes[1]
+        assert not (root / "X.npy").exists() and not (root / "metadata.jsonl").exists()
+
+        proxy.schedule = FaultSchedule.none()
+        overhead = job_json_bytes(proxy, key)
+        result = cli.run(*args, *api(proxy.base_url, key))
+        assert result.returncode == 0, result
+        stats = proxy.stats
+        assert stats.requests_by_path[chunk_path(0)] == 0
+        assert stats.requests_by_path[chunk_path(1)] == 1
+        assert stats.requests_by_path[chunk_path(2)] == 1
+        rest = big_job.chunk_sizes[1] - held + big_job.chunk_sizes[2]
+        assert forwarded(proxy, overhead + rest) == overhead + rest
+    check_output(fmt, root, big_job, key)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "numpy", "images"])
+def test_rerun_of_a_complete_download_transfers_no_chunk(
+    cli: Cli, big_job: BigJob, fmt: str
+) -> None:
+    key = next(iter(TEST_KEYS))
+    with FaultProxy(big_job.base_url) as proxy:
+        args = ["download", BIG_JOB, "--format", fmt, "-o", "out", *api(proxy.base_url, key)]
+        assert cli.run(*args).returncode == 0
+        proxy.reset_stats()
+        result = cli.run(*args)
+        assert result.returncode == 0, result
+        assert "already complete" in result.stdout
+        assert proxy.stats.requests == 1  # the job's metadata only
+    check_output(fmt, cli.cwd / "out" / BIG_JOB, big_job, key)
+
+
+def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> None:
+    key = next(iter(TEST_KEYS))
+    with FaultProxy(big_job.base_url) as proxy:
+        args = ["download", BIG_JOB, "--format", "zip", "-o", "out", *api(proxy.base_url, key)]
+        assert cli.run(*args).returncode == 0
+        victim = cli.cwd / "out" / BIG_JOB / "chunks" / "00002.zip"
+        data = bytearray(victim.read_bytes())
+        data[1000] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        proxy.reset_stats()
+        result = cli.run(*args)
+        assert result.returncode == 0, result
+        assert proxy.stats.requests_by_path[chunk_path(2)] == 1
+        assert proxy.stats.requests_by_path[chunk_path(0)] == 0
+        assert proxy.stats.requests_by_path[chunk_path(1)] == 0
+    check_output("zip", cli.cwd / "out" / BIG_JOB, big_job, key)
+
+
+def test_numpy_resumes_from_a_partial_sidecar_and_staged_part(cli: Cli, big_job: BigJob) -> None:
+    """Made by hand, not by a kill: chunk 0 written, chunk 1 half received."""
+    key = next(iter(TEST_KEYS))
+    with FaultProxy(big_job.base_url) as proxy:
+        args = ["download", BIG_JOB, "-o", "out", *api(proxy.base_url, key)]
+        assert cli.run(*args).returncode == 0
+        root = cli.cwd / "out" / BIG_JOB
+        state = json.loads((root / ".progress.json").read_text())
+        state["numpy"].update(done=[0], counts={"0": BIG_CHUNK}, complete=False)
+        (root / ".progress.json").write_text(json.dumps(state))
+        os.replace(root / "X.npy", root / "X.npy.part")
+        os.replace(root / "y.npy", root / "y.npy.part")
+        (root / "labels.json").unlink()
+        half = big_job.chunk_sizes[1] // 2
+        (root / ".partial").mkdir()
+        served = big_job.store / BIG_JOB / "chunks" / "00001.zip"
+        (root / ".partial" / "00001.zip.part").write_bytes(served.read_bytes()[:half])
+        overhead = job_json_bytes(proxy, key)
+        result = cli.run(*args)
+        assert result.returncode == 0, result
+        rest = big_job.chunk_sizes[1] - half + big_job.chunk_sizes[2]
+        assert forwarded(proxy, overhead + rest) == overhead + rest
+        assert proxy.stats.requests_by_path[chunk_path(0)] == 0
+    check_output("numpy", root, big_job, key)
+
+
+def test_a_changed_image_size_starts_the_numpy_download_over(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    args = ["download", JOB_UNIFORM, "-o", "out", *api(live_server)]
+    assert cli.run(*args, "--image-size", "8", "8").returncode == 0
+    result = cli.run(*args, "--image-size", "16", "12")
+    assert result.returncode == 0, result
+    assert "already complete" not in result.stdout
+    assert np.load(cli.cwd / "out" / JOB_UNIFORM / "X.npy").shape == (UNIFORM_TOTAL, 16, 12, 3)
+
+
+# -- progress bar ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_progress_bar_only_on_a_terminal(
+    cli: Cli, live_server: LiveServer, no_progress: bool
+) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    args = ["download", JOB_UNIFORM, "-o", "out", *api(live_server)]
+    if no_progress:
+        args.append("--no-progress")
+    process = subprocess.Popen(
+        [cli.script, *args],
+        cwd=cli.cwd,
+        env=cli.env(),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        process.wait(timeout=30)
+        os.close(leader)
+    output = b"".join(chunks).decode("utf-8", "replace")
+    assert process.returncode == 0, output
+    assert "Downloaded" in output
+    has_bar = "img/s" in output and "B/s" in output and "100%" in output
+    assert has_bar != no_progress, output
+
+
+# -- info and list ---------------------------------------------------------------------------
+
+
+def test_info_prints_the_spec_layout(cli: Cli, live_server: LiveServer) -> None:
+    job = json.loads((live_server.store / JOB_UNIFORM / "job.json").read_text())
+    created = job["created_at"].replace("T", " ").removesuffix("Z")
+    result = cli.run("info", JOB_UNIFORM, *api(live_server))
+    assert result.returncode == 0, result
+    size = job["size_bytes"]
+    assert 1024 <= size < 1024**2
+    expected = (
+        f"Dataset: {JOB_UNIFORM}\n"
+        "Status: completed\n"
+        f"Images: {UNIFORM_TOTAL}\n"
+        f"Chunks: {len(job['chunks'])}\n"
+        f"Size: {size / 1024:.1f} KB\n"
+        f"Created: {created}\n"
+        "Labels: bird, cat, dog (3 classes)\n"
+    )
+    assert result.stdout == expected
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(("job_id", "status", "progress"), UNFINISHED_JOBS)
+def test_info_of_an_unfinished_job_shows_its_progress(
+    cli: Cli, live_server: LiveServer, job_id: str, status: str, progress: float
+) -> None:
+    result = cli.run("info", job_id, *api(live_server))
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Dataset: {job_id}"
+    assert lines[1] == f"Status: {status} ({progress:g}%)"
+    assert [line.split(":")[0] for line in lines] == [
+        "Dataset",
+        "Status",
+        "Images",
+        "Chunks",
+        "Size",
+        "Created",
+        "Labels",
+    ]
+
+
+def test_list_shows_a_table_of_my_jobs(cli: Cli, live_server: LiveServer) -> None:
+    result = cli.run("list", *api(live_server))
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "STATUS", "IMAGES", "SIZE", "CREATED"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {JOB_UNIFORM, JOB_MIXED, *(j for j, _, _ in UNFINISHED_JOBS)}
+    assert JOB_OTHER not in result.stdout
+    uniform = json.loads((live_server.store / JOB_UNIFORM / "job.json").read_text())
+    assert re.search(
+        rf"^{JOB_UNIFORM}\s+uniform\s+completed\s+{UNIFORM_TOTAL}\s+"
+        rf"{uniform['size_bytes'] / 1024:.1f} KB\s+\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d$",
+        rows[JOB_UNIFORM],
+    ), rows[JOB_UNIFORM]
+    assert "running (42.5%)" in rows["job_running"]
+    header = lines[0]
+    for line in lines[1:]:  # columns line up: every CREATED value starts under its header
+        assert line.index(re.findall(r"\d{4}-\d\d-\d\d", line)[0]) == header.index("CREATED")
+
+
+def test_list_reads_every_page(
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    store = tmp_path / "many"
+    for n in range(57):  # more than one page of 50
+        write_job(store, f"job_{n:03d}", status="pending", progress=0)
+    base_url = server_factory(store)
+    result = cli.run("list", *api(base_url, next(iter(TEST_KEYS))))
+    assert result.returncode == 0, result
+    ids = {line.split()[0] for line in result.stdout.splitlines()[1:]}
+    assert ids == {f"job_{n:03d}" for n in range(57)}
+
+
+def test_list_of_nothing_says_so(
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    base_url = server_factory(tmp_path / "empty")
+    result = cli.run("list", *api(base_url, next(iter(TEST_KEYS))))
+    assert (result.returncode, result.stdout) == (0, "No datasets.\n")
+
+
+# -- exit codes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["list"], ["info", JOB_UNIFORM], ["download", JOB_UNIFORM]])
+def test_a_rejected_key_exits_3(cli: Cli, live_server: LiveServer, command: list[str]) -> None:
+    result = cli.run(*command, *api(live_server, SECRET))
+    assert result.returncode == 3, result
+    assert result.stderr.startswith("Error: ") and "rejected" in result.stderr
+    assert SECRET not in result.output
+
+
+def test_no_key_anywhere_exits_3_and_says_how_to_give_one(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    result = cli.run("list", "--base-url", live_server.base_url)
+    assert result.returncode == 3, result
+    assert "pixcrawler login" in result.stderr and "PIXCRAWLER_API_KEY" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["info", "download"])
+@pytest.mark.parametrize("job_id", ["job_nope", JOB_OTHER])
+def test_an_unknown_job_exits_4(
+    cli: Cli, live_server: LiveServer, command: str, job_id: str
+) -> None:
+    result = cli.run(command, job_id, *api(live_server))
+    assert result.returncode == 4, result
+    assert job_id in result.stderr
+    assert not (cli.cwd / "datasets").exists()
+
+
+@pytest.mark.parametrize(("job_id", "status", "progress"), UNFINISHED_JOBS)
+def test_downloading_an_unfinished_job_exits_5_with_status_and_progress(
+    cli: Cli, live_server: LiveServer, job_id: str, status: str, progress: float
+) -> None:
+    result = cli.run("download", job_id, *api(live_server))
+    assert result.returncode == 5, result
+    message = result.stderr
+    assert message.startswith("Error: ") and message.count("\n") == 1
+    assert status in message and f"{progress:g}%" in message
+    assert not (cli.cwd / "datasets").exists()
+
+
+def test_nothing_listening_exits_6(cli: Cli) -> None:
+    result = cli.run("list", *api(f"http://127.0.0.1:{free_port()}", SECRET))
+    assert result.returncode == 6, result
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert SECRET not in result.output
+
+
+def test_a_chunk_corrupt_twice_exits_7(cli: Cli, live_server: LiveServer) -> None:
+    corrupt = Fault("corrupt", offset=100)
+    schedule = FaultSchedule.script([corrupt, corrupt], match=r"/chunks/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        args = ["download", JOB_UNIFORM, "--format", "zip", "--max-workers", "1"]
+        result = cli.run(*args, *api(proxy.base_url, live_server.api_key))
+    assert result.returncode == 7, result
+    assert "corrupt" in result.stderr.splitlines()[-1]
+    assert not (cli.cwd / "datasets" / JOB_UNIFORM / "chunks" / "00000.zip").exists()
+
+
+@pytest.fixture
+def bad_archive_server(tmp_path: Path, server_factory: Callable[..., str]) -> str:
+    """A completed job whose only chunk is not a zip (with the right sha256)."""
+    store = tmp_path / "bad"
+    data = b"this is not a zip archive" * 10
+    (store / "job_bad" / "chunks").mkdir(parents=True)
+    (store / "job_bad" / "chunks" / "00000.zip").write_bytes(data)
+    job = {
+        "id": "job_bad", "name": "bad", "status": "completed", "progress": 100,
+        "created_at": "2025-10-30T12:00:00Z", "total_images": 1, "chunk_size": 1,
+        "size_bytes": len(data), "labels": ["x"], "image_size": [8, 8], "owner": "default",
+        "chunks": [{"index": 0, "size_bytes": len(data), "image_count": 1,
+                    "sha256": hashlib.sha256(data).hexdigest()}],
+    }  # fmt: skip
+    (store / "job_bad" / "job.json").write_text(json.dumps(job))
+    return server_factory(store)
+
+
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+def test_a_malformed_archive_exits_8(cli: Cli, bad_archive_server: str, fmt: str) -> None:
+    key = next(iter(TEST_KEYS))
+    result = cli.run("download", "job_bad", "--format", fmt, *api(bad_archive_server, key))
+    assert result.returncode == 8, result
+    assert "not a valid zip" in result.stderr
+    assert not list((cli.cwd / "datasets").rglob("X.npy")) + list(
+        (cli.cwd / "datasets").rglob("metadata.jsonl")
+    )
+
+
+def test_debug_adds_a_traceback(cli: Cli, live_server: LiveServer) -> None:
+    plain = cli.run("info", "job_nope", *api(live_server))
+    debug = cli.run("--debug", "info", "job_nope", *api(live_server))
+    assert plain.returncode == debug.returncode == 4
+    assert "Traceback" not in plain.stderr and plain.stderr.count("\n") == 1
+    assert "Traceback" in debug.stderr and "NotFoundError" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.strip()
+
+
+# -- the key -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_server(packed: PackedStore, server_factory: Callable[..., str]) -> str:
+    """The shared store behind a server whose key is :data:`SECRET`."""
+    return server_factory(packed.store, keys={SECRET: "default"})
+
+
+def test_the_key_is_never_printed(cli: Cli, secret_server: str, live_server: LiveServer) -> None:
+    url = ["--base-url", secret_server]
+    runs = [
+        cli.run("login", "--api-key", SECRET),
+        cli.run("--debug", "list", *url),
+        cli.run("--debug", "info", JOB_UNIFORM, *url),
+        cli.run("--debug", "info", "job_nope", *url),
+        cli.run("--debug", "download", "job_running", *url),
+        cli.run("--debug", "download", JOB_UNIFORM, "--format", "zip", *url),
+        cli.run("--debug", "download", JOB_MIXED, *url),  # exit 2: needs --image-size
+        cli.run("--debug", "list", "--base-url", live_server.base_url),  # rejected
+        cli.run("--debug", "list", "--api-key", SECRET, "--base-url", live_server.base_url),
+        cli.run("--debug", "list", "--base-url", f"http://127.0.0.1:{free_port()}"),
+        cli.run("--debug", "list", *url, PIXCRAWLER_API_KEY=SECRET),
+        cli.run("download", "--help", PIXCRAWLER_API_KEY=SECRET),
+        cli.run("login", "--help"),
+    ]
+    codes = [r.returncode for r in runs]
+    assert codes == [0, 0, 0, 4, 5, 0, 2, 3, 3, 6, 0, 0, 0], "\n".join(map(str, runs))
+    for result in runs:
+        assert SECRET not in result.output, result
+        assert "***" not in result.output, result  # not even redacted: never formatted in
+    assert SECRET in (cli.config_dir / "credentials.json").read_text()
+
+
+def test_login_writes_a_private_file_that_later_commands_use(cli: Cli, secret_server: str) -> None:
+    assert cli.run("info", JOB_UNIFORM, "--base-url", secret_server).returncode == 3
+    result = cli.run("login", input=SECRET + "\n")  # stdin is not a terminal: read a line
+    assert result.returncode == 0, result
+    path = cli.config_dir / "credentials.json"
+    assert str(path) in result.stdout
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert SECRET not in result.output
+    info = cli.run("info", JOB_UNIFORM, "--base-url", secret_server)
+    assert info.returncode == 0, info
+    assert info.stdout.startswith(f"Dataset: {JOB_UNIFORM}\n")
+    # The environment still wins over the saved key, and login says so.
+    result = cli.run("login", "--api-key", SECRET, PIXCRAWLER_API_KEY="another-key")
+    assert "takes precedence" in result.stderr
+    assert cli.run("login", input="\n").returncode == 2
+
+
+# -- pack, serve -----------------------------------------------------------------------------
+
+
+def test_pack_reports_the_job_and_every_skipped_file(cli: Cli, tmp_path: Path) -> None:
+    src = make_image_folder(tmp_path / "crawl", {"cat": 3, "dog": 2}, formats=("jpg", "png"))
+    (src / "notes.txt").write_text("not an image")
+    (src / "loose.jpg").write_bytes((src / "cat" / "0000.jpg").read_bytes())
+    (src / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    store = tmp_path / "store"
+    args = ["pack", str(src), "--store", str(store), "--job-id", "job_cli", "--chunk-size", "2"]
+    result = cli.run(*args, "--name", "my crawl")
+    assert result.returncode == 0, result
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("Packed job_cli: 5 images, 2 labels, 3 chunks (")
+    assert "Skipped 3 files:" in result.stdout
+    for path in ("notes.txt", "loose.jpg", "dog/broken.jpg"):
+        assert re.search(rf"^  {re.escape(path)}: \S", result.stdout, re.MULTILINE), path
+    job = json.loads((store / "job_cli" / "job.json").read_text())
+    assert (job["name"], job["total_images"], len(job["chunks"])) == ("my crawl", 5, 3)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli.run("pack", str(empty), "--store", str(store))
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("Error: no valid image")
+
+
+@pytest.mark.timeout(60)
+def test_serve_creates_and_announces_a_key_once_then_serves(
+    cli: Cli, tmp_path: Path, packed: PackedStore
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(packed.store / JOB_UNIFORM, store / JOB_UNIFORM)
+    port = free_port()
+    process = cli.start("serve", "--store", str(store), "--port", str(port))
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        match = re.match(r"Created API key for owner 'default': (\S+)$", first.strip())
+        assert match, first
+        key = match.group(1)
+        base_url = f"http://127.0.0.1:{port}"
+
+        def listening() -> bool:
+            try:
+                return urllib3.request("GET", base_url + "/health", retries=False).status == 200
+            except urllib3.exceptions.HTTPError:
+                return False
+
+        wait_for(listening, what="the server to listen")
+        result = cli.run("list", *api(base_url, key))
+        assert result.returncode == 0, result
+        assert JOB_UNIFORM in result.stdout and key not in result.output
+        assert stat.S_IMODE((store / "keys.json").stat().st_mode) == 0o600
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=15)
+        finally:
+            process.kill()
+    # A second start finds the key and does not print it again.
+    process = cli.start("serve", "--store", str(store), "--port", str(free_port()))
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("Serving ")
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            out, _ = process.communicate(timeout=15)
+        finally:
+            process.kill()
+    assert key not in out
