@@ -408,6 +408,7 @@ def first_chunk_written(fmt: str, root: Path) -> bool:
     return 0 in state["done"]
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("fmt", "how"),
     [("zip", signal.SIGKILL), ("numpy", signal.SIGINT), ("images", signal.SIGKILL)],
@@ -427,7 +428,7 @@ def test_rerun_after_a_kill_mid_chunk_transfers_only_the_rest(
             wait_for(lambda: size_of(part) > 0, what="chunk 1 to be partly received")
             wait_for(lambda: first_chunk_written(fmt, root), what="chunk 0 to be written")
             process.send_signal(how)
-            _, stderr = process.communicate(timeout=20)
+            _, stderr = process.communicate(timeout=45)
         finally:
             process.kill()
             process.wait()
@@ -831,7 +832,7 @@ def test_pack_reports_the_job_and_every_skipped_file(cli: Cli, tmp_path: Path) -
     assert result.stderr.startswith("Error: no valid image")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_serve_creates_and_announces_a_key_once_then_serves(
     cli: Cli, tmp_path: Path, packed: PackedStore
 ) -> None:

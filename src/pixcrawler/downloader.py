@@ -509,7 +509,10 @@ class ChunkDownloader:
         for response in responses:
             shutdown = getattr(response, "shutdown", None)
             if shutdown is not None:
-                with contextlib.suppress(OSError):
+                # The transfer may finish meanwhile: urllib3 then refuses with RuntimeError
+                # (connection back in the pool) or ValueError (response closed). Escaping
+                # here would skip the caller's cleanup and leave its threads running.
+                with contextlib.suppress(OSError, RuntimeError, ValueError):
                     shutdown()
 
 
