@@ -223,3 +223,40 @@ def test_every_image_exactly_once_under_a_random_fault_mix(
             assert digest(dataset) == clean_digest
         assert proxy.stats.faults_injected > 0
     assert clean_digest[0] == UNIFORM_TOTAL
+
+
+def test_buffer_pool_reuses_one_allocation_across_chunk_sizes() -> None:
+    from pixcrawler.downloader import BufferPool
+
+    pool = BufferPool(capacity=1000)
+    first = pool.take(900)
+    assert len(first) == 900
+    pool.give(first)
+    again = pool.take(1000)  # grows back within the allocation: same object
+    assert again is first and len(again) == 1000
+    pool.give(again)
+    view = memoryview(again)  # someone still reads it: it must not be resized
+    other = pool.take(700)
+    assert other is not again and len(again) == 1000 and len(other) == 700
+    view.release()
+    assert len(pool.take(2000)) == 2000  # larger than any listed chunk: its own buffer
+
+
+def test_iterating_recycles_chunk_buffers(live_server: LiveServer) -> None:
+    from pixcrawler.downloader import BufferPool
+
+    taken: list[int] = []
+    original = BufferPool.take
+
+    def counting(self: BufferPool, size: int) -> bytearray:
+        buffer = original(self, size)
+        taken.append(id(buffer))
+        return buffer
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, prefetch=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BufferPool, "take", counting)
+        for _ in range(3):
+            list(dataset)
+    assert len(taken) == 3 * dataset.num_chunks
+    assert len(set(taken)) < len(taken)  # buffers came back and were used again

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -69,36 +70,51 @@ class _Sink(Protocol):
 class BufferPool:
     """Chunk buffers handed back by a consumer, reused for later chunks.
 
-    Fresh memory is expensive on a VM (a new 20 MB buffer faults in at well under 1 GB/s);
-    a recycled one is already mapped. A buffer is resized in place to the next chunk's size
-    (CPython keeps the allocation when a bytearray shrinks by less than half, or grows
-    within it); one still viewed by anyone cannot be resized and is simply dropped.
+    Fresh memory is expensive on a VM (a new 20 MB buffer faults in at well under 1 GB/s),
+    and a process that frees and allocates 20 MB buffers by turns fragments glibc's heap
+    until its RSS grows with every chunk. So every buffer is allocated once at the job's
+    largest chunk size and resized in place to each chunk (CPython keeps a bytearray's
+    allocation when it shrinks by less than half and when it grows within it). At most
+    ``keep`` free buffers wait here; a buffer still viewed by anyone cannot be resized and
+    is simply dropped.
     """
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, capacity: int, keep: int = 2) -> None:
+        self.capacity = capacity
         self._keep = keep
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
 
     def take(self, size: int) -> bytearray:
+        if size > self.capacity:
+            return bytearray(size)
         with self._lock:
-            fits = [b for b in self._free if size <= len(b) < 2 * size]
-            buffer = min(fits, key=len) if fits else None
-            if buffer is not None:
-                self._free.remove(buffer)
-        if buffer is not None:
+            buffer = self._free.pop() if self._free else None
+        if buffer is not None and _allocated(buffer) >= size:
             try:
                 if len(buffer) > size:
                     del buffer[size:]
+                elif len(buffer) < size:
+                    buffer.extend(bytes(size - len(buffer)))
                 return buffer
             except BufferError:
                 pass
-        return bytearray(size)
+        buffer = bytearray(self.capacity)
+        del buffer[size:]  # keeps the allocation whenever size >= capacity / 2
+        return buffer
 
     def give(self, buffer: bytearray) -> None:
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(buffer)
+
+
+_BYTEARRAY_OVERHEAD = sys.getsizeof(bytearray())
+
+
+def _allocated(buffer: bytearray) -> int:
+    """Bytes a bytearray can hold without reallocating (getsizeof reports its allocation)."""
+    return sys.getsizeof(buffer) - _BYTEARRAY_OVERHEAD
 
 
 class _MemorySink:
@@ -186,7 +202,7 @@ class ChunkDownloader:
         self._active: dict[threading.Event, set[urllib3.BaseHTTPResponse]] = {}
         self._closed = threading.Event()
         self._part_pool: ThreadPoolExecutor | None = None
-        self._buffers = BufferPool(keep=prefetch + 2)
+        self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
 
     # -- public ----------------------------------------------------------------------------
 
