@@ -49,5 +49,8 @@ DEFAULT_OWNER = "default"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 JOB_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 
-# The map-style torch cache.
+# The map-style torch cache and the streaming dataset.
+DEFAULT_SHUFFLE_BUFFER = 500  # decoded images a streaming worker holds to shuffle across chunks
 DEFAULT_MEMORY_CACHE_BYTES = 1 << 30
+CACHE_SUBDIR = "chunks"  # <cache root>/chunks/<job id>/<index>-<sha256>.zip
+STALE_TEMP_SECONDS = 24 * 3600  # a temp file this old was left by a process that died

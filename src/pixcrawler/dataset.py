@@ -415,7 +415,8 @@ class Dataset:
             self._downloaders.add(downloader)
         return downloader
 
-    def _release(self, downloader: ChunkDownloader) -> None:
+    def release_downloader(self, downloader: ChunkDownloader) -> None:
+        """Close a downloader from :meth:`downloader` and forget it."""
         downloader.close()
         with self._lock:
             self._downloaders.discard(downloader)
@@ -470,7 +471,7 @@ class Dataset:
             for _, future, _ in inflight:
                 future.cancel()
             pool.shutdown(wait=True)
-            self._release(downloader)
+            self.release_downloader(downloader)
 
     def _groups(
         self, downloader: ChunkDownloader, chunks: list[int] | None

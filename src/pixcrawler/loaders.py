@@ -1,16 +1,55 @@
-"""Bridges to ML frameworks; each framework is imported only when its bridge is used."""
+"""Bridges to ML frameworks; each framework is imported only when its bridge is used.
+
+- :func:`to_torch` gives a *map-style* ``torch.utils.data.Dataset`` (random access, served
+  from a :class:`~pixcrawler.cache.ChunkStore`: memory LRU over a verified disk cache), or with
+  ``streaming=True`` an ``IterableDataset`` that streams chunks, sharded across
+  ``torch.distributed`` ranks and DataLoader workers with equal counts per rank.
+- :func:`to_tensorflow` gives a ``tf.data.Dataset`` with an explicit ``output_signature``.
+
+Both yield ``(image, label_id)``: a uint8 HWC numpy array (a tensor for TensorFlow) and the
+label's position in ``dataset.labels``. Nothing live (connections, thread pools, caches) is
+pickled into a DataLoader worker: each process opens its own on first use, and notices a
+``fork`` by its process id.
+"""
 
 from __future__ import annotations
 
+import bisect
+import copy
+import functools
 import importlib
+import logging
+import math
+import operator
+import os
+import threading
+import types
+import warnings
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import MissingDependencyError
+import numpy as np
+
+from . import config
+from .archive import ChunkArchive, Sample
+from .cache import CacheDir, ChunkStore
+from .decode import ImageDecoder, validate_image_size
+from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from .dataset import Dataset
+    from .downloader import ChunkDownloader
+
+log = logging.getLogger("pixcrawler")
+
+ImageSize = tuple[int, int]
+Transform = Callable[[Any], Any]
+
+_SEQUENCE_STREAM = 1  # SeedSequence words that keep the chunk order and the buffer apart
+_BUFFER_STREAM = 2
 
 
 def require(module: str, extra: str) -> Any:
@@ -23,13 +62,744 @@ def require(module: str, extra: str) -> Any:
         ) from exc
 
 
+# -- PyTorch ---------------------------------------------------------------------------------
+
+
 def to_torch(
-    dataset: Dataset, transform: Callable[[Any], Any] | None = None, **options: Any
+    dataset: Dataset,
+    transform: Transform | None = None,
+    *,
+    streaming: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    drop_last: bool = False,
+    image_size: ImageSize | None = None,
+    cache_dir: CacheDir = None,
+    memory_budget: int | None = None,
+    shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
 ) -> Any:
+    """A PyTorch dataset of ``(image, label_id)``; see :meth:`Dataset.to_torch`.
+
+    Map-style (default): ``len()`` images, ``ds[i]`` in any order, served from a chunk store
+    (``memory_budget`` bytes of chunks in memory per process, every chunk downloaded once
+    into ``cache_dir``; ``cache_dir=False`` keeps memory only). Shuffle and shard it the
+    usual way: ``DataLoader(shuffle=True)``, ``DistributedSampler``, ``random_split``.
+
+    ``streaming=True``: an ``IterableDataset`` that downloads each chunk once per epoch and
+    keeps nothing; ``shuffle``/``seed``/``set_epoch`` order it, ``rank``/``world_size``
+    (default: ``torch.distributed``'s) and the DataLoader's workers split it, every rank
+    yielding ``ceil(N / world_size)`` samples (``floor`` with ``drop_last=True``).
+    """
     require("torch", "torch")
-    raise NotImplementedError("to_torch is not available yet")
+    if streaming:
+        if cache_dir is not None or memory_budget is not None:
+            raise ValueError(
+                "cache_dir and memory_budget apply to the map-style dataset; "
+                "streaming=True reads each chunk once per epoch and caches nothing"
+            )
+        return _torch_class("streaming")(
+            dataset,
+            transform,
+            image_size=image_size,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+            shuffle_buffer=shuffle_buffer,
+        )
+    streaming_only = {
+        "shuffle": shuffle,
+        "rank": rank is not None,
+        "world_size": world_size is not None,
+        "drop_last": drop_last,
+        "seed": seed != 0,
+        "shuffle_buffer": shuffle_buffer != config.DEFAULT_SHUFFLE_BUFFER,
+    }
+    given = [name for name, used in streaming_only.items() if used]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to streaming=True only; a map-style dataset is shuffled "
+            "and sharded by its DataLoader: DataLoader(ds, shuffle=True) or "
+            "DataLoader(ds, sampler=DistributedSampler(ds))"
+        )
+    return _torch_class("map")(
+        dataset,
+        transform,
+        image_size=image_size,
+        cache_dir=cache_dir,
+        memory_budget=memory_budget,
+    )
 
 
-def to_tensorflow(dataset: Dataset, **options: Any) -> Any:
-    require("tensorflow", "tensorflow")
-    raise NotImplementedError("to_tensorflow is not available yet")
+@dataclass
+class _Local:
+    """What one process opens for itself: never pickled, never inherited across fork."""
+
+    handle: Dataset
+    decoder: ImageDecoder
+    store: ChunkStore | None = None
+    downloader: ChunkDownloader | None = None
+    pool: ThreadPoolExecutor | None = None
+    fetch_pool: ThreadPoolExecutor | None = None
+    bad: set[int] = field(default_factory=set)
+
+    def close(self) -> None:
+        for pool in (self.pool, self.fetch_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if self.downloader is not None:
+            self.handle.release_downloader(self.downloader)
+        if self.store is not None:
+            self.store.clear_memory()
+
+
+class _TorchBridge:
+    """What both torch datasets share: the job, label ids, decoding, per-process state."""
+
+    _kind = ""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Transform | None,
+        *,
+        image_size: ImageSize | None,
+    ) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.image_size = (
+            validate_image_size(image_size) if image_size is not None else dataset.image_size
+        )
+        self.labels: tuple[str, ...] = dataset.labels
+        self._label_ids = {name: i for i, name in enumerate(self.labels)}
+        self._counts = _chunk_counts(dataset)
+        self._owner_pid = os.getpid()
+        self._local: _Local | None = None
+        self._local_pid: int | None = None
+        self._local_lock = threading.Lock()
+        self._lock_pid = self._owner_pid
+
+    @property
+    def classes(self) -> list[str]:
+        """Label names by id, as torchvision's ``ImageFolder.classes``."""
+        return list(self.labels)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        """Label name → id, as torchvision's ``ImageFolder.class_to_idx``."""
+        return dict(self._label_ids)
+
+    def close(self) -> None:
+        """Release this process's downloads, decode threads and cached chunks."""
+        with self._local_lock:
+            local, self._local = self._local, None
+            pid, self._local_pid = self._local_pid, None
+        if local is not None and pid == os.getpid():
+            local.close()
+
+    # -- per process -------------------------------------------------------------------
+
+    def _process(self) -> _Local:
+        pid = os.getpid()
+        local = self._local
+        if local is not None and self._local_pid == pid:
+            return local
+        if self._lock_pid != pid:  # a lock held by another thread at fork stays held
+            self._local_lock = threading.Lock()
+            self._lock_pid = pid
+        with self._local_lock:
+            if self._local is None or self._local_pid != pid:
+                # After a fork the parent's state (sockets, threads, locks) is unusable here:
+                # drop it unclosed and open our own. The user's dataset object is used only in
+                # the process that created this one, so its stats stay visible there.
+                handle = self.dataset if pid == self._owner_pid else copy.copy(self.dataset)
+                self._local = self._open(handle)
+                self._local_pid = pid
+            return self._local
+
+    def _open(self, handle: Dataset) -> _Local:
+        return _Local(handle, ImageDecoder(handle.mode, self.image_size))
+
+    def _label_id(self, sample: Sample) -> int:
+        try:
+            return self._label_ids[sample.label]
+        except KeyError:
+            raise PixCrawlerError(
+                f"image {sample.id!r} has label {sample.label!r}, which the job does not list "
+                f"in its labels {list(self.labels)}"
+            ) from None
+
+    def _output(self, image: np.ndarray, sample: Sample) -> tuple[Any, int]:
+        label = self._label_id(sample)
+        return (self.transform(image) if self.transform is not None else image), label
+
+    # -- pickling: state only; the class is rebuilt where torch is importable ----------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_local=None, _local_pid=None, _local_lock=None, _lock_pid=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local_lock = threading.Lock()
+        self._lock_pid = os.getpid()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._kind, self.__getstate__()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(job={self.dataset.job.id!r}, images={len(self)})"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class _MapStyle(_TorchBridge):
+    """Map-style torch dataset: ``ds[i]`` → ``(image, label_id)`` in any order.
+
+    ``image`` is a uint8 ``(H, W, C)`` numpy array, or what ``transform`` makes of it; with
+    no transform the default collate stacks a batch into a uint8 ``(B, H, W, C)`` tensor.
+    Chunks come from a per-process :class:`~pixcrawler.cache.ChunkStore`. With
+    ``on_error="skip"`` (or ``"warn"``) an image that cannot be decoded is served by the next
+    index that can (wrapping around), so ``len()`` never changes.
+    """
+
+    _kind = "map"
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Transform | None,
+        *,
+        image_size: ImageSize | None,
+        cache_dir: CacheDir,
+        memory_budget: int | None,
+    ) -> None:
+        super().__init__(dataset, transform, image_size=image_size)
+        if memory_budget is not None and memory_budget < 0:
+            raise ValueError(f"memory_budget must be >= 0 bytes, got {memory_budget}")
+        self.cache_dir = cache_dir
+        self.memory_budget = memory_budget
+        self._chunk_ids = sorted(self._counts)
+        self._starts: list[int] = []
+        total = 0
+        for index in self._chunk_ids:
+            self._starts.append(total)
+            total += self._counts[index]
+        self._total = total
+        self._chunk_bytes = {c.index: c.size_bytes for c in dataset.job.chunks}
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, (list, tuple)):
+            return self.__getitems__(list(index))
+        position = self._position(index)
+        local = self._process()
+        image, sample = self._load(local, position)
+        return self._output(image, sample)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """A batch, as ``DataLoader`` asks for it: decoded on the dataset's decode threads
+        in the main process; one by one in a DataLoader worker (the workers are the
+        parallelism there)."""
+        positions = [self._position(i) for i in indices]
+        local = self._process()
+        self._fetch_missing(local, positions)
+        worker = _worker_info()
+        if worker is not None or len(positions) < 2 or local.handle.decode_threads < 2:
+            return [self._output(*self._load(local, p)) for p in positions]
+        pool = self._pool(local)
+        futures = [pool.submit(self._load, local, p) for p in positions]
+        return [self._output(*future.result()) for future in futures]
+
+    @property
+    def store(self) -> ChunkStore:
+        """This process's chunk store (opened on first use)."""
+        store = self._process().store
+        if store is None:  # pragma: no cover - _open always sets it
+            raise PixCrawlerError("the chunk store is not open")
+        return store
+
+    def _position(self, index: Any) -> int:
+        position = operator.index(index)
+        if position < 0:
+            position += self._total
+        if not 0 <= position < self._total:
+            raise IndexError(f"index {index} is out of range for {self._total} images")
+        return position
+
+    def _open(self, handle: Dataset) -> _Local:
+        local = super()._open(handle)
+        # A window as wide as the transfer threads: a chunk fetched alone is not split into
+        # ranges, so concurrent fetches of a batch's chunks stay within the connection pool.
+        downloader = handle.downloader(prefetch=handle.settings.max_workers)
+        local.downloader = downloader
+        local.store = ChunkStore(
+            handle.job.chunks,
+            downloader.fetch,
+            job_id=handle.job.id,
+            memory_budget=self.memory_budget,
+            cache_dir=self.cache_dir,
+            origin=f"{handle.settings.base_url}|{handle.job.id}|v{handle.job.version}",
+        )
+        return local
+
+    def _fetch_missing(self, local: _Local, positions: Sequence[int]) -> None:
+        """Bring the chunks a batch needs into the store concurrently, not one by one: a
+        shuffled batch touches many chunks, and the first epoch would otherwise wait on
+        each download in turn. As many as the memory budget holds."""
+        store = local.store
+        if store is None:  # pragma: no cover - _open always sets it
+            return
+        missing: list[int] = []
+        room = store.memory_budget
+        for index in sorted({self._locate(p)[0] for p in positions}):
+            if store.in_memory(index):
+                continue
+            room -= self._chunk_bytes.get(index) or 0
+            if missing and room < 0:
+                break
+            missing.append(index)
+        if len(missing) < 2:
+            return
+        with self._local_lock:
+            if local.fetch_pool is None:
+                local.fetch_pool = ThreadPoolExecutor(
+                    local.handle.settings.max_workers, thread_name_prefix="pixcrawler-fetch"
+                )
+            pool = local.fetch_pool
+        for _ in pool.map(store.archive, missing):
+            pass
+
+    def _pool(self, local: _Local) -> ThreadPoolExecutor:
+        with self._local_lock:
+            if local.pool is None:
+                local.pool = ThreadPoolExecutor(
+                    local.handle.decode_threads, thread_name_prefix="pixcrawler-torch"
+                )
+            return local.pool
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        slot = bisect.bisect_right(self._starts, position) - 1
+        return self._chunk_ids[slot], position - self._starts[slot]
+
+    def _load(self, local: _Local, position: int) -> tuple[np.ndarray, Sample]:
+        """The image at ``position``, or (skip/warn) at the next position that decodes."""
+        store = local.store
+        if store is None:  # pragma: no cover - _open always sets it
+            raise PixCrawlerError("the chunk store is not open")
+        for step in range(self._total):
+            current = (position + step) % self._total
+            if current in local.bad:
+                continue
+            chunk, offset = self._locate(current)
+            archive = store.archive(chunk)
+            if len(archive.samples) != self._counts[chunk]:
+                raise _count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
+            sample = archive.samples[offset]
+            result = _decode(archive, sample, local.decoder)
+            if isinstance(result, np.ndarray):
+                local.handle.stats.images += 1
+                return result, sample
+            local.bad.add(current)
+            _on_bad_sample(local.handle, sample, result)
+        raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
+
+
+class _Streaming(_TorchBridge):
+    """Iterable torch dataset: chunks streamed once per epoch, split across ranks and workers.
+
+    The epoch's sample sequence is the chunks in order (with ``shuffle``: a permutation of
+    the chunks and of each chunk's images, a pure function of ``(seed, epoch)``). Rank ``r``
+    takes the ``r``-th contiguous slice of it, so it downloads mostly its own chunks, and each
+    DataLoader worker a contiguous part of that. Every rank yields exactly ``len(self)``
+    samples (``DistributedSampler``'s rule): the sequence wraps around to pad the last rank,
+    and an image that cannot be decoded (``on_error="skip"``/``"warn"``) is replaced by the
+    next ones after the worker's slice. With ``shuffle``, each worker also mixes across
+    chunks through a buffer of ``shuffle_buffer`` decoded images.
+    """
+
+    _kind = "streaming"
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Transform | None,
+        *,
+        image_size: ImageSize | None,
+        shuffle: bool,
+        seed: int,
+        rank: int | None,
+        world_size: int | None,
+        drop_last: bool,
+        shuffle_buffer: int,
+    ) -> None:
+        super().__init__(dataset, transform, image_size=image_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.rank, self.world_size = _distributed(rank, world_size)
+        self.epoch = 0
+        self._total = sum(self._counts.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order to yield (as ``DistributedSampler.set_epoch``).
+
+        Call it before each epoch's DataLoader iteration; with ``persistent_workers=True``
+        the workers keep the epoch they started with, so leave that off when shuffling.
+        """
+        self.epoch = int(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the whole dataset (one epoch over every rank, before padding)."""
+        return self._total
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch, over all its DataLoader workers."""
+        if self.drop_last:
+            return self._total // self.world_size
+        return math.ceil(self._total / self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        worker = _worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        per_rank = len(self)
+        start = self.rank * per_rank
+        lo = start + per_rank * worker_id // workers
+        hi = start + per_rank * (worker_id + 1) // workers
+        local = self._process()
+        samples = self._samples(local, _Sequence(self, self.epoch), lo, hi)
+        if self.shuffle:
+            rng = np.random.default_rng(
+                [_seed_word(self.seed), self.epoch, _BUFFER_STREAM, self.rank, worker_id]
+            )
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        for image, sample in samples:
+            yield self._output(image, sample)
+
+    def _samples(
+        self, local: _Local, sequence: _Sequence, lo: int, hi: int
+    ) -> Iterator[tuple[np.ndarray, Sample]]:
+        """Exactly ``hi - lo`` decoded samples: positions ``[lo, hi)`` of the sequence, then as
+        many following positions (wrapping) as were skipped."""
+        handle = local.handle
+        missing = 0
+        for sample, result in _decode_segments(
+            handle, local.decoder, sequence.segments(lo, hi), self._counts
+        ):
+            if isinstance(result, np.ndarray):
+                handle.stats.images += 1
+                yield result, sample
+            else:
+                _on_bad_sample(handle, sample, result)
+                missing += 1
+        if not missing:
+            return
+        # Pad as DistributedSampler does, with what follows the slice. Errors met here are
+        # some other worker's to report (or this one's, met again): skip them quietly.
+        extra = _decode_segments(
+            handle, local.decoder, sequence.segments(hi, hi + self._total), self._counts
+        )
+        try:
+            for sample, result in extra:
+                if isinstance(result, np.ndarray):
+                    handle.stats.images += 1
+                    yield result, sample
+                    missing -= 1
+                    if not missing:
+                        return
+        finally:
+            extra.close()
+        raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
+
+
+class _Sequence:
+    """One epoch's sample order: position → (chunk, image in chunk), positions mod N."""
+
+    def __init__(self, owner: _Streaming, epoch: int) -> None:
+        counts = owner._counts
+        order = [index for index in sorted(counts) if counts[index] > 0]
+        self.shuffle = owner.shuffle
+        self.seed_words = [_seed_word(owner.seed), epoch]
+        if self.shuffle:
+            rng = np.random.default_rng([*self.seed_words, _SEQUENCE_STREAM])
+            order = [order[i] for i in rng.permutation(len(order))]
+        self.order = order
+        self.counts = [counts[index] for index in order]
+        self.starts = [0]
+        for count in self.counts:
+            self.starts.append(self.starts[-1] + count)
+        self.total = self.starts[-1]
+
+    def offsets(self, slot: int, lo: int, hi: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(lo, hi))
+        rng = np.random.default_rng([*self.seed_words, _SEQUENCE_STREAM, self.order[slot]])
+        return [int(i) for i in rng.permutation(self.counts[slot])[lo:hi]]
+
+    def segments(self, lo: int, hi: int) -> list[tuple[int, list[int]]]:
+        """``(chunk index, images in it)`` covering positions ``[lo, hi)`` in order."""
+        segments: list[tuple[int, list[int]]] = []
+        position = lo
+        while position < hi and self.total:
+            wrapped = position % self.total
+            slot = bisect.bisect_right(self.starts, wrapped) - 1
+            first = wrapped - self.starts[slot]
+            take = min(hi - position, self.counts[slot] - first)
+            segments.append((self.order[slot], self.offsets(slot, first, first + take)))
+            position += take
+        return segments
+
+
+# -- shared helpers ------------------------------------------------------------------------
+
+
+def _worker_info() -> Any:
+    return require("torch.utils.data", "torch").get_worker_info()
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else ``torch.distributed``'s when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        dist = require("torch.distributed", "torch")
+        initialised = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = int(dist.get_world_size()) if initialised else 1
+        if rank is None:
+            rank = int(dist.get_rank()) if initialised else 0
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return rank, world_size
+
+
+def _seed_word(seed: int) -> int:
+    return seed % (1 << 64)  # SeedSequence takes non-negative words
+
+
+def _shuffled(
+    items: Iterator[tuple[np.ndarray, Sample]], size: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, Sample]]:
+    """A bounded shuffle buffer: each new item swaps out a random held one."""
+    buffer: list[tuple[np.ndarray, Sample]] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(size))
+        yield buffer[slot]
+        buffer[slot] = item
+    for slot in rng.permutation(len(buffer)):
+        yield buffer[slot]
+
+
+def _chunk_counts(dataset: Dataset) -> dict[int, int]:
+    """Images per chunk, from the job; a chunk the API lists without a count is opened."""
+    counts: dict[int, int] = {}
+    missing: list[int] = []
+    for chunk in dataset.job.chunks:
+        if chunk.image_count is None:
+            missing.append(chunk.index)
+        else:
+            counts[chunk.index] = chunk.image_count
+    if missing:
+        log.info(
+            "job %s lists no image count for %d chunks: reading them", dataset.job.id, len(missing)
+        )
+        downloader = dataset.downloader()
+        try:
+            for chunk, data in downloader.iter_chunks(missing):
+                counts[chunk.index] = len(ChunkArchive(data, chunk_id=chunk.index))
+        finally:
+            dataset.release_downloader(downloader)
+    return counts
+
+
+def _count_mismatch(job_id: str, chunk: int, listed: int, archive: ChunkArchive) -> PixCrawlerError:
+    return PixCrawlerError(
+        f"job {job_id} lists {listed} images in chunk {chunk} but the chunk holds "
+        f"{len(archive.samples)}"
+    )
+
+
+def _decode(
+    archive: ChunkArchive, sample: Sample, decoder: ImageDecoder
+) -> np.ndarray | DecompressionError:
+    """The sample's pixels, or the error that names it (for the on_error policy)."""
+    try:
+        return decoder.decode(archive.payload(sample))
+    except DecompressionError as exc:
+        message = exc.message
+        if sample.id not in message:
+            message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
+        error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
+        error.__cause__ = exc.__cause__ or exc
+        return error
+
+
+def _decode_many(
+    archive: ChunkArchive, samples: list[Sample], decoder: ImageDecoder
+) -> list[np.ndarray | DecompressionError]:
+    return [_decode(archive, sample, decoder) for sample in samples]
+
+
+def _on_bad_sample(handle: Dataset, sample: Sample, error: DecompressionError) -> None:
+    if handle.on_error == "raise":
+        raise error
+    handle.stats.skipped += 1
+    handle.stats.skipped_ids.append(sample.id)
+    if handle.on_error == "warn":
+        warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=2)
+
+
+def _decode_segments(
+    handle: Dataset,
+    decoder: ImageDecoder,
+    segments: list[tuple[int, list[int]]],
+    counts: dict[int, int],
+) -> Generator[tuple[Sample, np.ndarray | DecompressionError], None, None]:
+    """The chosen images of each segment's chunk, decoded in order on a thread pool: chunks
+    downloaded ``prefetch`` ahead, groups of images decoding across chunk boundaries, and a
+    chunk's buffer handed back to the downloader once its last group has decoded."""
+    if not segments:
+        return
+    downloader = handle.downloader()
+    pool = ThreadPoolExecutor(handle.decode_threads, thread_name_prefix="pixcrawler-decode")
+    inflight: deque[_Inflight] = deque()
+
+    def groups() -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
+        chunks = downloader.iter_chunks([index for index, _ in segments])
+        try:
+            for (chunk, data), (index, offsets) in zip(chunks, segments, strict=True):
+                archive = ChunkArchive(data, chunk_id=chunk.index)
+                del data
+                if len(archive.samples) != counts[index]:
+                    raise _count_mismatch(handle.job.id, index, counts[index], archive)
+                handle.stats.chunks += 1
+                chosen = [archive.samples[offset] for offset in offsets]
+                for start in range(0, len(chosen), config.DECODE_GROUP):
+                    end = start + config.DECODE_GROUP
+                    yield archive, chosen[start:end], end >= len(chosen)
+        finally:
+            close = getattr(chunks, "close", None)  # a generator: stops its downloads now
+            if close is not None:
+                close()
+
+    pending = groups()
+    try:
+        while True:
+            for archive, group, last in pending:
+                future = pool.submit(_decode_many, archive, group, decoder)
+                inflight.append(_Inflight(group, future, archive if last else None))
+                if len(inflight) >= config.DECODE_GROUPS_IN_FLIGHT:
+                    break
+            if not inflight:
+                return
+            done = inflight.popleft()
+            results = done.future.result()
+            if done.finished is not None:  # the chunk's groups have all decoded, in order
+                reusable = done.finished.close()
+                if reusable is not None:
+                    downloader.recycle(reusable)
+                del reusable
+            group = done.group
+            del done
+            yield from zip(group, results, strict=True)
+    finally:
+        pending.close()
+        for item in inflight:
+            item.future.cancel()
+        pool.shutdown(wait=True)
+        handle.release_downloader(downloader)
+
+
+@dataclass
+class _Inflight:
+    group: list[Sample]
+    future: Future[list[np.ndarray | DecompressionError]]
+    finished: ChunkArchive | None  # set on a chunk's last group: free its bytes after it
+
+
+@functools.cache
+def _torch_classes() -> dict[str, type]:
+    """The torch dataset classes, built on first use so that torch is imported only then."""
+    data = require("torch.utils.data", "torch")
+    built: dict[str, type] = {}
+    for kind, name, mixin, base in (
+        ("map", "TorchDataset", _MapStyle, data.Dataset),
+        ("streaming", "TorchIterableDataset", _Streaming, data.IterableDataset),
+    ):
+
+        def body(namespace: dict[str, Any], name: str = name, mixin: type = mixin) -> None:
+            namespace.update(__module__=__name__, __qualname__=name, __doc__=mixin.__doc__)
+
+        built[kind] = types.new_class(name, (mixin, base), {}, body)
+    return built
+
+
+def _torch_class(kind: str) -> Any:
+    return _torch_classes()[kind]
+
+
+def _rebuild(kind: str, state: dict[str, Any]) -> Any:
+    """Unpickle a torch dataset (in a DataLoader worker, say): class rebuilt, state restored."""
+    cls = _torch_class(kind)
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
+
+
+# -- TensorFlow ------------------------------------------------------------------------------
+
+
+def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> Any:
+    """A ``tf.data.Dataset`` of ``(image, label_id)``: uint8 ``(H, W, C)`` and int64.
+
+    The image shape is fixed when ``image_size`` (here or at ``load_dataset``) or the job's
+    own uniform size fixes it, else ``(None, None, C)``; mixed sizes then need
+    ``image_size`` (or a ``map`` that resizes) before ``batch``. With ``on_error="raise"``
+    the cardinality is known (``len(tf_dataset)`` works). Each iteration (each Keras epoch)
+    streams the chunks again.
+
+    Example:
+        >>> tf_dataset = dataset.to_tensorflow().batch(32).prefetch(tf.data.AUTOTUNE)
+        >>> model.fit(tf_dataset, epochs=10)
+    """
+    tf = require("tensorflow", "tensorflow")
+    size = validate_image_size(image_size) if image_size is not None else None
+    shape_size = size or dataset.image_size or dataset.job.image_size
+    channels = ImageDecoder(dataset.mode).channels
+    height, width = shape_size if shape_size is not None else (None, None)
+    label_ids = {name: i for i, name in enumerate(dataset.labels)}
+
+    def generate() -> Iterator[tuple[np.ndarray, np.int64]]:
+        for sample, image in dataset.iter_samples(size):
+            label = label_ids.get(sample.label)
+            if label is None:
+                raise PixCrawlerError(
+                    f"image {sample.id!r} has label {sample.label!r}, which the job does not "
+                    f"list in its labels {list(dataset.labels)}"
+                )
+            yield image, np.int64(label)
+
+    tf_dataset = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(
+            tf.TensorSpec(shape=(height, width, channels), dtype=tf.uint8),
+            tf.TensorSpec(shape=(), dtype=tf.int64),
+        ),
+    )
+    if dataset.on_error == "raise":
+        tf_dataset = tf_dataset.apply(tf.data.experimental.assert_cardinality(dataset.num_images))
+    return tf_dataset

@@ -1,0 +1,357 @@
+"""A chunk store for random access: a memory LRU bounded in bytes, over a verified disk cache.
+
+Map-style ``to_torch`` reads images in any order, so the chunk an index falls in must be at
+hand without being downloaded again on every visit. :class:`ChunkStore` keeps compressed
+chunks in a memory LRU bounded in bytes, and writes every chunk it downloads to a cache
+folder shared by the DataLoader's worker processes, by later epochs and by later runs:
+
+- a file is named by the job id and the chunk's sha256 (index and size when the API gives no
+  sha256), so a chunk that changed on the server is never served stale;
+- it is written under a temporary name in the same folder, fsynced, verified, then renamed
+  with ``os.replace``: no reader ever sees a half-written file under the final name, whatever
+  crashes, and concurrent writers of one chunk cannot corrupt it;
+- a file read back is verified (sha256, else size) the first time a process opens it; a
+  corrupt one is deleted and the chunk downloaded again;
+- an advisory lock per chunk (POSIX ``flock``) makes concurrent workers wait for one download
+  instead of each making its own (without it the result is the same, only slower).
+
+Cached files are memory-mapped: worker processes share one copy through the page cache, and
+reading one image touches only that image's pages. Writers never modify a file in place, so
+a mapping stays valid while another process replaces the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import mmap
+import os
+import secrets
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config
+from .archive import ChunkArchive
+from .models import Chunk
+
+log = logging.getLogger("pixcrawler")
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+CacheDir = str | os.PathLike[str] | bool | None
+
+TEMP_SUFFIX = ".tmp"
+_HASH_BLOCK = 8 << 20
+
+if sys.platform == "win32":  # pragma: no cover - no flock; atomic rename still keeps it safe
+
+    def _lock_fd(fd: int) -> None:
+        return None
+
+else:
+    import fcntl
+
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def default_cache_root() -> Path:
+    """``$PIXCRAWLER_CACHE_DIR``, else the platform's user cache dir for ``pixcrawler``."""
+    env = os.environ.get(config.ENV_CACHE_DIR)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("pixcrawler"))
+
+
+def resolve_cache_root(cache_dir: CacheDir) -> Path | None:
+    """The cache root a ``cache_dir=`` argument means: None (or True) → the default,
+    False → no disk cache, else that folder."""
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        return default_cache_root()
+    return Path(cache_dir).expanduser()
+
+
+@dataclass
+class CacheStats:
+    """What a store has done in this process."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    downloads: int = 0
+    evictions: int = 0
+    corrupt_files: int = 0
+    write_failures: int = 0
+
+
+@dataclass
+class _Entry:
+    buffer: Buffer
+    size: int
+    archive: ChunkArchive | None = None
+
+
+class ChunkStore:
+    """A job's chunks by index: from memory, else from the disk cache, else downloaded.
+
+    Args:
+        chunks: The job's chunks (their sha256 and size name and check the cached files).
+        fetch: Downloads one chunk by index and returns its verified bytes.
+        job_id: Names the cache sub-folder.
+        memory_budget: Bytes of chunks kept in memory (default
+            ``config.DEFAULT_MEMORY_CACHE_BYTES``); the chunk in use is kept even when it
+            alone is larger.
+        cache_dir: Root of the disk cache; None for the default
+            (``$PIXCRAWLER_CACHE_DIR`` or the platform cache dir), False for none.
+        origin: Distinguishes the cached files of chunks that have no sha256 (e.g. the API's
+            base URL and the job version), since their name cannot carry their content.
+
+    Safe to share between threads. Not to be shared across ``fork``: each process opens its
+    own store over the same folder.
+
+    Example:
+        >>> store = ChunkStore(job.chunks, downloader.fetch, job_id=job.id)
+        >>> archive = store.archive(3)          # downloaded, cached on disk and in memory
+        >>> archive = store.archive(3)          # from memory
+    """
+
+    def __init__(
+        self,
+        chunks: Sequence[Chunk],
+        fetch: Callable[[int], Buffer],
+        *,
+        job_id: str,
+        memory_budget: int | None = None,
+        cache_dir: CacheDir = None,
+        origin: str = "",
+    ) -> None:
+        budget = config.DEFAULT_MEMORY_CACHE_BYTES if memory_budget is None else memory_budget
+        if budget < 0:
+            raise ValueError(f"memory_budget must be >= 0 bytes, got {budget}")
+        root = resolve_cache_root(cache_dir)
+        self.memory_budget = int(budget)
+        self.directory = root / config.CACHE_SUBDIR / job_id if root is not None else None
+        self.stats = CacheStats()
+        self._chunks = {c.index: c for c in chunks}
+        self._fetch = fetch
+        self._origin_tag = hashlib.sha256(origin.encode()).hexdigest()[:12]
+        self._lock = threading.Lock()
+        self._memory: OrderedDict[int, _Entry] = OrderedDict()
+        self._memory_bytes = 0
+        self._loading: dict[int, threading.Lock] = {}
+        self._verified: dict[Path, tuple[int, int, int]] = {}
+        self._swept = False
+
+    # -- public ------------------------------------------------------------------------
+
+    def get(self, index: int) -> Buffer:
+        """The chunk's complete, verified bytes."""
+        return self._entry(index).buffer
+
+    def archive(self, index: int) -> ChunkArchive:
+        """The chunk's archive, opened once per stay in memory."""
+        entry = self._entry(index)
+        archive = entry.archive
+        if archive is None:
+            archive = ChunkArchive(memoryview(entry.buffer), chunk_id=index)
+            entry.archive = archive
+        return archive
+
+    def path(self, index: int) -> Path | None:
+        """Where chunk ``index`` is (or would be) cached on disk; None if it cannot be."""
+        if self.directory is None:
+            return None
+        chunk = self._chunks[index]
+        if chunk.sha256:
+            return self.directory / f"{index:05d}-{chunk.sha256.lower()}.zip"
+        if chunk.size_bytes is not None:
+            name = f"{index:05d}-{chunk.size_bytes}b-{self._origin_tag}.zip"
+            return self.directory / name
+        return None  # nothing to tell a stale file from a current one: memory only
+
+    def in_memory(self, index: int) -> bool:
+        with self._lock:
+            return index in self._memory
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of chunks held in memory now."""
+        with self._lock:
+            return self._memory_bytes
+
+    def clear_memory(self) -> None:
+        """Drop every chunk held in memory (the disk cache stays)."""
+        with self._lock:
+            self._memory.clear()
+            self._memory_bytes = 0
+
+    # -- memory ------------------------------------------------------------------------
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def _entry(self, index: int) -> _Entry:
+        if index not in self._chunks:
+            raise IndexError(f"no chunk {index}")
+        with self._lock:
+            entry = self._memory.get(index)
+            if entry is not None:
+                self._memory.move_to_end(index)
+                self.stats.memory_hits += 1
+                return entry
+            loading = self._loading.setdefault(index, threading.Lock())
+        with loading:  # one thread loads a chunk; the others wait for it
+            with self._lock:
+                entry = self._memory.get(index)
+                if entry is not None:
+                    self._memory.move_to_end(index)
+                    self.stats.memory_hits += 1
+                    return entry
+            entry = self._load(index)
+            with self._lock:
+                self._memory[index] = entry
+                self._memory_bytes += entry.size
+                self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        while self._memory_bytes > self.memory_budget and len(self._memory) > 1:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= old.size
+            self.stats.evictions += 1
+
+    # -- disk --------------------------------------------------------------------------
+
+    def _load(self, index: int) -> _Entry:
+        path = self.path(index)
+        if path is None:
+            return self._download(index)
+        cached = self._open_cached(index, path)
+        if cached is not None:
+            return cached
+        with _exclusive(path):  # another process may be writing it: wait, then look again
+            cached = self._open_cached(index, path)
+            if cached is not None:
+                return cached
+            entry = self._download(index)
+            self._write(index, path, entry.buffer)
+            return entry
+
+    def _download(self, index: int) -> _Entry:
+        data = self._fetch(index)
+        self._count("downloads")
+        return _Entry(data, len(data))
+
+    def _open_cached(self, index: int, path: Path) -> _Entry | None:
+        """The verified file mapped into memory, or None (absent, or corrupt and deleted)."""
+        chunk = self._chunks[index]
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("chunk %d: cannot open cached file %s (%s)", index, path, exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size == 0 or (chunk.size_bytes is not None and st.st_size != chunk.size_bytes):
+                self._discard(index, path, st, f"{st.st_size} bytes, expected {chunk.size_bytes}")
+                return None
+            buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._verified.get(path) != stamp:
+            if chunk.sha256 and _sha256(buffer) != chunk.sha256.lower():
+                buffer.close()
+                self._discard(index, path, st, "sha256 does not match")
+                return None
+            self._verified[path] = stamp
+        self._count("disk_hits")
+        return _Entry(buffer, st.st_size)
+
+    def _discard(self, index: int, path: Path, st: os.stat_result, why: str) -> None:
+        self._count("corrupt_files")
+        log.warning(
+            "chunk %d: cached file %s is corrupt (%s); downloading it again", index, path, why
+        )
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not already replaced
+                os.unlink(path)
+        self._verified.pop(path, None)
+
+    def _write(self, index: int, path: Path, data: Buffer) -> None:
+        """Temp file in the same folder, fsync, verify, rename. A failure costs only the cache."""
+        chunk = self._chunks[index]
+        temp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep(path.parent)
+            with open(temp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            size, digest = _file_digest(temp)
+            if size != len(data) or (chunk.sha256 and digest != chunk.sha256.lower()):
+                raise OSError(f"read back {size} bytes that do not match what was written")
+            os.replace(temp, path)
+            st = os.stat(path)
+            self._verified[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as exc:
+            self._count("write_failures")
+            log.warning("chunk %d: not cached on disk (%s); keeping it in memory only", index, exc)
+        finally:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+    def _sweep(self, directory: Path) -> None:
+        """Delete temp files left by processes that died mid-write (once per store)."""
+        if self._swept:
+            return
+        self._swept = True
+        cutoff = time.time() - config.STALE_TEMP_SECONDS
+        for leftover in directory.glob(f"*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold the chunk's lock file (``<name>.lock``) for the block; no lock if it cannot."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        _lock_fd(fd)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sha256(buffer: Buffer) -> str:
+    return hashlib.sha256(buffer).hexdigest()
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            hasher.update(block)
+            size += len(block)
+    return size, hasher.hexdigest()

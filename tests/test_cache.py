@@ -1,0 +1,306 @@
+"""The chunk store behind map-style ``to_torch``: memory LRU, verified disk cache, atomic writes.
+
+These tests drive :class:`ChunkStore` directly with the real chunks of ``job_uniform`` and a
+counting ``fetch`` in place of the network, so every download is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
+from pixcrawler import cache as cache_module
+from pixcrawler.archive import ChunkArchive
+from pixcrawler.cache import ChunkStore, resolve_cache_root
+from pixcrawler.config import CACHE_SUBDIR, ENV_CACHE_DIR, STALE_TEMP_SECONDS
+from pixcrawler.models import Chunk, Job
+
+pytestmark = pytest.mark.timeout(60)
+
+NUM_CHUNKS = -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
+
+
+class Remote:
+    """The chunks of a packed job, fetched from disk with every download counted."""
+
+    def __init__(self, store: Path, job_id: str = JOB_UNIFORM) -> None:
+        data = json.loads((store / job_id / "job.json").read_text())
+        for entry in data["chunks"]:
+            entry["url"] = f"/jobs/{job_id}/chunks/{entry['index']}"
+        self.job = Job.from_json(data)
+        self.folder = store / job_id / "chunks"
+        self.calls: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    @property
+    def chunks(self) -> tuple[Chunk, ...]:
+        return self.job.chunks
+
+    def bytes_of(self, index: int) -> bytes:
+        return (self.folder / f"{index:05d}.zip").read_bytes()
+
+    def fetch(self, index: int) -> bytearray:
+        with self._lock:
+            self.calls[index] += 1
+        return bytearray(self.bytes_of(index))
+
+    def store(self, cache_dir: Path | bool, **options: object) -> ChunkStore:
+        return ChunkStore(
+            self.chunks,
+            self.fetch,
+            job_id=self.job.id,
+            cache_dir=cache_dir,  # type: ignore[arg-type]
+            **options,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+def remote(store: Path) -> Remote:
+    return Remote(store)
+
+
+def largest_chunk(remote: Remote) -> int:
+    return max(c.size_bytes or 0 for c in remote.chunks)
+
+
+def test_second_read_is_served_from_memory(remote: Remote, tmp_path: Path) -> None:
+    chunks = remote.store(tmp_path)
+    first = chunks.archive(0)
+    assert chunks.archive(0) is first  # the opened archive is kept with the bytes
+    assert bytes(chunks.get(0)) == remote.bytes_of(0)
+    assert remote.calls == {0: 1}
+    assert chunks.stats.downloads == 1 and chunks.stats.memory_hits == 2
+    assert isinstance(first, ChunkArchive) and len(first) == UNIFORM_CHUNK_SIZE
+
+
+def test_every_download_is_written_to_disk_named_by_job_and_sha256(
+    remote: Remote, tmp_path: Path
+) -> None:
+    chunks = remote.store(tmp_path)
+    for chunk in remote.chunks:
+        chunks.get(chunk.index)
+    folder = tmp_path / CACHE_SUBDIR / JOB_UNIFORM
+    names = sorted(p.name for p in folder.glob("*.zip"))
+    assert names == sorted(f"{c.index:05d}-{c.sha256}.zip" for c in remote.chunks)
+    for chunk in remote.chunks:
+        path = chunks.path(chunk.index)
+        assert path is not None and path.read_bytes() == remote.bytes_of(chunk.index)
+    assert not list(folder.glob("*.tmp"))
+
+
+def test_chunks_over_the_memory_budget_spill_to_disk_and_read_back_without_download(
+    remote: Remote, tmp_path: Path
+) -> None:
+    chunks = remote.store(tmp_path, memory_budget=largest_chunk(remote) + 1)
+    for chunk in remote.chunks:
+        chunks.archive(chunk.index)
+    assert chunks.stats.evictions == NUM_CHUNKS - 1
+    assert [chunks.in_memory(c.index) for c in remote.chunks] == [False] * (NUM_CHUNKS - 1) + [True]
+    assert chunks.memory_bytes <= chunks.memory_budget
+
+    archive = chunks.archive(0)  # evicted: comes back from the disk cache, not the network
+    assert chunks.stats.disk_hits == 1
+    assert sum(remote.calls.values()) == NUM_CHUNKS
+    sample = archive.samples[3]
+    payload = bytes(archive.payload(sample))
+    fresh = ChunkArchive(remote.bytes_of(0), chunk_id=0)
+    assert payload == bytes(fresh.payload(fresh.samples[3]))
+
+
+def test_a_new_process_reuses_the_disk_cache(remote: Remote, tmp_path: Path) -> None:
+    remote.store(tmp_path).get(2)
+    again = remote.store(tmp_path)  # another worker, epoch or run: nothing in memory yet
+    assert bytes(again.get(2)) == remote.bytes_of(2)
+    assert remote.calls == {2: 1} and again.stats.disk_hits == 1
+
+
+def test_memory_only_store_downloads_an_evicted_chunk_again(remote: Remote, tmp_path: Path) -> None:
+    chunks = remote.store(False, memory_budget=0)
+    chunks.get(0)
+    chunks.get(1)  # budget 0 keeps only the chunk in use
+    chunks.get(0)
+    assert remote.calls == {0: 2, 1: 1}
+    assert chunks.path(0) is None and chunks.directory is None
+
+
+def test_a_changed_chunk_is_never_served_stale(remote: Remote, tmp_path: Path) -> None:
+    remote.store(tmp_path).get(0)
+    changed = list(remote.chunks)
+    changed[0] = replace(changed[0], sha256=hashlib.sha256(b"new bytes").hexdigest())
+    served: list[int] = []
+
+    def fetch(index: int) -> bytearray:
+        served.append(index)
+        return bytearray(b"new bytes")
+
+    chunks = ChunkStore(changed, fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path)
+    assert bytes(chunks.get(0)) == b"new bytes"
+    assert served == [0]
+
+
+def test_chunk_without_sha256_is_keyed_by_index_size_and_origin(
+    remote: Remote, tmp_path: Path
+) -> None:
+    bare = [replace(c, sha256=None) for c in remote.chunks]
+    one = ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path, origin="a")
+    one.get(1)
+    path = one.path(1)
+    assert path is not None and path.name.startswith(f"00001-{bare[1].size_bytes}b-")
+    other = ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path, origin="b")
+    assert other.path(1) != path  # another server's job of the same id and size
+    assert ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path, origin="a").get(1)
+    assert remote.calls == {1: 1}
+
+    unsized = [replace(c, sha256=None, size_bytes=None) for c in remote.chunks]
+    memory_only = ChunkStore(unsized, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path)
+    assert memory_only.path(1) is None  # nothing could tell a stale file from a current one
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_cached_file_is_detected_deleted_and_downloaded_again(
+    remote: Remote, tmp_path: Path, damage: str
+) -> None:
+    remote.store(tmp_path).get(1)
+    chunks = remote.store(tmp_path)
+    path = chunks.path(1)
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF  # same size: only the sha256 can tell
+    else:
+        del data[-100:]
+    path.write_bytes(bytes(data))
+
+    assert bytes(chunks.get(1)) == remote.bytes_of(1)
+    assert chunks.stats.corrupt_files == 1 and remote.calls == {1: 2}
+    assert path.read_bytes() == remote.bytes_of(1)  # replaced by a good copy
+    assert remote.store(tmp_path).get(1) and remote.calls == {1: 2}
+
+
+def test_writes_are_atomic_no_file_under_the_final_name_until_verified(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = remote.store(tmp_path)
+    final = chunks.path(0)
+    assert final is not None
+    seen: list[tuple[bool, list[str]]] = []
+    real_fsync = os.fsync
+
+    def watching_fsync(fd: int) -> None:
+        seen.append((final.exists(), [p.name for p in final.parent.glob("*.tmp")]))
+        real_fsync(fd)
+
+    monkeypatch.setattr(cache_module.os, "fsync", watching_fsync)
+    chunks.get(0)
+    assert len(seen) == 1
+    exists_while_writing, temps = seen[0]
+    assert not exists_while_writing and len(temps) == 1 and temps[0].startswith(final.name)
+    assert final.read_bytes() == remote.bytes_of(0)
+    assert not list(final.parent.glob("*.tmp"))
+
+
+def test_a_failed_write_leaves_no_file_and_still_serves_the_chunk(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = remote.store(tmp_path)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module.os, "fsync", disk_full)
+    assert bytes(chunks.get(0)) == remote.bytes_of(0)
+    final = chunks.path(0)
+    assert final is not None and not final.exists()
+    assert not list(final.parent.glob("*.tmp"))
+    assert chunks.stats.write_failures == 1
+
+
+def test_temp_files_left_by_a_dead_process_are_swept(remote: Remote, tmp_path: Path) -> None:
+    folder = tmp_path / CACHE_SUBDIR / JOB_UNIFORM
+    folder.mkdir(parents=True)
+    old = folder / "00003-abc.zip.123-dead.tmp"
+    fresh = folder / "00003-abc.zip.124-live.tmp"  # may belong to a live writer
+    for leftover in (old, fresh):
+        leftover.write_bytes(b"partial")
+    day_ago = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(old, (day_ago, day_ago))
+    remote.store(tmp_path).get(0)
+    assert not old.exists() and fresh.exists()
+
+
+def test_default_cache_dir_is_the_env_var_else_the_platform_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "env"))
+    assert resolve_cache_root(None) == tmp_path / "env"
+    assert resolve_cache_root(tmp_path / "mine") == tmp_path / "mine"
+    assert resolve_cache_root(False) is None
+    monkeypatch.delenv(ENV_CACHE_DIR)
+    import platformdirs
+
+    assert resolve_cache_root(None) == Path(platformdirs.user_cache_dir("pixcrawler"))
+
+
+def test_threads_wanting_one_chunk_share_one_download(remote: Remote, tmp_path: Path) -> None:
+    chunks = remote.store(tmp_path)
+    barrier = threading.Barrier(6)
+
+    def read() -> None:
+        barrier.wait()
+        chunks.archive(2)
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert remote.calls == {2: 1}
+
+
+def _read_all_chunks(store: str, cache_dir: str, counter: object, start: object) -> None:
+    remote = Remote(Path(store))
+    real_fetch = remote.fetch
+
+    def slow_fetch(index: int) -> bytearray:
+        with counter.get_lock():  # type: ignore[attr-defined]
+            counter.value += 1  # type: ignore[attr-defined]
+        time.sleep(0.05)  # long enough for the other processes to arrive and wait
+        return real_fetch(index)
+
+    remote.fetch = slow_fetch  # type: ignore[method-assign]
+    chunks = remote.store(Path(cache_dir))
+    start.wait()  # type: ignore[attr-defined]
+    for chunk in remote.chunks:
+        archive = chunks.archive(chunk.index)
+        assert len(archive) == chunk.image_count
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_worker_processes_sharing_the_folder_download_each_chunk_once(
+    store: Path, tmp_path: Path
+) -> None:
+    context = multiprocessing.get_context("fork")
+    counter = context.Value("i", 0)
+    start = context.Event()
+    processes = [
+        context.Process(target=_read_all_chunks, args=(str(store), str(tmp_path), counter, start))
+        for _ in range(3)
+    ]
+    for process in processes:
+        process.start()
+    start.set()
+    for process in processes:
+        process.join(30)
+    assert [p.exitcode for p in processes] == [0, 0, 0]
+    assert counter.value == NUM_CHUNKS  # the others waited on the lock, then read the file

@@ -1,0 +1,104 @@
+"""The framework bridges without the frameworks: lazy imports and extras that fail helpfully."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pixcrawler import Dataset
+from pixcrawler.dataset import ClientSettings
+from pixcrawler.exceptions import MissingDependencyError, PixCrawlerError
+from pixcrawler.models import Chunk, Job
+from pixcrawler.retry import RetryPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+FRAMEWORKS = ("torch", "tensorflow", "pandas")
+
+
+@pytest.fixture
+def offline() -> Dataset:
+    """A dataset over a job that is never contacted: the error must come first."""
+    job = Job(
+        id="job_offline",
+        name="offline",
+        status="completed",
+        total_images=1,
+        labels=("cat",),
+        chunks=(Chunk(index=0, url="/jobs/job_offline/chunks/0", image_count=1),),
+    )
+    settings = ClientSettings(
+        api_key="key",
+        base_url="http://127.0.0.1:9",
+        timeout=1.0,
+        verify_ssl=True,
+        retry=RetryPolicy(retries=0),
+        max_workers=1,
+    )
+    return Dataset(job, settings)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_importing_the_sdk_imports_no_framework() -> None:
+    result = run_python(
+        """
+        import sys
+        import pixcrawler, pixcrawler.loaders, pixcrawler.cache, pixcrawler.dataset
+        print(sorted({"torch", "tensorflow", "pandas", "torchvision"} & set(sys.modules)))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "extra"),
+    [
+        ("torch", lambda d: d.to_torch(), "torch"),
+        ("torch", lambda d: d.to_torch(streaming=True), "torch"),
+        ("tensorflow", lambda d: d.to_tensorflow(), "tensorflow"),
+        ("pandas", lambda d: d.to_dataframe(), "pandas"),
+    ],
+)
+def test_a_missing_framework_names_the_extra_to_install(
+    offline: Dataset, monkeypatch: pytest.MonkeyPatch, module: str, call: object, extra: str
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # what an absent package looks like
+    with pytest.raises(MissingDependencyError) as info:
+        call(offline)  # type: ignore[operator]
+    assert f'pip install "pixcrawler-sdk[{extra}]"' in str(info.value)
+    assert isinstance(info.value, ImportError) and isinstance(info.value, PixCrawlerError)
+    assert offline.stats.transfer.requests == 0
+
+
+def test_without_torch_installed_to_torch_says_how_to_get_it() -> None:
+    result = run_python(
+        """
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed at all
+        from pixcrawler import Dataset
+        from pixcrawler.dataset import ClientSettings
+        from pixcrawler.models import Job
+        from pixcrawler.retry import RetryPolicy
+        settings = ClientSettings("k", "http://127.0.0.1:9", 1.0, True, RetryPolicy(), 1)
+        try:
+            Dataset(Job(id="j", name="j", status="completed"), settings).to_torch()
+        except ImportError as exc:
+            print(type(exc).__name__, exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("MissingDependencyError")
+    assert 'pip install "pixcrawler-sdk[torch]"' in result.stdout

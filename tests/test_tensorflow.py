@@ -1,0 +1,149 @@
+"""``to_tensorflow``: signature, values, and the spec's TensorFlow / Keras examples as written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from constants import (
+    JOB_MIXED,
+    JOB_UNIFORM,
+    MIXED_TOTAL,
+    UNIFORM_LABELS,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
+from pixcrawler import Dataset, load_dataset
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Loading triton (a dependency of CUDA builds of torch, imported by torch.optim on first use)
+# after TensorFlow segfaults the process (tensorflow-cpu 2.21 with triton 3.8); loaded first,
+# they coexist. This module is collected before test_torch.py, so it loads triton first.
+with contextlib.suppress(ImportError):
+    import triton  # noqa: F401
+tf = pytest.importorskip("tensorflow")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def open_job(live_server: LiveServer, job_id: str = JOB_UNIFORM, **options: object) -> Dataset:
+    return load_dataset(
+        job_id,
+        api_key=live_server.api_key,
+        base_url=live_server.base_url,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_signature_is_uint8_images_and_int64_labels_fixed_by_the_jobs_size(
+    live_server: LiveServer,
+) -> None:
+    tf_dataset = open_job(live_server).to_tensorflow()
+    image_spec, label_spec = tf_dataset.element_spec
+    assert image_spec.dtype == tf.uint8 and tuple(image_spec.shape) == (*UNIFORM_SIZE, 3)
+    assert label_spec.dtype == tf.int64 and tuple(label_spec.shape) == ()
+    assert len(tf_dataset) == UNIFORM_TOTAL
+
+
+def test_values_equal_plain_iteration_with_label_ids(live_server: LiveServer) -> None:
+    dataset = open_job(live_server)
+    expected = [(image, dataset.labels.index(label)) for image, label in dataset]
+    got = list(dataset.to_tensorflow().as_numpy_iterator())
+    assert len(got) == UNIFORM_TOTAL
+    for (image, label), (want_image, want_label) in zip(got, expected, strict=True):
+        assert label.dtype == np.int64 and label == want_label
+        np.testing.assert_array_equal(image, want_image)
+
+
+def test_mixed_sizes_have_a_free_shape_unless_image_size_fixes_it(live_server: LiveServer) -> None:
+    mixed = open_job(live_server, JOB_MIXED)
+    assert tuple(mixed.to_tensorflow().element_spec[0].shape) == (None, None, 3)
+    shapes = {tuple(image.shape) for image, _ in mixed.to_tensorflow().as_numpy_iterator()}
+    assert len(shapes) > 1
+
+    resized = mixed.to_tensorflow(image_size=(20, 24))
+    assert tuple(resized.element_spec[0].shape) == (20, 24, 3)
+    images, labels = next(iter(resized.batch(MIXED_TOTAL)))
+    assert tuple(images.shape) == (MIXED_TOTAL, 20, 24, 3) and labels.dtype == tf.int64
+
+    gray = open_job(live_server, JOB_MIXED, mode="L", image_size=(8, 8)).to_tensorflow()
+    assert tuple(gray.element_spec[0].shape) == (8, 8, 1)
+
+
+def test_skip_policy_leaves_the_cardinality_unknown(live_server: LiveServer) -> None:
+    tf_dataset = open_job(live_server, on_error="skip").to_tensorflow()
+    assert tf_dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
+
+
+def test_spec_example_5_tensorflow_training(live_server: LiveServer) -> None:
+    tf.keras.utils.set_random_seed(0)
+    # As written, with base_url added and 1 epoch for 10.
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+    tf_dataset = dataset.to_tensorflow()
+
+    tf_dataset = tf_dataset.batch(32).prefetch(tf.data.AUTOTUNE)
+
+    model = tf.keras.Sequential(
+        [
+            tf.keras.layers.Conv2D(32, 3, activation="relu"),
+            tf.keras.layers.MaxPooling2D(),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    history = model.fit(tf_dataset, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`")
+def test_spec_keras_example_with_preprocess_take_skip_and_validation(
+    live_server: LiveServer,
+) -> None:
+    from tensorflow.keras import layers, models
+
+    tf.keras.utils.set_random_seed(0)
+    # As written, with base_url added, 64x64 for 224x224 and 2 epochs for 10.
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+    tf_dataset = dataset.to_tensorflow()
+
+    def preprocess(image, label):  # type: ignore[no-untyped-def]
+        image = tf.image.resize(image, [64, 64])
+        image = tf.cast(image, tf.float32) / 255.0
+        return image, label
+
+    tf_dataset = tf_dataset.map(preprocess)
+
+    dataset_size = dataset.num_images
+    train_size = int(0.8 * dataset_size)
+    train_dataset = tf_dataset.take(train_size).batch(32).prefetch(1)
+    val_dataset = tf_dataset.skip(train_size).batch(32).prefetch(1)
+
+    model = models.Sequential(
+        [
+            layers.Conv2D(32, 3, activation="relu", input_shape=(64, 64, 3)),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dropout(0.5),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    history = model.fit(train_dataset, validation_data=val_dataset, epochs=2, verbose=0)
+    losses = history.history["loss"]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert len(history.history["val_loss"]) == 2
+    labels = [int(label) for _, label in tf_dataset.skip(train_size).as_numpy_iterator()]
+    assert len(labels) == UNIFORM_TOTAL - train_size
+    assert set(labels) <= set(range(len(UNIFORM_LABELS)))

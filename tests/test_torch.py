@@ -1,0 +1,611 @@
+"""``to_torch``: the map-style dataset (chunk store, DataLoader workers, random_split), the
+streaming one (ranks × workers, padding, shuffle), real DDP, and the spec's PyTorch examples."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import pickle
+import shutil
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import LiveServer
+from constants import (
+    JOB_MIXED,
+    JOB_UNIFORM,
+    MIXED_TOTAL,
+    TEST_KEYS,
+    UNIFORM_CHUNK_SIZE,
+    UNIFORM_LABELS,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
+from pixcrawler import Dataset, load_dataset
+from pixcrawler.config import ENV_CACHE_DIR
+from pixcrawler.exceptions import DecompressionError
+from pixcrawler.testing import StaticServer
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, random_split  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+NUM_CHUNKS = -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
+FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+# Images of the corrupted copy of job_uniform that cannot be decoded: three in rank 0's half
+# (two of them adjacent), one in rank 1's, and the very last (so "next valid" wraps around).
+CORRUPT = (5, 16, 17, 59)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The default disk cache goes to a fresh folder, never the user's cache dir."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(ENV_CACHE_DIR, str(folder))
+    return folder
+
+
+def key(image: Any) -> str:
+    """Identity of an image by its pixels (every image of job_uniform is distinct)."""
+    array = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """job_uniform as plain iteration yields it: index → pixels, label id, key."""
+
+    images: list[np.ndarray]
+    label_ids: list[int]
+    keys: list[str]
+
+    @property
+    def index_of(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+@pytest.fixture(scope="module")
+def reference(live_server: LiveServer) -> Reference:
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+    images, label_ids = [], []
+    for image, label in dataset:
+        images.append(image)
+        label_ids.append(dataset.labels.index(label))
+    keys = [key(image) for image in images]
+    assert len(set(keys)) == UNIFORM_TOTAL
+    return Reference(images, label_ids, keys)
+
+
+def open_uniform(live: LiveServer | str, api_key: str | None = None, **options: Any) -> Dataset:
+    base_url = live.base_url if isinstance(live, LiveServer) else live
+    key_ = live.api_key if isinstance(live, LiveServer) else api_key
+    return load_dataset(JOB_UNIFORM, api_key=key_, base_url=base_url, **options)
+
+
+@pytest.fixture
+def through_blobs(
+    live_server: LiveServer, server_factory: Callable[..., str]
+) -> Iterator[tuple[str, StaticServer]]:
+    """An API whose chunk URLs point at a static host that counts every request."""
+    with StaticServer(live_server.store) as blobs:
+        yield server_factory(live_server.store, chunk_base_url=blobs.base_url), blobs
+
+
+def chunk_requests(blobs: StaticServer) -> Counter[str]:
+    return Counter({p: n for p, n in blobs.stats.requests_by_path.items() if "/chunks/" in p and n})
+
+
+# -- a copy of job_uniform with undecodable images -----------------------------------------
+
+
+def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
+    """Copy job_uniform into ``dest`` with the images at ``positions`` replaced by garbage
+    (manifest and job checksums updated, so only the decoder can notice)."""
+    shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
+    job_path = dest / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    for chunk in job["chunks"]:
+        index = chunk["index"]
+        bad = {p % UNIFORM_CHUNK_SIZE for p in positions if p // UNIFORM_CHUNK_SIZE == index}
+        if not bad:
+            continue
+        path = dest / JOB_UNIFORM / "chunks" / f"{index:05d}.zip"
+        with zipfile.ZipFile(path) as source:
+            manifest = json.loads(source.read("manifest.json"))
+            members = {name: source.read(name) for name in source.namelist()}
+        for offset in bad:
+            entry = manifest["images"][offset]
+            members[entry["path"]] = b"this is not an image"
+            entry["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as target:
+            target.writestr("manifest.json", json.dumps(manifest))
+            for name, data in members.items():
+                if name != "manifest.json":
+                    target.writestr(name, data)
+        path.write_bytes(buffer.getvalue())
+        chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        chunk["size_bytes"] = len(buffer.getvalue())
+    job_path.write_text(json.dumps(job))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def corrupt_server(
+    live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    from pixcrawler.server import create_app, run_in_thread
+
+    dest = corrupt_copy(live_server.store, tmp_path_factory.mktemp("corrupt"), CORRUPT)
+    with run_in_thread(create_app(dest, TEST_KEYS)) as base_url:
+        yield base_url
+
+
+# -- map-style -----------------------------------------------------------------------------
+
+
+def test_map_style_items_equal_plain_iteration_pixels_and_label_ids(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    dataset = open_uniform(live_server)
+    torch_dataset = dataset.to_torch()
+    assert isinstance(torch_dataset, torch.utils.data.Dataset)
+    assert not isinstance(torch_dataset, IterableDataset)
+    assert len(torch_dataset) == UNIFORM_TOTAL
+    for index in reversed(range(UNIFORM_TOTAL)):  # any order
+        image, label = torch_dataset[index]
+        assert isinstance(label, int) and label == reference.label_ids[index]
+        assert image.dtype == np.uint8 and image.shape == (*UNIFORM_SIZE, 3)
+        np.testing.assert_array_equal(image, reference.images[index])
+    assert torch_dataset.classes == list(UNIFORM_LABELS)
+    assert torch_dataset.class_to_idx == {name: i for i, name in enumerate(UNIFORM_LABELS)}
+    assert torch_dataset.store.stats.downloads == NUM_CHUNKS
+
+
+def test_map_style_serves_mixed_sizes_and_nested_labels(live_server: LiveServer) -> None:
+    dataset = load_dataset(JOB_MIXED, api_key=live_server.api_key, base_url=live_server.base_url)
+    expected = [(image, dataset.labels.index(label)) for image, label in dataset]
+    torch_dataset = dataset.to_torch(cache_dir=False)
+    assert len(torch_dataset) == MIXED_TOTAL
+    for index, (image, label) in enumerate(expected):
+        got, got_label = torch_dataset[index]
+        assert got_label == label
+        np.testing.assert_array_equal(got, image)
+
+
+def test_map_style_indexing_is_a_sequence(live_server: LiveServer, reference: Reference) -> None:
+    torch_dataset = open_uniform(live_server).to_torch()
+    np.testing.assert_array_equal(torch_dataset[-1][0], reference.images[-1])
+    np.testing.assert_array_equal(torch_dataset[np.int64(7)][0], reference.images[7])
+    with pytest.raises(IndexError):
+        torch_dataset[UNIFORM_TOTAL]
+    with pytest.raises(TypeError):
+        torch_dataset[1.5]
+    batch = torch_dataset.__getitems__([3, 40, 3])  # DataLoader's batched fetch, 2 threads
+    assert [label for _, label in batch] == [reference.label_ids[i] for i in (3, 40, 3)]
+
+
+def test_image_size_resizes_and_transform_gets_the_uint8_array(live_server: LiveServer) -> None:
+    seen: list[tuple[tuple[int, ...], Any]] = []
+
+    def transform(image: np.ndarray) -> str:
+        seen.append((image.shape, image.dtype))
+        return "transformed"
+
+    torch_dataset = open_uniform(live_server).to_torch(transform, image_size=(16, 20))
+    assert torch_dataset[0] == ("transformed", 0)
+    assert seen == [((16, 20, 3), np.uint8)]
+
+
+def test_default_collate_gives_uint8_bhwc_and_int64_labels(live_server: LiveServer) -> None:
+    loader = DataLoader(open_uniform(live_server).to_torch(), batch_size=8)
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (8, *UNIFORM_SIZE, 3)
+    assert labels.dtype == torch.int64
+
+
+def test_dataloader_with_two_workers_and_shuffle_sees_every_index_once_per_epoch(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    torch_dataset = open_uniform(live_server).to_torch()
+    torch_dataset[0]  # used in this process first: workers must not reuse its connections
+    loader = DataLoader(
+        torch_dataset,
+        batch_size=8,
+        shuffle=True,
+        num_workers=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+    orders = []
+    for _epoch in range(2):
+        order = []
+        for images, labels in loader:
+            for image, label in zip(images, labels.tolist(), strict=True):
+                index = reference.index_of[key(image)]
+                assert label == reference.label_ids[index]
+                order.append(index)
+        assert sorted(order) == list(range(UNIFORM_TOTAL))
+        orders.append(order)
+    assert orders[0] != orders[1]
+
+
+def test_random_split_gives_disjoint_subsets_that_load(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    torch_dataset = open_uniform(live_server).to_torch()
+    train, val = random_split(torch_dataset, [48, 12], generator=torch.Generator().manual_seed(1))
+    assert (len(train), len(val)) == (48, 12)
+    assert not set(train.indices) & set(val.indices)
+    keys = [
+        key(images[i]) for images, _ in DataLoader(val, batch_size=5) for i in range(len(images))
+    ]
+    assert [reference.index_of[k] for k in keys] == list(val.indices)
+
+
+def test_second_epoch_over_a_cached_dataset_makes_no_request(
+    live_server: LiveServer, through_blobs: tuple[str, StaticServer]
+) -> None:
+    api, blobs = through_blobs
+    torch_dataset = open_uniform(api, live_server.api_key).to_torch()
+    loader = DataLoader(torch_dataset, batch_size=8, shuffle=True, num_workers=2)
+    assert sum(len(labels) for _, labels in loader) == UNIFORM_TOTAL
+    # Both workers wanted every chunk; the per-chunk lock made one download each.
+    assert chunk_requests(blobs) == Counter(
+        {f"/{JOB_UNIFORM}/chunks/{i:05d}.zip": 1 for i in range(NUM_CHUNKS)}
+    )
+    blobs.reset_stats()
+    assert sum(len(labels) for _, labels in loader) == UNIFORM_TOTAL  # fresh worker processes
+    assert blobs.stats.requests == 0
+
+
+def test_memory_only_cache_serves_a_second_epoch_in_process_without_request(
+    live_server: LiveServer, through_blobs: tuple[str, StaticServer], private_cache: Path
+) -> None:
+    api, blobs = through_blobs
+    torch_dataset = open_uniform(api, live_server.api_key).to_torch(cache_dir=False)
+    loader = DataLoader(torch_dataset, batch_size=16, shuffle=True)
+    for _epoch in range(2):
+        assert sum(len(labels) for _, labels in loader) == UNIFORM_TOTAL
+        if _epoch == 0:
+            assert len(chunk_requests(blobs)) == NUM_CHUNKS
+            blobs.reset_stats()
+    assert blobs.stats.requests == 0
+    assert not private_cache.exists()  # nothing written to disk
+
+
+def test_pickles_without_live_state_and_loads_in_spawned_workers(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    torch_dataset = open_uniform(live_server).to_torch()
+    torch_dataset[0]  # opens a client, a downloader and the chunk store in this process
+    clone = pickle.loads(pickle.dumps(torch_dataset))
+    assert clone._local is None and type(clone) is type(torch_dataset)
+    np.testing.assert_array_equal(clone[33][0], reference.images[33])
+
+    loader = DataLoader(
+        torch_dataset, batch_size=30, num_workers=1, multiprocessing_context="spawn"
+    )
+    keys = [key(image) for images, _ in loader for image in images]
+    assert keys == reference.keys
+
+
+def test_map_style_skip_serves_the_next_valid_index_and_keeps_len(corrupt_server: str) -> None:
+    dataset = open_uniform(corrupt_server, "test-key", on_error="skip")
+    torch_dataset = dataset.to_torch(cache_dir=False)
+    assert len(torch_dataset) == UNIFORM_TOTAL
+    for bad, served in ((5, 6), (16, 18), (17, 18), (59, 0)):
+        np.testing.assert_array_equal(torch_dataset[bad][0], torch_dataset[served][0])
+    assert dataset.stats.skipped == len(CORRUPT)  # each counted once
+    assert sorted(dataset.stats.skipped_ids) == sorted(
+        torch_dataset.store.archive(p // UNIFORM_CHUNK_SIZE).samples[p % UNIFORM_CHUNK_SIZE].id
+        for p in CORRUPT
+    )
+    loader = DataLoader(torch_dataset, batch_size=10, shuffle=True, num_workers=2)
+    assert sum(len(labels) for _, labels in loader) == UNIFORM_TOTAL
+
+
+def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:
+    torch_dataset = open_uniform(corrupt_server, "test-key").to_torch(cache_dir=False)
+    torch_dataset[4]
+    with pytest.raises(DecompressionError) as info:
+        torch_dataset[5]
+    assert info.value.chunk_id == 0 and info.value.sample_id
+
+
+# -- streaming -----------------------------------------------------------------------------
+
+
+def stream_keys(
+    live: LiveServer | str,
+    *,
+    world_size: int,
+    num_workers: int = 2,
+    api_key: str = "test-key",
+    dataset_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> list[list[str]]:
+    """What each simulated rank yields, through a DataLoader with ``num_workers``."""
+    per_rank = []
+    for rank in range(world_size):
+        dataset = open_uniform(live, api_key, **(dataset_options or {}))
+        stream = dataset.to_torch(streaming=True, rank=rank, world_size=world_size, **options)
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+        keys = [key(image) for image, _ in loader]
+        assert len(keys) == len(stream)
+        per_rank.append(keys)
+    return per_rank
+
+
+def test_streaming_is_an_iterable_dataset_with_int_labels(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    stream = open_uniform(live_server).to_torch(streaming=True)
+    assert isinstance(stream, IterableDataset)
+    assert (stream.rank, stream.world_size, len(stream)) == (0, 1, UNIFORM_TOTAL)
+    items = list(stream)
+    assert [label for _, label in items] == reference.label_ids
+    assert [key(image) for image, _ in items] == reference.keys
+
+
+def test_streaming_two_ranks_two_workers_cover_every_sample_exactly_once(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    per_rank = stream_keys(live_server, world_size=2)
+    assert [len(keys) for keys in per_rank] == [UNIFORM_TOTAL // 2] * 2
+    everything = [k for keys in per_rank for k in keys]
+    assert sorted(everything) == sorted(reference.keys)
+
+
+def test_streaming_pads_by_wrapping_around_when_not_divisible(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    per_rank = stream_keys(live_server, world_size=7)  # ceil(60 / 7) = 9 each, 3 padded
+    assert [len(keys) for keys in per_rank] == [9] * 7
+    counts = Counter(k for keys in per_rank for k in keys)
+    assert set(counts) == set(reference.keys)
+    assert sorted(reference.index_of[k] for k, n in counts.items() if n == 2) == [0, 1, 2]
+    assert sum(counts.values()) == 63
+
+
+def test_streaming_drop_last_drops_the_remainder(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    per_rank = stream_keys(live_server, world_size=7, drop_last=True)
+    assert [len(keys) for keys in per_rank] == [8] * 7
+    everything = [k for keys in per_rank for k in keys]
+    assert len(set(everything)) == 56
+    assert sorted(reference.index_of[k] for k in everything) == list(range(56))
+
+
+def test_streaming_shuffle_is_a_pure_function_of_seed_and_epoch(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    def order(seed: int, epoch: int, num_workers: int = 0) -> list[str]:
+        stream = open_uniform(live_server).to_torch(
+            streaming=True, shuffle=True, seed=seed, shuffle_buffer=8
+        )
+        stream.set_epoch(epoch)
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+        return [key(image) for image, _ in loader]
+
+    first = order(seed=0, epoch=0)
+    assert sorted(first) == sorted(reference.keys) and first != reference.keys
+    assert order(seed=0, epoch=0) == first
+    assert order(seed=0, epoch=1) != first
+    assert order(seed=1, epoch=0) != first
+    assert order(seed=0, epoch=0, num_workers=2) == order(seed=0, epoch=0, num_workers=2)
+
+    shuffled = stream_keys(live_server, world_size=2, shuffle=True, seed=5)
+    assert sorted(k for keys in shuffled for k in keys) == sorted(reference.keys)
+
+
+def test_streaming_rank_downloads_only_the_chunks_of_its_slice(
+    live_server: LiveServer, through_blobs: tuple[str, StaticServer]
+) -> None:
+    api, blobs = through_blobs
+    stream = open_uniform(api, live_server.api_key).to_torch(streaming=True, rank=0, world_size=2)
+    assert len(list(stream)) == 30  # images 0-29 live in chunks 0 and 1
+    assert set(chunk_requests(blobs)) == {f"/{JOB_UNIFORM}/chunks/{i:05d}.zip" for i in (0, 1)}
+
+
+def test_streaming_skip_pads_so_ranks_yield_equal_counts(corrupt_server: str) -> None:
+    per_rank = stream_keys(
+        corrupt_server, world_size=2, dataset_options={"on_error": "skip"}, shuffle=True
+    )
+    assert [len(keys) for keys in per_rank] == [30, 30]
+    everything = [k for keys in per_rank for k in keys]
+    assert len(set(everything)) == UNIFORM_TOTAL - len(CORRUPT)  # every valid one, padded
+
+
+def test_streaming_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:
+    stream = open_uniform(corrupt_server, "test-key").to_torch(streaming=True)
+    with pytest.raises(DecompressionError):
+        list(stream)
+
+
+def _ddp_rank(rank: int, world_size: int, init_file: str, base_url: str, out: str) -> None:
+    """One DDP process: a real gloo group, a model, one all-reduce per batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        dataset = open_uniform(base_url, "test-key", on_error="skip")
+        stream = dataset.to_torch(streaming=True, shuffle=True, seed=3)  # rank from dist
+        torch.manual_seed(0)
+        model = DistributedDataParallel(nn.Linear(3, len(UNIFORM_LABELS)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        seen = steps = 0
+        # torchrun starts ranks fresh, so their DataLoader workers fork; a rank started by
+        # mp.spawn would spawn them too (seconds of imports each) unless told to fork.
+        loader = DataLoader(stream, batch_size=4, num_workers=2, multiprocessing_context=FORK)
+        for images, labels in loader:
+            optimizer.zero_grad()
+            features = images.float().mean(dim=(1, 2)) / 255
+            loss = nn.functional.cross_entropy(model(features), labels)
+            loss.backward()  # all-reduce: a rank with fewer batches would leave this one hanging
+            optimizer.step()
+            seen, steps = seen + len(labels), steps + 1
+        totals = [torch.zeros(2, dtype=torch.int64) for _ in range(world_size)]
+        dist.all_gather(totals, torch.tensor([seen, steps]))
+        result = {
+            "rank": stream.rank,
+            "world_size": stream.world_size,
+            "len": len(stream),
+            "skipped": dataset.stats.skipped,
+            "totals": [t.tolist() for t in totals],
+        }
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_two_process_ddp_over_gloo_yields_equal_counts(
+    corrupt_server: str, tmp_path: Path
+) -> None:
+    import torch.multiprocessing as mp
+
+    args = (2, str(tmp_path / "init"), corrupt_server, str(tmp_path))
+    mp.spawn(_ddp_rank, args=args, nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"], r["len"]) for r in results] == [(0, 2, 30), (1, 2, 30)]
+    # 15 per worker in batches of 4: 4 batches per worker, 8 steps per rank, on both ranks.
+    assert results[0]["totals"] == results[1]["totals"] == [[30, 8], [30, 8]]
+
+
+# -- options -------------------------------------------------------------------------------
+
+
+def test_options_are_checked(live_server: LiveServer) -> None:
+    dataset = open_uniform(live_server)
+    with pytest.raises(ValueError, match="streaming=True only"):
+        dataset.to_torch(shuffle=True)
+    with pytest.raises(ValueError, match="map-style"):
+        dataset.to_torch(streaming=True, cache_dir=False)
+    with pytest.raises(ValueError, match="rank"):
+        dataset.to_torch(streaming=True, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="memory_budget"):
+        dataset.to_torch(memory_budget=-1)
+    with pytest.raises(TypeError):
+        dataset.to_torch(bogus=True)
+
+
+# -- the spec's examples -------------------------------------------------------------------
+
+
+class MyModel(nn.Module):
+    """The spec's ``MyModel``: a small CNN over the SDK's uint8 (B, H, W, C) batches."""
+
+    def __init__(self, classes: int = len(UNIFORM_LABELS)) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, images: Any) -> Any:
+        if images.dtype == torch.uint8:  # no transform: HWC uint8 straight from the SDK
+            images = images.permute(0, 3, 1, 2).float() / 255
+        features = torch.relu(self.conv(images)).amax(dim=(2, 3))  # the label's colour patch
+        return self.head(features)
+
+
+def test_spec_example_4_pytorch_training_loop(live_server: LiveServer) -> None:
+    import torch.optim as optim
+
+    torch.manual_seed(0)
+    losses: list[list[float]] = []
+    # As written, with base_url added, MyModel a real one, 3 epochs instead of 10 and a
+    # learning rate that shows learning within 6 steps.
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+    torch_dataset = dataset.to_torch()
+
+    train_loader = DataLoader(torch_dataset, batch_size=32, shuffle=True, num_workers=4)
+
+    model = MyModel()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = optim.Adam(model.parameters(), lr=0.05)
+
+    for _epoch in range(3):
+        losses.append([])
+        for images, labels in train_loader:
+            optimizer.zero_grad()
+            outputs = model(images)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            losses[-1].append(loss.item())
+
+    assert [len(epoch) for epoch in losses] == [2, 2, 2]
+    assert np.mean(losses[-1]) < np.mean(losses[0])
+
+
+def test_spec_pytorch_integration_with_torchvision_random_split_and_val_loss(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    transforms = pytest.importorskip("torchvision.transforms")
+    torch.manual_seed(0)
+
+    # As written, with Resize((32, 32)) for (224, 224), 4 epochs for 10 and a learning rate
+    # that shows learning within 8 steps.
+    transform = transforms.Compose(
+        [
+            transforms.ToPILImage(),
+            transforms.Resize((32, 32)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+    torch_dataset = dataset.to_torch(transform=transform)
+
+    train_size = int(0.8 * len(torch_dataset))
+    val_size = len(torch_dataset) - train_size
+    train_dataset, val_dataset = random_split(torch_dataset, [train_size, val_size])
+
+    train_loader = DataLoader(train_dataset, batch_size=32, shuffle=True)
+    val_loader = DataLoader(val_dataset, batch_size=32)
+
+    model = MyModel()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+
+    for epoch in range(4):
+        model.train()
+        for images, labels in train_loader:
+            assert tuple(images.shape[1:]) == (3, 32, 32) and images.dtype == torch.float32
+            optimizer.zero_grad()
+            outputs = model(images)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+
+        model.eval()
+        val_loss = 0
+        with torch.no_grad():
+            for images, labels in val_loader:
+                outputs = model(images)
+                val_loss += criterion(outputs, labels).item()
+
+        print(f"Epoch {epoch}: Val Loss = {val_loss / len(val_loader)}")
+
+    printed = capsys.readouterr().out.splitlines()
+    val_losses = [float(line.rsplit("=", 1)[1]) for line in printed]
+    assert len(val_losses) == 4 and val_losses[-1] < val_losses[0]
