@@ -453,6 +453,35 @@ def test_rerun_after_a_kill_mid_chunk_transfers_only_the_rest(
     check_output(fmt, root, big_job, key)
 
 
+def test_ctrl_c_stops_a_download_started_with_sigint_ignored(cli: Cli, big_job: BigJob) -> None:
+    """A shell without job control (a script, CI, ``cmd &``) starts commands with SIGINT
+    ignored; Python keeps that, so without care the download would run on."""
+    key = next(iter(TEST_KEYS))
+    stall = Fault("stall", after_bytes=STALL_AT, seconds=60)
+    part = cli.cwd / "out" / BIG_JOB / ".partial" / "00000.zip.part"
+    schedule = FaultSchedule.script([stall], match=r"/chunks/")
+    with FaultProxy(big_job.base_url, schedule=schedule) as proxy:
+        args = ["download", BIG_JOB, "-o", "out", "--max-workers", "1", *api(proxy.base_url, key)]
+        process = subprocess.Popen(
+            ["sh", "-c", 'trap "" INT; exec "$0" "$@"', cli.script, *args],
+            cwd=cli.cwd,
+            env=cli.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(lambda: size_of(part) > 0, what="chunk 0 to be partly received")
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=45)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("fmt", ["zip", "numpy", "images"])
 def test_rerun_of_a_complete_download_transfers_no_chunk(
     cli: Cli, big_job: BigJob, fmt: str

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
 import traceback
@@ -199,7 +200,21 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> NoReturn:
     """The ``pixcrawler`` console script."""
+    _interruptible()
     sys.exit(run())
+
+
+def _interruptible() -> None:
+    """Make SIGINT stop this process (exit 130; a download resumes on a rerun) even when it
+    was started with SIGINT ignored.
+
+    A shell without job control (a script, a CI runner, ``cmd &`` from a tool) starts
+    background commands with SIGINT ignored, and Python keeps an inherited SIG_IGN, so
+    Ctrl-C or ``kill -INT`` would be dropped in silence and a download would run on. Only
+    the console script does this: :func:`run` leaves a host process's signals alone.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -- shared options ----------------------------------------------------------------------------
