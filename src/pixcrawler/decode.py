@@ -32,6 +32,10 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
+# The formats a chunk holds (see the design's "Chunk archive"). Pillow tries every plugin
+# it has otherwise: a hostile member could reach EPS (which runs Ghostscript) or any of
+# dozens of rarely used parsers.
+_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 _SIMPLEJPEG_SPACES = {"RGB": "RGB", "L": "GRAY"}
 _CHANNELS = {"RGB": 3, "L": 1, "RGBA": 4}
 
@@ -128,16 +132,21 @@ class ImageDecoder:
 
     def _decode_pillow(self, data: bytes | bytearray | memoryview) -> np.ndarray:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            # max_pixels is the limit (checked below), not Pillow's warning at half its
+            # own; Pillow's DecompressionBombError still refuses anything past that.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
         width, height = image.size
         self._check_pixels(width, height)
-        orientation = _pillow_orientation(image)
         if self.image_size is not None and isinstance(image, JpegImageFile):
             th, tw = self.image_size
-            want = (th, tw) if orientation in _SWAPS_AXES else (tw, th)
-            image.draft(image.mode, want)
+            # A JPEG's EXIF is read at open: asking for it here decodes nothing.
+            swaps = _pillow_orientation(image) in _SWAPS_AXES
+            image.draft(image.mode, (th, tw) if swaps else (tw, th))
+        # Load first: a PNG's getexif() loads the image itself, _pillow_orientation
+        # swallows errors, and a second load() is a no-op, so a corrupt image would pass.
         image.load()
+        orientation = _pillow_orientation(image)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
         if image.mode != self.mode:

@@ -25,6 +25,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import API_PREFIX, DEFAULT_OWNER, DEFAULT_PAGE_SIZE
@@ -56,6 +57,78 @@ _ERROR_TYPES = {
 _INDEX_RE = re.compile(rf"[0-9]{{1,{_MAX_INDEX_DIGITS}}}", re.ASCII)
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 _UNSATISFIABLE = (-1, -1)
+
+# The OpenAPI document describes what the endpoints really send (a fuzzer checks it): the
+# error JSON for every error status, and the chunk endpoint's zip bodies.
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message", "status_code"],
+            "properties": {
+                "type": {"type": "string"},
+                "message": {"type": "string"},
+                "status_code": {"type": "integer"},
+            },
+        }
+    },
+}
+_CHUNK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["index", "url"],
+    "properties": {
+        "index": {"type": "integer", "minimum": 0},
+        "url": {"type": "string"},
+        "size_bytes": {"type": ["integer", "null"]},
+        "sha256": {"type": ["string", "null"]},
+        "image_count": {"type": ["integer", "null"]},
+        "expires_at": {"type": ["string", "null"]},
+    },
+}
+_JOB_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "status"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": ["string", "null"]},
+        "status": {"enum": ["pending", "running", "completed", "failed", "cancelled"]},
+        "progress": {"type": "number", "minimum": 0, "maximum": 100},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "chunks": {"type": "array", "items": _CHUNK_SCHEMA},
+    },
+}
+_JOB_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["items", "total", "page", "size", "pages"],
+    "properties": {
+        "items": {"type": "array", "items": _JOB_SCHEMA},
+        "total": {"type": "integer", "minimum": 0},
+        "page": {"type": "integer", "minimum": 1},
+        "size": {"type": "integer", "minimum": 1},
+        "pages": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: _json(_ERROR_SCHEMA, _ERROR_TYPES[code]) for code in codes}
+
+
+def _zip(description: str) -> dict[str, Any]:
+    binary = {"type": "string", "format": "binary"}
+    return {"description": description, "content": {"application/zip": {"schema": binary}}}
+
+
+# Documentation only: _caller reads both headers itself, so the 401 stays the contract's.
+_BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
+_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False)
+_AUTHENTICATED = [Depends(_BEARER), Depends(_KEY_HEADER)]
 
 
 class ApiError(StarletteHTTPException):
@@ -143,7 +216,11 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
 
-    @app.get(API_PREFIX + "/jobs")
+    @app.get(
+        API_PREFIX + "/jobs",
+        dependencies=_AUTHENTICATED,
+        responses={200: _json(_JOB_LIST_SCHEMA, "The caller's jobs"), **_errors(401, 422)},
+    )
     async def list_jobs(
         owner: Owner,
         page: Annotated[int, Query(ge=1)] = 1,
@@ -162,7 +239,11 @@ def create_app(
             }
         )
 
-    @app.get(API_PREFIX + "/jobs/{job_id}")
+    @app.get(
+        API_PREFIX + "/jobs/{job_id}",
+        dependencies=_AUTHENTICATED,
+        responses={200: _json(_JOB_SCHEMA, "The job"), **_errors(401, 404, 422)},
+    )
     async def get_job(job_id: str, owner: Owner) -> JSONResponse:
         job = owned_job(job_id, owner)
         body = _public(job)
@@ -170,7 +251,16 @@ def create_app(
         body["chunks"] = [{**c, "url": chunk_url(job_id, int(c["index"]))} for c in chunks]
         return JSONResponse(body)
 
-    @app.get(API_PREFIX + "/jobs/{job_id}/chunks/{index}")
+    @app.get(
+        API_PREFIX + "/jobs/{job_id}/chunks/{index}",
+        dependencies=_AUTHENTICATED,
+        response_class=Response,
+        responses={
+            200: _zip("The chunk archive"),
+            206: _zip("The requested byte range of the chunk archive"),
+            **_errors(401, 404, 416, 422),
+        },
+    )
     async def get_chunk(job_id: str, index: str, owner: Owner, request: Request) -> Response:
         job = owned_job(job_id, owner)
         if job.get("status") != "completed":
@@ -285,6 +375,7 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
 
 
 def _bounded_int(digits: str, size: int) -> int:
+    digits = digits.lstrip("0") or "0"  # "000…010" is 10, however many zeros lead it
     return int(digits) if len(digits) <= _MAX_RANGE_DIGITS else max(size, 10**_MAX_RANGE_DIGITS)
 
 

@@ -1,0 +1,535 @@
+"""The decoder against Pillow, image by image: every format and colour mode, EXIF
+orientation, DCT-domain downscaling, the simplejpeg path, decompression bombs and
+corrupt or truncated files.
+
+The reference is what a user would write by hand:
+``np.asarray(ImageOps.exif_transpose(Image.open(f)).convert(mode))``. Lossless formats
+must match it exactly; a JPEG decoded by another libjpeg-turbo build within 2 levels.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
+
+from imagegen import make_image
+from pixcrawler.decode import ImageDecoder, jpeg_orientation
+from pixcrawler.exceptions import DecompressionError
+
+pytestmark = pytest.mark.timeout(60)
+
+simplejpeg = pytest.importorskip("simplejpeg")
+
+MODES = ("RGB", "L", "RGBA")
+CHANNELS = {"RGB": 3, "L": 1, "RGBA": 4}
+LOSSY = {"JPEG": 2}
+
+
+def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def reference(data: bytes, mode: str) -> np.ndarray:
+    """What Pillow shows: first frame, EXIF orientation applied, converted to ``mode``."""
+    with Image.open(io.BytesIO(data)) as image:
+        shown = ImageOps.exif_transpose(image).convert(mode)
+        array = np.asarray(shown)
+    return array.reshape(array.shape[0], array.shape[1], -1)
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def photo(size: tuple[int, int] = (36, 52), index: int = 0, mode: str = "RGB") -> Image.Image:
+    return make_image("cat", size, seed=11, index=index, mode=mode)
+
+
+# -- pixels like Pillow's -------------------------------------------------------------------
+
+SOURCES: dict[str, Callable[[], bytes]] = {
+    "jpeg-rgb": lambda: encode(photo(), "JPEG", quality=90),
+    "jpeg-gray": lambda: encode(photo(mode="L"), "JPEG", quality=90),
+    "jpeg-cmyk": lambda: encode(photo().convert("CMYK"), "JPEG", quality=90),
+    "jpeg-progressive": lambda: encode(photo(), "JPEG", quality=85, progressive=True),
+    "jpeg-420": lambda: encode(photo((33, 47)), "JPEG", quality=80, subsampling=2),
+    "png-rgb": lambda: encode(photo(), "PNG"),
+    "png-rgba": lambda: encode(photo(mode="RGBA"), "PNG"),
+    "png-gray": lambda: encode(photo(mode="L"), "PNG"),
+    "png-la": lambda: encode(photo(mode="RGBA").convert("LA"), "PNG"),
+    "png-palette": lambda: encode(photo(mode="P"), "PNG"),
+    "png-palette-transparent": lambda: encode(photo(mode="P"), "PNG", transparency=3),
+    "png-16bit": lambda: encode(
+        Image.fromarray(np.arange(36 * 52, dtype=np.uint16).reshape(36, 52) * 37), "PNG"
+    ),
+    "png-1bit": lambda: encode(photo().convert("1"), "PNG"),
+    "gif": lambda: encode(photo(mode="P"), "GIF"),
+    "gif-transparent": lambda: encode(photo(mode="P"), "GIF", transparency=5),
+    "bmp": lambda: encode(photo(), "BMP"),
+    "tiff": lambda: encode(photo(), "TIFF"),
+    "tiff-rgba": lambda: encode(photo(mode="RGBA"), "TIFF", compression="tiff_deflate"),
+    "webp-lossy": lambda: encode(photo(), "WEBP", quality=80),
+    "webp-lossless-rgba": lambda: encode(photo(mode="RGBA"), "WEBP", lossless=True),
+}
+
+
+def test_the_sources_are_in_the_modes_they_claim() -> None:
+    def opened_mode(name: str) -> str:
+        with Image.open(io.BytesIO(SOURCES[name]())) as image:
+            return image.mode
+
+    assert opened_mode("jpeg-cmyk") == "CMYK"
+    assert opened_mode("png-16bit") in ("I;16", "I")
+    assert opened_mode("png-la") == "LA"
+    assert opened_mode("png-palette-transparent") == "P"
+    assert opened_mode("png-1bit") == "1"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_pixels_match_pillow(source: str, mode: str, backend: str) -> None:
+    data = SOURCES[source]()
+    decoded = ImageDecoder(mode, backend=backend).decode(data)
+    expected = reference(data, mode)
+    assert decoded.dtype == np.uint8 and decoded.shape == expected.shape
+    assert decoded.shape[2] == CHANNELS[mode]
+    tolerance = 2 if source.startswith("jpeg") else 0
+    assert max_diff(decoded, expected) <= tolerance, (source, mode, backend)
+
+
+def test_palette_transparency_becomes_alpha() -> None:
+    image = photo(mode="P")
+    data = encode(image, "PNG", transparency=3)
+    rgba = ImageDecoder("RGBA").decode(data)
+    transparent = np.asarray(image) == 3
+    assert transparent.any() and (rgba[..., 3][transparent] == 0).all()
+    assert (rgba[..., 3][~transparent] == 255).all()
+
+
+def test_an_animated_gif_gives_its_first_frame() -> None:
+    frames = [photo(index=i, mode="P") for i in range(3)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    with Image.open(io.BytesIO(data)) as gif:
+        assert gif.n_frames == 3
+        gif.seek(1)
+        second = np.asarray(gif.convert("RGB"))
+    decoded = ImageDecoder().decode(data)
+    assert max_diff(decoded, reference(data, "RGB")) == 0
+    assert max_diff(decoded, np.asarray(frames[0].convert("RGB"))) == 0
+    assert np.abs(decoded.astype(int) - second.astype(int)).max() > 0
+
+
+def test_decoded_arrays_are_writable_and_owned() -> None:
+    for data in (SOURCES["jpeg-rgb"](), SOURCES["png-rgb"]()):
+        for backend in ("auto", "pillow"):
+            array = ImageDecoder(backend=backend).decode(memoryview(data))
+            assert array.flags.writeable and array.flags.c_contiguous
+
+
+# -- EXIF orientation -----------------------------------------------------------------------
+
+
+def with_orientation(fmt: str, orientation: int, size: tuple[int, int] = (20, 32)) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    options: dict[str, Any] = {"exif": exif.tobytes()}
+    if fmt == "JPEG":
+        options["quality"] = 92
+    return encode(photo(size, index=orientation), fmt, **options)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_every_exif_orientation_shows_what_exif_transpose_shows(
+    fmt: str, orientation: int, backend: str
+) -> None:
+    data = with_orientation(fmt, orientation)
+    decoded = ImageDecoder(backend=backend).decode(data)
+    expected = reference(data, "RGB")
+    swapped = orientation in (5, 6, 7, 8)
+    assert decoded.shape[:2] == ((32, 20) if swapped else (20, 32))
+    assert max_diff(decoded, expected) <= LOSSY.get(fmt, 0)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_orientation_then_exact_resize(orientation: int) -> None:
+    data = with_orientation("JPEG", orientation, size=(60, 100))
+    for backend in ("auto", "pillow"):
+        decoded = ImageDecoder(image_size=(16, 24), backend=backend).decode(data)
+        assert decoded.shape == (16, 24, 3)
+        shown = Image.fromarray(reference(data, "RGB")).resize((24, 16), Image.Resampling.BILINEAR)
+        assert np.abs(decoded.astype(int) - np.asarray(shown).astype(int)).mean() < 4
+
+
+def test_jpeg_orientation_reads_what_pillow_reads() -> None:
+    for orientation in range(1, 9):
+        data = with_orientation("JPEG", orientation)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.getexif().get(0x0112) == orientation
+        assert jpeg_orientation(data) == orientation
+    assert jpeg_orientation(SOURCES["jpeg-rgb"]()) == 1  # no EXIF at all
+
+
+def app1(tiff: bytes) -> bytes:
+    body = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
+def tiff_ifd(order: str, entries: list[tuple[int, int, int, bytes]], ifd: int = 8) -> bytes:
+    head = (b"II" if order == "<" else b"MM") + struct.pack(order + "HI", 42, ifd)
+    head += b"\0" * (ifd - len(head))
+    body = struct.pack(order + "H", len(entries))
+    for tag, kind, count, value in entries:
+        body += struct.pack(order + "HHI", tag, kind, count) + value.ljust(4, b"\0")
+    return head + body + b"\0\0\0\0"
+
+
+def orientation_entry(order: str, value: int) -> tuple[int, int, int, bytes]:
+    return 0x0112, 3, 1, struct.pack(order + "H", value)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_jpeg_orientation_reads_both_byte_orders(order: str) -> None:
+    for value in range(1, 9):
+        other = (0x010F, 2, 4, b"Cam\0")  # a tag before Orientation
+        data = b"\xff\xd8" + app1(tiff_ifd(order, [other, orientation_entry(order, value)]))
+        assert jpeg_orientation(data + b"\xff\xd9") == value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xd8",
+        b"\xff\xd8\xff",
+        b"\xff\xd8" + app1(b""),
+        b"\xff\xd8" + app1(b"XX\x2a\x00\x08\x00\x00\x00"),  # no byte order mark
+        b"\xff\xd8" + app1(b"II\x2a\x00"),  # shorter than a TIFF header
+        b"\xff\xd8" + app1(b"II\x2a\x00\xff\xff\xff\x7f"),  # IFD far past the end
+        b"\xff\xd8" + app1(b"II\x2a\x00\x08\x00\x00\x00\xff\xff"),  # 65535 entries, none there
+        b"\xff\xd8" + app1(tiff_ifd("<", [orientation_entry("<", 0)])),  # out of range
+        b"\xff\xd8" + app1(tiff_ifd("<", [orientation_entry("<", 9)])),
+        b"\xff\xd8" + app1(tiff_ifd(">", [orientation_entry(">", 65535)])),
+        b"\xff\xd8\xff\xe1\xff\xff" + b"Exif\x00\x00II",  # length past the end
+        b"\xff\xd8\xff\xe1\x00\x00\xff\xe1\x00\x01",  # zero and one length segments
+        b"\xff\xd8\x00\x00\x00\x00",  # no marker where one must be
+        b"\xff\xd8\xff\xda\x00\x04" + app1(tiff_ifd("<", [orientation_entry("<", 6)])),
+    ],
+    ids=[
+        "empty",
+        "soi-only",
+        "half-marker",
+        "empty-exif",
+        "no-byte-order",
+        "short-tiff",
+        "ifd-past-end",
+        "entries-missing",
+        "orientation-0",
+        "orientation-9",
+        "orientation-65535",
+        "segment-past-end",
+        "tiny-segments",
+        "no-marker",
+        "exif-after-scan",
+    ],
+)
+def test_malformed_exif_means_orientation_1(data: bytes) -> None:
+    assert jpeg_orientation(data) == 1
+
+
+def test_xmp_before_exif_is_skipped() -> None:
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x/>"
+    segment = b"\xff\xe1" + struct.pack(">H", len(xmp) + 2) + xmp
+    data = b"\xff\xd8" + segment + app1(tiff_ifd("<", [orientation_entry("<", 8)]))
+    assert jpeg_orientation(data) == 8
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(max_size=300))
+def test_jpeg_orientation_never_raises(tail: bytes) -> None:
+    assert 1 <= jpeg_orientation(b"\xff\xd8" + tail) <= 8
+    assert 1 <= jpeg_orientation(b"\xff\xd8" + app1(tail)) <= 8
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_a_jpeg_with_broken_exif_still_decodes_unrotated(backend: str) -> None:
+    plain = SOURCES["jpeg-rgb"]()
+    broken = plain[:2] + app1(b"II\x2a\x00\xff\xff\xff\x7f") + plain[2:]
+    decoded = ImageDecoder(backend=backend).decode(broken)
+    assert max_diff(decoded, ImageDecoder(backend=backend).decode(plain)) == 0
+
+
+# -- resizing with a DCT-domain pre-scale -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large_jpeg() -> bytes:
+    """A 1600 x 1200 photo-like JPEG: eight times the target below on each side."""
+    return encode(photo((1200, 1600), index=4), "JPEG", quality=90)
+
+
+def pillow_full_resize(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(image)
+
+
+def test_pillow_path_prescales_in_the_dct_domain_and_gives_the_exact_shape(
+    large_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scales: list[Any] = []
+    original = JpegImageFile.draft
+
+    def spy(self: JpegImageFile, mode: Any, size: Any) -> Any:
+        result = original(self, mode, size)
+        scales.append((size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
+    decoded = ImageDecoder(image_size=(150, 200), backend="pillow").decode(large_jpeg)
+    assert decoded.shape == (150, 200, 3)
+    # draft() picked a 1/8 scale: 200 x 150 pixels were decoded, not 1600 x 1200.
+    assert scales == [((200, 150), (200, 150))]
+    expected = pillow_full_resize(large_jpeg, (150, 200))
+    diff = np.abs(decoded.astype(int) - expected.astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) < 24
+
+
+def test_simplejpeg_path_prescales_in_the_dct_domain_and_gives_the_exact_shape(
+    large_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    original = simplejpeg.decode_jpeg
+
+    def spy(data: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return original(data, **kwargs)
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    decoder = ImageDecoder(image_size=(120, 170))
+    assert decoder.backend == "simplejpeg"
+    decoded = decoder.decode(large_jpeg)
+    assert decoded.shape == (120, 170, 3)
+    assert calls and calls[0]["min_height"] == 120 and calls[0]["min_width"] == 170
+    expected = pillow_full_resize(large_jpeg, (120, 170))
+    diff = np.abs(decoded.astype(int) - expected.astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) < 24
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 300), (1200, 1600), (2000, 100)])
+@pytest.mark.parametrize("mode", MODES)
+def test_any_target_size_is_met_exactly(
+    large_jpeg: bytes, size: tuple[int, int], mode: str
+) -> None:
+    for backend in ("auto", "pillow"):
+        decoded = ImageDecoder(mode, image_size=size, backend=backend).decode(large_jpeg)
+        assert decoded.shape == (*size, CHANNELS[mode])
+
+
+def test_resizing_a_png_matches_pillow_exactly() -> None:
+    data = SOURCES["png-rgba"]()
+    decoded = ImageDecoder("RGBA", image_size=(10, 14)).decode(data)
+    with Image.open(io.BytesIO(data)) as image:
+        expected = np.asarray(image.convert("RGBA").resize((14, 10), Image.Resampling.BILINEAR))
+    assert max_diff(decoded, expected) == 0
+
+
+# -- simplejpeg against Pillow --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("index", range(6))
+def test_simplejpeg_and_pillow_agree_on_plain_jpegs(mode: str, index: int) -> None:
+    size = [(36, 52), (64, 48), (17, 23), (128, 96), (8, 8), (250, 333)][index]
+    quality = [95, 90, 75, 60, 100, 85][index]
+    data = encode(photo(size, index=index), "JPEG", quality=quality)
+    fast = ImageDecoder(mode)
+    slow = ImageDecoder(mode, backend="pillow")
+    assert (fast.backend, slow.backend) == ("simplejpeg", "pillow")
+    assert max_diff(fast.decode(data), slow.decode(data)) <= 2
+
+
+# -- decompression bombs --------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` RGB, with a tiny IDAT."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header is rewritten to claim ``width`` x ``height``."""
+    data = bytearray(SOURCES["jpeg-rgb"]())
+    sof = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    data = bytearray(SOURCES["gif"]())
+    struct.pack_into("<HH", data, 6, width, height)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+@pytest.mark.parametrize(
+    "bomb",
+    [png_claiming(100_000, 100_000), jpeg_claiming(65_000, 65_000), gif_claiming(65_535, 65_535)],
+    ids=["png", "jpeg", "gif"],
+)
+def test_a_header_claiming_huge_dimensions_is_refused_naming_the_limit(
+    bomb: bytes, backend: str
+) -> None:
+    with pytest.raises(DecompressionError, match=r"limit of 178,?956,?970"):
+        ImageDecoder(backend=backend).decode(bomb)
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+@pytest.mark.parametrize("source", ["jpeg-rgb", "png-rgb", "gif", "webp-lossy", "tiff"])
+def test_max_pixels_is_the_configurable_limit(source: str, backend: str) -> None:
+    data = SOURCES[source]()  # 36 x 52 = 1,872 pixels
+    assert ImageDecoder(max_pixels=1_872, backend=backend).decode(data).shape[:2] == (36, 52)
+    with pytest.raises(DecompressionError, match=r"52x36 = 1,872 pixels.*limit of 1,871") as info:
+        ImageDecoder(max_pixels=1_871, backend=backend).decode(data)
+    assert "max_pixels" in str(info.value)
+
+
+def test_between_pillows_warning_and_its_error_max_pixels_decides() -> None:
+    # 100 M pixels: past Pillow's DecompressionBombWarning, short of its error. The warning
+    # must neither escape as an exception nor replace the decoder's own limit.
+    bomb = png_claiming(10_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DecompressionError, match="limit of 50,000,000"):
+            ImageDecoder(max_pixels=50_000_000).decode(bomb)
+        with pytest.raises(DecompressionError, match=r"truncated|broken|decode"):
+            ImageDecoder().decode(bomb)  # allowed by the default limit; its data is missing
+
+
+# -- corrupt, truncated and foreign bytes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+@pytest.mark.parametrize("source", ["jpeg-rgb", "jpeg-progressive", "png-rgb", "png-palette"])
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.1])
+def test_a_truncated_image_is_refused(source: str, keep: float, backend: str) -> None:
+    data = SOURCES[source]()
+    with pytest.raises(DecompressionError, match="cannot decode image"):
+        ImageDecoder(backend=backend).decode(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_a_png_with_a_damaged_chunk_is_refused(backend: str) -> None:
+    data = bytearray(SOURCES["png-rgb"]())
+    idat = data.find(b"IDAT")
+    data[idat + 20] ^= 0xFF  # the chunk CRC no longer matches
+    with pytest.raises(DecompressionError):
+        ImageDecoder(backend=backend).decode(bytes(data))
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_a_jpeg_with_a_damaged_header_is_refused(backend: str) -> None:
+    data = bytearray(SOURCES["jpeg-rgb"]())
+    dqt = data.find(b"\xff\xdb")
+    data[dqt + 2 : dqt + 4] = b"\x00\x01"  # a quantisation table length of 1
+    with pytest.raises(DecompressionError):
+        ImageDecoder(backend=backend).decode(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"not an image", b"\0" * 100],
+    ids=["empty", "soi", "png-magic", "gif-magic", "text", "zeros"],
+)
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_bytes_that_are_no_image_are_refused(data: bytes, backend: str) -> None:
+    with pytest.raises(DecompressionError, match="cannot decode image"):
+        ImageDecoder(backend=backend).decode(data)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "ICO", "PCX", "SGI", "DDS"])
+def test_formats_a_chunk_never_holds_are_refused(fmt: str) -> None:
+    data = encode(photo((16, 16)), fmt)
+    with pytest.raises(DecompressionError, match="cannot identify"):
+        ImageDecoder().decode(data)
+
+
+def test_an_eps_member_never_starts_ghostscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("Ghostscript was started on a chunk member")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto showpage\n%%EOF\n"
+    with pytest.raises(DecompressionError, match="cannot identify"):
+        ImageDecoder().decode(eps)
+
+
+FUZZ_FORMATS = {
+    "jpeg": lambda: encode(photo((24, 24)), "JPEG", quality=80),
+    "png": lambda: encode(photo((24, 24), mode="P"), "PNG"),
+    "gif": lambda: encode(photo((24, 24), mode="P"), "GIF"),
+    "bmp": lambda: encode(photo((12, 12)), "BMP"),
+    "tiff": lambda: encode(photo((12, 12)), "TIFF"),
+    "webp": lambda: encode(photo((24, 24)), "WEBP"),
+}
+FUZZ_BASES = {name: make() for name, make in FUZZ_FORMATS.items()}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on what it skipped
+@settings(
+    max_examples=int(os.environ.get("PIXCRAWLER_FUZZ_EXAMPLES", 400)),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    st.sampled_from(sorted(FUZZ_BASES)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    st.integers(0, 10_000),
+    st.sampled_from(["auto", "pillow"]),
+    st.sampled_from(MODES),
+)
+def test_damaged_images_decode_or_raise_a_decompression_error(
+    name: str, edits: list[tuple[int, int]], cut: int, backend: str, mode: str
+) -> None:
+    data = bytearray(FUZZ_BASES[name])
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    data = data[: max(1, len(data) - cut % len(data))]
+    try:
+        array = ImageDecoder(mode, backend=backend, max_pixels=1 << 22).decode(bytes(data))
+    except DecompressionError:
+        return
+    assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == CHANNELS[mode]

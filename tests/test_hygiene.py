@@ -1,0 +1,410 @@
+"""Resource hygiene: however an iteration ends (finished, early ``break``, an exception,
+``KeyboardInterrupt``, ``close()`` from another thread, Ctrl-C), no SDK thread, socket or
+temp file is left behind; and a chunk written to disk never has its final name until it
+is complete and verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import LiveServer
+from constants import JOB_UNIFORM, TEST_KEY, UNIFORM_TOTAL
+from imagegen import make_image_folder
+from pixcrawler import Dataset, load_dataset
+from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
+from pixcrawler.packer import pack
+from pixcrawler.testing import Fault, FaultProxy, FaultSchedule
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts sockets in /proc"),
+]
+
+FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
+
+
+# -- what is left behind -----------------------------------------------------------------------
+
+
+def sdk_threads() -> list[threading.Thread]:
+    """Threads the SDK starts (downloads, ranges, decoders); the test servers are not ours."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("pixcrawler-") and not t.name.startswith("pixcrawler-server")
+    ]
+
+
+def open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed between listdir and readlink
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def settles(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether ``condition`` holds within ``timeout`` (servers close their side of a
+    connection a moment after the client closes its own)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class Baseline:
+    """Threads, sockets and temp files before a scenario, to compare with after it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        gc.collect()
+        self.sockets = open_sockets()
+
+    def no_threads(self) -> None:
+        assert settles(lambda: not sdk_threads(), 2.0), [t.name for t in sdk_threads()]
+
+    def no_sockets(self) -> None:
+        gc.collect()
+        assert settles(lambda: open_sockets() <= self.sockets), (open_sockets(), self.sockets)
+
+    def no_temp_files(self) -> None:
+        assert sorted(self.tmp.rglob("*")) == []
+
+    def all_clean(self) -> None:
+        self.no_threads()
+        self.no_sockets()
+        self.no_temp_files()
+
+
+@pytest.fixture
+def baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Baseline]]:
+    """Point every temp dir at a fresh folder; ``baseline()`` then snapshots the process."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setenv("PIXCRAWLER_CACHE_DIR", str(tmp / "cache"))
+    assert not sdk_threads()  # nothing left over from an earlier test
+    yield lambda: Baseline(tmp)
+
+
+def open_uniform(
+    live_server: LiveServer, base_url: str | None = None, **options: object
+) -> Dataset:
+    merged: dict[str, object] = {**FAST, **options}
+    return load_dataset(
+        JOB_UNIFORM, live_server.api_key, base_url or live_server.base_url, **merged
+    )  # type: ignore[arg-type]
+
+
+# -- each way an iteration can end ------------------------------------------------------------
+
+
+def test_a_finished_iteration_and_close_leave_nothing(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    before = baseline()
+    dataset = open_uniform(live_server, max_workers=4, prefetch=2)
+    assert sum(1 for _ in dataset) == UNIFORM_TOTAL
+    before.no_threads()
+    dataset.close()
+    before.all_clean()
+
+
+def test_an_early_break_stops_every_thread_at_once(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    before = baseline()
+    dataset = open_uniform(live_server, prefetch=3)
+    for i, _ in enumerate(dataset):
+        if i == 2:
+            break
+    before.no_threads()  # the generator was closed by the break itself: no gc, no close()
+    for _ in dataset.iter_batches(batch_size=8):
+        break
+    before.no_threads()
+    dataset.close()
+    before.all_clean()
+
+
+def test_dropping_a_dataset_without_close_releases_its_sockets(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    before = baseline()
+    dataset = open_uniform(live_server)
+    next(iter(dataset))
+    del dataset
+    before.all_clean()
+
+
+def test_keyboard_interrupt_from_the_loop_body_stops_everything(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    before = baseline()
+    dataset = open_uniform(live_server, prefetch=2)
+
+    def train() -> None:
+        for i, _ in enumerate(dataset):
+            if i == 5:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    before.no_threads()
+    dataset.close()
+    before.all_clean()
+
+
+def test_a_download_error_mid_iteration_leaves_nothing(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    schedule = FaultSchedule.script([Fault("corrupt", offset=10)] * 2, match="/chunks/2$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        before = baseline()
+        dataset = open_uniform(live_server, proxy.base_url, prefetch=2)
+        seen = 0
+        with pytest.raises(DownloadError) as info:
+            for _ in dataset:
+                seen += 1
+        assert info.value.chunk_id == 2 and 0 < seen <= 32
+        del info
+        before.no_threads()
+        dataset.close()
+        before.no_sockets()
+        before.no_temp_files()
+
+
+def test_a_server_failure_exhausting_retries_leaves_nothing(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    faults = [Fault("reset", after_bytes=500)] * 10
+    with FaultProxy(
+        live_server.base_url, schedule=FaultSchedule.script(faults, match="/chunks/1$")
+    ) as proxy:
+        before = baseline()
+        dataset = open_uniform(live_server, proxy.base_url, max_workers=2)
+        with pytest.raises(DownloadError, match="Chunk 1 failed after 3 attempts"):
+            list(dataset)
+        before.no_threads()
+        dataset.close()
+        before.all_clean()
+
+
+@pytest.fixture
+def corrupt_image_server(tmp_path: Path, server_factory: Callable[..., str]) -> str:
+    """A job whose 9th image (of 12, chunks of 4) is a PNG cut in half, packed as such."""
+    src = make_image_folder(tmp_path / "src", {"a": 12}, formats=("png",), seed=8)
+    good = (src / "a" / "0008.png").read_bytes()
+    store = tmp_path / "store"
+    pack(src, store, job_id="job_bad_image", chunk_size=4)
+    # Repack one chunk with the broken image (sha256s recomputed, so only decoding fails).
+    (src / "a" / "0008.png").write_bytes(good[: len(good) // 2])
+    return _repacked(src, store, server_factory)
+
+
+def _repacked(src: Path, store: Path, server_factory: Callable[..., str]) -> str:
+    import hashlib
+    import io
+    import zipfile
+
+    job_path = store / "job_bad_image" / "job.json"
+    job = json.loads(job_path.read_text())
+    chunk_path = store / "job_bad_image" / "chunks" / "00002.zip"
+    with zipfile.ZipFile(chunk_path) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+        members = {name: zf.read(name) for name in zf.namelist()}
+    broken = (src / "a" / "0008.png").read_bytes()
+    for entry in manifest["images"]:
+        if entry["path"] == "a/0008.png":
+            entry["sha256"] = hashlib.sha256(broken).hexdigest()
+    members["a/0008.png"] = broken
+    members["manifest.json"] = json.dumps(manifest).encode()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("manifest.json", members.pop("manifest.json"))
+        for name, data in members.items():
+            zf.writestr(name, data)
+    chunk_path.write_bytes(out.getvalue())
+    entry = job["chunks"][2]
+    entry["size_bytes"] = len(out.getvalue())
+    entry["sha256"] = hashlib.sha256(out.getvalue()).hexdigest()
+    job_path.write_text(json.dumps(job))
+    return server_factory(store)
+
+
+def test_a_corrupt_image_with_on_error_raise_leaves_nothing(
+    corrupt_image_server: str, baseline: Callable[[], Baseline]
+) -> None:
+    before = baseline()
+    dataset = load_dataset("job_bad_image", TEST_KEY, corrupt_image_server, on_error="raise")
+    seen = 0
+    with pytest.raises(DecompressionError) as info:
+        for _ in dataset:
+            seen += 1
+    assert info.value.sample_id == "a/0008.png" and seen == 8
+    del info
+    before.no_threads()
+    dataset.close()
+    before.all_clean()
+    skipping = load_dataset("job_bad_image", TEST_KEY, corrupt_image_server, on_error="skip")
+    assert sum(1 for _ in skipping) == 11 and skipping.stats.skipped_ids == ["a/0008.png"]
+    skipping.close()
+    before.all_clean()
+
+
+def test_close_from_another_thread_during_a_stall_leaves_nothing(
+    live_server: LiveServer, baseline: Callable[[], Baseline]
+) -> None:
+    stall = Fault("stall", after_bytes=1_000, seconds=60)
+    with FaultProxy(
+        live_server.base_url, schedule=FaultSchedule.script([stall], match="/chunks/0$")
+    ) as proxy:
+        before = baseline()
+        dataset = open_uniform(live_server, proxy.base_url, timeout=60)
+        outcome: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                list(dataset)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=consume)
+        worker.start()
+        assert settles(lambda: proxy.stats.bytes_forwarded >= 1_000)
+        started = time.monotonic()
+        dataset.close()
+        worker.join(10)
+        assert not worker.is_alive() and time.monotonic() - started < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], PixCrawlerError)
+        outcome.clear()
+        before.no_threads()
+    before.all_clean()  # once the proxy's stalled handler has let go of its sockets too
+
+
+def test_ctrl_c_while_waiting_on_a_stalled_chunk_exits_at_once(live_server: LiveServer) -> None:
+    """A real SIGINT to a training script blocked on a chunk that will not come for a
+    minute: the script is interrupted and the process exits, it does not wait it out."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from pixcrawler import load_dataset
+        dataset = load_dataset(sys.argv[1], sys.argv[2], sys.argv[3], timeout=120, prefetch=2)
+        for i, (image, label) in enumerate(dataset):
+            if i == 0:
+                print("training", flush=True)
+        """
+    )
+    stall = Fault("stall", after_bytes=100, seconds=60)
+    with FaultProxy(
+        live_server.base_url, schedule=FaultSchedule.script([stall], match="/chunks/2$")
+    ) as proxy:
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "training"
+            assert settles(lambda: proxy.stats.faults["stall"] == 1, 20)
+            time.sleep(0.3)  # the consumer is now blocked on chunk 2
+            interrupted = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            _, stderr = child.communicate(timeout=20)
+        finally:
+            if child.poll() is None:
+                child.kill()
+        assert time.monotonic() - interrupted < 5
+        assert child.returncode != 0 and "KeyboardInterrupt" in stderr
+
+
+# -- downloads to disk are atomic --------------------------------------------------------------
+
+
+def chunk_file(live_server: LiveServer, index: int) -> bytes:
+    return (live_server.store / JOB_UNIFORM / "chunks" / f"{index:05d}.zip").read_bytes()
+
+
+def test_a_stalled_download_to_disk_has_only_a_part_file(
+    live_server: LiveServer, tmp_path: Path, baseline: Callable[[], Baseline]
+) -> None:
+    expected = chunk_file(live_server, 1)
+    stall = Fault("stall", after_bytes=4_000, seconds=60)
+    with FaultProxy(
+        live_server.base_url, schedule=FaultSchedule.script([stall], match="/chunks/1$")
+    ) as proxy:
+        before = baseline()
+        dataset = open_uniform(live_server, proxy.base_url, timeout=60)
+        downloader = dataset.downloader()
+        target = tmp_path / "out" / "00001.zip"
+        target.parent.mkdir()
+        part = target.with_name("00001.zip.part")
+        errors: list[BaseException] = []
+
+        def download() -> None:
+            try:
+                downloader.fetch_to_file(1, target)
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=download)
+        worker.start()
+        # Mid-body: the bytes so far go to the .part file; the final name does not exist.
+        assert settles(lambda: part.exists() and proxy.stats.faults["stall"] == 1)
+        assert settles(lambda: downloader.stats.bytes_received == 4_000)
+        assert not target.exists()
+        assert sorted(p.name for p in target.parent.iterdir()) == ["00001.zip.part"]
+        dataset.close()
+        worker.join(10)
+        assert not worker.is_alive() and len(errors) == 1
+        assert not target.exists() and part.stat().st_size == 4_000  # kept, to resume
+        errors.clear()
+        before.no_threads()
+    # Counted once the proxy has stopped: its stalled handler holds its own sockets.
+    before.no_sockets()
+
+    # A later run resumes the .part with Range and only then takes the final name.
+    again = open_uniform(live_server)
+    downloader = again.downloader()
+    downloader.fetch_to_file(1, target)
+    assert target.read_bytes() == expected and not part.exists()
+    assert downloader.stats.resumed == 1
+    assert downloader.stats.bytes_received == len(expected) - 4_000
+    again.close()
+    before.all_clean()
+
+
+def test_a_download_to_disk_that_fails_verification_never_takes_the_final_name(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    schedule = FaultSchedule.script([Fault("corrupt", offset=123)] * 2, match="/chunks/3$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = open_uniform(live_server, proxy.base_url)
+        target = tmp_path / "00003.zip"
+        with pytest.raises(DownloadError, match="corrupt"):
+            dataset.downloader().fetch_to_file(3, target)
+        assert not target.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["00003.zip.part"])
+        assert not (tmp_path / "00003.zip.part").exists() or (
+            (tmp_path / "00003.zip.part").stat().st_size == 0
+        )
+        dataset.close()
