@@ -563,6 +563,7 @@ FUZZ_SETTINGS = settings(
     max_examples=int(os.environ.get("PIXCRAWLER_FUZZ_EXAMPLES", 300)),
     deadline=None,
     database=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

@@ -512,6 +512,7 @@ FUZZ_BASES = {name: make() for name, make in FUZZ_FORMATS.items()}
     max_examples=int(os.environ.get("PIXCRAWLER_FUZZ_EXAMPLES", 400)),
     deadline=None,
     database=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(

@@ -80,6 +80,15 @@ def soak_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
         yield base_url, result.num_chunks, result.size_bytes
 
 
+def why(exc: PixCrawlerError) -> str:
+    text = str(exc)
+    if "corrupt" in text:
+        return "corrupt twice in a row"
+    if "attempts" in text:
+        return "faults past the retries"
+    return text[:60]
+
+
 def report(title: str, tally: Tally, faults: Counter[str]) -> None:
     kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(faults.items()))
     failed = ", ".join(f"{kind} {count}" for kind, count in sorted(tally.failed.items())) or "none"
@@ -111,7 +120,7 @@ def test_iterating_under_a_20_percent_fault_mix_is_exact_or_a_typed_error(
             try:
                 outcome = digest(dataset)
             except PixCrawlerError as exc:  # anything else fails the test
-                tally.failed[type(exc).__name__] += 1
+                tally.failed[f"{type(exc).__name__} ({why(exc)})"] += 1
             else:
                 assert outcome == clean  # never a wrong, missing or repeated image
                 tally.survived += 1
@@ -155,7 +164,7 @@ def test_downloads_to_disk_under_the_fault_mix_are_exact_or_a_typed_error(
             try:
                 downloader.fetch_to_file(index, target)
             except PixCrawlerError as exc:
-                outcomes[type(exc).__name__] += 1
+                outcomes[f"{type(exc).__name__} ({why(exc)})"] += 1
                 assert not target.exists()  # a failed download never takes the name
                 continue
             assert target.read_bytes() == store_files[index]
