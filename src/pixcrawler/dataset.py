@@ -442,7 +442,7 @@ class Dataset:
                     if item is None:
                         break
                     archive, group, last = item
-                    future = pool.submit(_decode_group, archive, group, decoder)
+                    future = pool.submit(decode_group, archive, group, decoder)
                     inflight.append((group, future, archive if last else None))
                     if last:
                         chunk_ends.append(len(inflight))
@@ -460,7 +460,7 @@ class Dataset:
                 self.stats.wait_seconds += time.perf_counter() - waited
                 for sample, result in zip(group, results, strict=True):
                     if isinstance(result, DecompressionError):
-                        self._on_bad_sample(sample, result)
+                        self.on_bad_sample(sample, result)
                         continue
                     if self.stats.first_image_seconds is None:
                         self.stats.first_image_seconds = time.perf_counter() - started
@@ -489,31 +489,38 @@ class Dataset:
                 end = start + config.DECODE_GROUP
                 yield archive, samples[start:end], end >= len(samples)
 
-    def _on_bad_sample(self, sample: Sample, error: DecompressionError) -> None:
+    def on_bad_sample(
+        self, sample: Sample, error: DecompressionError, *, stacklevel: int = 4
+    ) -> None:
+        """Apply ``on_error`` to one undecodable sample: raise it, or count and skip it."""
         if self.on_error == "raise":
             raise error
         self.stats.skipped += 1
         self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
-            warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=stacklevel)
 
 
-def _decode_group(
+def decode_sample(
+    archive: ChunkArchive, sample: Sample, decoder: ImageDecoder
+) -> np.ndarray | DecompressionError:
+    """One sample's pixels, or the error that names it (returned, so a pool can carry it)."""
+    try:
+        return decoder.decode(archive.payload(sample))
+    except DecompressionError as exc:
+        message = exc.message
+        if sample.id not in message:
+            message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
+        error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
+        error.__cause__ = exc.__cause__ or exc
+        return error
+
+
+def decode_group(
     archive: ChunkArchive, group: list[Sample], decoder: ImageDecoder
 ) -> list[np.ndarray | DecompressionError]:
     """Runs on a decode thread: every sample's pixels, or the error that names it."""
-    results: list[np.ndarray | DecompressionError] = []
-    for sample in group:
-        try:
-            results.append(decoder.decode(archive.payload(sample)))
-        except DecompressionError as exc:
-            message = exc.message
-            if sample.id not in message:
-                message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
-            error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
-            error.__cause__ = exc.__cause__ or exc
-            results.append(error)
-    return results
+    return [decode_sample(archive, sample, decoder) for sample in group]
 
 
 def _put(target: np.ndarray, row: int, image: np.ndarray, sample: Sample) -> None:

@@ -24,7 +24,6 @@ import operator
 import os
 import threading
 import types
-import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore
+from .dataset import decode_group, decode_sample
 from .decode import ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
@@ -403,12 +403,12 @@ class _MapStyle(_TorchBridge):
             if len(archive.samples) != self._counts[chunk]:
                 raise _count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
             sample = archive.samples[offset]
-            result = _decode(archive, sample, local.decoder)
+            result = decode_sample(archive, sample, local.decoder)
             if isinstance(result, np.ndarray):
                 local.handle.stats.images += 1
                 return result, sample
             local.bad.add(current)
-            _on_bad_sample(local.handle, sample, result)
+            local.handle.on_bad_sample(sample, result, stacklevel=2)
         raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
 
 
@@ -501,7 +501,7 @@ class _Streaming(_TorchBridge):
                 handle.stats.images += 1
                 yield result, sample
             else:
-                _on_bad_sample(handle, sample, result)
+                handle.on_bad_sample(sample, result, stacklevel=2)
                 missing += 1
         if not missing:
             return
@@ -633,36 +633,6 @@ def _count_mismatch(job_id: str, chunk: int, listed: int, archive: ChunkArchive)
     )
 
 
-def _decode(
-    archive: ChunkArchive, sample: Sample, decoder: ImageDecoder
-) -> np.ndarray | DecompressionError:
-    """The sample's pixels, or the error that names it (for the on_error policy)."""
-    try:
-        return decoder.decode(archive.payload(sample))
-    except DecompressionError as exc:
-        message = exc.message
-        if sample.id not in message:
-            message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
-        error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
-        error.__cause__ = exc.__cause__ or exc
-        return error
-
-
-def _decode_many(
-    archive: ChunkArchive, samples: list[Sample], decoder: ImageDecoder
-) -> list[np.ndarray | DecompressionError]:
-    return [_decode(archive, sample, decoder) for sample in samples]
-
-
-def _on_bad_sample(handle: Dataset, sample: Sample, error: DecompressionError) -> None:
-    if handle.on_error == "raise":
-        raise error
-    handle.stats.skipped += 1
-    handle.stats.skipped_ids.append(sample.id)
-    if handle.on_error == "warn":
-        warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=2)
-
-
 def _decode_segments(
     handle: Dataset,
     decoder: ImageDecoder,
@@ -700,7 +670,7 @@ def _decode_segments(
     try:
         while True:
             for archive, group, last in pending:
-                future = pool.submit(_decode_many, archive, group, decoder)
+                future = pool.submit(decode_group, archive, group, decoder)
                 inflight.append(_Inflight(group, future, archive if last else None))
                 if len(inflight) >= config.DECODE_GROUPS_IN_FLIGHT:
                     break
