@@ -648,3 +648,23 @@ def test_every_single_byte_change_is_caught_or_harmless(pos: int, value: int) ->
         # A payload that passed its sha256 is exactly the packed image: no silent change.
         assert payload == bytes(clean.payload(packed[sample.path]))
         decoder.decode(payload)
+
+
+def test_an_image_is_hashed_once_per_archive_and_a_bad_one_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = standard_images()
+    entries = [{"path": p, "label": p.split("/")[0], "id": p, "sha256": sha(d)} for p, d in images]
+    entries[1]["sha256"] = sha(b"something else")
+    archive = ChunkArchive(build_chunk(images, entries=entries))
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(
+        "pixcrawler.archive.hashlib.sha256", lambda data: calls.append(1) or real(data)
+    )
+    good, bad = archive.samples[0], archive.samples[1]
+    for _ in range(3):  # a map-style dataset reads the archive it keeps again every epoch
+        assert bytes(archive.payload(good)) == images[0][1]
+        with pytest.raises(DecompressionError, match="sha256 does not match"):
+            archive.payload(bad)
+    assert len(calls) == 1 + 3

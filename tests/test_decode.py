@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
 from imagegen import make_image
-from pixcrawler.decode import ImageDecoder, jpeg_orientation
+from pixcrawler.decode import ImageBuffers, ImageDecoder, jpeg_orientation
 from pixcrawler.exceptions import DecompressionError
 
 pytestmark = pytest.mark.timeout(60)
@@ -140,6 +140,98 @@ def test_decoded_arrays_are_writable_and_owned() -> None:
         for backend in ("auto", "pillow"):
             array = ImageDecoder(backend=backend).decode(memoryview(data))
             assert array.flags.writeable and array.flags.c_contiguous
+
+
+# -- reusable output buffers ----------------------------------------------------------------
+
+
+def jpegs(count: int, size: tuple[int, int] = (40, 56)) -> list[bytes]:
+    return [encode(photo(size, index=i), "JPEG", quality=90) for i in range(count)]
+
+
+def address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def test_buffered_decoding_gives_the_same_pixels() -> None:
+    data = jpegs(6)
+    plain = ImageDecoder()
+    buffered = ImageDecoder(buffers=ImageBuffers(2))
+    for blob in data:
+        image = buffered.decode(blob)
+        assert image.flags.writeable and image.flags.c_contiguous
+        assert np.array_equal(image, plain.decode(blob))
+
+
+def test_a_dropped_image_gives_its_buffer_to_the_next() -> None:
+    buffers = ImageBuffers(4)
+    decoder = ImageDecoder(buffers=buffers)
+    data = jpegs(20)
+    first = address(decoder.decode(data[0]))  # dropped at once
+    assert all(address(decoder.decode(blob)) == first for blob in data[1:])
+    assert len(buffers) == 1
+
+
+def test_an_image_still_referenced_keeps_its_buffer() -> None:
+    decoder = ImageDecoder(buffers=ImageBuffers(3))
+    data = jpegs(12)
+    kept = decoder.decode(data[0])
+    expected = kept.copy()
+    view = kept[5:20, ::2]  # a view alone, the image itself dropped
+    view_expected = view.copy()
+    del kept
+    tensor_source = decoder.decode(data[1])
+    from_buffer = memoryview(tensor_source)  # as torch.from_numpy or PIL would hold it
+    source_expected = tensor_source.copy()
+    del tensor_source
+    for blob in data[2:] * 3:  # more images than the pool tracks, all dropped
+        decoder.decode(blob)
+    assert np.array_equal(view, view_expected)
+    assert np.array_equal(np.asarray(from_buffer), source_expected)
+    assert not np.array_equal(expected, decoder.decode(data[2]))  # a sanity check
+
+
+def test_keeping_every_image_is_safe_beyond_the_pool() -> None:
+    decoder = ImageDecoder(buffers=ImageBuffers(2))
+    plain = ImageDecoder()
+    data = jpegs(9, size=(30, 44)) + jpegs(3, size=(64, 80))
+    kept = [decoder.decode(blob) for blob in data]
+    assert len({address(image) for image in kept}) == len(kept)
+    for image, blob in zip(kept, data, strict=True):
+        assert np.array_equal(image, plain.decode(blob))
+
+
+def test_a_larger_image_never_overruns_a_smaller_buffer() -> None:
+    buffers = ImageBuffers(1)
+    decoder = ImageDecoder(buffers=buffers)
+    small, large = jpegs(1, size=(16, 16))[0], jpegs(1, size=(300, 400))[0]
+    decoder.decode(small)
+    image = decoder.decode(large)
+    assert image.shape == (300, 400, 3)
+    assert np.array_equal(image, ImageDecoder().decode(large))
+
+
+@pytest.mark.timeout(60)
+def test_threads_sharing_buffers_never_share_an_image() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    decoder = ImageDecoder(buffers=ImageBuffers(8))
+    data = jpegs(16)
+    expected = [ImageDecoder().decode(blob) for blob in data]
+
+    def check(i: int) -> bool:
+        image = decoder.decode(data[i % len(data)])
+        held = [decoder.decode(data[(i + 1) % len(data)]) for _ in range(3)]
+        same = all(np.array_equal(h, expected[(i + 1) % len(data)]) for h in held)
+        return same and np.array_equal(image, expected[i % len(data)])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(400)))
+
+
+def test_image_buffers_count_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="count"):
+        ImageBuffers(0)
 
 
 # -- EXIF orientation -----------------------------------------------------------------------

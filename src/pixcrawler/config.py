@@ -40,6 +40,7 @@ MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
 DEFAULT_DECODE_THREADS = 2
 DECODE_GROUP = 16  # images per decode task (one future per image costs ~60 us)
 DECODE_GROUPS_IN_FLIGHT = 4  # decoded images held ahead = this x DECODE_GROUP
+IMAGE_BUFFERS = 96  # reusable decode outputs: the lookahead, or a batch of 64, and slack
 SUPPORTED_MODES = ("RGB", "L", "RGBA")
 ON_ERROR_POLICIES = ("raise", "skip", "warn")
 

@@ -23,7 +23,7 @@ from . import config
 from .archive import ChunkArchive, Sample
 from .auth import resolve_api_key, resolve_base_url
 from .client import ApiClient
-from .decode import ImageDecoder, validate_image_size
+from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
 from .models import Job
@@ -252,7 +252,7 @@ class Dataset:
     ) -> Iterator[tuple[Sample, np.ndarray]]:
         """Yield ``(sample, image)`` with the sample's id, path and metadata."""
         size = validate_image_size(image_size) if image_size is not None else self.image_size
-        samples = self._decoded(ImageDecoder(self.mode, size), chunks)
+        samples = self._decoded(ImageDecoder(self.mode, size, buffers=ImageBuffers()), chunks)
         if not self.progress:
             yield from samples
             return

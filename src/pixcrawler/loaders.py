@@ -36,7 +36,7 @@ from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore
 from .dataset import decode_group, decode_sample
-from .decode import ImageDecoder, validate_image_size
+from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
 if TYPE_CHECKING:
@@ -221,7 +221,8 @@ class _TorchBridge:
             return self._local
 
     def _open(self, handle: Dataset) -> _Local:
-        return _Local(handle, ImageDecoder(handle.mode, self.image_size))
+        decoder = ImageDecoder(handle.mode, self.image_size, buffers=ImageBuffers())
+        return _Local(handle, decoder)
 
     def _label_id(self, sample: Sample) -> int:
         try:
