@@ -260,3 +260,41 @@ def test_iterating_recycles_chunk_buffers(live_server: LiveServer) -> None:
             list(dataset)
     assert len(taken) == 3 * dataset.num_chunks
     assert len(set(taken)) < len(taken)  # buffers came back and were used again
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_the_chunks_being_decoded_count_in_the_window(
+    live_server: LiveServer, prefetch: int
+) -> None:
+    """At most prefetch + 1 chunk buffers exist at once, the ones being decoded included
+    (the design's memory bound): a chunk finishing its last groups while the next one
+    starts does not open the window further."""
+    from pixcrawler.downloader import ChunkDownloader
+
+    lock = threading.Lock()
+    state = {"out": 0, "peak": 0, "fetched": 0}
+    fetch, recycle = ChunkDownloader.fetch, ChunkDownloader.recycle
+
+    def counting_fetch(self: ChunkDownloader, index: int, cancel: object = None) -> bytearray:
+        with lock:
+            state["out"] += 1
+            state["fetched"] += 1
+            state["peak"] = max(state["peak"], state["out"])
+        return fetch(self, index, cancel)  # type: ignore[arg-type]
+
+    def counting_recycle(self: ChunkDownloader, buffer: bytearray | None) -> None:
+        with lock:
+            state["out"] -= 1
+        recycle(self, buffer)
+
+    dataset = load_dataset(
+        JOB_UNIFORM, live_server.api_key, live_server.base_url, prefetch=prefetch
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ChunkDownloader, "fetch", counting_fetch)
+        patch.setattr(ChunkDownloader, "recycle", counting_recycle)
+        for _ in dataset:
+            time.sleep(0.001)  # a consumer slower than the loopback: the window fills
+        assert sum(1 for _ in dataset.iter_batches(batch_size=7)) == -(-UNIFORM_TOTAL // 7)
+    assert state["fetched"] == 2 * dataset.num_chunks and state["out"] == 0
+    assert state["peak"] <= prefetch + 1

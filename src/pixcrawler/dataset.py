@@ -23,7 +23,7 @@ from . import config
 from .archive import ChunkArchive, Sample
 from .auth import resolve_api_key, resolve_base_url
 from .client import ApiClient
-from .decode import ImageBuffers, ImageDecoder, validate_image_size
+from .decode import ImageDecoder, validate_image_size
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
 from .models import Job
@@ -252,7 +252,7 @@ class Dataset:
     ) -> Iterator[tuple[Sample, np.ndarray]]:
         """Yield ``(sample, image)`` with the sample's id, path and metadata."""
         size = validate_image_size(image_size) if image_size is not None else self.image_size
-        samples = self._decoded(ImageDecoder(self.mode, size, buffers=ImageBuffers()), chunks)
+        samples = self._decoded(ImageDecoder(self.mode, size), chunks)
         if not self.progress:
             yield from samples
             return
@@ -453,10 +453,8 @@ class Dataset:
                 results = future.result()
                 if finished is not None:
                     # Every group of that chunk has decoded (in order): its bytes are free.
-                    reusable = finished.close()
-                    if reusable is not None:
-                        downloader.recycle(reusable)
-                    del finished, reusable
+                    downloader.recycle(finished.close())
+                    del finished
                 self.stats.wait_seconds += time.perf_counter() - waited
                 for sample, result in zip(group, results, strict=True):
                     if isinstance(result, DecompressionError):
@@ -477,13 +475,14 @@ class Dataset:
         self, downloader: ChunkDownloader, chunks: list[int] | None
     ) -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
         """(archive, group of samples, whether it is the chunk's last group)."""
-        for chunk, data in downloader.iter_chunks(chunks):
+        for chunk, data in downloader.iter_chunks(chunks, recycles=True):
             archive = ChunkArchive(data, chunk_id=chunk.index)
             del data
             self.stats.chunks += 1
             log.debug("chunk %d: %d images", chunk.index, len(archive))
             samples = archive.samples
             if not samples:
+                downloader.recycle(archive.close())
                 continue
             for start in range(0, len(samples), config.DECODE_GROUP):
                 end = start + config.DECODE_GROUP

@@ -10,8 +10,9 @@ Guarantees:
   with :class:`DownloadError`;
 - the API key goes only to the API's origin (the client sees to that), and an expired
   presigned URL (403/410 from another host) makes the job's URLs be read again, once;
-- ``iter_chunks`` holds at most ``prefetch`` chunks ahead of its consumer, and closing it
-  (an early ``break``) cancels what is in flight and unblocks its sockets at once.
+- ``iter_chunks`` holds at most ``prefetch`` chunks ahead of its consumer (``prefetch + 1``
+  buffers in all for a consumer that recycles), and closing it (an early ``break``)
+  cancels what is in flight and unblocks its sockets at once.
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ class ChunkDownloader:
         self._closed = threading.Event()
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
+        self._released: list[Callable[[], None]] = []  # the recycling iteration's hook
 
     # -- public ----------------------------------------------------------------------------
 
@@ -269,37 +271,72 @@ class ChunkDownloader:
         finally:
             self._unwatch(cancel)
 
-    def iter_chunks(self, order: Iterable[int] | None = None) -> Iterator[tuple[Chunk, bytearray]]:
-        """Chunks in ``order`` (default: by index), ``prefetch`` of them in flight ahead."""
+    def iter_chunks(
+        self, order: Iterable[int] | None = None, *, recycles: bool = False
+    ) -> Iterator[tuple[Chunk, bytearray]]:
+        """Chunks in ``order`` (default: by index), ``prefetch`` of them in flight ahead.
+
+        ``recycles=True`` is the consumer's promise to call :meth:`recycle` once for every
+        chunk it got, when it is done with it. Then the chunks it still holds count against
+        the window: ``prefetch + 1`` chunk buffers at most, the one being consumed included,
+        where a consumer that finishes one chunk while starting the next would otherwise
+        hold ``prefetch + 2``.
+        """
         todo = iter(self.indexes if order is None else list(order))
         cancel = threading.Event()
         pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="pixcrawler-download")
         window: deque[tuple[int, Future[bytearray]]] = deque()
+        held = 0  # chunks handed out and not recycled yet (counted when recycles=True)
+        lock = threading.Lock()
 
-        def submit_next() -> None:
-            index = next(todo, None)
-            if index is not None:
-                window.append((index, pool.submit(self.fetch, index, cancel)))
+        def fill(least: int = 0) -> None:
+            with lock:
+                room = self.prefetch + 1 - held if recycles else self.prefetch
+                while len(window) < max(least, min(room, self.prefetch)):
+                    index = next(todo, None)
+                    if index is None:
+                        return
+                    window.append((index, pool.submit(self.fetch, index, cancel)))
 
+        def released() -> None:
+            nonlocal held
+            with lock:
+                held -= 1
+            fill()
+
+        if recycles:
+            self._released.append(released)
         try:
-            for _ in range(self.prefetch):
-                submit_next()
-            while window:
+            while True:
+                fill(least=1)  # the consumer waits for a chunk: fetch one even when it holds many
+                if not window:
+                    return
                 index, future = window.popleft()
                 data = future.result()
-                submit_next()
+                if recycles:
+                    with lock:
+                        held += 1
+                fill()
                 yield self.chunk(index), data
                 del data
         finally:
             cancel.set()
+            if recycles:
+                self._released.remove(released)
             for _, future in window:
                 future.cancel()
             self._abort(cancel)
             pool.shutdown(wait=True)
 
-    def recycle(self, buffer: bytearray) -> None:
-        """Hand back a chunk's buffer once nothing reads it any more, for the next chunk."""
-        self._buffers.give(buffer)
+    def recycle(self, buffer: bytearray | None) -> None:
+        """The consumer is done with a chunk: hand back its buffer (None if it cannot be
+        reused) for the next chunk, and let ``iter_chunks(recycles=True)`` fetch on."""
+        if buffer is not None:
+            self._buffers.give(buffer)
+        with self._lock:
+            released = self._released[0] if self._released else None
+        if released is not None:
+            released()
 
     def close(self) -> None:
         """Cancel every transfer in flight; later fetches fail at once."""

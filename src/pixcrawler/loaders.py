@@ -650,7 +650,7 @@ def _decode_segments(
     inflight: deque[_Inflight] = deque()
 
     def groups() -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
-        chunks = downloader.iter_chunks([index for index, _ in segments])
+        chunks = downloader.iter_chunks([index for index, _ in segments], recycles=True)
         try:
             for (chunk, data), (index, offsets) in zip(chunks, segments, strict=True):
                 archive = ChunkArchive(data, chunk_id=chunk.index)
@@ -659,6 +659,8 @@ def _decode_segments(
                     raise _count_mismatch(handle.job.id, index, counts[index], archive)
                 handle.stats.chunks += 1
                 chosen = [archive.samples[offset] for offset in offsets]
+                if not chosen:
+                    downloader.recycle(archive.close())
                 for start in range(0, len(chosen), config.DECODE_GROUP):
                     end = start + config.DECODE_GROUP
                     yield archive, chosen[start:end], end >= len(chosen)
@@ -680,10 +682,7 @@ def _decode_segments(
             done = inflight.popleft()
             results = done.future.result()
             if done.finished is not None:  # the chunk's groups have all decoded, in order
-                reusable = done.finished.close()
-                if reusable is not None:
-                    downloader.recycle(reusable)
-                del reusable
+                downloader.recycle(done.finished.close())
             group = done.group
             del done
             yield from zip(group, results, strict=True)
