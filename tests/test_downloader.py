@@ -181,6 +181,16 @@ def test_fetch_to_file_discards_a_corrupt_partial_file(
     assert (tmp_path / "00001.zip").read_bytes() == expected
 
 
+def test_fetch_to_file_corrupt_twice_leaves_no_file_behind(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]], tmp_path: Path
+) -> None:
+    dataset, _ = through_proxy([Fault("corrupt", offset=99)] * 2, prefetch=1)
+    with pytest.raises(DownloadError, match="corrupt") as info:
+        dataset.downloader().fetch_to_file(0, tmp_path / "00000.zip")
+    assert info.value.chunk_id == 0
+    assert list(tmp_path.iterdir()) == []  # neither the file nor an empty .part
+
+
 def test_close_unblocks_a_stalled_download_at_once(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
 ) -> None:
@@ -203,6 +213,41 @@ def test_close_unblocks_a_stalled_download_at_once(
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - started < 5
     assert errors  # the consumer learns it was cancelled instead of hanging
+
+
+def test_close_unblocks_a_request_still_waiting_for_its_headers(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+) -> None:
+    """The server took the request and says nothing: not even headers. close() (what Ctrl-C
+    and an early break lead to) must not wait out the 60 s timeout."""
+    dataset, proxy = through_proxy([Fault("hang", seconds=60)], timeout=60, prefetch=1)
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(dataset)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while proxy.stats.faults["hang"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the request is sent and waits for its headers
+    started = time.monotonic()
+    dataset.close()
+    worker.join(10)
+    assert not worker.is_alive() and time.monotonic() - started < 5
+    assert errors  # the consumer learns it was cancelled instead of hanging
+
+
+def test_a_hang_shorter_than_the_timeout_is_waited_for(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]], clean_digest: tuple[int, str]
+) -> None:
+    dataset, proxy = through_proxy([Fault("hang", seconds=0.3)], timeout=30, prefetch=1)
+    assert digest(dataset) == clean_digest
+    assert proxy.stats.faults["hang"] == 1
 
 
 def test_every_image_exactly_once_under_a_random_fault_mix(
@@ -298,3 +343,21 @@ def test_the_chunks_being_decoded_count_in_the_window(
         assert sum(1 for _ in dataset.iter_batches(batch_size=7)) == -(-UNIFORM_TOTAL // 7)
     assert state["fetched"] == 2 * dataset.num_chunks and state["out"] == 0
     assert state["peak"] <= prefetch + 1
+
+
+def test_a_content_length_other_than_the_listed_size_is_refused(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """The chunk file changed behind the listing: its Content-Length says so before a byte of
+    the body is trusted; fetched again once, then a DownloadError naming the chunk."""
+    import shutil
+
+    shutil.copytree(live_server.store / JOB_UNIFORM, tmp_path / JOB_UNIFORM)
+    with open(tmp_path / JOB_UNIFORM / "chunks" / "00001.zip", "ab") as fh:
+        fh.write(b"extra bytes")
+    base_url = server_factory(tmp_path)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, base_url, retries=0)
+    with pytest.raises(DownloadError, match=r"announced \d+ bytes where \d+ were due") as info:
+        list(dataset)
+    assert info.value.chunk_id == 1
+    assert dataset.stats.transfer.checksum_failures == 2

@@ -118,7 +118,16 @@ def test_unsatisfiable_range_returns_416(
     assert response.json()["error"]["status_code"] == 416
 
 
-@pytest.mark.parametrize("range_header", ["bytes=0-10,20-30", "lines=1-2", "bytes=50-10"])
+@pytest.mark.parametrize(
+    "range_header",
+    [
+        "bytes=0-10,20-30",
+        "lines=1-2",
+        "bytes=50-10",
+        "bytes=0-" + "9" * 5000,
+        "bytes=" + "1" * 40 + "-",
+    ],
+)
 def test_unsupported_range_is_ignored_with_whole_file(
     server: StaticServer, store: tuple[Path, bytes], pool: urllib3.PoolManager, range_header: str
 ) -> None:

@@ -7,9 +7,11 @@ straight into one preallocated buffer. Users never touch this object directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -17,6 +19,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import config
@@ -81,6 +85,49 @@ def error_message(response: urllib3.BaseHTTPResponse) -> str:
     return response.reason or f"HTTP {response.status}"
 
 
+# Who wants to know, per thread, which connection a request is about to use: a request
+# still waiting for its response headers can then be cancelled by shutting its socket down.
+_connection_hooks = threading.local()
+
+
+def _report(connection: HTTPConnection) -> None:
+    hook = getattr(_connection_hooks, "hook", None)
+    if hook is not None:
+        hook(connection)
+
+
+class _ReportingHTTPConnection(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _report(self)
+        super().request(*args, **kwargs)
+
+
+class _ReportingHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:  # the TLS handshake comes before request()
+        _report(self)
+        super().connect()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _report(self)
+        super().request(*args, **kwargs)
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _ReportingHTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _ReportingHTTPSConnection
+
+
+def shutdown_connection(connection: HTTPConnection) -> None:
+    """Unblock whatever waits on ``connection``'s socket (a send, the response headers)."""
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class ApiClient:
     """One connection pool to the API host (and any chunk host), with the key kept private."""
 
@@ -116,6 +163,7 @@ class ApiClient:
             retries=False,
             headers={"User-Agent": config.USER_AGENT},
         )
+        self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def __repr__(self) -> str:
         return f"ApiClient(api_url={self.api_url!r})"
@@ -135,15 +183,25 @@ class ApiClient:
         *,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
+        on_connection: Callable[[HTTPConnection], None] | None = None,
     ) -> urllib3.BaseHTTPResponse:
-        """One GET, following redirects by hand so the key never leaves the API's origin."""
+        """One GET, following redirects by hand so the key never leaves the API's origin.
+
+        ``on_connection`` is told each connection the request uses before it sends, so a
+        caller can cancel the request while it waits for its headers (see
+        :func:`shutdown_connection`).
+        """
         for _ in range(_MAX_REDIRECTS + 1):
             sent = dict(headers or {})
             if self.sends_key_to(url):
                 sent["Authorization"] = f"Bearer {self._api_key}"
-            response = self._pool.request(
-                "GET", url, headers=sent, preload_content=not stream, redirect=False
-            )
+            _connection_hooks.hook = on_connection
+            try:
+                response = self._pool.request(
+                    "GET", url, headers=sent, preload_content=not stream, redirect=False
+                )
+            finally:
+                _connection_hooks.hook = None
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
                 return response

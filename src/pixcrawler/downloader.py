@@ -18,6 +18,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -31,10 +32,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import urllib3
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import config
-from .client import ApiClient, map_status
+from .client import ApiClient, map_status, shutdown_connection
 from .exceptions import DownloadError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after
@@ -200,7 +202,8 @@ class ChunkDownloader:
         self._refresh = refresh
         self._lock = threading.Lock()
         self._chunks = {c.index: c for c in chunks}
-        self._active: dict[threading.Event, set[urllib3.BaseHTTPResponse]] = {}
+        # Per transfer: its response, or its connection while it waits for the headers.
+        self._active: dict[threading.Event, set[urllib3.BaseHTTPResponse | HTTPConnection]] = {}
         self._closed = threading.Event()
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
@@ -247,6 +250,7 @@ class ChunkDownloader:
         try:
             for attempt in (1, 2):
                 chunk = self.chunk(index)
+                failure: str | None = None
                 with open(part, "a+b") as fh:
                     held = fh.seek(0, os.SEEK_END)
                     if chunk.size_bytes is not None and held > chunk.size_bytes:
@@ -260,10 +264,15 @@ class ChunkDownloader:
                         self._verify(chunk, digest, attempt)
                     except _IntegrityError as exc:
                         fh.truncate(0)
-                        self._integrity_failed(chunk, attempt, str(exc))
-                        continue
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                        failure = str(exc)
+                    else:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                if failure is not None:
+                    if attempt >= 2:  # bad twice: nothing in it is worth resuming
+                        part.unlink(missing_ok=True)
+                    self._integrity_failed(chunk, attempt, failure)
+                    continue
                 os.replace(part, path)
                 self.stats.add(chunks_completed=1)
                 return path
@@ -436,10 +445,16 @@ class ChunkDownloader:
                 headers["Range"] = f"bytes={pos}-{last}"
             retry_after: float | None = None
             response: urllib3.BaseHTTPResponse | None = None
+            connections: list[HTTPConnection] = []  # tracked while the headers are due
             complete = False
             try:
                 self.stats.add(requests=1)
-                response = self.client.request(url, headers=headers, stream=True)
+                response = self.client.request(
+                    url,
+                    headers=headers,
+                    stream=True,
+                    on_connection=functools.partial(self._track_waiting, cancel, connections),
+                )
                 self._track(cancel, response)
                 status = response.status
                 if status == 200 and ranged:
@@ -507,6 +522,8 @@ class ChunkDownloader:
                     self.stats.add(resumed=1)
                 log.debug("chunk %d: %s at byte %d, resuming", index, exc.__class__.__name__, pos)
             finally:
+                for connection in connections:
+                    self._untrack(cancel, connection)
                 if response is not None:
                     self._untrack(cancel, response)
                     if not complete:
@@ -548,11 +565,21 @@ class ChunkDownloader:
             if not self._active.get(cancel):
                 self._active.pop(cancel, None)
 
-    def _track(self, cancel: threading.Event, response: urllib3.BaseHTTPResponse) -> None:
+    def _track(
+        self, cancel: threading.Event, response: urllib3.BaseHTTPResponse | HTTPConnection
+    ) -> None:
         with self._lock:
             self._active.setdefault(cancel, set()).add(response)
 
-    def _untrack(self, cancel: threading.Event, response: urllib3.BaseHTTPResponse) -> None:
+    def _track_waiting(
+        self, cancel: threading.Event, connections: list[HTTPConnection], connection: HTTPConnection
+    ) -> None:
+        connections.append(connection)
+        self._track(cancel, connection)
+
+    def _untrack(
+        self, cancel: threading.Event, response: urllib3.BaseHTTPResponse | HTTPConnection
+    ) -> None:
         with self._lock:
             self._active.get(cancel, set()).discard(response)
 
@@ -560,6 +587,9 @@ class ChunkDownloader:
         with self._lock:
             responses = list(self._active.pop(cancel, ()))
         for response in responses:
+            if isinstance(response, HTTPConnection):  # still waiting for its headers
+                shutdown_connection(response)
+                continue
             shutdown = getattr(response, "shutdown", None)
             if shutdown is not None:
                 # The transfer may finish meanwhile: urllib3 then refuses with RuntimeError

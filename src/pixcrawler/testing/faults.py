@@ -33,7 +33,9 @@ from pixcrawler.testing.static import _LoopbackServer, _QuietHandler, _TrackingH
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultKind", "FaultProxy", "FaultSchedule", "ProxyStats"]
 
-FaultKind = Literal["reset", "status", "rate_limit", "stall", "truncate", "corrupt", "expired"]
+FaultKind = Literal[
+    "reset", "status", "rate_limit", "stall", "truncate", "corrupt", "expired", "hang"
+]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 # Kinds a retrying client must absorb with no special case: the default of random().
@@ -91,6 +93,9 @@ class Fault:
       so only a checksum can notice; nothing happens if the body is shorter.
     - ``"expired"``: 403 (or ``status=410``) with a JSON body, as a blob store answers an
       expired presigned URL; upstream not contacted.
+    - ``"hang"``: nothing at all, not even headers, for ``seconds``: the client waits for
+      its response. Then ``then="continue"`` relays the response, ``then="close"`` closes
+      the connection.
 
     A fractional ``retry_after`` is sent as such (``0.2``): not valid HTTP, but it keeps
     tests fast against a client that parses seconds as a float.
@@ -322,6 +327,11 @@ class _ProxyHandler(_QuietHandler):
         if fault is not None and fault.kind in _REPLY_KINDS:
             self._reply_fault(fault)
             return
+        if fault is not None and fault.kind == "hang":
+            stopped = proxy._stop_event.wait(fault.seconds)
+            if stopped or fault.then == "close":
+                self.close_connection = True
+                return
 
         target = proxy._upstream_prefix + (split.path or "/")
         if split.query:
