@@ -4,12 +4,48 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def settles(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Whether ``condition`` holds within ``timeout`` (servers close their side of a
+    connection a moment after the client closes its own)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def close_while_consuming(
+    dataset: Any, ready: Callable[[], bool], *, settle: float = 0.0
+) -> tuple[float, list[BaseException]]:
+    """Iterate ``dataset`` on a thread; once ``ready()`` holds (and ``settle`` more seconds),
+    close it from this thread. Returns the seconds from close() until the consumer had
+    stopped (``inf`` if it never did) and what the consumer raised."""
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(dataset)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    assert settles(ready, timeout=10), "the consumer never got going"
+    time.sleep(settle)
+    started = time.monotonic()
+    dataset.close()
+    worker.join(10)
+    return (float("inf") if worker.is_alive() else time.monotonic() - started), errors
 
 
 def digest(samples: Iterable[tuple[np.ndarray, Any]]) -> tuple[int, str]:

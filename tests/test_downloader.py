@@ -12,7 +12,7 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_TOTAL
-from helpers import digest
+from helpers import close_while_consuming, digest
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.exceptions import DownloadError
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
@@ -194,24 +194,13 @@ def test_fetch_to_file_corrupt_twice_leaves_no_file_behind(
 def test_close_unblocks_a_stalled_download_at_once(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
 ) -> None:
-    dataset, _ = through_proxy(
+    dataset, proxy = through_proxy(
         [Fault("stall", after_bytes=1_000, seconds=60)], timeout=60, prefetch=1
     )
-    errors: list[BaseException] = []
-
-    def consume() -> None:
-        try:
-            list(dataset)
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=consume)
-    worker.start()
-    time.sleep(0.5)
-    started = time.monotonic()
-    dataset.close()
-    worker.join(10)
-    assert not worker.is_alive() and time.monotonic() - started < 5
+    seconds, errors = close_while_consuming(
+        dataset, lambda: proxy.stats.bytes_forwarded >= 1_000, settle=0.2
+    )
+    assert seconds < 5
     assert errors  # the consumer learns it was cancelled instead of hanging
 
 
@@ -221,25 +210,11 @@ def test_close_unblocks_a_request_still_waiting_for_its_headers(
     """The server took the request and says nothing: not even headers. close() (what Ctrl-C
     and an early break lead to) must not wait out the 60 s timeout."""
     dataset, proxy = through_proxy([Fault("hang", seconds=60)], timeout=60, prefetch=1)
-    errors: list[BaseException] = []
-
-    def consume() -> None:
-        try:
-            list(dataset)
-        except BaseException as exc:
-            errors.append(exc)
-
-    worker = threading.Thread(target=consume)
-    worker.start()
-    deadline = time.monotonic() + 10
-    while proxy.stats.faults["hang"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # the request is sent and waits for its headers
-    started = time.monotonic()
-    dataset.close()
-    worker.join(10)
-    assert not worker.is_alive() and time.monotonic() - started < 5
-    assert errors  # the consumer learns it was cancelled instead of hanging
+    seconds, errors = close_while_consuming(
+        dataset, lambda: proxy.stats.faults["hang"] > 0, settle=0.2
+    )
+    assert seconds < 5
+    assert errors
 
 
 def test_a_hang_shorter_than_the_timeout_is_waited_for(

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, TEST_KEY, UNIFORM_TOTAL
+from helpers import close_while_consuming, settles
 from imagegen import make_image_folder
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
@@ -56,17 +57,6 @@ def open_sockets() -> int:
         with contextlib.suppress(OSError):  # closed between listdir and readlink
             count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
     return count
-
-
-def settles(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Whether ``condition`` holds within ``timeout`` (servers close their side of a
-    connection a moment after the client closes its own)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Baseline:
@@ -278,21 +268,10 @@ def test_close_from_another_thread_during_a_stall_leaves_nothing(
     ) as proxy:
         before = baseline()
         dataset = open_uniform(live_server, proxy.base_url, timeout=60)
-        outcome: list[BaseException] = []
-
-        def consume() -> None:
-            try:
-                list(dataset)
-            except BaseException as exc:
-                outcome.append(exc)
-
-        worker = threading.Thread(target=consume)
-        worker.start()
-        assert settles(lambda: proxy.stats.bytes_forwarded >= 1_000)
-        started = time.monotonic()
-        dataset.close()
-        worker.join(10)
-        assert not worker.is_alive() and time.monotonic() - started < 5
+        seconds, outcome = close_while_consuming(
+            dataset, lambda: proxy.stats.bytes_forwarded >= 1_000
+        )
+        assert seconds < 5
         assert len(outcome) == 1 and isinstance(outcome[0], PixCrawlerError)
         outcome.clear()
         before.no_threads()
