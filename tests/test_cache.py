@@ -195,13 +195,13 @@ def test_writes_are_atomic_no_file_under_the_final_name_until_verified(
     final = chunks.path(0)
     assert final is not None
     seen: list[tuple[bool, list[str]]] = []
-    real_fsync = os.fsync
+    real_digest = cache_module._file_digest
 
-    def watching_fsync(fd: int) -> None:
+    def watching_digest(path: Path) -> tuple[int, str]:  # written, read back for the check
         seen.append((final.exists(), [p.name for p in final.parent.glob("*.tmp")]))
-        real_fsync(fd)
+        return real_digest(path)
 
-    monkeypatch.setattr(cache_module.os, "fsync", watching_fsync)
+    monkeypatch.setattr(cache_module, "_file_digest", watching_digest)
     chunks.get(0)
     assert len(seen) == 1
     exists_while_writing, temps = seen[0]
@@ -215,10 +215,16 @@ def test_a_failed_write_leaves_no_file_and_still_serves_the_chunk(
 ) -> None:
     chunks = remote.store(tmp_path)
 
-    def disk_full(fd: int) -> None:
-        raise OSError(28, "No space left on device")
+    real_open = open
 
-    monkeypatch.setattr(cache_module.os, "fsync", disk_full)
+    def disk_full(file: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        handle = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        if "x" in mode:  # the temp file: created, then the disk fills up
+            handle.close()
+            raise OSError(28, "No space left on device")
+        return handle
+
+    monkeypatch.setattr("builtins.open", disk_full)
     assert bytes(chunks.get(0)) == remote.bytes_of(0)
     final = chunks.path(0)
     assert final is not None and not final.exists()
