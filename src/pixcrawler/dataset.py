@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -424,69 +424,99 @@ class Dataset:
     def _decoded(
         self, decoder: ImageDecoder, chunks: list[int] | None
     ) -> Iterator[tuple[Sample, np.ndarray]]:
-        """Decoded samples in order: groups of images decode on a thread pool, several
-        groups in flight across chunk boundaries so the decoders never wait on a chunk edge.
-        """
+        """Decoded samples in order, ``on_error`` applied, counted in ``stats``."""
         started = time.perf_counter()
+        plan = None if chunks is None else [(index, None) for index in chunks]
+        decoded = self.decode_chunks(decoder, plan)
+        try:
+            for sample, result in decoded:
+                if isinstance(result, DecompressionError):
+                    self.on_bad_sample(sample, result)
+                    continue
+                if self.stats.first_image_seconds is None:
+                    self.stats.first_image_seconds = time.perf_counter() - started
+                self.stats.images += 1
+                yield sample, result
+        finally:
+            decoded.close()  # an early break stops the downloads and decoders now
+
+    def decode_chunks(
+        self,
+        decoder: ImageDecoder,
+        plan: Sequence[tuple[int, Sequence[int] | None]] | None = None,
+        *,
+        expect: Mapping[int, int] | None = None,
+    ) -> Generator[tuple[Sample, np.ndarray | DecompressionError], None, None]:
+        """``(sample, image or the error that names it)`` in order, for every image of each
+        ``(chunk, offsets)`` of ``plan`` (``None`` offsets: the whole chunk; ``None`` plan:
+        every chunk). Chunks download ``prefetch`` ahead; groups of images decode on a thread
+        pool, several in flight across a chunk edge (never into a third chunk), so decoders
+        never wait on an edge; a chunk's buffer goes back to the downloader once its last
+        group has decoded. ``expect`` (chunk → image count) refuses a chunk that disagrees.
+        """
         downloader = self.downloader()
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="pixcrawler-decode")
-        inflight: deque[tuple[list[Sample], Future[list[Any]], ChunkArchive | None]] = deque()
-        groups = self._groups(downloader, chunks)
+        inflight: deque[_Inflight] = deque()
+        groups = self._groups(downloader, plan, expect)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
         try:
             while True:
                 waited = time.perf_counter()
-                # Keep decoders busy across a chunk edge, but never open a third chunk.
                 while len(inflight) < config.DECODE_GROUPS_IN_FLIGHT and len(chunk_ends) < 2:
                     item = next(groups, None)
                     if item is None:
                         break
                     archive, group, last = item
                     future = pool.submit(decode_group, archive, group, decoder)
-                    inflight.append((group, future, archive if last else None))
+                    inflight.append(_Inflight(group, future, archive if last else None))
                     if last:
                         chunk_ends.append(len(inflight))
                 if not inflight:
                     return
                 chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)
-                group, future, finished = inflight.popleft()
-                results = future.result()
-                if finished is not None:
-                    # Every group of that chunk has decoded (in order): its bytes are free.
-                    downloader.recycle(finished.close())
-                    del finished
+                done = inflight.popleft()
+                results = done.future.result()
+                if done.finished is not None:  # the chunk's groups have all decoded, in order
+                    downloader.recycle(done.finished.close())
                 self.stats.wait_seconds += time.perf_counter() - waited
-                for sample, result in zip(group, results, strict=True):
-                    if isinstance(result, DecompressionError):
-                        self.on_bad_sample(sample, result)
-                        continue
-                    if self.stats.first_image_seconds is None:
-                        self.stats.first_image_seconds = time.perf_counter() - started
-                    self.stats.images += 1
-                    yield sample, result
+                group = done.group
+                del done
+                yield from zip(group, results, strict=True)
         finally:
             groups.close()
-            for _, future, _ in inflight:
-                future.cancel()
+            for pending in inflight:
+                pending.future.cancel()
             pool.shutdown(wait=True)
             self.release_downloader(downloader)
 
     def _groups(
-        self, downloader: ChunkDownloader, chunks: list[int] | None
+        self,
+        downloader: ChunkDownloader,
+        plan: Sequence[tuple[int, Sequence[int] | None]] | None,
+        expect: Mapping[int, int] | None,
     ) -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
         """(archive, group of samples, whether it is the chunk's last group)."""
-        for chunk, data in downloader.iter_chunks(chunks, recycles=True):
-            archive = ChunkArchive(data, chunk_id=chunk.index)
-            del data
-            self.stats.chunks += 1
-            log.debug("chunk %d: %d images", chunk.index, len(archive))
-            samples = archive.samples
-            if not samples:
-                downloader.recycle(archive.close())
-                continue
-            for start in range(0, len(samples), config.DECODE_GROUP):
-                end = start + config.DECODE_GROUP
-                yield archive, samples[start:end], end >= len(samples)
+        if plan is None:
+            plan = [(index, None) for index in downloader.indexes]
+        chunks = downloader.iter_chunks([index for index, _ in plan], recycles=True)
+        try:
+            for (chunk, data), (_, offsets) in zip(chunks, plan, strict=True):
+                archive = ChunkArchive(data, chunk_id=chunk.index)
+                del data
+                if expect is not None and len(archive.samples) != expect[chunk.index]:
+                    raise count_mismatch(self.job.id, chunk.index, expect[chunk.index], archive)
+                self.stats.chunks += 1
+                log.debug("chunk %d: %d images", chunk.index, len(archive))
+                samples = archive.samples
+                if offsets is not None:
+                    samples = [samples[offset] for offset in offsets]
+                if not samples:
+                    downloader.recycle(archive.close())
+                for start in range(0, len(samples), config.DECODE_GROUP):
+                    end = start + config.DECODE_GROUP
+                    yield archive, samples[start:end], end >= len(samples)
+        finally:
+            chunks.close()  # stops its downloads now
 
     def on_bad_sample(
         self, sample: Sample, error: DecompressionError, *, stacklevel: int = 4
@@ -498,6 +528,20 @@ class Dataset:
         self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
             warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=stacklevel)
+
+
+@dataclass
+class _Inflight:
+    group: list[Sample]
+    future: Future[list[np.ndarray | DecompressionError]]
+    finished: ChunkArchive | None  # set on a chunk's last group: free its bytes after it
+
+
+def count_mismatch(job_id: str, chunk: int, listed: int, archive: ChunkArchive) -> PixCrawlerError:
+    return PixCrawlerError(
+        f"job {job_id} lists {listed} images in chunk {chunk} but the chunk holds "
+        f"{len(archive.samples)}"
+    )
 
 
 def decode_sample(

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,7 +282,7 @@ class ChunkDownloader:
 
     def iter_chunks(
         self, order: Iterable[int] | None = None, *, recycles: bool = False
-    ) -> Iterator[tuple[Chunk, bytearray]]:
+    ) -> Generator[tuple[Chunk, bytearray], None, None]:
         """Chunks in ``order`` (default: by index), ``prefetch`` of them in flight ahead.
 
         ``recycles=True`` is the consumer's promise to call :meth:`recycle` once for every

@@ -24,9 +24,8 @@ import operator
 import os
 import threading
 import types
-from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +34,9 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore
-from .dataset import decode_group, decode_sample
+from .dataset import count_mismatch, decode_sample
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
-from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
+from .exceptions import MissingDependencyError, PixCrawlerError
 
 if TYPE_CHECKING:
     from .dataset import Dataset
@@ -402,7 +401,7 @@ class _MapStyle(_TorchBridge):
             chunk, offset = self._locate(current)
             archive = store.archive(chunk)
             if len(archive.samples) != self._counts[chunk]:
-                raise _count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
+                raise count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
             sample = archive.samples[offset]
             result = decode_sample(archive, sample, local.decoder)
             if isinstance(result, np.ndarray):
@@ -495,21 +494,23 @@ class _Streaming(_TorchBridge):
         many following positions (wrapping) as were skipped."""
         handle = local.handle
         missing = 0
-        for sample, result in _decode_segments(
-            handle, local.decoder, sequence.segments(lo, hi), self._counts
-        ):
-            if isinstance(result, np.ndarray):
-                handle.stats.images += 1
-                yield result, sample
-            else:
-                handle.on_bad_sample(sample, result, stacklevel=2)
-                missing += 1
+        own = handle.decode_chunks(local.decoder, sequence.segments(lo, hi), expect=self._counts)
+        try:
+            for sample, result in own:
+                if isinstance(result, np.ndarray):
+                    handle.stats.images += 1
+                    yield result, sample
+                else:
+                    handle.on_bad_sample(sample, result, stacklevel=2)
+                    missing += 1
+        finally:
+            own.close()
         if not missing:
             return
         # Pad as DistributedSampler does, with what follows the slice. Errors met here are
         # some other worker's to report (or this one's, met again): skip them quietly.
-        extra = _decode_segments(
-            handle, local.decoder, sequence.segments(hi, hi + self._total), self._counts
+        extra = handle.decode_chunks(
+            local.decoder, sequence.segments(hi, hi + self._total), expect=self._counts
         )
         try:
             for sample, result in extra:
@@ -625,80 +626,6 @@ def _chunk_counts(dataset: Dataset) -> dict[int, int]:
         finally:
             dataset.release_downloader(downloader)
     return counts
-
-
-def _count_mismatch(job_id: str, chunk: int, listed: int, archive: ChunkArchive) -> PixCrawlerError:
-    return PixCrawlerError(
-        f"job {job_id} lists {listed} images in chunk {chunk} but the chunk holds "
-        f"{len(archive.samples)}"
-    )
-
-
-def _decode_segments(
-    handle: Dataset,
-    decoder: ImageDecoder,
-    segments: list[tuple[int, list[int]]],
-    counts: dict[int, int],
-) -> Generator[tuple[Sample, np.ndarray | DecompressionError], None, None]:
-    """The chosen images of each segment's chunk, decoded in order on a thread pool: chunks
-    downloaded ``prefetch`` ahead, groups of images decoding across chunk boundaries, and a
-    chunk's buffer handed back to the downloader once its last group has decoded."""
-    if not segments:
-        return
-    downloader = handle.downloader()
-    pool = ThreadPoolExecutor(handle.decode_threads, thread_name_prefix="pixcrawler-decode")
-    inflight: deque[_Inflight] = deque()
-
-    def groups() -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
-        chunks = downloader.iter_chunks([index for index, _ in segments], recycles=True)
-        try:
-            for (chunk, data), (index, offsets) in zip(chunks, segments, strict=True):
-                archive = ChunkArchive(data, chunk_id=chunk.index)
-                del data
-                if len(archive.samples) != counts[index]:
-                    raise _count_mismatch(handle.job.id, index, counts[index], archive)
-                handle.stats.chunks += 1
-                chosen = [archive.samples[offset] for offset in offsets]
-                if not chosen:
-                    downloader.recycle(archive.close())
-                for start in range(0, len(chosen), config.DECODE_GROUP):
-                    end = start + config.DECODE_GROUP
-                    yield archive, chosen[start:end], end >= len(chosen)
-        finally:
-            close = getattr(chunks, "close", None)  # a generator: stops its downloads now
-            if close is not None:
-                close()
-
-    pending = groups()
-    try:
-        while True:
-            for archive, group, last in pending:
-                future = pool.submit(decode_group, archive, group, decoder)
-                inflight.append(_Inflight(group, future, archive if last else None))
-                if len(inflight) >= config.DECODE_GROUPS_IN_FLIGHT:
-                    break
-            if not inflight:
-                return
-            done = inflight.popleft()
-            results = done.future.result()
-            if done.finished is not None:  # the chunk's groups have all decoded, in order
-                downloader.recycle(done.finished.close())
-            group = done.group
-            del done
-            yield from zip(group, results, strict=True)
-    finally:
-        pending.close()
-        for item in inflight:
-            item.future.cancel()
-        pool.shutdown(wait=True)
-        handle.release_downloader(downloader)
-
-
-@dataclass
-class _Inflight:
-    group: list[Sample]
-    future: Future[list[np.ndarray | DecompressionError]]
-    finished: ChunkArchive | None  # set on a chunk's last group: free its bytes after it
 
 
 @functools.cache
