@@ -348,6 +348,78 @@ def test_bytes_that_are_not_a_chunk_are_refused(data: bytes) -> None:
     assert "not a valid zip archive" in str(error) or "no manifest.json" in str(error)
 
 
+def as_zip64(data: bytes) -> bytes:
+    """The same archive with a ZIP64 end record (as a writer of > 65,535 members makes)."""
+    eocd = data.rfind(b"PK\x05\x06")
+    _, _, _, _, count, cd_size, cd_offset, comment = struct.unpack_from("<4s4H2LH", data, eocd)
+    record = struct.pack(
+        "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_offset
+    )
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, eocd, 1)
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, comment
+    )
+    return data[:eocd] + record + locator + end + data[eocd + 22 :]
+
+
+def members_of(data: bytes) -> list[tuple[str, bytes]]:
+    archive = ChunkArchive(data)
+    return [(s.path, bytes(archive.payload(s))) for s in archive.samples]
+
+
+def test_a_zip64_end_record_and_a_comment_are_read() -> None:
+    data = build_chunk(standard_images())
+    expected = members_of(data)
+    assert members_of(as_zip64(data)) == expected
+    out = io.BytesIO(data)
+    with zipfile.ZipFile(out, "a") as zf:
+        zf.comment = b"x" * 1000  # the end record is no longer the last 22 bytes
+    assert members_of(out.getvalue()) == expected
+    assert members_of(as_zip64(out.getvalue())) == expected
+
+
+def test_zip64_member_sizes_are_read_from_the_extra_field() -> None:
+    images = standard_images()
+    data = build_chunk(images)
+    name = "dog/2.jpg"
+    # Rewrite dog/2.jpg's central entry: sizes and offset say 0xFFFFFFFF, a ZIP64 extra field
+    # holds them (APPNOTE 4.5.3), and the directory grows by the field's 28 bytes.
+    pos = data.find(b"PK\x01\x02")
+    while True:
+        fields = struct.unpack_from("<4s4B4HL2L5H2L", data, pos)
+        name_len, extra_len, comment_len = fields[12:15]
+        if data[pos + 46 : pos + 46 + name_len] == name.encode():
+            break
+        pos += 46 + name_len + extra_len + comment_len
+    entry_end = pos + 46 + name_len + extra_len + comment_len
+    values = list(fields)
+    size, csize, offset = values[11], values[10], values[18]
+    values[10] = values[11] = values[18] = 0xFFFFFFFF
+    values[13] = extra_len + 28
+    extra = struct.pack("<2H3Q", 1, 24, size, csize, offset)
+    entry = (
+        struct.pack("<4s4B4HL2L5H2L", *values)
+        + data[pos + 46 : pos + 46 + name_len + extra_len]
+        + extra
+        + data[pos + 46 + name_len + extra_len : entry_end]
+    )
+    eocd = data.rfind(b"PK\x05\x06")
+    end = bytearray(data[eocd:])
+    (cd_size,) = struct.unpack_from("<L", end, 12)
+    struct.pack_into("<L", end, 12, cd_size + 28)
+    patched = data[:pos] + entry + data[entry_end:eocd] + bytes(end)
+    assert members_of(patched) == members_of(data)
+    broken = patched.replace(extra, struct.pack("<2H3Q", 2, 24, size, csize, offset))
+    assert "ZIP64" in str(refused(broken))
+
+
+def test_bytes_before_the_archive_are_refused() -> None:
+    # zipfile would shift every offset to read a self-extracting archive; a chunk is just a zip.
+    assert "not a valid zip archive" in str(
+        refused(b"#!/bin/sh\n" + build_chunk(standard_images()))
+    )
+
+
 def test_a_png_is_not_a_chunk() -> None:
     assert "not a valid zip archive" in str(refused(encode("PNG")))
 

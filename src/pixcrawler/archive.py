@@ -1,7 +1,7 @@
 """A chunk's zip, opened in memory: manifest, members sliced without copies, guards.
 
 The central directory is read once; a stored member's bytes are a ``memoryview`` slice of
-the downloaded buffer, so opening a 500-image chunk costs about a millisecond. Anything
+the downloaded buffer, so opening a 500-image chunk costs a few milliseconds. Anything
 hostile or malformed about the archive itself (paths that escape, symlinks, zip bombs,
 too many members, a manifest naming members that are not there) raises
 :class:`DecompressionError`; a single bad member's *content* is left to the decoder and
@@ -11,10 +11,8 @@ the ``on_error`` policy.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import struct
-import zipfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +24,17 @@ from .exceptions import DecompressionError
 MANIFEST = "manifest.json"
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _LOCAL_MAGIC = b"PK\x03\x04"
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+_CENTRAL_MAGIC = b"PK\x01\x02"
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD_MAGIC = b"PK\x05\x06"
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64_LOCATOR_MAGIC = b"PK\x06\x07"
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_EOCD64_MAGIC = b"PK\x06\x06"
+_MAX_EXTRACT_VERSION = 63  # what Python's zipfile reads
+_UTF8_FLAG = 0x800
+_STORED, _DEFLATED = 0, 8
 _S_IFMT = 0o170000
 _S_IFLNK = 0o120000
 Buffer = bytes | bytearray | memoryview
@@ -56,34 +65,6 @@ class Sample:
     width: int | None = None
     height: int | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
-class _BufferReader(io.RawIOBase):
-    """A seekable read-only file over a buffer, so zipfile never copies the whole chunk."""
-
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = len(self._view) if size is None or size < 0 else self._pos + size
-        data = bytes(self._view[self._pos : end])
-        self._pos += len(data)
-        return data
 
 
 class ChunkArchive:
@@ -131,57 +112,51 @@ class ChunkArchive:
 
     def _read_directory(self, max_members: int) -> dict[str, Member]:
         try:
-            with zipfile.ZipFile(_BufferReader(self.view)) as zf:
-                infos = zf.infolist()
-        except UnicodeDecodeError as exc:  # a ValueError too: it must come first
+            entries = _central_directory(self.view, max_members)
+        except _TooMany as exc:
+            raise self._error(
+                f"{exc.count} members, more than the limit of {max_members}"
+            ) from None
+        except UnicodeDecodeError as exc:
             raise self._error("a member name is not valid UTF-8") from exc
-        except (
-            zipfile.BadZipFile,
-            zipfile.LargeZipFile,
-            OSError,
-            ValueError,
-            EOFError,
-            NotImplementedError,  # "zip file version": an extract version zipfile lacks
-        ) as exc:
-            raise self._error(f"not a valid zip archive ({exc})") from exc
-        if len(infos) > max_members:
-            raise self._error(f"{len(infos)} members, more than the limit of {max_members}")
+        except _BadZip as exc:
+            raise self._error(f"not a valid zip archive ({exc})") from None
         members: dict[str, Member] = {}
-        for info in infos:
-            member = self._check_member(info)
+        for entry in entries:
+            member = self._check_member(entry)
             if member.name in members:
                 raise self._error(f"member {member.name!r} appears twice")
             members[member.name] = member
         return members
 
-    def _check_member(self, info: zipfile.ZipInfo) -> Member:
-        name = info.orig_filename
+    def _check_member(self, entry: _Entry) -> Member:
+        name, flags, method, crc, compress_size, file_size, external_attr, start = entry
         if not _safe_name(name):
             raise self._error(f"unsafe member path {name!r}")
-        if (info.external_attr >> 16) & _S_IFMT == _S_IFLNK:
+        if (external_attr >> 16) & _S_IFMT == _S_IFLNK:
             raise self._error(f"member {name!r} is a symbolic link")
-        if info.flag_bits & 0x1:
+        if flags & 0x1:
             raise self._error(f"member {name!r} is encrypted")
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise self._error(f"member {name!r} uses unsupported compression {info.compress_type}")
-        if info.file_size > self.max_member_bytes:
+        if method not in (_STORED, _DEFLATED):
+            raise self._error(f"member {name!r} uses unsupported compression {method}")
+        if file_size > self.max_member_bytes:
             raise self._error(
-                f"member {name!r} declares {info.file_size} bytes, over the limit of "
+                f"member {name!r} declares {file_size} bytes, over the limit of "
                 f"{self.max_member_bytes}"
             )
-        deflated = info.compress_type == zipfile.ZIP_DEFLATED
-        if not deflated and info.compress_size != info.file_size:
+        deflated = method == _DEFLATED
+        if not deflated and compress_size != file_size:
             raise self._error(f"member {name!r}: stored sizes disagree")
-        start = info.header_offset
-        header = bytes(self.view[start : start + _LOCAL_HEADER.size])
-        if len(header) < _LOCAL_HEADER.size or header[:4] != _LOCAL_MAGIC:
+        if start + _LOCAL_HEADER.size > len(self.view):
             raise self._error(f"member {name!r}: bad local header")
-        fields = _LOCAL_HEADER.unpack(header)
+        fields = _LOCAL_HEADER.unpack_from(self.view, start)
+        if fields[0] != _LOCAL_MAGIC:
+            raise self._error(f"member {name!r}: bad local header")
         name_len, extra_len = fields[-2], fields[-1]
         offset = start + _LOCAL_HEADER.size + name_len + extra_len
-        if offset + info.compress_size > len(self.view):
+        if offset + compress_size > len(self.view):
             raise self._error(f"member {name!r} runs past the end of the archive (truncated?)")
-        return Member(name, offset, info.compress_size, info.file_size, info.CRC, deflated)
+        return Member(name, offset, compress_size, file_size, crc, deflated)
 
     def _read_manifest(self) -> dict[str, Any]:
         member = self.members.get(MANIFEST)
@@ -265,12 +240,122 @@ class ChunkArchive:
         return data
 
 
+class _BadZip(Exception):
+    """The bytes are not a zip archive this module reads; the text says why."""
+
+
+class _TooMany(Exception):
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+# What the central directory says of one member: (name, flags, method, crc, compress_size,
+# file_size, external_attr, header_offset). A tuple: a chunk has hundreds of them.
+_Entry = tuple[str, int, int, int, int, int, int, int]
+
+
+def _central_directory(view: memoryview, max_members: int) -> list[_Entry]:
+    """Every entry of the zip's central directory, read straight from the buffer.
+
+    The zip format as APPNOTE 6.3 and Python's ``zipfile`` read it (ZIP64 included), with
+    nothing prepended to the archive and one disk. ``zipfile`` builds a ``ZipInfo`` per
+    member through a file object, at several times the cost; that time holds the GIL, and
+    a chunk opens while the decode threads work on the previous one.
+    """
+    size = len(view)
+    tail_start = max(0, size - _EOCD.size - 0xFFFF)  # the EOCD, then a comment <= 64 KiB
+    tail = bytes(view[tail_start:])
+    at = tail.rfind(_EOCD_MAGIC)
+    if at < 0 or len(tail) - at < _EOCD.size:
+        raise _BadZip("File is not a zip file")
+    eocd_at = tail_start + at
+    _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    directory_end = eocd_at
+    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
+        locator_at = eocd_at - _EOCD64_LOCATOR.size
+        if locator_at < 0:
+            raise _BadZip("ZIP64 end of central directory locator missing")
+        magic, _, record_at, _ = _EOCD64_LOCATOR.unpack_from(view, locator_at)
+        if magic != _EOCD64_LOCATOR_MAGIC or record_at + _EOCD64.size > locator_at:
+            raise _BadZip("ZIP64 end of central directory locator is corrupt")
+        fields = _EOCD64.unpack_from(view, record_at)
+        if fields[0] != _EOCD64_MAGIC:
+            raise _BadZip("ZIP64 end of central directory record is corrupt")
+        disk, cd_disk, _, count, cd_size, cd_offset = fields[4:10]
+        directory_end = record_at
+    if disk or cd_disk:
+        raise _BadZip("archives spanning several disks are not supported")
+    if cd_offset + cd_size != directory_end:
+        raise _BadZip("the central directory is not where the end record says")
+    if count > max_members:
+        raise _TooMany(count)
+    entries: list[_Entry] = []
+    pos = cd_offset
+    unpack = _CENTRAL.unpack_from
+    for _ in range(count):
+        if pos + _CENTRAL.size > directory_end:
+            raise _BadZip("truncated central directory")
+        (
+            magic, _, _, extract_version, _, flags, method, _, _, crc,
+            compress_size, file_size, name_len, extra_len, comment_len, _, _,
+            external_attr, header_offset,
+        ) = unpack(view, pos)  # fmt: skip
+        if magic != _CENTRAL_MAGIC:
+            raise _BadZip("bad magic number for central directory")
+        if extract_version > _MAX_EXTRACT_VERSION:
+            raise _BadZip(f"zip file version {extract_version / 10:.1f}")
+        name_at = pos + _CENTRAL.size
+        pos = name_at + name_len + extra_len + comment_len
+        if pos > directory_end:
+            raise _BadZip("truncated central directory")
+        raw = bytes(view[name_at : name_at + name_len])
+        name = raw.decode("utf-8") if flags & _UTF8_FLAG else raw.decode("cp437")
+        if 0xFFFFFFFF in (compress_size, file_size, header_offset):
+            extra = bytes(view[name_at + name_len : name_at + name_len + extra_len])
+            file_size, compress_size, header_offset = _zip64_values(
+                extra, file_size, compress_size, header_offset
+            )
+        entries.append(
+            (name, flags, method, crc, compress_size, file_size, external_attr, header_offset)
+        )
+    if pos != directory_end:
+        raise _BadZip("the central directory holds more than its end record counts")
+    return entries
+
+
+def _zip64_values(
+    extra: bytes, file_size: int, compress_size: int, header_offset: int
+) -> tuple[int, int, int]:
+    """The 64-bit sizes and offset of a ZIP64 extra field, for the fields that say 0xFFFFFFFF
+    (in this order, as APPNOTE 4.5.3 lists them)."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<2H", extra, pos)
+        body = extra[pos + 4 : pos + 4 + length]
+        if len(body) < length:
+            break
+        if tag == 0x0001:
+            values = [file_size, compress_size, header_offset]
+            read = 0
+            for i, value in enumerate(values):
+                if value == 0xFFFFFFFF:
+                    if read + 8 > length:
+                        raise _BadZip("corrupt ZIP64 extra field")
+                    (values[i],) = struct.unpack_from("<Q", body, read)
+                    read += 8
+            return values[0], values[1], values[2]
+        pos += 4 + length
+    raise _BadZip("a member says ZIP64 and has no ZIP64 extra field")
+
+
 def _safe_name(name: str) -> bool:
     if not name or "\x00" in name or "\\" in name or name.startswith("/"):
         return False
     if len(name) > 1 and name[1] == ":":
         return False
-    return all(part not in ("..", "") for part in name.rstrip("/").split("/"))
+    parts = name.rstrip("/").split("/")
+    return ".." not in parts and "" not in parts
 
 
 def _opt(value: Any, kind: type) -> Any:
