@@ -531,6 +531,19 @@ def test_between_pillows_warning_and_its_error_max_pixels_decides() -> None:
 # -- corrupt, truncated and foreign bytes ---------------------------------------------------
 
 
+def test_what_libjpeg_only_warns_about_decodes_with_either_backend() -> None:
+    """simplejpeg is strict about libjpeg's warnings, Pillow is not: the fast extra must not
+    refuse an image that a plain install decodes (here, stray bytes before the EOI marker)."""
+    noise = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG", quality=90)
+    stray = data[:-2] + b"\x00\x11\x22" + data[-2:]
+    with pytest.raises(ValueError, match="extraneous bytes"):
+        simplejpeg.decode_jpeg(stray)
+    expected = reference(data, "RGB")
+    for backend in ("auto", "pillow"):
+        assert np.array_equal(ImageDecoder(backend=backend).decode(stray), expected)
+
+
 @pytest.mark.parametrize("backend", ["auto", "pillow"])
 @pytest.mark.parametrize("source", ["jpeg-rgb", "jpeg-progressive", "png-rgb", "png-palette"])
 @pytest.mark.parametrize("keep", [0.9, 0.5, 0.1])

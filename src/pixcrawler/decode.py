@@ -153,7 +153,15 @@ class ImageDecoder:
         """An ``(H, W, C)`` uint8 array; :class:`DecompressionError` if it cannot be decoded."""
         try:
             if self._space and self._simplejpeg is not None and data[:2] == b"\xff\xd8":
-                array = self._decode_jpeg(data)
+                try:
+                    array = self._decode_jpeg(data)
+                except DecompressionError:
+                    raise
+                except ValueError:
+                    # simplejpeg refuses what libjpeg only warns about (extraneous bytes
+                    # before a marker); Pillow accepts that and refuses a truncated image.
+                    # Pillow decides, so every install sees the same images.
+                    array = None
                 if array is not None:
                     return array
             return self._decode_pillow(data)
