@@ -96,16 +96,22 @@ def _report(connection: HTTPConnection) -> None:
         hook(connection)
 
 
+# Each connection is reported before it sends a request and again once it has connected,
+# so a cancel that came while it was connecting still finds its socket.
 class _ReportingHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _report(self)
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         _report(self)
         super().request(*args, **kwargs)
 
 
 class _ReportingHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:  # the TLS handshake comes before request()
-        _report(self)
+    def connect(self) -> None:
         super().connect()
+        _report(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _report(self)

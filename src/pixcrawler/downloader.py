@@ -576,6 +576,8 @@ class ChunkDownloader:
     ) -> None:
         connections.append(connection)
         self._track(cancel, connection)
+        if cancel.is_set() or self._closed.is_set():  # cancelled before it was tracked
+            shutdown_connection(connection)
 
     def _untrack(
         self, cancel: threading.Event, response: urllib3.BaseHTTPResponse | HTTPConnection
