@@ -174,6 +174,24 @@ def test_map_style_items_equal_plain_iteration_pixels_and_label_ids(
     assert torch_dataset.store.stats.downloads == NUM_CHUNKS
 
 
+def test_images_a_caller_keeps_stay_intact_while_later_ones_decode(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    """Decodes reuse the buffers of images nobody holds any more, never of one still held
+    (as a list, a tensor, or a view of it)."""
+    torch_dataset = open_uniform(live_server).to_torch()
+    kept = [torch_dataset[index][0] for index in range(UNIFORM_TOTAL)]
+    tensors = [torch.from_numpy(torch_dataset[index][0]) for index in range(UNIFORM_TOTAL)]
+    views = [torch_dataset[index][0][2:9] for index in range(UNIFORM_TOTAL)]
+    for _ in range(3):  # many more decodes, dropped at once
+        for index in range(UNIFORM_TOTAL):
+            torch_dataset[index]
+    for index in range(UNIFORM_TOTAL):
+        np.testing.assert_array_equal(kept[index], reference.images[index])
+        np.testing.assert_array_equal(tensors[index].numpy(), reference.images[index])
+        np.testing.assert_array_equal(views[index], reference.images[index][2:9])
+
+
 def test_map_style_serves_mixed_sizes_and_nested_labels(live_server: LiveServer) -> None:
     dataset = load_dataset(JOB_MIXED, api_key=live_server.api_key, base_url=live_server.base_url)
     expected = [(image, dataset.labels.index(label)) for image, label in dataset]

@@ -220,8 +220,15 @@ class _TorchBridge:
             return self._local
 
     def _open(self, handle: Dataset) -> _Local:
-        decoder = ImageDecoder(handle.mode, self.image_size, buffers=ImageBuffers())
-        return _Local(handle, decoder)
+        # A DataLoader batch holds its images until it is collated, then drops them all:
+        # reusable buffers spare the page faults of fresh ones. Images a shuffle buffer
+        # holds would only pin them.
+        buffers = ImageBuffers() if self._reuses_images else None
+        return _Local(handle, ImageDecoder(handle.mode, self.image_size, buffers=buffers))
+
+    @property
+    def _reuses_images(self) -> bool:
+        return True
 
     def _label_id(self, sample: Sample) -> int:
         try:
@@ -450,6 +457,10 @@ class _Streaming(_TorchBridge):
         self.rank, self.world_size = _distributed(rank, world_size)
         self.epoch = 0
         self._total = sum(self._counts.values())
+
+    @property
+    def _reuses_images(self) -> bool:
+        return not self.shuffle
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order to yield (as ``DistributedSampler.set_epoch``).
