@@ -96,11 +96,12 @@ def _report(connection: HTTPConnection) -> None:
         hook(connection)
 
 
-# Each connection is reported before it sends a request and again once it has connected,
-# so a cancel that came while it was connecting still finds its socket.
 class _ReportingHTTPConnection(HTTPConnection):
+    """Reported before it sends a request and again once it has connected, so a cancel
+    that came while it was connecting still finds its socket."""
+
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # for HTTPS: HTTPSConnection.connect, the TLS handshake included
         _report(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
@@ -108,14 +109,8 @@ class _ReportingHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _ReportingHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        _report(self)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _report(self)
-        super().request(*args, **kwargs)
+class _ReportingHTTPSConnection(_ReportingHTTPConnection, HTTPSConnection):
+    pass
 
 
 class _HTTPPool(HTTPConnectionPool):
