@@ -28,6 +28,7 @@ import io
 import json
 import os
 import resource
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -346,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         print(ratio_line("epoch 1 (both download)", ours[0], theirs[0]))
         if args.epochs > 1:
             print(ratio_line(f"epoch {args.epochs} (cache warm)", ours[-1], theirs[-1]))
+            # Each cache-warm epoch against the WebDataset epoch just before it: other jobs on
+            # a shared machine move the two together, and the epochs apart.
+            warm = [o.rate / t.rate for o, t in zip(ours[1:], theirs[1:], strict=True)]
+            print(
+                f"cache-warm epochs: median ratio {statistics.median(warm):.2f}x wall "
+                f"(per epoch: {', '.join(f'{r:.2f}' for r in warm)}; target >= 1.5)"
+            )
         print(ratio_line(f"resized {size[0]}x{size[1]}", ours_resized, theirs_resized))
         print(
             "chunk requests per pixcrawler epoch: "
