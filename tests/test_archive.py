@@ -740,3 +740,23 @@ def test_an_image_is_hashed_once_per_archive_and_a_bad_one_every_time(
         with pytest.raises(DecompressionError, match="sha256 does not match"):
             archive.payload(bad)
     assert len(calls) == 1 + 3
+
+
+@pytest.mark.timeout(60)
+def test_empty_chunks_between_full_ones_neither_stall_nor_lose_images(
+    tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """A chunk with no images is handed back to the downloader at once, and the window that
+    counts the chunks being decoded moves on past it."""
+    empty = build_chunk([], entries=[])
+    write_crafted_job(
+        tmp_path,
+        "job_gaps",
+        [empty, build_chunk(standard_images()), empty, empty, build_chunk(standard_images())],
+    )
+    base_url = server_factory(tmp_path)
+    for prefetch in (1, 2):
+        dataset = load_dataset("job_gaps", TEST_KEY, base_url, prefetch=prefetch)
+        labels = [label for _image, label in dataset]
+        assert labels == ["cat", "cat", "dog"] * 2
+        assert dataset.stats.chunks == 5
