@@ -323,9 +323,13 @@ class ChunkDownloader:
                 index, future = window.popleft()
                 data = future.result()
                 if recycles:
+                    # The window refills when a chunk comes back or the next is asked for,
+                    # not now: a fetch started now would compete with the opening and
+                    # first decodes of this chunk (that is the first image's wait).
                     with lock:
                         held += 1
-                fill()
+                else:
+                    fill()
                 yield self.chunk(index), data
                 del data
         finally:
