@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+
+
+def raw_get(base_url: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    """Send ``target`` byte for byte: no client-side normalisation of ``..`` or escapes
+    (urllib3 would normalise ``..`` and re-encode)."""
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 def settles(condition: Callable[[], bool], timeout: float = 5.0) -> bool:

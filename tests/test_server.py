@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import urllib3
@@ -28,6 +26,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
+from helpers import raw_get
 from imagegen import make_image_folder
 from pixcrawler.config import ENV_SERVER_KEYS
 from pixcrawler.models import Job
@@ -46,21 +45,6 @@ def get(
     http: urllib3.PoolManager, url: str, headers: dict[str, str] | None = None
 ) -> urllib3.BaseHTTPResponse:
     return http.request("GET", url, headers=headers if headers is not None else AUTH)
-
-
-def raw_get(base_url: str, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """Send ``target`` byte for byte (urllib3 would normalise ``..`` and re-encode)."""
-    parts = urlsplit(base_url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
-    try:
-        conn.putrequest("GET", target, skip_accept_encoding=True)
-        for name, value in (headers if headers is not None else AUTH).items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def assert_error(response: urllib3.BaseHTTPResponse, status: int, error_type: str) -> str:
@@ -424,7 +408,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ],
 )
 def test_path_traversal_is_404_and_never_file_contents(guarded: str, target: str) -> None:
-    status, body = raw_get(guarded, target)
+    status, body = raw_get(guarded, target, AUTH)
     assert status == 404
     error = json.loads(body)["error"]
     assert (error["type"], error["status_code"]) == ("NotFoundError", 404)
@@ -434,7 +418,7 @@ def test_path_traversal_is_404_and_never_file_contents(guarded: str, target: str
 
 
 def test_guarded_store_still_serves_its_job(guarded: str) -> None:
-    status, body = raw_get(guarded, "/api/v1/jobs/job_a/chunks/0")
+    status, body = raw_get(guarded, "/api/v1/jobs/job_a/chunks/0", AUTH)
     assert status == 200
     assert body.startswith(b"PK")
 

@@ -6,7 +6,6 @@ traversal in every path parameter, malformed ``Range`` headers (listed and gener
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import random
@@ -14,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import pytest
 import urllib3
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from constants import JOB_MIXED, JOB_UNIFORM, OTHER_KEY, TEST_KEY, TEST_KEYS
+from helpers import raw_get
 from imagegen import make_image_folder
 from pixcrawler.packer import pack
 from pixcrawler.server import create_app, run_in_thread
@@ -149,21 +149,6 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base_url
 
 
-def raw_get(base_url: str, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """Send ``target`` byte for byte: no client-side normalisation of ``..`` or escapes."""
-    parts = urlsplit(base_url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
-    try:
-        conn.putrequest("GET", target, skip_accept_encoding=True)
-        for name, value in (AUTH if headers is None else headers).items():
-            conn.putheader(name, value)
-        conn.endheaders()
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 PAYLOADS = [
     "..",
     ".",
@@ -204,7 +189,7 @@ def targets(payload: str) -> list[str]:
 @pytest.mark.parametrize("payload", PAYLOADS, ids=[p[:30] for p in PAYLOADS])
 def test_hostile_path_parameters_are_404_never_file_contents(guarded: str, payload: str) -> None:
     for target in targets(payload):
-        status, body = raw_get(guarded, target)
+        status, body = raw_get(guarded, target, AUTH)
         assert status == 404, (target[:80], status, body[:200])
         assert json.loads(body)["error"]["status_code"] == 404
         assert SECRET.encode() not in body
@@ -222,7 +207,7 @@ def test_absolute_and_dot_segment_targets_are_404(guarded: str) -> None:
         "/keys.json",
         "/store/keys.json",
     ]:
-        status, body = raw_get(guarded, target)
+        status, body = raw_get(guarded, target, AUTH)
         assert status == 404, target
         assert SECRET.encode() not in body and KEYFILE_SECRET.encode() not in body
 
@@ -238,14 +223,14 @@ def test_generated_path_parameters_never_leak_or_err(guarded: str, text: str) ->
         # "0", "00" ... name chunk 0; only ASCII digits do.
         (chunk, text.isascii() and text.isdigit() and len(text) <= 9 and int(text) == 0),
     ):
-        status, body = raw_get(guarded, target)
+        status, body = raw_get(guarded, target, AUTH)
         assert status == (200 if allowed else 404), (target, status)
         assert SECRET.encode() not in body and KEYFILE_SECRET.encode() not in body
 
 
 def test_the_owners_own_job_still_answers(guarded: str) -> None:
-    assert raw_get(guarded, "/api/v1/jobs/job_a")[0] == 200
-    status, body = raw_get(guarded, "/api/v1/jobs/job_a/chunks/0")
+    assert raw_get(guarded, "/api/v1/jobs/job_a", AUTH)[0] == 200
+    status, body = raw_get(guarded, "/api/v1/jobs/job_a/chunks/0", AUTH)
     assert status == 200 and body.startswith(b"PK")
 
 
