@@ -204,24 +204,28 @@ class ChunkStore:
         if index not in self._chunks:
             raise IndexError(f"no chunk {index}")
         with self._lock:
-            entry = self._memory.get(index)
+            entry = self._memory_hit(index)
             if entry is not None:
-                self._memory.move_to_end(index)
-                self.stats.memory_hits += 1
                 return entry
             loading = self._loading.setdefault(index, threading.Lock())
         with loading:  # one thread loads a chunk; the others wait for it
             with self._lock:
-                entry = self._memory.get(index)
+                entry = self._memory_hit(index)
                 if entry is not None:
-                    self._memory.move_to_end(index)
-                    self.stats.memory_hits += 1
                     return entry
             entry = self._load(index)
             with self._lock:
                 self._memory[index] = entry
                 self._memory_bytes += entry.size
                 self._evict()
+        return entry
+
+    def _memory_hit(self, index: int) -> _Entry | None:
+        """The chunk if it is in memory (then the most recently used); call with the lock."""
+        entry = self._memory.get(index)
+        if entry is not None:
+            self._memory.move_to_end(index)
+            self.stats.memory_hits += 1
         return entry
 
     def _evict(self) -> None:
