@@ -60,39 +60,45 @@ class ImageBuffers:
             raise ValueError(f"count must be >= 1, got {count}")
         self.count = count
         self._buffers: list[np.ndarray] = []
+        self._sizes: list[int] = []  # each buffer's nbytes, read without touching the array
         self._next = 0  # the tracked buffer to forget next when every one is in use
         self._lock = threading.Lock()
-        probe: list[np.ndarray] = [np.empty(1, np.uint8)]
-        self._free_refs = self._refs(probe, 0)  # what "only the pool holds it" reads as
+        self._free_refs = self._refs([np.empty(1, np.uint8)])[0]  # "only the pool holds it"
 
     @staticmethod
-    def _refs(buffers: list[np.ndarray], index: int) -> int:
-        return sys.getrefcount(buffers[index])
+    def _refs(buffers: list[np.ndarray]) -> list[int]:
+        """Every buffer's reference count, each read the same way (so comparable)."""
+        return [sys.getrefcount(buffer) for buffer in buffers]
 
     def take(self, nbytes: int) -> np.ndarray:
         """A writable uint8 array of ``nbytes`` that nothing else references."""
         with self._lock:
-            buffers = self._buffers
-            best = -1
-            smallest_free = -1
-            for i in range(len(buffers)):
-                if self._refs(buffers, i) != self._free_refs:
+            buffers, sizes, free = self._buffers, self._sizes, self._free_refs
+            best = smallest_free = -1
+            for i, refs in enumerate(self._refs(buffers)):
+                if refs != free:
                     continue
-                size = buffers[i].nbytes
-                if size >= nbytes and (best < 0 or size < buffers[best].nbytes):
-                    best = i
-                elif size < nbytes and (smallest_free < 0 or size < buffers[smallest_free].nbytes):
+                size = sizes[i]
+                if size >= nbytes:
+                    if best < 0 or size < sizes[best]:
+                        best = i
+                elif smallest_free < 0 or size < sizes[smallest_free]:
                     smallest_free = i
             if best >= 0:
                 return buffers[best][:nbytes]
             fresh = np.empty(-(-nbytes // _BUFFER_GRANULE) * _BUFFER_GRANULE, np.uint8)
             if len(buffers) < self.count:
+                slot = len(buffers)
                 buffers.append(fresh)
-            elif smallest_free >= 0:  # too small for this image: give its memory back
-                buffers[smallest_free] = fresh
-            else:  # every buffer is in use: forget one (its holder owns it now)
-                buffers[self._next] = fresh
-                self._next = (self._next + 1) % self.count
+                sizes.append(fresh.nbytes)
+            else:
+                if smallest_free >= 0:  # too small for this image: give its memory back
+                    slot = smallest_free
+                else:  # every buffer is in use: forget one (its holder owns it now)
+                    slot = self._next
+                    self._next = (self._next + 1) % self.count
+                buffers[slot] = fresh
+                sizes[slot] = fresh.nbytes
             return fresh[:nbytes]
 
     def __len__(self) -> int:
