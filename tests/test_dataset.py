@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +25,11 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from helpers import digest
-from pixcrawler import Dataset, DatasetInfo, load_dataset
+from pixcrawler import Dataset, DatasetInfo, config, load_dataset
+from pixcrawler import dataset as dataset_module
+from pixcrawler.archive import ChunkArchive, Sample
+from pixcrawler.dataset import group_bounds
+from pixcrawler.decode import ImageDecoder
 from pixcrawler.exceptions import MixedImageSizesError, PixCrawlerError
 
 pytestmark = pytest.mark.timeout(60)
@@ -275,3 +280,35 @@ def test_import_pixcrawler_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert {"load_dataset", "Dataset", "DatasetInfo", "PixCrawlerError"} <= set(pixcrawler.__all__)
+
+
+@pytest.mark.parametrize("ramp", [False, True])
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 13, 30, 31, 500])
+def test_decode_groups_cover_every_sample_once_in_order(count: int, ramp: bool) -> None:
+    bounds = list(group_bounds(count, ramp=ramp))
+    assert [i for start, end in bounds for i in range(start, end)] == list(range(count))
+    assert all(0 < end - start <= config.DECODE_GROUP for start, end in bounds)
+
+
+def test_the_first_chunk_decodes_in_small_groups_first(
+    uniform: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first image waits for a group of 2 decodes, not for a whole group; later chunks
+    decode in whole groups."""
+    assert [end - start for start, end in group_bounds(40, ramp=True)] == [2, 4, 8, 16, 10]
+    assert [end - start for start, end in group_bounds(40)] == [16, 16, 8]
+    groups: list[tuple[int, int]] = []  # (chunk, images) of each decode task, as it starts
+    real = dataset_module.decode_group
+
+    def spy(archive: ChunkArchive, group: list[Sample], decoder: ImageDecoder) -> list[Any]:
+        with lock:
+            groups.append((group[0].chunk_id, len(group)))
+        return real(archive, group, decoder)
+
+    lock = threading.Lock()
+    monkeypatch.setattr(dataset_module, "decode_group", spy)
+    assert sum(1 for _ in uniform) == UNIFORM_TOTAL
+    sizes = {chunk: sorted(n for c, n in groups if c == chunk) for chunk, _ in groups}
+    assert UNIFORM_CHUNK_SIZE == 16  # so the ramp shows: 2, 4, 8 and the rest (2)
+    assert sizes[0] == [2, 2, 4, 8]  # sorted: two decode threads start them in either order
+    assert sizes[1] == [16]

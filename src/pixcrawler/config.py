@@ -39,6 +39,7 @@ MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
 # Decoding.
 DEFAULT_DECODE_THREADS = 2
 DECODE_GROUP = 16  # images per decode task (one future per image costs ~60 us)
+DECODE_RAMP = (2, 4, 8)  # an iteration's first groups: the first image waits for 2 decodes
 DECODE_GROUPS_IN_FLIGHT = 4  # decoded images held ahead = this x DECODE_GROUP
 IMAGE_BUFFERS = 96  # reusable decode outputs: the lookahead, or a batch of 64, and slack
 SUPPORTED_MODES = ("RGB", "L", "RGBA")

@@ -499,6 +499,7 @@ class Dataset:
         if plan is None:
             plan = [(index, None) for index in downloader.indexes]
         chunks = downloader.iter_chunks([index for index, _ in plan], recycles=True)
+        first = True
         try:
             for (chunk, data), (_, offsets) in zip(chunks, plan, strict=True):
                 archive = ChunkArchive(data, chunk_id=chunk.index)
@@ -512,9 +513,9 @@ class Dataset:
                     samples = [samples[offset] for offset in offsets]
                 if not samples:
                     downloader.recycle(archive.close())
-                for start in range(0, len(samples), config.DECODE_GROUP):
-                    end = start + config.DECODE_GROUP
+                for start, end in group_bounds(len(samples), ramp=first):
                     yield archive, samples[start:end], end >= len(samples)
+                first = first and not samples
         finally:
             chunks.close()  # stops its downloads now
 
@@ -557,6 +558,18 @@ def decode_sample(
         error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
         error.__cause__ = exc.__cause__ or exc
         return error
+
+
+def group_bounds(count: int, *, ramp: bool = False) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each decode group over ``count`` samples. With ``ramp`` (an
+    iteration's first chunk) the first groups are small (config.DECODE_RAMP): the first
+    image then waits for a couple of decodes, not for a whole group."""
+    sizes = iter(config.DECODE_RAMP if ramp else ())
+    start = 0
+    while start < count:
+        end = min(count, start + next(sizes, config.DECODE_GROUP))
+        yield start, end
+        start = end
 
 
 def decode_group(

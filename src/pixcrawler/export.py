@@ -25,7 +25,7 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
-from .dataset import Dataset, human_size, num_images_of
+from .dataset import Dataset, group_bounds, human_size, num_images_of
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError
@@ -496,10 +496,7 @@ class _NumpyWriter(_StagedWriter):
                 chunk_id=chunk.index,
             )
         ids = [self._label_id(sample) for sample in samples]
-        groups = [
-            range(start, min(len(samples), start + config.DECODE_GROUP))
-            for start in range(0, len(samples), config.DECODE_GROUP)
-        ]
+        groups = [range(start, end) for start, end in group_bounds(len(samples))]
         futures = [
             self.pool.submit(self._decode_rows, self.X, archive, samples, rows, offset)
             for rows in groups
