@@ -211,6 +211,17 @@ def test_a_larger_image_never_overruns_a_smaller_buffer() -> None:
     assert np.array_equal(image, ImageDecoder().decode(large))
 
 
+def test_a_buffer_forgotten_while_in_use_is_sized_by_its_replacement() -> None:
+    """With every buffer in use the pool forgets one and tracks a fresh one of the new
+    size: a later, larger request must get all its bytes, not that smaller replacement."""
+    buffers = ImageBuffers(1)
+    kept = buffers.take(1_000_000)  # pins the only tracked buffer
+    small = buffers.take(10)  # every buffer in use: the large one is forgotten
+    del kept, small
+    assert buffers.take(1_000_000).nbytes == 1_000_000
+    assert len(buffers) == 1
+
+
 @pytest.mark.timeout(60)
 def test_threads_sharing_buffers_never_share_an_image() -> None:
     from concurrent.futures import ThreadPoolExecutor

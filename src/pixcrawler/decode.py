@@ -88,17 +88,16 @@ class ImageBuffers:
                 return buffers[best][:nbytes]
             fresh = np.empty(-(-nbytes // _BUFFER_GRANULE) * _BUFFER_GRANULE, np.uint8)
             if len(buffers) < self.count:
-                slot = len(buffers)
                 buffers.append(fresh)
                 sizes.append(fresh.nbytes)
-            else:
-                if smallest_free >= 0:  # too small for this image: give its memory back
-                    slot = smallest_free
-                else:  # every buffer is in use: forget one (its holder owns it now)
-                    slot = self._next
-                    self._next = (self._next + 1) % self.count
-                buffers[slot] = fresh
-                sizes[slot] = fresh.nbytes
+                return fresh[:nbytes]
+            if smallest_free >= 0:  # too small for this image: give its memory back
+                slot = smallest_free
+            else:  # every buffer is in use: forget one (its holder owns it now)
+                slot = self._next
+                self._next = (self._next + 1) % self.count
+            buffers[slot] = fresh
+            sizes[slot] = fresh.nbytes
             return fresh[:nbytes]
 
     def __len__(self) -> int:
