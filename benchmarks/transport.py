@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-BLOCK = 1 << 20
-
 SERVER = """
 import sys, time
 from pathlib import Path
@@ -35,13 +33,15 @@ time.sleep(1e9)
 def with_urllib3(url: str, size: int) -> None:
     import urllib3
 
+    from pixcrawler.config import READ_BLOCK
+
     pool = with_urllib3.__dict__.setdefault("pool", urllib3.PoolManager())
     buffer = bytearray(size)
     view = memoryview(buffer)
     hasher = hashlib.sha256()
     response = pool.request("GET", url, preload_content=False)
     pos = 0
-    while block := response.read1(BLOCK):
+    while block := response.read1(READ_BLOCK):
         view[pos : pos + len(block)] = block
         hasher.update(block)
         pos += len(block)
@@ -51,13 +51,15 @@ def with_urllib3(url: str, size: int) -> None:
 def with_httpx(url: str, size: int) -> None:
     import httpx
 
+    from pixcrawler.config import READ_BLOCK
+
     client = with_httpx.__dict__.setdefault("client", httpx.Client())
     buffer = bytearray(size)
     view = memoryview(buffer)
     hasher = hashlib.sha256()
     pos = 0
     with client.stream("GET", url) as response:
-        for block in response.iter_raw(BLOCK):
+        for block in response.iter_raw(READ_BLOCK):
             view[pos : pos + len(block)] = block
             hasher.update(block)
             pos += len(block)

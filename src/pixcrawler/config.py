@@ -27,7 +27,9 @@ URL_EXPIRED_STATUSES = frozenset({403, 410})
 
 # The downloader.
 DEFAULT_PREFETCH = 2
-READ_BLOCK = 1 << 20  # bytes received (and hashed) per read
+# Bytes per read. 1 MiB reads cost ~10% less receive CPU (~1% of an iteration) but left
+# glibc's arenas ~4 MiB bigger and peak RSS less steady.
+READ_BLOCK = 256 << 10
 MIN_RANGE_PART = 8 << 20  # a chunk is split into parallel ranges only above 2 x this
 
 # Archive guards.
