@@ -291,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         shard_urls = [f"{blobs.base_url}/shards/{name}" for name in shards]
         dataset = load_dataset(JOB_ID, api_key=API_KEY, base_url=api)
         cache_dir = work / "cache"
-        requests: dict[int, int] = {}
 
         def pixcrawler_loader(
             image_size: tuple[int, int] | None = None, workers: int = args.workers
@@ -320,18 +319,29 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         print(f"load average before: {load_avg()} (other processes on this machine skew wall time)")
-        print("native sizes, epochs interleaved (webdataset streams every epoch; pixcrawler's")
-        print("epoch 1 downloads into a fresh disk cache, later epochs read it):")
+        print("native sizes, epochs interleaved, each pipeline first in turn (webdataset streams")
+        print("every epoch; pixcrawler's epoch 1 downloads into a fresh disk cache, later epochs")
+        print("read it):")
         ours: list[Epoch] = []
         theirs: list[Epoch] = []
         requests: list[int] = []
-        for epoch in range(1, args.epochs + 1):
+
+        def webdataset_epoch(epoch: int) -> None:
             theirs.append(run_epoch(webdataset_loader()))
             report("webdataset", f"epoch {epoch}", theirs[-1])
+
+        def pixcrawler_epoch(epoch: int) -> None:
             blobs.reset_stats()
             ours.append(run_epoch(pixcrawler_loader()))
             requests.append(blobs.stats.requests)
             report("pixcrawler", f"epoch {epoch}", ours[-1])
+
+        for epoch in range(1, args.epochs + 1):
+            # Which pipeline goes first alternates, so neither always runs on a machine
+            # the other has just warmed (or loaded).
+            pair = (webdataset_epoch, pixcrawler_epoch)
+            for run in pair if epoch % 2 else pair[::-1]:
+                run(epoch)
         size = (args.resize, args.resize)
         print(f"resized to {size[0]}x{size[1]} (pixcrawler image_size=, webdataset PIL resize):")
         theirs_resized = run_epoch(webdataset_loader(size))
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(ratio_line("epoch 1 (both download)", ours[0], theirs[0]))
         if args.epochs > 1:
             print(ratio_line(f"epoch {args.epochs} (cache warm)", ours[-1], theirs[-1]))
-            # Each cache-warm epoch against the WebDataset epoch just before it: other jobs on
+            # Each cache-warm epoch against the WebDataset epoch run beside it: other jobs on
             # a shared machine move the two together, and the epochs apart.
             warm = [o.rate / t.rate for o, t in zip(ours[1:], theirs[1:], strict=True)]
             print(
