@@ -430,13 +430,12 @@ class Dataset:
         decoded = self.decode_chunks(decoder, plan)
         try:
             for sample, result in decoded:
-                if isinstance(result, DecompressionError):
-                    self.on_bad_sample(sample, result)
+                image = self.accept(sample, result)
+                if image is None:
                     continue
                 if self.stats.first_image_seconds is None:
                     self.stats.first_image_seconds = time.perf_counter() - started
-                self.stats.images += 1
-                yield sample, result
+                yield sample, image
         finally:
             decoded.close()  # an early break stops the downloads and decoders now
 
@@ -519,16 +518,21 @@ class Dataset:
         finally:
             chunks.close()  # stops its downloads now
 
-    def on_bad_sample(
-        self, sample: Sample, error: DecompressionError, *, stacklevel: int = 4
-    ) -> None:
-        """Apply ``on_error`` to one undecodable sample: raise it, or count and skip it."""
+    def accept(
+        self, sample: Sample, result: np.ndarray | DecompressionError, *, stacklevel: int = 4
+    ) -> np.ndarray | None:
+        """One decode result, as every consumer takes it: an image is counted in ``stats``
+        and returned; an error gets ``on_error`` (raised, or counted as skipped: None)."""
+        if isinstance(result, np.ndarray):
+            self.stats.images += 1
+            return result
         if self.on_error == "raise":
-            raise error
+            raise result
         self.stats.skipped += 1
         self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
-            warnings.warn(f"skipped {error.message}", RuntimeWarning, stacklevel=stacklevel)
+            warnings.warn(f"skipped {result.message}", RuntimeWarning, stacklevel=stacklevel)
+        return None
 
 
 @dataclass

@@ -411,11 +411,11 @@ class _MapStyle(_TorchBridge):
                 raise count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
             sample = archive.samples[offset]
             result = decode_sample(archive, sample, local.decoder)
-            if isinstance(result, np.ndarray):
-                local.handle.stats.images += 1
-                return result, sample
-            local.bad.add(current)
-            local.handle.on_bad_sample(sample, result, stacklevel=2)
+            if not isinstance(result, np.ndarray):
+                local.bad.add(current)  # before on_error may raise: never tried again
+            image = local.handle.accept(sample, result, stacklevel=2)
+            if image is not None:
+                return image, sample
         raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
 
 
@@ -508,12 +508,11 @@ class _Streaming(_TorchBridge):
         own = handle.decode_chunks(local.decoder, sequence.segments(lo, hi), expect=self._counts)
         try:
             for sample, result in own:
-                if isinstance(result, np.ndarray):
-                    handle.stats.images += 1
-                    yield result, sample
-                else:
-                    handle.on_bad_sample(sample, result, stacklevel=2)
+                image = handle.accept(sample, result, stacklevel=2)
+                if image is None:
                     missing += 1
+                else:
+                    yield image, sample
         finally:
             own.close()
         if not missing:
