@@ -77,7 +77,8 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_UNEXPECTED) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # Click declares exit_code a class variable; this error's code is per instance.
+        setattr(self, "exit_code", exit_code)  # noqa: B010
 
 
 class _Session:
