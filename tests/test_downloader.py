@@ -15,6 +15,7 @@ from constants import JOB_UNIFORM, UNIFORM_TOTAL
 from helpers import close_while_consuming, digest
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.exceptions import DownloadError
+from pixcrawler.models import Chunk
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 from pixcrawler.testing.static import StaticServer
 
@@ -156,6 +157,112 @@ def test_large_chunk_is_fetched_as_parallel_ranges(
         assert downloader.stats.requests == 8
 
 
+def _ranged_blobs(
+    root: Path, count: int, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], list[Chunk]]:
+    """``count`` 1 MiB files under ``root``, big enough to be split into two ranges; the
+    returned function lists them as chunks on a given host."""
+    from pixcrawler import config
+
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 256 * 1024)
+    blobs = [bytes([i]) * (1 << 20) for i in range(count)]
+    for i, blob in enumerate(blobs):
+        (root / f"{i}.bin").write_bytes(blob)
+    return lambda base: [
+        Chunk(i, f"{base}/{i}.bin", len(blob), hashlib.sha256(blob).hexdigest())
+        for i, blob in enumerate(blobs)
+    ]
+
+
+def test_chunks_fetched_ahead_of_need_go_as_one_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle workers split only a chunk the consumer waits for (the first one here); the
+    others arrive before they are asked for, each on one connection."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    chunks = _ranged_blobs(tmp_path, 4, monkeypatch)
+    with StaticServer(tmp_path) as host:
+        downloader = ChunkDownloader(
+            ApiClient("k", "http://127.0.0.1:9"), chunks(host.base_url), max_workers=4
+        )
+        for _ in downloader.iter_chunks():
+            time.sleep(0.2)  # a consumer slower than the loopback
+        downloader.close()
+        by_path = host.stats.requests_by_path
+    assert [by_path[f"/{i}.bin"] for i in range(4)] == [2, 1, 1, 1]
+
+
+def test_a_consumer_waiting_on_the_network_gets_its_chunks_as_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each response is 0.3 s late: the consumer finds chunk 1 not ready, so the chunk
+    fetched next (3) is split again; chunk 2 started alongside 1, before anyone waited."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    chunks = _ranged_blobs(tmp_path, 4, monkeypatch)
+    late = FaultSchedule.random(1.0, [Fault("hang", seconds=0.3)])
+    with StaticServer(tmp_path) as host, FaultProxy(host.base_url, schedule=late) as proxy:
+        downloader = ChunkDownloader(
+            ApiClient("k", "http://127.0.0.1:9", timeout=5), chunks(proxy.base_url), max_workers=4
+        )
+        got = [bytes(data[:1]) for _, data in downloader.iter_chunks()]
+        downloader.close()
+        by_path = host.stats.requests_by_path
+    assert got == [bytes([i]) for i in range(4)]
+    assert [by_path[f"/{i}.bin"] for i in range(4)] == [2, 1, 1, 2]
+
+
+def test_the_first_chunk_is_fetched_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing can be used before chunk 0: no other transfer competes with it."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    chunks = _ranged_blobs(tmp_path, 3, monkeypatch)
+    spans: dict[int, tuple[float, float]] = {}
+    fetch = ChunkDownloader.fetch
+
+    def timed_fetch(
+        self: ChunkDownloader, index: int, cancel: object = None, **options: bool
+    ) -> bytearray:
+        started = time.perf_counter()
+        data = fetch(self, index, cancel, **options)  # type: ignore[arg-type]
+        spans[index] = (started, time.perf_counter())
+        return data
+
+    monkeypatch.setattr(ChunkDownloader, "fetch", timed_fetch)
+    with StaticServer(tmp_path) as host:
+        downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), chunks(host.base_url))
+        assert [c.index for c, _ in downloader.iter_chunks()] == [0, 1, 2]
+        downloader.close()
+    assert spans[1][0] >= spans[0][1] and spans[2][0] >= spans[0][1]
+
+
+def test_a_finished_iteration_leaves_no_chunk_behind_for_the_garbage_collector(
+    live_server: LiveServer,
+) -> None:
+    """Chunk buffers are freed when an iteration ends, not whenever a cycle is collected:
+    a reference cycle through a future once kept the last iteration's chunks alive."""
+    import gc
+    from concurrent.futures import Future
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    gc.collect()
+    gc.disable()
+    try:
+        assert sum(1 for _ in dataset) == UNIFORM_TOTAL
+        leftovers = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, Future) and isinstance(getattr(obj, "_result", None), bytearray)
+        ]
+    finally:
+        gc.enable()
+    assert leftovers == []
+
+
 def test_fetch_to_file_resumes_a_partial_file_and_renames_atomically(
     live_server: LiveServer, tmp_path: Path
 ) -> None:
@@ -295,12 +402,14 @@ def test_the_chunks_being_decoded_count_in_the_window(
     state = {"out": 0, "peak": 0, "fetched": 0}
     fetch, recycle = ChunkDownloader.fetch, ChunkDownloader.recycle
 
-    def counting_fetch(self: ChunkDownloader, index: int, cancel: object = None) -> bytearray:
+    def counting_fetch(
+        self: ChunkDownloader, index: int, cancel: object = None, **options: bool
+    ) -> bytearray:
         with lock:
             state["out"] += 1
             state["fetched"] += 1
             state["peak"] = max(state["peak"], state["out"])
-        return fetch(self, index, cancel)  # type: ignore[arg-type]
+        return fetch(self, index, cancel, **options)  # type: ignore[arg-type]
 
     def counting_recycle(self: ChunkDownloader, buffer: bytearray | None) -> None:
         with lock:

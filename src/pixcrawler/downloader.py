@@ -13,6 +13,12 @@ Guarantees:
 - ``iter_chunks`` holds at most ``prefetch`` chunks ahead of its consumer (``prefetch + 1``
   buffers in all for a consumer that recycles), and closing it (an early ``break``)
   cancels what is in flight and unblocks its sockets at once.
+
+Workers the window leaves idle fetch a large chunk as parallel byte ranges, but only a
+chunk someone waits for: ``fetch`` itself, an iteration's first chunk, and every chunk while
+its consumer has found its last chunk not ready (the network is not keeping up). A chunk
+fetched ahead of need goes as one stream, hashed as it arrives: on a network that keeps up,
+ranges only add connections, threads and a second pass over the bytes to hash them.
 """
 
 from __future__ import annotations
@@ -219,8 +225,11 @@ class ChunkDownloader:
         with self._lock:
             return self._chunks[index]
 
-    def fetch(self, index: int, cancel: threading.Event | None = None) -> bytearray:
-        """One chunk, complete and verified, in memory."""
+    def fetch(
+        self, index: int, cancel: threading.Event | None = None, *, split: bool = True
+    ) -> bytearray:
+        """One chunk, complete and verified, in memory. ``split=False`` fetches it as one
+        stream even when workers are idle (it is wanted ahead of need, not now)."""
         cancel = cancel or threading.Event()
         self._watch(cancel)
         try:
@@ -228,7 +237,7 @@ class ChunkDownloader:
                 chunk = self.chunk(index)
                 try:
                     sink = _MemorySink(chunk.size_bytes, self._buffers)
-                    digest = self._receive(chunk, sink, cancel)
+                    digest = self._receive(chunk, sink, cancel, split=split)
                     self._verify(chunk, digest, attempt)
                 except _IntegrityError as exc:
                     self._integrity_failed(chunk, attempt, str(exc))
@@ -296,16 +305,35 @@ class ChunkDownloader:
         pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="pixcrawler-download")
         window: deque[tuple[int, Future[bytearray]]] = deque()
         held = 0  # chunks handed out and not recycled yet (counted when recycles=True)
+        handed = 0  # chunks handed out so far
+        starved = False  # the consumer found the last chunk it asked for not ready
+        first: list[Future[bytearray]] = []  # the iteration's first fetch
         lock = threading.Lock()
 
         def fill(least: int = 0) -> None:
+            started = None
             with lock:
+                if cancel.is_set():  # closed: the pool may be shut down
+                    return
                 room = self.prefetch + 1 - held if recycles else self.prefetch
-                while len(window) < max(least, min(room, self.prefetch)):
+                want = max(least, min(room, self.prefetch))
+                while len(window) < want:
+                    if first and not first[0].done():
+                        # The first chunk has the network and the CPU to itself: nothing
+                        # can be decoded before it, and a second would only slow it down.
+                        break
                     index = next(todo, None)
                     if index is None:
-                        return
-                    window.append((index, pool.submit(self.fetch, index, cancel)))
+                        break
+                    # Ranges for a chunk the consumer waits for (see the module doc).
+                    split = starved or (least > 0 and not window)
+                    future = pool.submit(self.fetch, index, cancel, split=split)
+                    window.append((index, future))
+                    if not first:
+                        first.append(future)
+                        started = future
+            if started is not None:  # outside the lock: a done future calls back at once
+                started.add_done_callback(lambda _: fill())
 
         def released() -> None:
             nonlocal held
@@ -321,6 +349,9 @@ class ChunkDownloader:
                 if not window:
                     return
                 index, future = window.popleft()
+                # The first chunk is always waited for; later waits mean the network lags.
+                starved = handed > 0 and not future.done()
+                handed += 1
                 data = future.result()
                 if recycles:
                     # The window refills when a chunk comes back or the next is asked for,
@@ -333,7 +364,9 @@ class ChunkDownloader:
                 yield self.chunk(index), data
                 del data
         finally:
-            cancel.set()
+            with lock:  # no fill() submits to the pool once this is set
+                cancel.set()
+            first.clear()  # its callback refers back to fill(): a cycle that held a chunk
             if recycles:
                 self._released.remove(released)
             for _, future in window:
@@ -372,9 +405,12 @@ class ChunkDownloader:
         cancel: threading.Event,
         start: int = 0,
         hasher: Any = None,
+        *,
+        split: bool = False,
     ) -> str:
-        """Every byte of ``chunk`` into ``sink``; returns the sha256 hex digest."""
-        parts = self._split(chunk.size_bytes) if start == 0 else []
+        """Every byte of ``chunk`` into ``sink`` (as parallel ranges when ``split`` and
+        workers are idle); returns the sha256 hex digest."""
+        parts = self._split(chunk.size_bytes) if split and start == 0 else []
         if len(parts) > 1 and isinstance(sink, _MemorySink):
             try:
                 return self._receive_parts(chunk, sink, parts, cancel)
@@ -407,17 +443,21 @@ class ChunkDownloader:
                 )
             pool = self._part_pool
         futures = [
-            pool.submit(self._stream, chunk.index, sink, lo, hi, None, cancel)
+            pool.submit(self._stream, chunk.index, sink, lo, hi, None, cancel, part=True)
             for lo, hi in parts[1:]
         ]
         try:
-            self._stream(chunk.index, sink, parts[0][0], parts[0][1], None, cancel)
-            for future in futures:
-                future.result()
+            # The first part is hashed as it arrives, each later one once it is complete
+            # (most of it arrived meanwhile): only the last part's hash waits on the wire.
+            first = self._stream(chunk.index, sink, *parts[0], hashlib.sha256(), cancel, part=True)
+            with memoryview(sink.buffer) as view:
+                for (lo, hi), future in zip(parts[1:], futures, strict=True):
+                    future.result()
+                    first.update(view[lo:hi])
         finally:
             for future in futures:
                 future.cancel()
-        return hashlib.sha256(sink.buffer).hexdigest()
+        return str(first.hexdigest())
 
     def _stream(
         self,
@@ -427,11 +467,14 @@ class ChunkDownloader:
         end: int | None,
         hasher: Any,
         cancel: threading.Event,
+        *,
+        part: bool = False,
     ) -> Any:
         """Bytes ``[start, end)`` of chunk ``index`` (to EOF if ``end`` is None), with retries.
+        A ``part`` (one of parallel ranges) is always asked for as a ``Range``.
 
         Returns the hasher fed with every byte in order (a fresh one if the server made us
-        start over), or None when ``hasher`` was None (a parallel part).
+        start over), or None when ``hasher`` was None.
         """
         pos = start
         failures = 0
@@ -443,7 +486,7 @@ class ChunkDownloader:
             chunk = self.chunk(index)
             url = self.client.resolve(chunk.url)
             headers = {}
-            ranged = pos > 0 or (end is not None and start > 0) or (hasher is None)
+            ranged = pos > 0 or part
             if ranged:
                 last = "" if end is None else str(end - 1)
                 headers["Range"] = f"bytes={pos}-{last}"
@@ -462,7 +505,7 @@ class ChunkDownloader:
                 self._track(cancel, response)
                 status = response.status
                 if status == 200 and ranged:
-                    if hasher is None:
+                    if part:
                         raise _RangeIgnored()
                     pos = start = 0  # the server ignored Range: take the whole body afresh
                     sink.restart()
