@@ -312,3 +312,46 @@ def test_the_first_chunk_decodes_in_small_groups_first(
     assert UNIFORM_CHUNK_SIZE == 16  # so the ramp shows: 2, 4, 8 and the rest (2)
     assert sizes[0] == [2, 2, 4, 8]  # sorted: two decode threads start them in either order
     assert sizes[1] == [16]
+
+
+def test_iteration_reuses_image_buffers_and_images_kept_stay_intact(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JPEGs decode into pooled buffers (no fresh pages per image), and a buffer an image
+    still uses is never written again: every tenth image, kept to the end, is unchanged."""
+    from pixcrawler.decode import ImageBuffers
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    reference = {s.id: image for s, image in dataset.iter_samples(keeps=True)}
+    takes = []
+    take = ImageBuffers.take
+
+    def counting_take(self: ImageBuffers, nbytes: int) -> np.ndarray:
+        takes.append(nbytes)
+        return take(self, nbytes)
+
+    monkeypatch.setattr(ImageBuffers, "take", counting_take)
+    kept = {}
+    for position, (sample, image) in enumerate(dataset.iter_samples()):
+        if position % 10 == 0:
+            kept[sample.id] = image
+    assert len(takes) == UNIFORM_TOTAL // 2  # the JPEG half; PNGs go through Pillow
+    assert len(kept) == UNIFORM_TOTAL // 10
+    for sample_id, image in kept.items():
+        np.testing.assert_array_equal(image, reference[sample_id])
+
+
+def test_to_dataframe_images_are_arrays_of_their_own(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DataFrame keeps every image: none sits in a pooled buffer bigger than itself."""
+    from pixcrawler.decode import ImageBuffers
+
+    def no_take(self: ImageBuffers, nbytes: int) -> np.ndarray:
+        raise AssertionError("to_dataframe must not use pooled buffers")
+
+    monkeypatch.setattr(ImageBuffers, "take", no_take)
+    df = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url).to_dataframe()
+    assert len(df) == UNIFORM_TOTAL
+    for image in df["image"]:
+        assert (image if image.base is None else image.base).nbytes == image.nbytes

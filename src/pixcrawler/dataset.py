@@ -23,7 +23,7 @@ from . import config
 from .archive import ChunkArchive, Sample
 from .auth import resolve_api_key, resolve_base_url
 from .client import ApiClient
-from .decode import ImageDecoder, validate_image_size
+from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
 from .models import Job
@@ -248,11 +248,23 @@ class Dataset:
             yield image, sample.label
 
     def iter_samples(
-        self, image_size: ImageSize | None = None, chunks: list[int] | None = None
+        self,
+        image_size: ImageSize | None = None,
+        chunks: list[int] | None = None,
+        *,
+        keeps: bool = False,
     ) -> Iterator[tuple[Sample, np.ndarray]]:
-        """Yield ``(sample, image)`` with the sample's id, path and metadata."""
+        """Yield ``(sample, image)`` with the sample's id, path and metadata.
+
+        Images decode into reusable buffers (:class:`~pixcrawler.decode.ImageBuffers`): one
+        the caller drops is written again later, one it keeps stays its own. ``keeps=True``
+        says the caller keeps every image: each then gets an array of its exact size.
+        """
         size = validate_image_size(image_size) if image_size is not None else self.image_size
-        samples = self._decoded(ImageDecoder(self.mode, size), chunks)
+        # Fresh arrays fault their pages in again image after image (~100k page faults in
+        # a process's first pass over 5,000 photos, ~5% of its throughput).
+        buffers = None if keeps else ImageBuffers()
+        samples = self._decoded(ImageDecoder(self.mode, size, buffers=buffers), chunks)
         if not self.progress:
             yield from samples
             return
@@ -331,7 +343,7 @@ class Dataset:
 
         pandas = require("pandas", "pandas")
         rows: dict[str, list[Any]] = {"image": [], "label": [], "metadata": []}
-        for sample, image in self.iter_samples():
+        for sample, image in self.iter_samples(keeps=True):
             rows["image"].append(image)
             rows["label"].append(sample.label)
             rows["metadata"].append(sample_metadata(sample, image))
