@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
@@ -186,6 +187,85 @@ def test_a_corrupt_cached_file_is_detected_deleted_and_downloaded_again(
     assert chunks.stats.corrupt_files == 1 and remote.calls == {1: 2}
     assert path.read_bytes() == remote.bytes_of(1)  # replaced by a good copy
     assert remote.store(tmp_path).get(1) and remote.calls == {1: 2}
+
+
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every whole-file sha256 the store computes on opening a cached file, by size."""
+    hashed: list[int] = []
+    real = cache_module._sha256
+
+    def counting(buffer: cache_module.Buffer) -> str:
+        hashed.append(len(buffer))
+        return real(buffer)
+
+    monkeypatch.setattr(cache_module, "_sha256", counting)
+    return hashed
+
+
+def _flip_member_byte(path: Path, archive: ChunkArchive) -> None:
+    """Change one byte of the first image in place, size kept: what bit rot does."""
+    offset = archive.samples[0].member.offset + 100
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_file_verified_by_one_process_is_not_hashed_again_by_the_next(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer stamps what it verified; a new store (a new DataLoader worker) trusts a
+    file that is exactly as stamped instead of reading all of it again."""
+    remote.store(tmp_path).get(1)
+    path = remote.store(tmp_path).path(1)
+    assert path is not None and path.with_name(path.name + ".verified").is_file()
+    hashed = _counting_hashes(monkeypatch)
+    chunks = remote.store(tmp_path)
+    assert bytes(chunks.get(1)) == remote.bytes_of(1)
+    assert hashed == [] and chunks.stats.disk_hits == 1 and remote.calls == {1: 1}
+
+
+def test_a_stamp_is_void_once_the_file_changes_even_with_its_mtime_restored(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = remote.store(tmp_path)
+    archive = chunks.archive(1)
+    path = chunks.path(1)
+    assert path is not None
+    before = path.stat()
+    time.sleep(0.01)  # a later timestamp even where the clock is coarse
+    _flip_member_byte(path, archive)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the ctime still moves
+    hashed = _counting_hashes(monkeypatch)
+    again = remote.store(tmp_path)
+    assert bytes(again.get(1)) == remote.bytes_of(1)
+    assert len(hashed) == 1 and again.stats.corrupt_files == 1 and remote.calls == {1: 2}
+
+
+def test_a_bad_image_in_a_chunk_taken_on_its_stamp_gets_the_file_hashed_and_replaced(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """Bit rot moves no timestamp: the stamp still matches, the image's own sha256 does
+    not. recheck() then voids the stamp; the next read hashes, discards, downloads."""
+    from pixcrawler.dataset import decode_sample
+    from pixcrawler.decode import ImageDecoder
+
+    chunks = remote.store(tmp_path)
+    path = chunks.path(1)
+    assert path is not None
+    _flip_member_byte(path, chunks.archive(1))
+    cache_module._write_stamp(path, path.stat(), remote.chunks[1].sha256 or "")  # as if rotted
+
+    rotted = remote.store(tmp_path)
+    archive = rotted.archive(1)
+    sample = archive.samples[0]
+    assert not isinstance(decode_sample(archive, sample, ImageDecoder()), np.ndarray)
+    assert rotted.recheck(1) is True
+    archive = rotted.archive(1)
+    assert isinstance(decode_sample(archive, archive.samples[0], ImageDecoder()), np.ndarray)
+    assert rotted.stats.corrupt_files == 1 and remote.calls == {1: 2}
+    assert rotted.recheck(1) is False  # verified here now: a bad image would be bad at source
 
 
 def test_writes_are_atomic_no_file_under_the_final_name_until_verified(

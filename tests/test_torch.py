@@ -288,6 +288,30 @@ def test_second_epoch_over_a_cached_dataset_makes_no_request(
     assert blobs.stats.requests == 0
 
 
+def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    """Bit rot in a cached chunk moves no timestamp, so its stamp still matches: the first
+    image that fails its sha256 makes the file be hashed, replaced, and the image served."""
+    from pixcrawler import cache as cache_module
+
+    first = open_uniform(live_server).to_torch()
+    first[0]  # downloads, caches and stamps chunk 0
+    path = first.store.path(0)
+    assert path is not None
+    member = first.store.archive(0).samples[0].member
+    data = bytearray(path.read_bytes())
+    data[member.offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cache_module._write_stamp(path, path.stat(), path.name.split("-")[1][:-4])  # as if rotted
+
+    fresh = open_uniform(live_server).to_torch()  # another process: trusts the stamp
+    image, label = fresh[0]
+    np.testing.assert_array_equal(image, reference.images[0])
+    assert label == reference.label_ids[0]
+    assert fresh.store.stats.corrupt_files == 1 and fresh.store.stats.downloads == 1
+
+
 def test_memory_only_cache_serves_a_second_epoch_in_process_without_request(
     live_server: LiveServer, through_blobs: tuple[str, StaticServer], private_cache: Path
 ) -> None:

@@ -11,8 +11,15 @@ folder shared by the DataLoader's worker processes, by later epochs and by later
   ``os.replace``: no reader ever sees a half-written file under the final name, whatever
   process crashes, and concurrent writers of one chunk cannot corrupt it (a power cut can
   tear a file, which is not fsynced: the next check below catches that);
-- a file read back is verified (sha256, else size) the first time a process opens it; a
-  corrupt one is deleted and the chunk downloaded again;
+- a file is verified (sha256, else size) once, by the process that writes it or first
+  opens it, which then leaves a stamp beside it (``<name>.verified``: the sha256 and the
+  file's device, inode, size, mtime and ctime). A process that finds the file exactly as
+  stamped does not hash it again (a DataLoader starts new workers every epoch: each would
+  re-read the whole cache); any change to the file, even one that restores its mtime,
+  moves its ctime and voids the stamp. Each image's own sha256 from the manifest is still
+  checked when it is decoded, and a bad image in a chunk taken on its stamp makes the file
+  be hashed after all (:meth:`ChunkStore.recheck`): bit rot, which moves no timestamp, is
+  caught there. A corrupt file is deleted and the chunk downloaded again;
 - an advisory lock per chunk (POSIX ``flock``) makes concurrent workers wait for one download
   instead of each making its own (without it the result is the same, only slower).
 
@@ -47,6 +54,7 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap
 CacheDir = str | os.PathLike[str] | bool | None
 
 TEMP_SUFFIX = ".tmp"
+STAMP_SUFFIX = ".verified"
 _HASH_BLOCK = 8 << 20
 
 if sys.platform == "win32":  # pragma: no cover - no flock; atomic rename still keeps it safe
@@ -149,6 +157,7 @@ class ChunkStore:
         self._memory_bytes = 0
         self._loading: dict[int, threading.Lock] = {}
         self._verified: dict[Path, tuple[int, int, int]] = {}
+        self._trusted: set[int] = set()  # chunks opened on another process's stamp
         self._swept = False
 
     # -- public ------------------------------------------------------------------------
@@ -177,6 +186,25 @@ class ChunkStore:
             name = f"{index:05d}-{chunk.size_bytes}b-{self._origin_tag}.zip"
             return self.directory / name
         return None  # nothing to tell a stale file from a current one: memory only
+
+    def recheck(self, index: int) -> bool:
+        """Chunk ``index`` gave a bad image. If its file was taken on another process's
+        stamp, forget the stamp and the bytes, so that the next read hashes the file (and
+        downloads the chunk again if the file is corrupt): True, read it again. False when
+        this process verified the bytes itself (the image is bad at its source)."""
+        with self._lock:
+            if index not in self._trusted:
+                return False
+            self._trusted.discard(index)
+            entry = self._memory.pop(index, None)
+            if entry is not None:
+                self._memory_bytes -= entry.size
+        path = self.path(index)
+        if path is not None:
+            self._verified.pop(path, None)
+            with contextlib.suppress(OSError):
+                _stamp_path(path).unlink()
+        return True
 
     def in_memory(self, index: int) -> bool:
         with self._lock:
@@ -274,13 +302,19 @@ class ChunkStore:
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if self._verified.get(path) != stamp:
-            if chunk.sha256 and _sha256(buffer) != chunk.sha256.lower():
-                buffer.close()
-                self._discard(index, path, st, "sha256 does not match")
-                return None
-            self._verified[path] = stamp
+        seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._verified.get(path) != seen:
+            expected = chunk.sha256.lower() if chunk.sha256 else None
+            if expected is not None and _read_stamp(path) == _stamp(st, expected):
+                with self._lock:
+                    self._trusted.add(index)
+            elif expected is not None:
+                if _sha256(buffer) != expected:
+                    buffer.close()
+                    self._discard(index, path, st, "sha256 does not match")
+                    return None
+                _write_stamp(path, st, expected)
+            self._verified[path] = seen
         self._count("disk_hits")
         return _Entry(buffer, st.st_size)
 
@@ -293,7 +327,11 @@ class ChunkStore:
             now = os.stat(path)
             if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not already replaced
                 os.unlink(path)
+        with contextlib.suppress(OSError):
+            _stamp_path(path).unlink()
         self._verified.pop(path, None)
+        with self._lock:
+            self._trusted.discard(index)
 
     def _write(self, index: int, path: Path, data: Buffer) -> None:
         """Temp file in the same folder, verify, rename. A failure costs only the cache.
@@ -315,6 +353,8 @@ class ChunkStore:
             os.replace(temp, path)
             st = os.stat(path)
             self._verified[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if chunk.sha256:
+                _write_stamp(path, st, chunk.sha256.lower())
         except OSError as exc:
             self._count("write_failures")
             log.warning("chunk %d: not cached on disk (%s); keeping it in memory only", index, exc)
@@ -349,6 +389,36 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + STAMP_SUFFIX)
+
+
+def _stamp(st: os.stat_result, sha256: str) -> str:
+    """What a stamp says: this sha256 was verified for the file with exactly this identity
+    and these timestamps (any write moves the ctime, which no one can set back)."""
+    return f"{sha256} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+
+
+def _read_stamp(path: Path) -> str | None:
+    try:
+        return _stamp_path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:
+    """Atomically, like the chunk itself; a stamp that cannot be written only costs a hash."""
+    stamp = _stamp_path(path)
+    temp = stamp.with_name(f"{stamp.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    try:
+        temp.write_text(_stamp(st, sha256))
+        os.replace(temp, stamp)
+    except OSError as exc:
+        log.debug("no stamp for %s (%s)", path, exc)
+        with contextlib.suppress(OSError):
+            temp.unlink()
 
 
 def _sha256(buffer: Buffer) -> str:

@@ -411,6 +411,11 @@ class _MapStyle(_TorchBridge):
                 raise count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
             sample = archive.samples[offset]
             result = decode_sample(archive, sample, local.decoder)
+            if not isinstance(result, np.ndarray) and store.recheck(chunk):
+                # Read on another process's stamp: hashed now, downloaded again if corrupt.
+                archive = store.archive(chunk)
+                sample = archive.samples[offset]
+                result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray):
                 local.bad.add(current)  # before on_error may raise: never tried again
             image = local.handle.accept(sample, result, stacklevel=2)
