@@ -236,8 +236,35 @@ def test_the_first_chunk_is_fetched_alone(tmp_path: Path, monkeypatch: pytest.Mo
     with StaticServer(tmp_path) as host:
         downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), chunks(host.base_url))
         assert [c.index for c, _ in downloader.iter_chunks()] == [0, 1, 2]
+        assert spans[1][0] >= spans[0][1] and spans[2][0] >= spans[0][1]
+
+        # A consumer that recycles: chunk 0 in brings one more chunk, not the whole window
+        # (the opening of chunk 0 is what the first image waits for).
+        spans.clear()
+        chunks_out = downloader.iter_chunks(recycles=True)
+        _, data = next(chunks_out)
+        time.sleep(0.3)
+        assert sorted(spans) == [0, 1]
+        downloader.recycle(data)
+        assert [c.index for c, _ in chunks_out] == [1, 2]
         downloader.close()
-    assert spans[1][0] >= spans[0][1] and spans[2][0] >= spans[0][1]
+
+
+def test_chunk_buffers_are_resizable_bytearrays_of_the_size_asked() -> None:
+    """Fresh chunk buffers skip the zero-fill, but are still plain bytearrays: the pool
+    shrinks and grows them in place."""
+    from pixcrawler.downloader import BufferPool, unfilled_bytearray
+
+    buffer = unfilled_bytearray(3 << 20)
+    assert type(buffer) is bytearray and len(buffer) == 3 << 20
+    buffer[-1:] = b"x"
+    del buffer[1 << 20 :]
+    assert len(buffer) == 1 << 20
+    pool = BufferPool(4 << 20)
+    taken = pool.take(3 << 20)
+    assert type(taken) is bytearray and len(taken) == 3 << 20
+    pool.give(taken)
+    assert pool.take(2 << 20) is taken and len(taken) == 2 << 20
 
 
 def test_a_finished_iteration_leaves_no_chunk_behind_for_the_garbage_collector(
