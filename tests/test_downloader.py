@@ -177,8 +177,9 @@ def _ranged_blobs(
 def test_chunks_fetched_ahead_of_need_go_as_one_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Idle workers split only a chunk the consumer waits for (the first one here); the
-    others arrive before they are asked for, each on one connection."""
+    """Idle workers split only a chunk the consumer waits for: the first, fetched alone,
+    in as many ranges as there are workers; the others arrive before they are asked for,
+    each on one connection."""
     from pixcrawler.client import ApiClient
     from pixcrawler.downloader import ChunkDownloader
 
@@ -191,7 +192,7 @@ def test_chunks_fetched_ahead_of_need_go_as_one_stream(
             time.sleep(0.2)  # a consumer slower than the loopback
         downloader.close()
         by_path = host.stats.requests_by_path
-    assert [by_path[f"/{i}.bin"] for i in range(4)] == [2, 1, 1, 1]
+    assert [by_path[f"/{i}.bin"] for i in range(4)] == [4, 1, 1, 1]
 
 
 def test_a_consumer_waiting_on_the_network_gets_its_chunks_as_ranges(
@@ -212,7 +213,7 @@ def test_a_consumer_waiting_on_the_network_gets_its_chunks_as_ranges(
         downloader.close()
         by_path = host.stats.requests_by_path
     assert got == [bytes([i]) for i in range(4)]
-    assert [by_path[f"/{i}.bin"] for i in range(4)] == [2, 1, 1, 2]
+    assert [by_path[f"/{i}.bin"] for i in range(4)] == [4, 1, 1, 2]
 
 
 def test_the_first_chunk_is_fetched_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

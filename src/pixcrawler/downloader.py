@@ -15,10 +15,11 @@ Guarantees:
   cancels what is in flight and unblocks its sockets at once.
 
 Workers the window leaves idle fetch a large chunk as parallel byte ranges, but only a
-chunk someone waits for: ``fetch`` itself, an iteration's first chunk, and every chunk while
-its consumer has found its last chunk not ready (the network is not keeping up). A chunk
-fetched ahead of need goes as one stream, hashed as it arrives: on a network that keeps up,
-ranges only add connections, threads and a second pass over the bytes to hash them.
+chunk someone waits for: ``fetch`` itself, an iteration's first chunk (fetched alone, with
+every worker), and every chunk while its consumer has found its last chunk not ready (the
+network is not keeping up). A chunk fetched ahead of need goes as one stream, hashed as it
+arrives: on a network that keeps up, ranges only add connections, threads and a second
+pass over the bytes to hash them.
 """
 
 from __future__ import annotations
@@ -250,10 +251,11 @@ class ChunkDownloader:
             return self._chunks[index]
 
     def fetch(
-        self, index: int, cancel: threading.Event | None = None, *, split: bool = True
+        self, index: int, cancel: threading.Event | None = None, *, ranges: int | None = None
     ) -> bytearray:
-        """One chunk, complete and verified, in memory. ``split=False`` fetches it as one
-        stream even when workers are idle (it is wanted ahead of need, not now)."""
+        """One chunk, complete and verified, in memory, in up to ``ranges`` parallel byte
+        ranges (default: the workers a full window leaves to each chunk; 1: one stream,
+        for a chunk wanted ahead of need)."""
         cancel = cancel or threading.Event()
         self._watch(cancel)
         try:
@@ -261,7 +263,7 @@ class ChunkDownloader:
                 chunk = self.chunk(index)
                 try:
                     sink = _MemorySink(chunk.size_bytes, self._buffers)
-                    digest = self._receive(chunk, sink, cancel, split=split)
+                    digest = self._receive(chunk, sink, cancel, ranges=ranges)
                     self._verify(chunk, digest, attempt)
                 except _IntegrityError as exc:
                     self._integrity_failed(chunk, attempt, str(exc))
@@ -351,9 +353,12 @@ class ChunkDownloader:
                     index = next(todo, None)
                     if index is None:
                         break
-                    # Ranges for a chunk the consumer waits for (see the module doc).
-                    split = starved or (least > 0 and not window)
-                    future = pool.submit(self.fetch, index, cancel, split=split)
+                    # Ranges for a chunk the consumer waits for (see the module doc); the
+                    # first, alone in flight, gets every worker.
+                    ranges = None if starved or (least > 0 and not window) else 1
+                    if not first:
+                        ranges = self.max_workers
+                    future = pool.submit(self.fetch, index, cancel, ranges=ranges)
                     window.append((index, future))
                     if not first:
                         first.append(future)
@@ -434,11 +439,11 @@ class ChunkDownloader:
         start: int = 0,
         hasher: Any = None,
         *,
-        split: bool = False,
+        ranges: int | None = 1,
     ) -> str:
-        """Every byte of ``chunk`` into ``sink`` (as parallel ranges when ``split`` and
-        workers are idle); returns the sha256 hex digest."""
-        parts = self._split(chunk.size_bytes) if split and start == 0 else []
+        """Every byte of ``chunk`` into ``sink``, in up to ``ranges`` parallel byte ranges
+        (None: the workers a full window leaves idle); returns the sha256 hex digest."""
+        parts = self._split(chunk.size_bytes, ranges) if start == 0 else []
         if len(parts) > 1 and isinstance(sink, _MemorySink):
             try:
                 return self._receive_parts(chunk, sink, parts, cancel)
@@ -448,9 +453,10 @@ class ChunkDownloader:
         hasher = self._stream(chunk.index, sink, start, chunk.size_bytes, hasher, cancel)
         return str(hasher.hexdigest())
 
-    def _split(self, size: int | None) -> list[tuple[int, int]]:
-        """Byte ranges for the workers the window leaves idle (none if it fills them)."""
-        spare = self.max_workers // self.prefetch
+    def _split(self, size: int | None, ranges: int | None) -> list[tuple[int, int]]:
+        """Up to ``ranges`` byte ranges (None: one per worker a full window leaves idle);
+        none for one, or for a chunk too small to split."""
+        spare = self.max_workers // self.prefetch if ranges is None else ranges
         if size is None or spare < 2 or size < 2 * config.MIN_RANGE_PART:
             return []
         n = min(spare, size // config.MIN_RANGE_PART)
