@@ -397,7 +397,8 @@ def _stamp_path(path: Path) -> Path:
 
 def _stamp(st: os.stat_result, sha256: str) -> str:
     """What a stamp says: this sha256 was verified for the file with exactly this identity
-    and these timestamps (any write moves the ctime, which no one can set back)."""
+    and these timestamps (a write moves both; ``utime`` can set the mtime back, not the
+    ctime)."""
     return f"{sha256} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
 
 

@@ -483,15 +483,15 @@ class ChunkDownloader:
         try:
             # The first part is hashed as it arrives, each later one once it is complete
             # (most of it arrived meanwhile): only the last part's hash waits on the wire.
-            first = self._stream(chunk.index, sink, *parts[0], hashlib.sha256(), cancel, part=True)
+            hasher = self._stream(chunk.index, sink, *parts[0], hashlib.sha256(), cancel, part=True)
             with memoryview(sink.buffer) as view:
                 for (lo, hi), future in zip(parts[1:], futures, strict=True):
                     future.result()
-                    first.update(view[lo:hi])
+                    hasher.update(view[lo:hi])
         finally:
             for future in futures:
                 future.cancel()
-        return str(first.hexdigest())
+        return str(hasher.hexdigest())
 
     def _stream(
         self,
