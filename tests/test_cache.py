@@ -177,6 +177,7 @@ def test_a_corrupt_cached_file_is_detected_deleted_and_downloaded_again(
     path = chunks.path(1)
     assert path is not None
     data = bytearray(path.read_bytes())
+    time.sleep(0.05)  # the damage gets a later ctime than the stamp, even on a coarse clock
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF  # same size: only the sha256 can tell
     else:
@@ -234,7 +235,7 @@ def test_a_stamp_is_void_once_the_file_changes_even_with_its_mtime_restored(
     path = chunks.path(1)
     assert path is not None
     before = path.stat()
-    time.sleep(0.01)  # a later timestamp even where the clock is coarse
+    time.sleep(0.05)  # a later timestamp even where the clock is coarse
     _flip_member_byte(path, archive)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the ctime still moves
     hashed = _counting_hashes(monkeypatch)
