@@ -6,6 +6,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,27 @@ def test_the_first_chunk_is_fetched_alone(tmp_path: Path, monkeypatch: pytest.Mo
         downloader.recycle(data)
         assert [c.index for c, _ in chunks_out] == [1, 2]
         downloader.close()
+
+
+def test_a_first_chunk_that_fails_starts_no_other_transfer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its error ends the iteration: a second chunk started meanwhile would only race it
+    (and hit a rate-limited server once more)."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    chunks = _ranged_blobs(tmp_path, 3, monkeypatch)
+    with StaticServer(tmp_path) as host:
+        listed = chunks(host.base_url)
+        listed[0] = replace(listed[0], url=f"{host.base_url}/missing.bin")
+        downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), listed)
+        with pytest.raises(DownloadError):
+            list(downloader.iter_chunks(recycles=True))
+        time.sleep(0.2)  # a fetch started by mistake would have asked by now
+        downloader.close()
+        by_path = host.stats.requests_by_path
+    assert by_path["/missing.bin"] >= 1 and by_path["/1.bin"] == by_path["/2.bin"] == 0
 
 
 def test_chunk_buffers_are_resizable_bytearrays_of_the_size_asked() -> None:

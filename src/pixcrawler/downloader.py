@@ -364,9 +364,14 @@ class ChunkDownloader:
                         first.append(future)
                         started = future
             if started is not None:  # outside the lock: a done future calls back at once
-                # One more chunk then, not the whole window: the first image waits on the
-                # opening of chunk 0, which every transfer started now slows down.
-                started.add_done_callback(lambda _: fill(most=1))
+                started.add_done_callback(first_done)
+
+        def first_done(future: Future[bytearray]) -> None:
+            # One more chunk then, not the whole window: the first image waits on the
+            # opening of chunk 0, which every transfer started now slows down. None if
+            # chunk 0 failed: its error ends the iteration, and must not race a new fetch.
+            if not future.cancelled() and future.exception() is None:
+                fill(most=1)
 
         def released() -> None:
             nonlocal held
