@@ -13,6 +13,9 @@ answering metadata, and prints in one run:
 - the physical limit beside it (the same decodes in groups of ``DECODE_GROUP``, no per-image
   task: DESIGN.md's prototype reached 0.82-0.90 of it) and the ratio to that;
 - the same end-to-end figure with chunk bytes served by the reference server itself;
+- the CPU of what the end-to-end run does and the ceiling does not: receiving the chunks
+  with their sha256, and checking each image's sha256 from the manifest, each as a share
+  of the ceiling's own decoding CPU;
 - peak RSS while iterating 10 and 40 chunks (median of fresh processes), against the bound
   baseline + (prefetch + 2) x chunk bytes + one batch;
 - peak RSS of ``to_arrays()`` against 1.2 x the arrays' bytes + 2 chunks.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -140,6 +144,36 @@ def ceilings(store: Path, threads: int, *, limit_first: bool = False) -> tuple[f
             count = sum(pool.map(decode, tasks[name]))
             rates[name] = count / (time.perf_counter() - started)
     return rates["ceiling"], rates["limit"]
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def verification_costs(base_url: str, store: Path) -> tuple[float, float]:
+    """CPU seconds (median of 3) of what the end-to-end run does and the ceiling does not:
+    receiving every chunk with its sha256 (no decoding), and checking every image's own
+    sha256 from the manifest."""
+    from pixcrawler import load_dataset
+    from pixcrawler.archive import ChunkArchive
+
+    transfer, members = [], []
+    paths = sorted((store / JOB / "chunks").glob("*.zip"))
+    for _ in range(3):
+        with load_dataset(JOB, KEY, base_url) as dataset:
+            downloader = dataset.downloader()
+            started = cpu_seconds()
+            for _, data in downloader.iter_chunks(recycles=True):
+                downloader.recycle(data)
+            transfer.append(cpu_seconds() - started)
+        archives = [ChunkArchive(path.read_bytes(), chunk_id=i) for i, path in enumerate(paths)]
+        started = cpu_seconds()
+        for archive in archives:
+            for sample in archive.samples:
+                archive.payload(sample)
+        members.append(cpu_seconds() - started)
+    return statistics.median(transfer), statistics.median(members)
 
 
 def decode_lookahead_bytes(store: Path) -> float:
@@ -302,6 +336,17 @@ def main() -> None:
             f"{statistics.median(e2e_self):,.0f} img/s",
             f"ratio to the ceiling {statistics.median(paired_self):.2f}",
         )
+        # What the ceiling leaves out, against the CPU its own decoding takes (both threads
+        # busy for 1 / rate seconds per image).
+        transfer, members = verification_costs(api_static, store)
+        images = args.images_per_chunk * args.chunks
+        decode_cpu = args.threads * images / statistics.median(pool_map)
+        for name, seconds in (
+            ("  receive + chunk sha256", transfer),
+            ("  per-image sha256", members),
+        ):
+            share = f"{seconds / decode_cpu:.0%} of the ceiling's decode CPU"
+            row(name, f"{seconds:.2f} CPU s", share)
 
         prefetch = 2
         batch = decode_lookahead_bytes(store)
