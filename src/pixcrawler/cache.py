@@ -195,15 +195,13 @@ class ChunkStore:
         with self._lock:
             if index not in self._trusted:
                 return False
-            self._trusted.discard(index)
+            self._trusted.discard(index)  # one caller reloads it
             entry = self._memory.pop(index, None)
             if entry is not None:
                 self._memory_bytes -= entry.size
         path = self.path(index)
         if path is not None:
-            self._verified.pop(path, None)
-            with contextlib.suppress(OSError):
-                _stamp_path(path).unlink()
+            self._unstamp(index, path)
         return True
 
     def in_memory(self, index: int) -> bool:
@@ -305,15 +303,16 @@ class ChunkStore:
         seen = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._verified.get(path) != seen:
             expected = chunk.sha256.lower() if chunk.sha256 else None
-            if expected is not None and _read_stamp(path) == _stamp(st, expected):
-                with self._lock:
-                    self._trusted.add(index)
-            elif expected is not None:
-                if _sha256(buffer) != expected:
+            if expected is not None:  # else the size, checked above, is all there is
+                if _read_stamp(path) == _stamp(st, expected):
+                    with self._lock:
+                        self._trusted.add(index)
+                elif _sha256(buffer) != expected:
                     buffer.close()
                     self._discard(index, path, st, "sha256 does not match")
                     return None
-                _write_stamp(path, st, expected)
+                else:
+                    _write_stamp(path, st, expected)
             self._verified[path] = seen
         self._count("disk_hits")
         return _Entry(buffer, st.st_size)
@@ -327,6 +326,10 @@ class ChunkStore:
             now = os.stat(path)
             if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not already replaced
                 os.unlink(path)
+        self._unstamp(index, path)
+
+    def _unstamp(self, index: int, path: Path) -> None:
+        """Forget that ``path`` was verified, here and for other processes."""
         with contextlib.suppress(OSError):
             _stamp_path(path).unlink()
         self._verified.pop(path, None)

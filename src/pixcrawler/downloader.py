@@ -331,12 +331,12 @@ class ChunkDownloader:
         pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="pixcrawler-download")
         window: deque[tuple[int, Future[bytearray]]] = deque()
         held = 0  # chunks handed out and not recycled yet (counted when recycles=True)
-        handed = 0  # chunks handed out so far
         starved = False  # the consumer found the last chunk it asked for not ready
-        first: list[Future[bytearray]] = []  # the iteration's first fetch
+        first: Future[bytearray] | None = None  # the iteration's first fetch
         lock = threading.Lock()
 
         def fill(least: int = 0, most: int | None = None) -> None:
+            nonlocal first
             started = None
             with lock:
                 if cancel.is_set():  # closed: the pool may be shut down
@@ -346,7 +346,7 @@ class ChunkDownloader:
                 if most is not None:
                     want = min(want, len(window) + most)
                 while len(window) < want:
-                    if first and not first[0].done():
+                    if first is not None and not first.done():
                         # The first chunk has the network and the CPU to itself: nothing
                         # can be decoded before it, and a second would only slow it down.
                         break
@@ -355,14 +355,14 @@ class ChunkDownloader:
                         break
                     # Ranges for a chunk the consumer waits for (see the module doc); the
                     # first, alone in flight, gets every worker.
-                    ranges = None if starved or (least > 0 and not window) else 1
-                    if not first:
-                        ranges = self.max_workers
+                    if first is None:
+                        ranges: int | None = self.max_workers
+                    else:
+                        ranges = None if starved or (least > 0 and not window) else 1
                     future = pool.submit(self.fetch, index, cancel, ranges=ranges)
                     window.append((index, future))
-                    if not first:
-                        first.append(future)
-                        started = future
+                    if first is None:
+                        first = started = future
             if started is not None:  # outside the lock: a done future calls back at once
                 started.add_done_callback(first_done)
 
@@ -388,8 +388,7 @@ class ChunkDownloader:
                     return
                 index, future = window.popleft()
                 # The first chunk is always waited for; later waits mean the network lags.
-                starved = handed > 0 and not future.done()
-                handed += 1
+                starved = future is not first and not future.done()
                 data = future.result()
                 if recycles:
                     # The window refills when a chunk comes back or the next is asked for,
@@ -404,7 +403,7 @@ class ChunkDownloader:
         finally:
             with lock:  # no fill() submits to the pool once this is set
                 cancel.set()
-            first.clear()  # its callback refers back to fill(): a cycle that held a chunk
+            first = None  # its callback refers back to fill(): a cycle that held a chunk
             if recycles:
                 self._released.remove(released)
             for _, future in window:
