@@ -303,10 +303,12 @@ def test_a_finished_iteration_leaves_no_chunk_behind_for_the_garbage_collector(
     gc.disable()
     try:
         assert sum(1 for _ in dataset) == UNIFORM_TOTAL
+        # type() rather than isinstance(): isinstance would ask every live object for its
+        # __class__, and some (torch's deprecated module attributes) warn when asked.
         leftovers = [
             obj
             for obj in gc.get_objects()
-            if isinstance(obj, Future) and isinstance(getattr(obj, "_result", None), bytearray)
+            if type(obj) is Future and isinstance(getattr(obj, "_result", None), bytearray)
         ]
     finally:
         gc.enable()
