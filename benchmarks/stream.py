@@ -16,6 +16,8 @@ answering metadata, and prints in one run:
 - the CPU of what the end-to-end run does and the ceiling does not: receiving the chunks
   with their sha256, and checking each image's sha256 from the manifest, each as a share
   of the ceiling's own decoding CPU;
+- where one more end-to-end run's CPU goes, thread by thread (decode, download, the
+  consuming thread, the static server), against what the machine had (wall x cores);
 - peak RSS while iterating 10 and 40 chunks (median of fresh processes), against the bound
   baseline + (prefetch + 2) x chunk bytes + one batch;
 - peak RSS of ``to_arrays()`` against 1.2 x the arrays' bytes + 2 chunks.
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -184,6 +187,72 @@ def decode_lookahead_bytes(store: Path) -> float:
     archive = ChunkArchive((store / JOB / "chunks" / "00000.zip").read_bytes())
     mean = statistics.mean((s.width or 0) * (s.height or 0) * 3 for s in archive.samples)
     return mean * config.DECODE_GROUP * config.DECODE_GROUPS_IN_FLIGHT
+
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds of each live thread of this process, by native thread id (Linux
+    ``/proc``: ``schedstat`` counts nanoseconds where the kernel keeps it, else ``stat``)."""
+    seconds = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as fh:
+                seconds[int(tid)] = int(fh.read().split()[0]) / 1e9
+                continue
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            seconds[int(tid)] = _stat_cpu(f"/proc/self/task/{tid}/stat")
+        except OSError:
+            continue  # the thread has ended
+    return seconds
+
+
+def _stat_cpu(path: str) -> float:
+    """utime + stime of a ``/proc`` stat file, in seconds (a process's counts its ended
+    threads too)."""
+    with open(path) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_thread(
+    base_url: str, job: str, threads: int, server_pid: int
+) -> tuple[dict[str, float], float]:
+    """One end-to-end run: CPU seconds per kind of thread (threads named ``prefix_N`` are
+    summed under ``prefix``; the static server is one entry), and the run's wall time.
+    Threads end with the iteration, so a sampler reads them every 10 ms while they live."""
+    if not os.path.isdir("/proc/self/task"):
+        return {}, 0.0
+    names: dict[int, str] = {}
+    last: dict[int, float] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            for thread in threading.enumerate():
+                if thread.native_id is not None:
+                    names.setdefault(thread.native_id, thread.name.rstrip("0123456789_"))
+            last.update(_thread_cpu())
+            if stop.wait(0.01):
+                return
+
+    server = f"/proc/{server_pid}/stat"
+    before, server_before = _thread_cpu(), _stat_cpu(server)
+    sampler = threading.Thread(target=sample, name="cpu-sampler")
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        end_to_end(base_url, job, threads)
+    finally:
+        wall = time.perf_counter() - started
+        stop.set()
+        sampler.join()
+    kinds = {"static server": _stat_cpu(server) - server_before}
+    for tid, seconds in last.items():
+        name = names.get(tid, "other")
+        if name != "cpu-sampler":
+            kinds[name] = kinds.get(name, 0.0) + seconds - before.get(tid, 0.0)
+    return kinds, wall
 
 
 FIRST_IMAGE: list[float] = []  # seconds to the first image of each end-to-end run
@@ -347,6 +416,16 @@ def main() -> None:
         ):
             share = f"{seconds / decode_cpu:.0%} of the ceiling's decode CPU"
             row(name, f"{seconds:.2f} CPU s", share)
+
+        kinds, wall = cpu_by_thread(api_static, JOB, args.threads, static.pid)
+        if kinds:
+            busy = sorted(kinds.items(), key=lambda kv: -kv[1])
+            row(
+                "CPU of one end-to-end run",
+                f"{sum(kinds.values()):.2f} CPU s",
+                f"of {wall * (os.cpu_count() or 1):.2f} (wall x cores): "
+                + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busy if seconds >= 0.005),
+            )
 
         prefetch = 2
         batch = decode_lookahead_bytes(store)
