@@ -727,10 +727,14 @@ def test_downloading_an_unfinished_job_exits_5_with_status_and_progress(
     assert not (cli.cwd / "datasets").exists()
 
 
-def test_nothing_listening_exits_6(cli: Cli) -> None:
+def test_nothing_listening_exits_6_after_saying_each_retry(cli: Cli) -> None:
     result = cli.run("list", *api(f"http://127.0.0.1:{free_port()}", SECRET))
     assert result.returncode == 6, result
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    *retries, error = result.stderr.splitlines()
+    assert error.startswith("Error: ")
+    assert [line.split(" in ")[0] for line in retries] == [
+        f"Warning: GET /jobs: NewConnectionError; retry {n} of 3" for n in (1, 2, 3)
+    ]
     assert SECRET not in result.output
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
@@ -136,12 +137,20 @@ def test_5xx_after_retries_is_a_network_error_with_the_status(live_server: LiveS
         assert proxy.stats.requests == 3  # 2 retries = 3 attempts, never more
 
 
-def test_429_waits_for_retry_after(live_server: LiveServer) -> None:
+def test_429_waits_for_retry_after_and_says_so(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
     schedule = FaultSchedule.script([Fault("rate_limit", retry_after=1)], match="/jobs/")
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
         started = time.monotonic()
         load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **FAST)
         assert time.monotonic() - started >= 0.9
+    # The wait is visible as it starts, with its cause, and without the key.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"GET /jobs/{JOB_UNIFORM}: HTTP 429 (Retry-After 1 s); retry 1 of 3 in 1.0 s"
+    ]
+    assert live_server.api_key not in caplog.text
 
 
 def test_429_with_a_long_retry_after_is_raised_not_slept(live_server: LiveServer) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,11 +16,12 @@ import pytest
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_TOTAL
 from helpers import close_while_consuming, digest
-from pixcrawler import Dataset, load_dataset
+from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DownloadError
 from pixcrawler.models import Chunk
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 from pixcrawler.testing.static import StaticServer
+from pixcrawler.units import human_size
 
 pytestmark = pytest.mark.timeout(60)
 CHUNKS = r"/chunks/"
@@ -82,6 +85,58 @@ def test_stall_longer_than_timeout_is_retried_not_waited_out(
     started = time.monotonic()
     assert digest(dataset) == clean_digest
     assert time.monotonic() - started < 15
+
+
+def test_a_consumer_kept_waiting_is_told_how_far_its_chunk_got(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    clean_digest: tuple[int, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A first batch that takes long says why while it waits, not only afterwards."""
+    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    # One stream per chunk (max_workers=1): chunk 0 stops after 2,000 bytes for 1.5 s.
+    dataset, _ = through_proxy(
+        [Fault("stall", after_bytes=2_000, seconds=1.5)], prefetch=1, max_workers=1
+    )
+    assert digest(dataset) == clean_digest
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]
+    assert len(waits) >= 2, caplog.text  # repeated while the wait goes on
+    size = human_size(dataset.job.chunks[0].size_bytes or 0)
+    expected = rf"waited [\d.]+ s for chunk 0: 2\.0 KB of {size} received in [\d.]+ s"
+    assert re.fullmatch(expected, waits[0]), waits[0]
+    assert dataset.stats.transfer.retries == 0  # a stall shorter than the timeout: no retry
+
+
+def test_a_rate_limited_chunk_logs_its_retry_and_the_wait_names_the_cause(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    clean_digest: tuple[int, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    live_server: LiveServer,
+) -> None:
+    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    dataset, _ = through_proxy([Fault("rate_limit", retry_after=1)], prefetch=1, max_workers=1)
+    assert digest(dataset) == clean_digest
+    messages = [r.getMessage() for r in caplog.records]
+    assert "chunk 0: HTTP 429 (Retry-After 1 s); retry 1 of 3 in 1.0 s" in messages
+    waits = [m for m in messages if m.startswith("waited") and "for chunk 0:" in m]
+    why = r"; 1 failed attempt, the last: HTTP 429 \(Retry-After 1 s\); the next in 0\.\d s$"
+    assert any(re.search(why, m) for m in waits), waits
+    assert live_server.api_key not in caplog.text
+
+
+def test_a_consumer_served_in_time_logs_nothing(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    clean_digest: tuple[int, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="pixcrawler")
+    dataset, _ = through_proxy([])
+    assert digest(dataset) == clean_digest
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_corrupted_bytes_are_detected_and_downloaded_again(

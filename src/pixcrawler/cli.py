@@ -27,7 +27,7 @@ import click
 from . import __version__, config, export
 from .auth import credentials_path, resolve_api_key, resolve_base_url, save_api_key
 from .client import ApiClient, api_root, job_path
-from .dataset import DatasetInfo, human_size, load_dataset, num_images_of, parse_time
+from .dataset import DatasetInfo, load_dataset, num_images_of, parse_time
 from .exceptions import (
     AuthenticationError,
     DecompressionError,
@@ -39,6 +39,7 @@ from .exceptions import (
     PixCrawlerError,
 )
 from .models import Job
+from .units import human_size
 
 __all__ = ["EXIT_CODES", "cli", "main", "run"]
 
@@ -121,6 +122,34 @@ def redact(text: str) -> str:
 class _RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (never a stale stream)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _log_to_stderr(debug: bool) -> None:
+    """The library's warnings (a retry and its delay, a wait on a slow chunk, a corrupt
+    chunk fetched again) as ``Warning: ...`` lines before any ``Error:`` line, so a command
+    that takes long says why; with ``--debug``, every record with its level and logger."""
+    handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        log.addHandler(handler)
+    if debug:
+        handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
+        log.setLevel(logging.DEBUG)
+    else:
+        handler.setFormatter(_RedactingFormatter("Warning: %(message)s"))
+        log.setLevel(logging.WARNING)
 
 
 def _printable(text: str) -> str:
@@ -304,11 +333,7 @@ def cli(debug: bool) -> None:
     5 job not complete, 6 network, 7 integrity, 8 bad data, 130 interrupted.
     """
     _session.debug = debug
-    if debug and not any(isinstance(h.formatter, _RedactingFormatter) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.DEBUG)
+    _log_to_stderr(debug)
 
 
 # -- download ----------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ class ApiClient:
                         f"{what} failed after {failures} attempts: {exc.__class__.__name__}: "
                         f"{_safe_exc(exc)}"
                     ) from exc
-                log.debug("%s: %s, retrying", what, exc.__class__.__name__)
+                problem = exc.__class__.__name__
             else:
                 if response.status < 300:
                     return response
@@ -251,8 +251,19 @@ class ApiClient:
                 failures += 1
                 if self.retry.retry_after_too_long(retry_after) or failures > self.retry.retries:
                     raise _network_error(response, what, failures, retry_after)
-                log.debug("%s: HTTP %d, retrying", what, response.status)
-            self.sleep(self.retry.delay(failures, retry_after))
+                problem = f"HTTP {response.status}"
+                if retry_after is not None:
+                    problem += f" (Retry-After {retry_after:g} s)"
+            delay = self.retry.delay(failures, retry_after)
+            log.warning(
+                "%s: %s; retry %d of %d in %.1f s",
+                what,
+                problem,
+                failures,
+                self.retry.retries,
+                delay,
+            )
+            self.sleep(delay)
 
     def sleep(self, seconds: float) -> None:
         """Back off, but wake at once when the client is closed."""

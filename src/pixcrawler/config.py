@@ -31,6 +31,9 @@ DEFAULT_PREFETCH = 2
 # glibc's arenas ~4 MiB bigger and peak RSS less steady.
 READ_BLOCK = 256 << 10
 MIN_RANGE_PART = 8 << 20  # a chunk is split into parallel ranges only above 2 x this
+# A consumer kept waiting this long for one chunk logs what holds it up, and again after
+# each further stretch as long. Retries are logged as they happen.
+SLOW_WAIT_SECONDS = 10.0
 
 # Archive guards.
 MAX_MEMBERS = 100_000

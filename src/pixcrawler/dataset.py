@@ -28,6 +28,7 @@ from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
 from .models import Job
 from .retry import RetryPolicy
+from .units import human_size
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -633,15 +634,6 @@ def parse_time(value: str | None) -> datetime | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=timezone.utc)
     return parsed.astimezone(timezone.utc)
-
-
-def human_size(size: float) -> str:
-    """1024-based, one decimal: ``2684354560`` → ``2.5 GB``."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} PB"  # pragma: no cover
 
 
 def load_dataset(

@@ -31,8 +31,9 @@ import numpy as np
 from PIL import Image
 
 from .config import DEFAULT_OWNER
-from .dataset import human_size, load_dataset
+from .dataset import load_dataset
 from .loaders import require
+from .units import human_size
 
 __all__ = ["DemoResult", "run_demo", "write_digits"]
 

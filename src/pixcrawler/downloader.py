@@ -20,6 +20,11 @@ every worker), and every chunk while its consumer has found its last chunk not r
 network is not keeping up). A chunk fetched ahead of need goes as one stream, hashed as it
 arrives: on a network that keeps up, ranges only add connections, threads and a second
 pass over the bytes to hash them.
+
+Nothing waits in silence: every retry is logged (WARNING, logger ``pixcrawler``) with its
+cause and delay, and a consumer kept waiting ``config.SLOW_WAIT_SECONDS`` for one chunk
+logs what holds it up: the bytes received so far, the failed attempts and the last cause,
+and when the next attempt starts.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +53,7 @@ from .client import ApiClient, map_status, shutdown_connection
 from .exceptions import DownloadError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after
+from .units import human_size
 
 log = logging.getLogger("pixcrawler")
 
@@ -209,6 +216,35 @@ class _Cancelled(PixCrawlerError):
         super().__init__("the download was cancelled")
 
 
+@dataclass
+class _Progress:
+    """Where one chunk's transfer stands, for the consumer waiting on it."""
+
+    size: int | None
+    started: float = field(default_factory=time.monotonic)
+    received: dict[int, int] = field(default_factory=dict)  # a stream's first byte → bytes held
+    failures: int = 0
+    problem: str | None = None  # the last failure's cause
+    retry_at: float | None = None  # when the next attempt starts (monotonic clock)
+
+    def failed(self, problem: str, delay: float) -> None:
+        self.failures += 1
+        self.problem = problem
+        self.retry_at = time.monotonic() + delay
+
+    def describe(self) -> str:
+        now = time.monotonic()
+        held = sum(self.received.values())
+        of = f" of {human_size(self.size)}" if self.size is not None else ""
+        text = f"{human_size(held)}{of} received in {now - self.started:.1f} s"
+        if self.failures:
+            attempts = f"{self.failures} failed attempt{'s' if self.failures > 1 else ''}"
+            text += f"; {attempts}, the last: {self.problem}"
+        if self.retry_at is not None and self.retry_at > now:
+            text += f"; the next in {self.retry_at - now:.1f} s"
+        return text
+
+
 class ChunkDownloader:
     """Downloads a job's chunks for one consumer; see the module docstring for guarantees."""
 
@@ -239,6 +275,7 @@ class ChunkDownloader:
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
         self._released: list[Callable[[], None]] = []  # the recycling iteration's hook
+        self._progress: dict[int, _Progress] = {}  # chunks being fetched
 
     # -- public ----------------------------------------------------------------------------
 
@@ -258,6 +295,7 @@ class ChunkDownloader:
         for a chunk wanted ahead of need)."""
         cancel = cancel or threading.Event()
         self._watch(cancel)
+        self._track_progress(index)
         try:
             for attempt in (1, 2):
                 chunk = self.chunk(index)
@@ -273,6 +311,7 @@ class ChunkDownloader:
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
             self._unwatch(cancel)
+            self._untrack_progress(index)
 
     def fetch_to_file(self, index: int, path: Path, cancel: threading.Event | None = None) -> Path:
         """One chunk into ``path``, resuming ``path.part`` from a previous run; atomic rename.
@@ -282,6 +321,7 @@ class ChunkDownloader:
         cancel = cancel or threading.Event()
         part = path.with_name(path.name + ".part")
         self._watch(cancel)
+        self._track_progress(index)
         try:
             for attempt in (1, 2):
                 chunk = self.chunk(index)
@@ -314,6 +354,7 @@ class ChunkDownloader:
             raise AssertionError("unreachable")  # pragma: no cover
         finally:
             self._unwatch(cancel)
+            self._untrack_progress(index)
 
     def iter_chunks(
         self, order: Iterable[int] | None = None, *, recycles: bool = False
@@ -389,7 +430,7 @@ class ChunkDownloader:
                 index, future = window.popleft()
                 # The first chunk is always waited for; later waits mean the network lags.
                 starved = future is not first and not future.done()
-                data = future.result()
+                data = self._wait_for(index, future)
                 if recycles:
                     # The window refills when a chunk comes back or the next is asked for,
                     # not now: a fetch started now would compete with the opening and
@@ -420,6 +461,35 @@ class ChunkDownloader:
             released = self._released[0] if self._released else None
         if released is not None:
             released()
+
+    def describe(self, index: int) -> str:
+        """Where chunk ``index``'s transfer stands, in words (for a consumer kept waiting)."""
+        with self._lock:
+            progress = self._progress.get(index)
+        if progress is None:
+            return "its transfer has not started"
+        return progress.describe()
+
+    def _wait_for(self, index: int, future: Future[bytearray]) -> bytearray:
+        """The chunk ``future`` fetches; every ``config.SLOW_WAIT_SECONDS`` of waiting logs
+        where its transfer stands (a first batch that takes minutes says why)."""
+        started = time.monotonic()
+        while not wait([future], config.SLOW_WAIT_SECONDS, FIRST_COMPLETED).done:
+            log.warning(
+                "waited %.1f s for chunk %d: %s",
+                time.monotonic() - started,
+                index,
+                self.describe(index),
+            )
+        return future.result()
+
+    def _track_progress(self, index: int) -> None:
+        with self._lock:
+            self._progress[index] = _Progress(self._chunks[index].size_bytes)
+
+    def _untrack_progress(self, index: int) -> None:
+        with self._lock:
+            self._progress.pop(index, None)
 
     def close(self) -> None:
         """Cancel every transfer in flight; later fetches fail at once."""
@@ -518,6 +588,9 @@ class ChunkDownloader:
         failures = 0
         refreshed = False
         policy = self.client.retry
+        with self._lock:
+            progress = self._progress.get(index) or _Progress(end)
+        key = start if part else 0  # a whole body counts the bytes resumed from, too
         while True:
             if cancel.is_set() or self._closed.is_set():
                 raise _Cancelled()
@@ -560,6 +633,7 @@ class ChunkDownloader:
                         if hasher is not None:
                             hasher.update(block)
                         pos += len(block)
+                        progress.received[key] = pos - key
                         self.stats.add(bytes_received=len(block))
                     if end is None or pos >= end:
                         complete = True
@@ -585,6 +659,9 @@ class ChunkDownloader:
                     ) from cause
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 failures += 1
+                problem = f"HTTP {status}"
+                if retry_after is not None:
+                    problem += f" (Retry-After {retry_after:g} s)"
                 if policy.retry_after_too_long(retry_after) or failures > policy.retries:
                     raise DownloadError(
                         f"Chunk {index} failed with HTTP {status} after {failures} "
@@ -605,7 +682,7 @@ class ChunkDownloader:
                     ) from exc
                 if pos > start:
                     self.stats.add(resumed=1)
-                log.debug("chunk %d: %s at byte %d, resuming", index, exc.__class__.__name__, pos)
+                problem = f"{exc.__class__.__name__} at byte {pos}"
             finally:
                 for connection in connections:
                     self._untrack(cancel, connection)
@@ -615,7 +692,17 @@ class ChunkDownloader:
                         response.close()  # unread bytes must not go back to the pool
                     response.release_conn()
             self.stats.add(retries=1)
-            if cancel.wait(policy.delay(failures, retry_after)):
+            delay = policy.delay(failures, retry_after)
+            progress.failed(problem, delay)
+            log.warning(
+                "chunk %d: %s; retry %d of %d in %.1f s",
+                index,
+                problem,
+                failures,
+                policy.retries,
+                delay,
+            )
+            if cancel.wait(delay):
                 raise _Cancelled()
 
     def _verify(self, chunk: Chunk, digest: str, attempt: int) -> None:
@@ -630,6 +717,11 @@ class ChunkDownloader:
                 chunk_id=chunk.index,
             )
         log.warning("chunk %d corrupt (%s); downloading it again", chunk.index, why)
+        with self._lock:
+            progress = self._progress.get(chunk.index)
+        if progress is not None:  # the bytes held are thrown away
+            progress.received.clear()
+            progress.failed(f"corrupt ({why})", 0.0)
 
     def _refresh_urls(self) -> None:
         if self._refresh is None:

@@ -25,11 +25,12 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
-from .dataset import Dataset, group_bounds, human_size, num_images_of
+from .dataset import Dataset, group_bounds, num_images_of
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError
 from .models import Chunk, Job
+from .units import human_size
 
 log = logging.getLogger("pixcrawler")
 

@@ -1,0 +1,12 @@
+"""Sizes as people read them."""
+
+from __future__ import annotations
+
+
+def human_size(size: float) -> str:
+    """1024-based, one decimal: ``2684354560`` → ``2.5 GB``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} PB"  # pragma: no cover
