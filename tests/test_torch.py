@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import sys
 import zipfile
@@ -33,10 +35,11 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from pixcrawler import Dataset, load_dataset
+from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError
 from pixcrawler.testing import StaticServer
+from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -288,6 +291,28 @@ def test_second_epoch_over_a_cached_dataset_makes_no_request(
     blobs.reset_stats()
     assert sum(len(labels) for _, labels in loader) == UNIFORM_TOTAL  # fresh worker processes
     assert blobs.stats.requests == 0
+
+
+def test_a_batch_kept_waiting_on_its_chunks_says_why(
+    live_server: LiveServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A first batch that waits on its downloads logs how far they got, as it waits."""
+    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    stall = Fault("stall", after_bytes=2_000, seconds=1.0)
+    schedule = FaultSchedule.script([stall], match=r"/chunks/0$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = open_uniform(proxy.base_url, live_server.api_key, max_workers=1)
+        torch_dataset = dataset.to_torch(cache_dir=tmp_path)
+        batch = torch_dataset.__getitems__([0, len(torch_dataset) - 1])  # chunks 0 and 3
+        assert proxy.stats.faults["stall"] == 1
+    assert [label for _, label in batch] == [torch_dataset[0][1], torch_dataset[-1][1]]
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]
+    assert waits, caplog.text
+    assert all(re.search(r" for chunk 0: 2\.0 KB of [\d.]+ KB received", m) for m in waits)
 
 
 def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(

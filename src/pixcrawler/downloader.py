@@ -42,7 +42,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import urllib3
 from urllib3.connection import HTTPConnection
@@ -56,6 +56,7 @@ from .retry import parse_retry_after
 from .units import human_size
 
 log = logging.getLogger("pixcrawler")
+T = TypeVar("T")
 
 Refresh = Callable[[], Sequence[Chunk]]
 
@@ -430,7 +431,7 @@ class ChunkDownloader:
                 index, future = window.popleft()
                 # The first chunk is always waited for; later waits mean the network lags.
                 starved = future is not first and not future.done()
-                data = self._wait_for(index, future)
+                data = self.wait_for(index, future)
                 if recycles:
                     # The window refills when a chunk comes back or the next is asked for,
                     # not now: a fetch started now would compete with the opening and
@@ -467,12 +468,13 @@ class ChunkDownloader:
         with self._lock:
             progress = self._progress.get(index)
         if progress is None:
-            return "its transfer has not started"
+            return "no transfer of it in progress yet"
         return progress.describe()
 
-    def _wait_for(self, index: int, future: Future[bytearray]) -> bytearray:
-        """The chunk ``future`` fetches; every ``config.SLOW_WAIT_SECONDS`` of waiting logs
-        where its transfer stands (a first batch that takes minutes says why)."""
+    def wait_for(self, index: int, future: Future[T]) -> T:
+        """The result of ``future``, which needs chunk ``index``; every
+        ``config.SLOW_WAIT_SECONDS`` of waiting logs where that chunk's transfer stands (a
+        first batch that takes minutes says why)."""
         started = time.monotonic()
         while not wait([future], config.SLOW_WAIT_SECONDS, FIRST_COMPLETED).done:
             log.warning(

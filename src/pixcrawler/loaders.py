@@ -381,8 +381,16 @@ class _MapStyle(_TorchBridge):
                     local.handle.settings.max_workers, thread_name_prefix="pixcrawler-fetch"
                 )
             pool = local.fetch_pool
-        for _ in pool.map(store.archive, missing):
-            pass
+        futures = [(index, pool.submit(store.archive, index)) for index in missing]
+        try:
+            for index, future in futures:
+                if local.downloader is not None:
+                    local.downloader.wait_for(index, future)  # says why if it takes long
+                else:  # pragma: no cover - _open always sets it
+                    future.result()
+        finally:
+            for _, future in futures:
+                future.cancel()
 
     def _pool(self, local: _Local) -> ThreadPoolExecutor:
         with self._local_lock:
