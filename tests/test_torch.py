@@ -315,6 +315,40 @@ def test_a_batch_kept_waiting_on_its_chunks_says_why(
     assert all(re.search(r" for chunk 0: 2\.0 KB of [\d.]+ KB received", m) for m in waits)
 
 
+def test_one_item_kept_waiting_on_its_chunk_says_why(
+    live_server: LiveServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ds[i] alone, as DataLoader(batch_size=None) or a plain loop asks for it."""
+    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    stall = Fault("stall", after_bytes=2_000, seconds=1.0)
+    schedule = FaultSchedule.script([stall], match=r"/chunks/1$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = open_uniform(proxy.base_url, live_server.api_key, max_workers=1)
+        torch_dataset = dataset.to_torch(cache_dir=tmp_path)
+        image, _ = torch_dataset[UNIFORM_CHUNK_SIZE]  # the first image of chunk 1
+        assert proxy.stats.faults["stall"] == 1
+    assert image.shape == (*UNIFORM_SIZE, 3)
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]
+    assert waits and all(" for chunk 1: 2.0 KB of " in m for m in waits), caplog.text
+
+
+def test_an_item_over_the_memory_budget_is_downloaded_once(
+    live_server: LiveServer, through_blobs: tuple[str, StaticServer]
+) -> None:
+    """With no room in memory and no disk cache, an item's chunk is still fetched once:
+    the store keeps the chunk it loaded last, so fetching it ahead costs nothing twice."""
+    api, blobs = through_blobs
+    torch_dataset = open_uniform(api, live_server.api_key).to_torch(
+        memory_budget=0, cache_dir=False
+    )
+    torch_dataset[0]
+    assert chunk_requests(blobs) == Counter({f"/{JOB_UNIFORM}/chunks/00000.zip": 1})
+
+
 def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(
     live_server: LiveServer, reference: Reference
 ) -> None:

@@ -308,6 +308,7 @@ class _MapStyle(_TorchBridge):
             return self.__getitems__(list(index))
         position = self._position(index)
         local = self._process()
+        self._fetch_missing(local, [position])
         image, sample = self._load(local, position)
         return self._output(image, sample)
 
@@ -360,7 +361,8 @@ class _MapStyle(_TorchBridge):
     def _fetch_missing(self, local: _Local, positions: Sequence[int]) -> None:
         """Bring the chunks a batch needs into the store concurrently, not one by one: a
         shuffled batch touches many chunks, and the first epoch would otherwise wait on
-        each download in turn. As many as the memory budget holds."""
+        each download in turn. As many as the memory budget holds. They load on the fetch
+        threads while this one waits, so a long wait is logged with how far each got."""
         store = local.store
         if store is None:  # pragma: no cover - _open always sets it
             return
@@ -373,7 +375,7 @@ class _MapStyle(_TorchBridge):
             if missing and room < 0:
                 break
             missing.append(index)
-        if len(missing) < 2:
+        if not missing:  # (the store keeps the chunk it loaded last, whatever the budget)
             return
         with self._local_lock:
             if local.fetch_pool is None:
