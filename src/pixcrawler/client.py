@@ -32,7 +32,7 @@ from .exceptions import (
     PixCrawlerError,
 )
 from .models import Job
-from .retry import RetryPolicy, parse_retry_after
+from .retry import RetryPolicy, parse_retry_after, status_cause
 
 log = logging.getLogger("pixcrawler")
 
@@ -241,7 +241,7 @@ class ApiClient:
                         f"{what} failed after {failures} attempts: {exc.__class__.__name__}: "
                         f"{_safe_exc(exc)}"
                     ) from exc
-                problem = exc.__class__.__name__
+                cause = exc.__class__.__name__
             else:
                 if response.status < 300:
                     return response
@@ -251,18 +251,9 @@ class ApiClient:
                 failures += 1
                 if self.retry.retry_after_too_long(retry_after) or failures > self.retry.retries:
                     raise _network_error(response, what, failures, retry_after)
-                problem = f"HTTP {response.status}"
-                if retry_after is not None:
-                    problem += f" (Retry-After {retry_after:g} s)"
+                cause = status_cause(response.status, retry_after)
             delay = self.retry.delay(failures, retry_after)
-            log.warning(
-                "%s: %s; retry %d of %d in %.1f s",
-                what,
-                problem,
-                failures,
-                self.retry.retries,
-                delay,
-            )
+            self.retry.announce(what, cause, failures, delay)
             self.sleep(delay)
 
     def sleep(self, seconds: float) -> None:

@@ -52,7 +52,7 @@ from . import config
 from .client import ApiClient, map_status, shutdown_connection
 from .exceptions import DownloadError, PixCrawlerError
 from .models import Chunk
-from .retry import parse_retry_after
+from .retry import parse_retry_after, status_cause
 from .units import human_size
 
 log = logging.getLogger("pixcrawler")
@@ -661,9 +661,7 @@ class ChunkDownloader:
                     ) from cause
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 failures += 1
-                problem = f"HTTP {status}"
-                if retry_after is not None:
-                    problem += f" (Retry-After {retry_after:g} s)"
+                why = status_cause(status, retry_after)
                 if policy.retry_after_too_long(retry_after) or failures > policy.retries:
                     raise DownloadError(
                         f"Chunk {index} failed with HTTP {status} after {failures} "
@@ -684,7 +682,7 @@ class ChunkDownloader:
                     ) from exc
                 if pos > start:
                     self.stats.add(resumed=1)
-                problem = f"{exc.__class__.__name__} at byte {pos}"
+                why = f"{exc.__class__.__name__} at byte {pos}"
             finally:
                 for connection in connections:
                     self._untrack(cancel, connection)
@@ -695,15 +693,8 @@ class ChunkDownloader:
                     response.release_conn()
             self.stats.add(retries=1)
             delay = policy.delay(failures, retry_after)
-            progress.failed(problem, delay)
-            log.warning(
-                "chunk %d: %s; retry %d of %d in %.1f s",
-                index,
-                problem,
-                failures,
-                policy.retries,
-                delay,
-            )
+            progress.failed(why, delay)
+            policy.announce(f"chunk {index}", why, failures, delay)
             if cancel.wait(delay):
                 raise _Cancelled()
 

@@ -10,11 +10,14 @@ one is not slept but raised to the caller, saying when to retry.
 from __future__ import annotations
 
 import email.utils
+import logging
 import random
 import time
 from dataclasses import dataclass
 
 from . import config
+
+log = logging.getLogger("pixcrawler")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class RetryPolicy:
         ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, failures - 1)))
         return random.uniform(0.0, ceiling)
 
+    def announce(self, what: str, cause: str, failures: int, delay: float) -> None:
+        """Log a retry as it starts (WARNING): what failed, why, which retry, and when."""
+        log.warning("%s: %s; retry %d of %d in %.1f s", what, cause, failures, self.retries, delay)
+
     def retry_after_too_long(self, retry_after: float | None) -> bool:
         return retry_after is not None and retry_after > self.max_retry_after
 
@@ -58,3 +65,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
+
+
+def status_cause(status: int, retry_after: float | None) -> str:
+    """A retried HTTP answer in words: ``HTTP 429 (Retry-After 30 s)``."""
+    cause = f"HTTP {status}"
+    return cause if retry_after is None else f"{cause} (Retry-After {retry_after:g} s)"
