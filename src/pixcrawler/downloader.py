@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,9 +295,7 @@ class ChunkDownloader:
         ranges (default: the workers a full window leaves to each chunk; 1: one stream,
         for a chunk wanted ahead of need)."""
         cancel = cancel or threading.Event()
-        self._watch(cancel)
-        self._track_progress(index)
-        try:
+        with self._transfer(index, cancel):
             for attempt in (1, 2):
                 chunk = self.chunk(index)
                 try:
@@ -310,9 +308,6 @@ class ChunkDownloader:
                 self.stats.add(chunks_completed=1)
                 return sink.detach()
             raise AssertionError("unreachable")  # pragma: no cover
-        finally:
-            self._unwatch(cancel)
-            self._untrack_progress(index)
 
     def fetch_to_file(self, index: int, path: Path, cancel: threading.Event | None = None) -> Path:
         """One chunk into ``path``, resuming ``path.part`` from a previous run; atomic rename.
@@ -321,9 +316,7 @@ class ChunkDownloader:
         """
         cancel = cancel or threading.Event()
         part = path.with_name(path.name + ".part")
-        self._watch(cancel)
-        self._track_progress(index)
-        try:
+        with self._transfer(index, cancel):
             for attempt in (1, 2):
                 chunk = self.chunk(index)
                 failure: str | None = None
@@ -353,9 +346,6 @@ class ChunkDownloader:
                 self.stats.add(chunks_completed=1)
                 return path
             raise AssertionError("unreachable")  # pragma: no cover
-        finally:
-            self._unwatch(cancel)
-            self._untrack_progress(index)
 
     def iter_chunks(
         self, order: Iterable[int] | None = None, *, recycles: bool = False
@@ -485,13 +475,20 @@ class ChunkDownloader:
             )
         return future.result()
 
-    def _track_progress(self, index: int) -> None:
-        with self._lock:
-            self._progress[index] = _Progress(self._chunks[index].size_bytes)
-
-    def _untrack_progress(self, index: int) -> None:
-        with self._lock:
-            self._progress.pop(index, None)
+    @contextlib.contextmanager
+    def _transfer(self, index: int, cancel: threading.Event) -> Iterator[None]:
+        """One fetch of chunk ``index``: ``close()`` can reach it through ``cancel``, and
+        ``describe()`` reads how far it got."""
+        self._watch(cancel)
+        try:
+            size = self.chunk(index).size_bytes
+            with self._lock:
+                self._progress[index] = _Progress(size)
+            yield
+        finally:
+            self._unwatch(cancel)
+            with self._lock:
+                self._progress.pop(index, None)
 
     def close(self) -> None:
         """Cancel every transfer in flight; later fetches fail at once."""
