@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from constants import (
     UNIFORM_SIZE,
 )
 from imagegen import make_image, make_image_folder, save_image
+from pixcrawler import config
 from pixcrawler.packer import PackResult, pack, write_job
 
 __all__ = ["TEST_KEY", "LiveServer", "PackedStore"]
@@ -164,3 +166,14 @@ def http() -> Iterator[urllib3.PoolManager]:
     manager = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=10))
     yield manager
     manager.clear()
+
+
+@pytest.fixture
+def slow_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Callable[[], list[str]]:
+    """A consumer kept waiting on a chunk logs after 0.2 s, not 10 s (the pixcrawler
+    logger's warnings captured); returns a reader of the ``waited ...`` lines so far."""
+    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    return lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]

@@ -90,18 +90,16 @@ def test_stall_longer_than_timeout_is_retried_not_waited_out(
 def test_a_consumer_kept_waiting_is_told_how_far_its_chunk_got(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
     clean_digest: tuple[int, str],
-    monkeypatch: pytest.MonkeyPatch,
+    slow_waits: Callable[[], list[str]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A first batch that takes long says why while it waits, not only afterwards."""
-    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
-    caplog.set_level(logging.WARNING, logger="pixcrawler")
     # One stream per chunk (max_workers=1): chunk 0 stops after 2,000 bytes for 1.5 s.
     dataset, _ = through_proxy(
         [Fault("stall", after_bytes=2_000, seconds=1.5)], prefetch=1, max_workers=1
     )
     assert digest(dataset) == clean_digest
-    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]
+    waits = slow_waits()
     assert len(waits) >= 2, caplog.text  # repeated while the wait goes on
     size = human_size(dataset.job.chunks[0].size_bytes or 0)
     expected = rf"waited [\d.]+ s for chunk 0: 2\.0 KB of {size} received in [\d.]+ s"
@@ -112,17 +110,15 @@ def test_a_consumer_kept_waiting_is_told_how_far_its_chunk_got(
 def test_a_rate_limited_chunk_logs_its_retry_and_the_wait_names_the_cause(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
     clean_digest: tuple[int, str],
-    monkeypatch: pytest.MonkeyPatch,
+    slow_waits: Callable[[], list[str]],
     caplog: pytest.LogCaptureFixture,
     live_server: LiveServer,
 ) -> None:
-    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
-    caplog.set_level(logging.WARNING, logger="pixcrawler")
     dataset, _ = through_proxy([Fault("rate_limit", retry_after=1)], prefetch=1, max_workers=1)
     assert digest(dataset) == clean_digest
     messages = [r.getMessage() for r in caplog.records]
     assert "chunk 0: HTTP 429 (Retry-After 1 s); retry 1 of 3 in 1.0 s" in messages
-    waits = [m for m in messages if m.startswith("waited") and "for chunk 0:" in m]
+    waits = [m for m in slow_waits() if "for chunk 0:" in m]
     why = r"; 1 failed attempt, the last: HTTP 429 \(Retry-After 1 s\); the next in 0\.\d s$"
     assert any(re.search(why, m) for m in waits), waits
     assert live_server.api_key not in caplog.text
@@ -195,7 +191,6 @@ def test_a_403_from_the_api_host_itself_is_not_a_refresh(
 def test_large_chunk_is_fetched_as_parallel_ranges(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pixcrawler import config
     from pixcrawler.client import ApiClient
     from pixcrawler.downloader import ChunkDownloader
     from pixcrawler.models import Chunk
@@ -218,7 +213,6 @@ def _ranged_blobs(
 ) -> Callable[[str], list[Chunk]]:
     """``count`` 1 MiB files under ``root``, big enough to be split into two ranges; the
     returned function lists them as chunks on a given host."""
-    from pixcrawler import config
 
     monkeypatch.setattr(config, "MIN_RANGE_PART", 256 * 1024)
     blobs = [bytes([i]) * (1 << 20) for i in range(count)]

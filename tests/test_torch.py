@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import multiprocessing
 import os
 import pickle
@@ -35,7 +34,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from pixcrawler import Dataset, config, load_dataset
+from pixcrawler import Dataset, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError
 from pixcrawler.testing import StaticServer
@@ -293,47 +292,41 @@ def test_second_epoch_over_a_cached_dataset_makes_no_request(
     assert blobs.stats.requests == 0
 
 
-def test_a_batch_kept_waiting_on_its_chunks_says_why(
+@pytest.mark.parametrize(
+    ("chunk", "indices", "batch"),
+    [
+        (0, [0, UNIFORM_TOTAL - 1], True),  # a first batch, of chunks 0 and 3
+        # ds[i] alone, as DataLoader(batch_size=None) or a plain loop asks for it
+        (1, [UNIFORM_CHUNK_SIZE], False),  # the first image of chunk 1
+    ],
+    ids=["batch", "one item"],
+)
+def test_a_map_style_load_kept_waiting_on_its_chunk_says_why(
     live_server: LiveServer,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    slow_waits: Callable[[], list[str]],
     caplog: pytest.LogCaptureFixture,
+    chunk: int,
+    indices: list[int],
+    batch: bool,
 ) -> None:
-    """A first batch that waits on its downloads logs how far they got, as it waits."""
-    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
-    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    """A load that waits on its download logs how far it got, as it waits."""
     stall = Fault("stall", after_bytes=2_000, seconds=1.0)
-    schedule = FaultSchedule.script([stall], match=r"/chunks/0$")
+    schedule = FaultSchedule.script([stall], match=rf"/chunks/{chunk}$")
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
         dataset = open_uniform(proxy.base_url, live_server.api_key, max_workers=1)
         torch_dataset = dataset.to_torch(cache_dir=tmp_path)
-        batch = torch_dataset.__getitems__([0, len(torch_dataset) - 1])  # chunks 0 and 3
+        if batch:
+            items = torch_dataset.__getitems__(indices)
+        else:
+            items = [torch_dataset[i] for i in indices]
         assert proxy.stats.faults["stall"] == 1
-    assert [label for _, label in batch] == [torch_dataset[0][1], torch_dataset[-1][1]]
-    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]
+    assert [label for _, label in items] == [torch_dataset[i][1] for i in indices]
+    assert [image.shape for image, _ in items] == [(*UNIFORM_SIZE, 3)] * len(indices)
+    waits = slow_waits()
     assert waits, caplog.text
-    assert all(re.search(r" for chunk 0: 2\.0 KB of [\d.]+ KB received", m) for m in waits)
-
-
-def test_one_item_kept_waiting_on_its_chunk_says_why(
-    live_server: LiveServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """ds[i] alone, as DataLoader(batch_size=None) or a plain loop asks for it."""
-    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.2)
-    caplog.set_level(logging.WARNING, logger="pixcrawler")
-    stall = Fault("stall", after_bytes=2_000, seconds=1.0)
-    schedule = FaultSchedule.script([stall], match=r"/chunks/1$")
-    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
-        dataset = open_uniform(proxy.base_url, live_server.api_key, max_workers=1)
-        torch_dataset = dataset.to_torch(cache_dir=tmp_path)
-        image, _ = torch_dataset[UNIFORM_CHUNK_SIZE]  # the first image of chunk 1
-        assert proxy.stats.faults["stall"] == 1
-    assert image.shape == (*UNIFORM_SIZE, 3)
-    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waited")]
-    assert waits and all(" for chunk 1: 2.0 KB of " in m for m in waits), caplog.text
+    received = rf" for chunk {chunk}: 2\.0 KB of [\d.]+ KB received"
+    assert all(re.search(received, m) for m in waits), waits
 
 
 def test_an_item_over_the_memory_budget_is_downloaded_once(
