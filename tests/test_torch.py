@@ -293,13 +293,15 @@ def test_second_epoch_over_a_cached_dataset_makes_no_request(
 
 
 @pytest.mark.parametrize(
-    ("chunk", "indices", "batch"),
+    ("chunk", "indices", "batch", "budget"),
     [
-        (0, [0, UNIFORM_TOTAL - 1], True),  # a first batch, of chunks 0 and 3
+        (0, [0, UNIFORM_TOTAL - 1], True, None),  # a first batch, of chunks 0 and 3
         # ds[i] alone, as DataLoader(batch_size=None) or a plain loop asks for it
-        (1, [UNIFORM_CHUNK_SIZE], False),  # the first image of chunk 1
+        (1, [UNIFORM_CHUNK_SIZE], False, None),  # the first image of chunk 1
+        # room for chunk 0 only: chunk 3 loads once the batch's images are decoded
+        (3, [0, UNIFORM_TOTAL - 1], True, 1),
     ],
-    ids=["batch", "one item"],
+    ids=["batch", "one item", "batch over the memory budget"],
 )
 def test_a_map_style_load_kept_waiting_on_its_chunk_says_why(
     live_server: LiveServer,
@@ -309,13 +311,17 @@ def test_a_map_style_load_kept_waiting_on_its_chunk_says_why(
     chunk: int,
     indices: list[int],
     batch: bool,
+    budget: int | None,
 ) -> None:
     """A load that waits on its download logs how far it got, as it waits."""
     stall = Fault("stall", after_bytes=2_000, seconds=1.0)
     schedule = FaultSchedule.script([stall], match=rf"/chunks/{chunk}$")
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
         dataset = open_uniform(proxy.base_url, live_server.api_key, max_workers=1)
-        torch_dataset = dataset.to_torch(cache_dir=tmp_path)
+        options: dict[str, Any] = {}
+        if budget is not None:  # this many chunks' bytes
+            options["memory_budget"] = budget * (dataset.job.chunks[0].size_bytes or 0)
+        torch_dataset = dataset.to_torch(cache_dir=tmp_path, **options)
         if batch:
             items = torch_dataset.__getitems__(indices)
         else:

@@ -25,7 +25,7 @@ import os
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -377,22 +377,40 @@ class _MapStyle(_TorchBridge):
             missing.append(index)
         if not missing:  # (the store keeps the chunk it loaded last, whatever the budget)
             return
+        pool = self._fetch_pool(local)
+        futures = [(index, pool.submit(store.archive, index)) for index in missing]
+        try:
+            for index, future in futures:
+                self._wait(local, index, future)
+        finally:
+            for _, future in futures:
+                future.cancel()
+
+    def _archive(self, local: _Local, store: ChunkStore, index: int) -> ChunkArchive:
+        """Chunk ``index``'s archive. One the store does not hold (a batch's chunks beyond
+        the memory budget) loads on a fetch thread while this one waits, so that a long
+        wait for it is logged too."""
+        if store.in_memory(index):
+            return store.archive(index)
+        future = self._fetch_pool(local).submit(store.archive, index)
+        try:
+            return self._wait(local, index, future)
+        finally:
+            future.cancel()
+
+    def _fetch_pool(self, local: _Local) -> ThreadPoolExecutor:
         with self._local_lock:
             if local.fetch_pool is None:
                 local.fetch_pool = ThreadPoolExecutor(
                     local.handle.settings.max_workers, thread_name_prefix="pixcrawler-fetch"
                 )
-            pool = local.fetch_pool
-        futures = [(index, pool.submit(store.archive, index)) for index in missing]
-        try:
-            for index, future in futures:
-                if local.downloader is not None:
-                    local.downloader.wait_for(index, future)  # says why if it takes long
-                else:  # pragma: no cover - _open always sets it
-                    future.result()
-        finally:
-            for _, future in futures:
-                future.cancel()
+            return local.fetch_pool
+
+    @staticmethod
+    def _wait(local: _Local, index: int, future: Future[ChunkArchive]) -> ChunkArchive:
+        if local.downloader is None:  # pragma: no cover - _open always sets it
+            return future.result()
+        return local.downloader.wait_for(index, future)  # says why if it takes long
 
     def _pool(self, local: _Local) -> ThreadPoolExecutor:
         with self._local_lock:
@@ -416,14 +434,14 @@ class _MapStyle(_TorchBridge):
             if current in local.bad:
                 continue
             chunk, offset = self._locate(current)
-            archive = store.archive(chunk)
+            archive = self._archive(local, store, chunk)
             if len(archive.samples) != self._counts[chunk]:
                 raise count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
             sample = archive.samples[offset]
             result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray) and store.recheck(chunk):
                 # Read on another process's stamp: hashed now, downloaded again if corrupt.
-                archive = store.archive(chunk)
+                archive = self._archive(local, store, chunk)
                 sample = archive.samples[offset]
                 result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray):
