@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -736,6 +737,24 @@ def test_nothing_listening_exits_6_after_saying_each_retry(cli: Cli) -> None:
         f"Warning: GET /jobs: NewConnectionError; retry {n} of 3" for n in (1, 2, 3)
     ]
     assert SECRET not in result.output
+
+
+def test_a_warning_goes_above_the_progress_bars_not_into_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A retry announced mid-download must not be appended to a bar's line on the terminal."""
+    from tqdm.auto import tqdm
+
+    from pixcrawler import cli as cli_module
+
+    cli_module._log_to_stderr(debug=False)
+    with tqdm(total=10, desc="job_x images", file=sys.stderr, ascii=True) as bar:
+        bar.update(3)
+        logging.getLogger("pixcrawler").warning("chunk 3: HTTP 503; retry 1 of 3 in 0.4 s")
+    err = capsys.readouterr().err
+    above, _, below = err.partition("\n")
+    assert above.split("\r")[-1] == "Warning: chunk 3: HTTP 503; retry 1 of 3 in 0.4 s", err
+    assert below.lstrip("\r").startswith("job_x images:  30%"), err  # the bar, drawn below it
 
 
 def test_a_chunk_corrupt_twice_exits_7(cli: Cli, live_server: LiveServer) -> None:

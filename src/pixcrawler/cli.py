@@ -125,7 +125,8 @@ class _RedactingFormatter(logging.Formatter):
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes to whatever ``sys.stderr`` is when a record comes (never a stale stream)."""
+    """Writes to whatever ``sys.stderr`` is when a record comes (never a stale stream).
+    While progress bars are drawn there, a line goes above them, not into the bar's line."""
 
     @property
     def stream(self) -> Any:
@@ -134,6 +135,16 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, value: Any) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # bars exist only if imported
+        if tqdm is None or not getattr(tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
 
 
 def _log_to_stderr(debug: bool) -> None:
