@@ -12,6 +12,7 @@ import pickle
 import re
 import shutil
 import sys
+import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from constants import (
 )
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
-from pixcrawler.exceptions import DecompressionError
+from pixcrawler.exceptions import DecompressionError, DownloadError
 from pixcrawler.testing import StaticServer
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
@@ -535,6 +536,35 @@ def test_streaming_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> 
     stream = open_uniform(corrupt_server, "test-key").to_torch(streaming=True)
     with pytest.raises(DecompressionError):
         list(stream)
+
+
+@pytest.mark.timeout(60)  # a hang fails here, before the stall itself ends
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_dataloader_workers_whose_transfers_stall_raise_instead_of_hanging(
+    live_server: LiveServer, tmp_path: Path, streaming: bool
+) -> None:
+    """Peers' DataLoader workers can wait forever on a dead transfer. Here every chunk
+    transfer stalls for a minute: each worker gives up after its retries, and the loop
+    raises the DownloadError in the main process within seconds."""
+    stall = Fault("stall", after_bytes=1_000, seconds=60.0)
+    schedule = FaultSchedule.random(1.0, [stall], match=r"/chunks/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = open_uniform(
+            proxy.base_url, live_server.api_key, timeout=0.3, retries=1, backoff=0.01
+        )
+        if streaming:
+            torch_dataset = dataset.to_torch(streaming=True)
+        else:
+            torch_dataset = dataset.to_torch(cache_dir=tmp_path)
+        loader = DataLoader(
+            torch_dataset, batch_size=4, num_workers=2, multiprocessing_context=FORK
+        )
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match=r"Chunk \d+ failed after 2 attempts"):
+            for _ in loader:
+                pass
+        assert time.monotonic() - started < 20  # no stall was waited out
+        assert proxy.stats.faults["stall"] >= 2
 
 
 def _ddp_rank(rank: int, world_size: int, init_file: str, base_url: str, out: str) -> None:
