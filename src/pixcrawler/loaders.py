@@ -308,7 +308,6 @@ class _MapStyle(_TorchBridge):
             return self.__getitems__(list(index))
         position = self._position(index)
         local = self._process()
-        self._fetch_missing(local, [position])
         image, sample = self._load(local, position)
         return self._output(image, sample)
 
