@@ -497,6 +497,36 @@ def test_a_sha256_that_disagrees_with_the_bytes_is_a_sample_error() -> None:
     assert (info.value.chunk_id, info.value.sample_id) == (2, "cat/1.png")
 
 
+def test_a_decoded_image_is_returned_only_once_its_bytes_match_their_sha256() -> None:
+    """``decoded`` decodes first and checks after: a mismatch discards the decoded image,
+    and bytes that neither decode nor match raise the mismatch, which says more."""
+    images = standard_images()
+    entries = [
+        {"path": p, "label": "cat", "id": p, "sha256": sha(d) if i != 1 else "0" * 64}
+        for i, (p, d) in enumerate(images)
+    ]
+    archive = ChunkArchive(build_chunk(images, entries=entries), chunk_id=2)
+    good, bad = archive.samples[0], archive.samples[1]
+    seen: list[bytes] = []
+
+    def decode(data: bytes | bytearray | memoryview) -> str:
+        seen.append(bytes(data))
+        return "pixels"
+
+    def fails(data: bytes | bytearray | memoryview) -> str:
+        raise DecompressionError("cannot decode image: broken")
+
+    assert archive.decoded(good, decode) == "pixels"
+    with pytest.raises(DecompressionError, match="sha256 does not match") as info:
+        archive.decoded(bad, decode)
+    assert (info.value.chunk_id, info.value.sample_id) == (2, "cat/1.png")
+    assert seen == [images[0][1], images[1][1]]  # the bad one was decoded, then refused
+    with pytest.raises(DecompressionError, match="sha256 does not match"):
+        archive.decoded(bad, fails)
+    with pytest.raises(DecompressionError, match="broken"):
+        archive.decoded(good, fails)
+
+
 def test_a_stored_member_altered_under_its_crc_is_a_sample_error() -> None:
     images = standard_images()
     entries = [{"path": p, "label": "cat"} for p, _ in images]  # no sha256: CRC only

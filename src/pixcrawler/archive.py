@@ -14,9 +14,9 @@ import hashlib
 import json
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import config
 from .exceptions import DecompressionError
@@ -38,6 +38,7 @@ _STORED, _DEFLATED = 0, 8
 _S_IFMT = 0o170000
 _S_IFLNK = 0o120000
 Buffer = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,15 +230,38 @@ class ChunkArchive:
     def payload(self, sample: Sample) -> memoryview | bytes:
         """The sample's encoded image, checked against its sha256 (or the zip CRC)."""
         data = self.read(sample.member)
+        self._check(sample, data)
+        return data
+
+    def decoded(self, sample: Sample, decode: Callable[[Buffer], T]) -> T:
+        """``decode(bytes)`` of the sample's image, returned only once the bytes have been
+        checked as :meth:`payload` checks them.
+
+        The check runs after the decode, over bytes the decoder has just read into the
+        CPU's cache. Hashing each image first, from a chunk long out of cache, took ~2% more
+        of the decode threads' CPU and ~2% of streaming throughput (benchmarks/stream.py's
+        images, interleaved runs). The chunk's own sha256 was checked before any member is
+        read, so nothing unverified is decoded either way. Bytes that fail to decode and do
+        not match their sha256 raise the mismatch: it says more.
+        """
+        data = self.read(sample.member)
+        try:
+            result = decode(data)
+        except DecompressionError:
+            self._check(sample, data)
+            raise
+        self._check(sample, data)
+        return result
+
+    def _check(self, sample: Sample, data: Buffer) -> None:
         if sample.member.offset in self._checked:  # read before, from these same bytes
-            return data
+            return
         if sample.sha256 is not None:
             if hashlib.sha256(data).hexdigest() != sample.sha256.lower():
                 raise self._error(f"{sample.id}: sha256 does not match the manifest", sample.id)
         elif not sample.member.deflated and zlib.crc32(data) != sample.member.crc:
             raise self._error(f"{sample.id}: CRC does not match the zip directory", sample.id)
         self._checked.add(sample.member.offset)
-        return data
 
 
 class _BadZip(Exception):

@@ -567,7 +567,7 @@ def decode_sample(
 ) -> np.ndarray | DecompressionError:
     """One sample's pixels, or the error that names it (returned, so a pool can carry it)."""
     try:
-        return decoder.decode(archive.payload(sample))
+        return archive.decoded(sample, decoder.decode)
     except DecompressionError as exc:
         message = exc.message
         if sample.id not in message:

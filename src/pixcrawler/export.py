@@ -537,7 +537,7 @@ class _NumpyWriter(_StagedWriter):
         for row in rows:
             sample = samples[row]
             try:
-                image = self.decoder.decode(archive.payload(sample))
+                image = archive.decoded(sample, self.decoder.decode)
             except DecompressionError as exc:
                 if sample.id in exc.message:
                     raise
