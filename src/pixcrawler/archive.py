@@ -240,9 +240,11 @@ class ChunkArchive:
         The check runs after the decode, over bytes the decoder has just read into the
         CPU's cache. Hashing each image first, from a chunk long out of cache, took ~2% more
         of the decode threads' CPU and ~2% of streaming throughput (benchmarks/stream.py's
-        images, interleaved runs). The chunk's own sha256 was checked before any member is
-        read, so nothing unverified is decoded either way. Bytes that fail to decode and do
-        not match their sha256 raise the mismatch: it says more.
+        images, interleaved runs). Bytes that do not match are decoded, then refused: the
+        decoders take any bytes safely (a corrupt image is an everyday input to them), and
+        a chunk whose sha256 the API lists was checked whole before any member is read.
+        Bytes that fail to decode and do not match their sha256 raise the mismatch: it says
+        more.
         """
         data = self.read(sample.member)
         try:
