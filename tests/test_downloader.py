@@ -76,6 +76,24 @@ def test_truncated_body_is_resumed(
     assert dataset.stats.transfer.resumed >= 1
 
 
+def test_a_resume_answered_with_the_whole_body_starts_the_chunk_over(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    clean_digest: tuple[int, str],
+    live_server: LiveServer,
+) -> None:
+    """A server that ignores ``Range`` answers the resume with 200 and every byte: the
+    chunk starts again from byte 0, not appended after the bytes already held."""
+    dataset, proxy = through_proxy(
+        [Fault("reset", after_bytes=10_000), Fault("ignore_range")], prefetch=1
+    )
+    assert digest(dataset) == clean_digest
+    assert proxy.stats.faults["ignore_range"] == 1
+    transfer = dataset.stats.transfer
+    assert transfer.checksum_failures == 0 and transfer.retries == 1
+    total = sum(len(chunk_bytes(live_server, i)) for i in range(dataset.num_chunks))
+    assert transfer.bytes_received == total + 10_000  # the first 10,000 bytes came twice
+
+
 def test_stall_longer_than_timeout_is_retried_not_waited_out(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]], clean_digest: tuple[int, str]
 ) -> None:
@@ -206,6 +224,35 @@ def test_large_chunk_is_fetched_as_parallel_ranges(
         assert bytes(downloader.fetch(0)) == blob
         downloader.close()
         assert downloader.stats.requests == 8
+
+
+@pytest.mark.parametrize("ignored", ["every range", "one range"])
+def test_ranges_a_server_ignores_fall_back_to_one_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignored: str
+) -> None:
+    """A chunk split into ranges, through a proxy that answers some or all of them with the
+    whole body (200): the chunk comes as one stream instead, every byte right."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    blob = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
+    (tmp_path / "c.bin").write_bytes(blob)
+    faults = (
+        [Fault("ignore_range")] * 8 if ignored == "every range" else [None, Fault("ignore_range")]
+    )
+    schedule = FaultSchedule.script(faults, match=r"/c\.bin")
+    with StaticServer(tmp_path) as host, FaultProxy(host.base_url, schedule=schedule) as proxy:
+        chunk = Chunk(0, f"{proxy.base_url}/c.bin", len(blob), hashlib.sha256(blob).hexdigest())
+        downloader = ChunkDownloader(
+            ApiClient("k", "http://127.0.0.1:9"), [chunk], max_workers=8, prefetch=1
+        )
+        try:
+            assert bytes(downloader.fetch(0)) == blob
+        finally:
+            downloader.close()
+        assert proxy.stats.faults["ignore_range"] >= 1
+    assert downloader.stats.checksum_failures == 0 and downloader.stats.retries == 0
 
 
 def _ranged_blobs(

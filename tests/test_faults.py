@@ -266,6 +266,18 @@ def test_range_passes_through_as_206(
     assert unsatisfiable.status == 416
 
 
+def test_ignore_range_answers_a_ranged_request_with_the_whole_body(
+    upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
+) -> None:
+    with proxy_with(upstream, Fault("ignore_range")) as proxy:
+        ignored = pool.request("GET", proxy.base_url + CHUNK, headers={"Range": "bytes=1000-"})
+        honoured = pool.request("GET", proxy.base_url + CHUNK, headers={"Range": "bytes=1000-"})
+        assert proxy.stats.faults["ignore_range"] == 1
+    assert ignored.status == 200 and ignored.data == data
+    assert "Content-Range" not in ignored.headers
+    assert honoured.status == 206 and honoured.data == data[1000:]
+
+
 def test_clean_requests_keep_one_client_connection(
     upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
 ) -> None:

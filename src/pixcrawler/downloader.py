@@ -561,6 +561,14 @@ class ChunkDownloader:
                 for (lo, hi), future in zip(parts[1:], futures, strict=True):
                     future.result()
                     hasher.update(view[lo:hi])
+        except _RangeIgnored:
+            # The caller streams the whole chunk into this buffer next. A part the server
+            # did honour must not write there meanwhile: if the chunk changed between the
+            # requests, the buffer would no longer hold the bytes that were hashed.
+            for future in futures:
+                future.cancel()
+            wait(futures)
+            raise
         finally:
             for future in futures:
                 future.cancel()

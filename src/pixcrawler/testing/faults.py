@@ -34,7 +34,15 @@ from pixcrawler.testing.static import _LoopbackServer, _QuietHandler, _TrackingH
 __all__ = ["FAULT_KINDS", "Fault", "FaultKind", "FaultProxy", "FaultSchedule", "ProxyStats"]
 
 FaultKind = Literal[
-    "reset", "status", "rate_limit", "stall", "truncate", "corrupt", "expired", "hang"
+    "reset",
+    "status",
+    "rate_limit",
+    "stall",
+    "truncate",
+    "corrupt",
+    "expired",
+    "hang",
+    "ignore_range",
 ]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
@@ -45,6 +53,8 @@ DEFAULT_RANDOM_KINDS: tuple[FaultKind, ...] = ("reset", "status", "rate_limit", 
 _REPLY_KINDS = frozenset({"status", "rate_limit", "expired"})
 # Kinds that interrupt the body after `after_bytes` bytes.
 _CUT_KINDS = frozenset({"reset", "stall", "truncate"})
+# What "ignore_range" leaves out of the request it forwards.
+_RANGE_HEADERS = frozenset({"range", "if-range"})
 
 _BLOCK = 256 * 1024  # bytes relayed per read from the upstream
 _UPSTREAM_TIMEOUT = 30.0
@@ -96,6 +106,9 @@ class Fault:
     - ``"hang"``: nothing at all, not even headers, for ``seconds``: the client waits for
       its response. Then ``then="continue"`` relays the response, ``then="close"`` closes
       the connection.
+    - ``"ignore_range"``: the request goes upstream without its ``Range`` (and
+      ``If-Range``), so a ranged request gets the whole body with 200, as from a server
+      or cache that does not serve ranges (RFC 9110 allows it).
 
     A fractional ``retry_after`` is sent as such (``0.2``): not valid HTTP, but it keeps
     tests fast against a client that parses seconds as a float.
@@ -336,34 +349,41 @@ class _ProxyHandler(_QuietHandler):
         target = proxy._upstream_prefix + (split.path or "/")
         if split.query:
             target += f"?{split.query}"
+        drop = _RANGE_HEADERS if fault is not None and fault.kind == "ignore_range" else None
         try:
-            response = self._forward(target, body)
+            response = self._forward(target, body, drop)
         except (OSError, http.client.HTTPException) as exc:
             self._drop_upstream()
             self.send_json_error(502, "BadGatewayError", f"upstream {proxy.upstream}: {exc}")
             return
         self._relay(response, fault)
 
-    def _forward(self, target: str, body: bytes | None) -> http.client.HTTPResponse:
+    def _forward(
+        self, target: str, body: bytes | None, drop: frozenset[str] | None = None
+    ) -> http.client.HTTPResponse:
         reused = self._upstream_conn is not None
         try:
-            return self._send_upstream(target, body)
+            return self._send_upstream(target, body, drop)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             # A kept-alive upstream connection may have been closed while idle: one retry
             # on a fresh connection, never on a fresh one that failed.
             self._drop_upstream()
             if not reused:
                 raise
-            return self._send_upstream(target, body)
+            return self._send_upstream(target, body, drop)
 
-    def _send_upstream(self, target: str, body: bytes | None) -> http.client.HTTPResponse:
+    def _send_upstream(
+        self, target: str, body: bytes | None, drop: frozenset[str] | None
+    ) -> http.client.HTTPResponse:
+        """``drop``: request headers (lower case) not forwarded."""
         if self._upstream_conn is None:
             self._upstream_conn = self.server.proxy._connect_upstream()
         conn = self._upstream_conn
         conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", self.server.proxy._upstream_host)
         for name, value in self.headers.items():
-            if name.lower() not in _HOP_BY_HOP and name.lower() != "host":
+            lower = name.lower()
+            if lower not in _HOP_BY_HOP and lower != "host" and (drop is None or lower not in drop):
                 conn.putheader(name, value)
         conn.endheaders(body)
         return conn.getresponse()
