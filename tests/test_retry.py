@@ -1,0 +1,70 @@
+"""The retry policy on its own: backoff with jitter, Retry-After in both its forms."""
+
+from __future__ import annotations
+
+import email.utils
+import statistics
+
+import pytest
+
+from pixcrawler import load_dataset
+from pixcrawler.retry import RetryPolicy, parse_retry_after, status_cause
+
+
+def test_backoff_doubles_per_failure_with_full_jitter_up_to_its_cap() -> None:
+    policy = RetryPolicy(retries=10, backoff_base=0.5, backoff_max=4.0)
+    for failures, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 4.0), (9, 4.0)]:
+        delays = [policy.delay(failures) for _ in range(2_000)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        # Spread over the whole window (jitter), not bunched: clients retrying together
+        # do not hit a rate-limited API together again.
+        assert max(delays) > 0.95 * ceiling and min(delays) < 0.05 * ceiling
+        assert statistics.mean(delays) == pytest.approx(ceiling / 2, rel=0.1)
+
+
+def test_retry_after_wins_over_the_backoff() -> None:
+    policy = RetryPolicy(backoff_base=100.0, backoff_max=100.0)
+    assert policy.delay(1, retry_after=2.5) == 2.5
+    assert policy.delay(3, retry_after=0.0) == 0.0
+
+
+def test_retry_after_as_seconds_or_as_an_http_date() -> None:
+    now = 1_800_000_000.0
+    assert parse_retry_after("120", now=now) == 120.0
+    assert parse_retry_after(" 0.5 ", now=now) == 0.5
+    assert parse_retry_after("-3", now=now) == 0.0
+    later = email.utils.formatdate(now + 90, usegmt=True)  # "Fri, 15 Jan 2027 08:01:30 GMT"
+    assert parse_retry_after(later, now=now) == pytest.approx(90.0)
+    earlier = email.utils.formatdate(now - 90, usegmt=True)
+    assert parse_retry_after(earlier, now=now) == 0.0  # already past: retry now
+    for absent in (None, "", "soon", "Fri, 99 Foo 2027"):
+        assert parse_retry_after(absent, now=now) is None
+
+
+def test_a_retry_after_longer_than_the_limit_is_not_waited() -> None:
+    policy = RetryPolicy(max_retry_after=60.0)
+    assert policy.retry_after_too_long(61.0)
+    assert not policy.retry_after_too_long(60.0) and not policy.retry_after_too_long(None)
+    assert status_cause(429, 30.0) == "HTTP 429 (Retry-After 30 s)"
+    assert status_cause(503, None) == "HTTP 503"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retries": -1}, "retries must be >= 0"),
+        ({"backoff_base": -0.1}, "backoff_base and backoff_max must be >= 0"),
+        ({"backoff_max": -1.0}, "backoff_base and backoff_max must be >= 0"),
+    ],
+)
+def test_a_negative_setting_is_refused(options: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RetryPolicy(**options)  # type: ignore[arg-type]
+
+
+def test_load_dataset_refuses_negative_retries_before_any_request() -> None:
+    # Port 9 (discard) is never contacted: the argument is refused first.
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        load_dataset("job_x", "k", "http://127.0.0.1:9", retries=-1)
+    with pytest.raises(ValueError, match="backoff"):
+        load_dataset("job_x", "k", "http://127.0.0.1:9", backoff=-1.0)
