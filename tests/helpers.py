@@ -1,11 +1,16 @@
-"""Small helpers shared by the SDK tests: a header-recording host and digest of a run."""
+"""Small helpers shared by the SDK tests: a header-recording host, the digest of a run, and
+a copy of job_uniform with corrupt images."""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import io
+import json
+import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,6 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE
 
 
 def raw_get(base_url: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -128,3 +135,35 @@ class RecordingHost:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
+    """Copy job_uniform into ``dest`` with the images at ``positions`` replaced by garbage
+    (manifest and job checksums updated, so only the decoder can notice)."""
+    shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
+    job_path = dest / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    for chunk in job["chunks"]:
+        index = chunk["index"]
+        bad = {p % UNIFORM_CHUNK_SIZE for p in positions if p // UNIFORM_CHUNK_SIZE == index}
+        if not bad:
+            continue
+        path = dest / JOB_UNIFORM / "chunks" / f"{index:05d}.zip"
+        with zipfile.ZipFile(path) as source:
+            manifest = json.loads(source.read("manifest.json"))
+            members = {name: source.read(name) for name in source.namelist()}
+        for offset in bad:
+            entry = manifest["images"][offset]
+            members[entry["path"]] = b"this is not an image"
+            entry["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as target:
+            target.writestr("manifest.json", json.dumps(manifest))
+            for name, data in members.items():
+                if name != "manifest.json":
+                    target.writestr(name, data)
+        path.write_bytes(buffer.getvalue())
+        chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        chunk["size_bytes"] = len(buffer.getvalue())
+    job_path.write_text(json.dumps(job))
+    return dest

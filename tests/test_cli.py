@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
+from helpers import corrupt_copy
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
 from pixcrawler.config import READ_BLOCK
@@ -795,6 +797,21 @@ def test_a_malformed_archive_exits_8(cli: Cli, bad_archive_server: str, fmt: str
     assert not list((cli.cwd / "datasets").rglob("X.npy")) + list(
         (cli.cwd / "datasets").rglob("metadata.jsonl")
     )
+
+
+def test_a_corrupt_image_in_a_numpy_download_exits_8_naming_it(
+    cli: Cli, live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """An image that passes its sha256 but does not decode stops ``--format numpy`` with the
+    chunk and the image named, and leaves no array behind."""
+    store = corrupt_copy(live_server.store, tmp_path / "corrupt", (3,))
+    with zipfile.ZipFile(store / JOB_UNIFORM / "chunks" / "00000.zip") as chunk:
+        bad = json.loads(chunk.read("manifest.json"))["images"][3]["id"]
+    key = next(iter(TEST_KEYS))
+    result = cli.run("download", JOB_UNIFORM, "--format", "numpy", *api(server_factory(store), key))
+    assert result.returncode == 8, result
+    assert f"chunk 0, image {bad!r}: cannot decode image" in result.stderr
+    assert not list((cli.cwd / "datasets").rglob("X.npy"))
 
 
 def test_debug_adds_a_traceback(cli: Cli, live_server: LiveServer) -> None:

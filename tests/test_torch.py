@@ -4,16 +4,13 @@ streaming one (ranks × workers, padding, shuffle), real DDP, and the spec's PyT
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import pickle
 import re
-import shutil
 import sys
 import time
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
+from helpers import corrupt_copy
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError, DownloadError
@@ -113,38 +111,6 @@ def chunk_requests(blobs: StaticServer) -> Counter[str]:
 
 
 # -- a copy of job_uniform with undecodable images -----------------------------------------
-
-
-def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
-    """Copy job_uniform into ``dest`` with the images at ``positions`` replaced by garbage
-    (manifest and job checksums updated, so only the decoder can notice)."""
-    shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
-    job_path = dest / JOB_UNIFORM / "job.json"
-    job = json.loads(job_path.read_text())
-    for chunk in job["chunks"]:
-        index = chunk["index"]
-        bad = {p % UNIFORM_CHUNK_SIZE for p in positions if p // UNIFORM_CHUNK_SIZE == index}
-        if not bad:
-            continue
-        path = dest / JOB_UNIFORM / "chunks" / f"{index:05d}.zip"
-        with zipfile.ZipFile(path) as source:
-            manifest = json.loads(source.read("manifest.json"))
-            members = {name: source.read(name) for name in source.namelist()}
-        for offset in bad:
-            entry = manifest["images"][offset]
-            members[entry["path"]] = b"this is not an image"
-            entry["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as target:
-            target.writestr("manifest.json", json.dumps(manifest))
-            for name, data in members.items():
-                if name != "manifest.json":
-                    target.writestr(name, data)
-        path.write_bytes(buffer.getvalue())
-        chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
-        chunk["size_bytes"] = len(buffer.getvalue())
-    job_path.write_text(json.dumps(job))
-    return dest
 
 
 @pytest.fixture(scope="module")

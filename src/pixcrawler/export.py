@@ -25,7 +25,7 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
-from .dataset import Dataset, group_bounds, num_images_of
+from .dataset import Dataset, decode_sample, group_bounds, num_images_of
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError
@@ -536,16 +536,9 @@ class _NumpyWriter(_StagedWriter):
         want = self.shape[1:]
         for row in rows:
             sample = samples[row]
-            try:
-                image = archive.decoded(sample, self.decoder.decode)
-            except DecompressionError as exc:
-                if sample.id in exc.message:
-                    raise
-                raise DecompressionError(
-                    f"chunk {sample.chunk_id}, image {sample.id!r}: {exc.message}",
-                    chunk_id=sample.chunk_id,
-                    sample_id=sample.id,
-                ) from exc
+            image = decode_sample(archive, sample, self.decoder)
+            if not isinstance(image, np.ndarray):
+                raise image  # names the chunk and the image
             if image.shape != want:
                 raise DecompressionError(
                     f"chunk {sample.chunk_id}: image {sample.id!r} is {image.shape[1]}x"
