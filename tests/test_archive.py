@@ -420,6 +420,16 @@ def test_bytes_before_the_archive_are_refused() -> None:
     )
 
 
+def test_an_end_record_claiming_more_directory_than_its_entries_fill_is_refused() -> None:
+    # One entry, and a "directory" spanning the whole 300 KB archive: refused before it is
+    # read (the directory is copied once to be parsed; this one would copy the chunk).
+    data = build_chunk(standard_images(), extra=[("pad.bin", os.urandom(300_000))])
+    eocd = data.rfind(b"PK\x05\x06")
+    end = bytearray(data[eocd:])
+    struct.pack_into("<2H2L", end, 8, 1, 1, eocd, 0)  # entries, total, size, offset
+    assert "holds more than its end record counts" in str(refused(data[:eocd] + bytes(end)))
+
+
 def test_a_png_is_not_a_chunk() -> None:
     assert "not a valid zip archive" in str(refused(encode("PNG")))
 
