@@ -517,6 +517,25 @@ def test_buffer_pool_reuses_one_allocation_across_chunk_sizes() -> None:
     assert len(pool.take(2000)) == 2000  # larger than any listed chunk: its own buffer
 
 
+def test_a_buffer_still_viewed_is_not_reused_for_a_chunk_of_the_same_size() -> None:
+    """A chunk of the very size of a returned buffer needs no resize, the step that
+    refuses a viewed buffer; the pool must still see the view (a slice some error's
+    traceback holds, say) and leave those bytes alone."""
+    from pixcrawler.downloader import BufferPool
+
+    pool = BufferPool(capacity=1000)
+    first = pool.take(800)
+    first[:] = b"a" * 800
+    view = memoryview(first)[10:20]
+    pool.give(first)
+    other = pool.take(800)
+    assert other is not first and len(other) == 800
+    assert bytes(view) == b"a" * 10 and len(first) == 800
+    view.release()
+    pool.give(first)
+    assert pool.take(800) is first and first == b"a" * 800  # unviewed: reused, bytes intact
+
+
 def test_iterating_recycles_chunk_buffers(live_server: LiveServer) -> None:
     from pixcrawler.downloader import BufferPool
 

@@ -98,8 +98,9 @@ class ChunkArchive:
     def close(self) -> bytearray | None:
         """Release this archive's view of the chunk bytes; return them if reusable.
 
-        None when something still views the bytes (they must not be overwritten then) or
-        they are not a bytearray.
+        None when the view itself is still exported or the bytes are not a bytearray. A
+        member's slice may outlive the view: whoever reuses the bytearray must check that
+        nothing views it any more (``BufferPool`` does).
         """
         try:
             self.view.release()

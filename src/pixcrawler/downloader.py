@@ -114,6 +114,10 @@ class BufferPool:
                     del buffer[size:]
                 elif len(buffer) < size:
                     buffer.extend(bytes(size - len(buffer)))
+                elif buffer:  # no resize to refuse a viewed buffer: make one that keeps it
+                    last = buffer[-1]
+                    del buffer[-1:]
+                    buffer.append(last)
                 return buffer
             except BufferError:
                 pass
