@@ -13,6 +13,8 @@ answering metadata, and prints in one run:
 - the physical limit beside it (the same decodes in groups of ``DECODE_GROUP``, no per-image
   task: DESIGN.md's prototype reached 0.82-0.90 of it) and the ratio to that;
 - the same end-to-end figure with chunk bytes served by the reference server itself;
+- the same iteration with every chunk handed over from memory (no transfer), which splits
+  the gap to the ceiling into what the pipeline costs and what the transfer costs;
 - the CPU of what the end-to-end run does and the ceiling does not: receiving the chunks
   with their sha256, and checking each image's sha256 from the manifest, each as a share
   of the ceiling's own decoding CPU;
@@ -39,9 +41,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -260,15 +265,33 @@ def cpu_by_thread(
 FIRST_IMAGE: list[float] = []  # seconds to the first image of each end-to-end run
 
 
-def end_to_end(base_url: str, job: str, threads: int) -> float:
+def end_to_end(base_url: str, job: str, threads: int, *, record: bool = True) -> float:
     from pixcrawler import load_dataset
 
     with load_dataset(job, KEY, base_url, decode_threads=threads) as dataset:
         started = time.perf_counter()
         count = sum(1 for _ in dataset)
         rate = count / (time.perf_counter() - started)
-        FIRST_IMAGE.append(dataset.stats.first_image_seconds or 0.0)
+        if record:
+            FIRST_IMAGE.append(dataset.stats.first_image_seconds or 0.0)
         return rate
+
+
+def from_memory(base_url: str, chunks: list[bytearray], threads: int) -> float:
+    """Images/s of the same ``for image, label in dataset`` with every chunk handed over
+    from memory at once: the pipeline (chunk opens, each image's sha256 check, decode
+    groups, the consumer) without the transfer. A diagnostic: it stands in for
+    ``ChunkDownloader.iter_chunks`` for the run (nothing writes into ``chunks``)."""
+    from pixcrawler.downloader import ChunkDownloader
+
+    def iter_chunks(
+        self: ChunkDownloader, order: Iterable[int] | None = None, *, recycles: bool = False
+    ) -> Iterator[tuple[Any, bytearray]]:
+        for index in self.indexes if order is None else list(order):
+            yield self.chunk(index), chunks[index]
+
+    with mock.patch.object(ChunkDownloader, "iter_chunks", iter_chunks):
+        return end_to_end(base_url, JOB, threads, record=False)
 
 
 RSS_CHILD = """
@@ -369,18 +392,25 @@ def main() -> None:
         )
         api_self = stack.enter_context(run_in_thread(create_app(store, keys)))
 
-        pool_map, physical, e2e, e2e_self = [], [], [], []
+        in_memory = [
+            bytearray(path.read_bytes()) for path in sorted((store / JOB / "chunks").glob("*.zip"))
+        ]
+        pool_map, physical, e2e, e2e_self, memory = [], [], [], [], []
         for rep in range(args.repeat):
             c, p = ceilings(store, args.threads, limit_first=rep % 2 == 1)
             pool_map.append(c)
             physical.append(p)
             e2e.append(end_to_end(api_static, JOB, args.threads))
             e2e_self.append(end_to_end(api_self, JOB, args.threads))
+            memory.append(from_memory(api_static, in_memory, args.threads))
+        del in_memory
         # Each run's own ratios (its ceilings measured just before it): other processes on a
         # shared machine move both figures of a run together, and the runs apart.
         paired = [x / y for x, y in zip(e2e, pool_map, strict=True)]
         paired_limit = [x / y for x, y in zip(e2e, physical, strict=True)]
         paired_self = [x / y for x, y in zip(e2e_self, pool_map, strict=True)]
+        paired_memory = [x / y for x, y in zip(memory, pool_map, strict=True)]
+        transfer_share = [1 - x / y for x, y in zip(e2e, memory, strict=True)]
         for name, values in (
             ("decode ceiling (pool.map)", pool_map),
             ("physical limit (groups)", physical),
@@ -406,6 +436,17 @@ def main() -> None:
             "end to end (reference server)",
             f"{statistics.median(e2e_self):,.0f} img/s",
             f"ratio to the ceiling {statistics.median(paired_self):.2f}",
+        )
+        row(
+            "the pipeline, chunks from memory",
+            f"{statistics.median(memory):,.0f} img/s",
+            f"ratio to the ceiling {statistics.median(paired_memory):.2f}; no transfer: "
+            "chunk opens, per-image sha256, decode groups, the consumer",
+        )
+        row(
+            "  the transfer's cost",
+            f"{statistics.median(transfer_share):.0%}",
+            "of the from-memory rate, median of the runs' (static chunk host)",
         )
         # What the ceiling leaves out, against the CPU its own decoding takes (both threads
         # busy for 1 / rate seconds per image).
@@ -446,7 +487,11 @@ def main() -> None:
                 f"baseline {mib(baseline)}, bound {mib(bound)}"
             )
             row(f"peak RSS iterating {n} chunks", mib(peaks[n]), note)
-        row("  40 chunks / 10 chunks", f"{peaks[40] / peaks[args.chunks]:.2f}", "target <= 1.10")
+        row(
+            f"  40 chunks / {args.chunks} chunks",
+            f"{peaks[40] / peaks[args.chunks]:.2f}",
+            "target <= 1.10",
+        )
         r = rss_child(api_static, JOB, "arrays")
         bound = r["baseline"] + 1.2 * r["array_bytes"] + 2 * chunk_bytes
         note = f"arrays {mib(r['array_bytes'])}, bound {mib(bound)}"

@@ -16,6 +16,7 @@ flattened into one shared uint8 tensor plus their shapes (a list of 64 tensors w
 64 shared-memory segments per batch and measure only IPC). Prints images/s per epoch, the
 ratio, peak RSS (main process and largest worker), and the second-epoch request count::
 
+    pip install -e '.[dev]' torch   # the dev extra brings webdataset
     python benchmarks/torch_loader.py                 # ~1-2 minutes on 2 cores
     python benchmarks/torch_loader.py --images 5000 --epochs 3
 """
