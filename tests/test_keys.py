@@ -278,6 +278,36 @@ def test_absolute_chunk_urls_on_a_blob_host_that_redirects_again_never_get_the_k
         hosts_saw_no_key(first, final)
 
 
+def test_a_url_two_parsers_read_differently_never_takes_the_key_to_the_blob_host(
+    live_server: LiveServer,
+) -> None:
+    """``http://blob\\@api/x``: Python's ``urlsplit`` names the API's host, urllib3
+    connects to the blob host. The key follows the connection: the blob host, redirecting
+    to such URLs, never sees it."""
+    api_netloc = live_server.base_url.split("://", 1)[1].rstrip("/")
+    with RecordingHost(live_server.store, host="127.0.0.2") as blob:
+        blob.redirect_to = f"{blob.base_url}\\@{api_netloc}"
+        client = ApiClient(KEY, live_server.base_url, timeout=5)
+        assert not client.sends_key_to(f"{blob.base_url}\\@{api_netloc}/x")
+        with pytest.raises(NetworkError, match="too many redirects"):
+            client.request(blob.base_url + "/x")
+        assert len(blob.headers) > 1  # the redirects were followed to the blob host
+        hosts_saw_no_key(blob)
+        client.close()
+
+
+def test_a_chunk_url_no_request_can_take_is_a_download_error_naming_the_chunk() -> None:
+    client = ApiClient(KEY, "http://127.0.0.1:9", timeout=5)
+    for url in ("http://127.0.0.1:99999/c.zip", "http://127.0.0.1:port/c.zip"):
+        downloader = ChunkDownloader(client, [Chunk(index=3, url=url)])
+        with pytest.raises(DownloadError, match=r"Chunk 3 .*malformed URL") as info:
+            downloader.fetch(3)
+        assert info.value.chunk_id == 3
+        assert_no_key(exception_texts(info.value), "the malformed URL error")
+        downloader.close()
+    client.close()
+
+
 def test_a_redirect_loop_ends_in_a_typed_error_without_the_key(live_server: LiveServer) -> None:
     with RecordingHost(live_server.store, host="127.0.0.2") as loop:
         loop.redirect_to = loop.base_url  # every request is sent back to itself

@@ -22,6 +22,8 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from . import config
 from .exceptions import (
@@ -44,11 +46,20 @@ Origin = tuple[str, str, int]
 
 
 def origin_of(url: str) -> Origin:
-    """(scheme, host, port) with the default port filled in: what "the same host" means."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    """(scheme, host, port) with the default port filled in: what "the same host" means.
+
+    Read with urllib3's parser, the one that picks the host a request connects to. Python's
+    ``urlsplit`` reads some URLs otherwise: for ``http://blob\\@api/x`` it names ``api``
+    where urllib3 connects to ``blob``, and the key must follow the connection. A URL
+    urllib3 cannot parse (a port of 99999, say) raises ValueError.
+    """
+    try:
+        parts = parse_url(url)
+    except LocationParseError:
+        raise ValueError(f"malformed URL {_safe_url(url)}") from None
+    scheme = (parts.scheme or "").lower()
     port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, (parts.hostname or "").lower(), port
+    return scheme, (parts.host or "").lower(), port
 
 
 def api_root(base_url: str) -> str:
@@ -194,7 +205,11 @@ class ApiClient:
         """
         for _ in range(_MAX_REDIRECTS + 1):
             sent = dict(headers or {})
-            if self.sends_key_to(url):
+            try:
+                to_api = self.sends_key_to(url)
+            except ValueError as exc:  # a listed or redirected-to URL no request can take
+                raise NetworkError(str(exc)) from None
+            if to_api:
                 sent["Authorization"] = f"Bearer {self._api_key}"
             _connection_hooks.hook = on_connection
             try:
@@ -321,9 +336,10 @@ def _network_error(
 
 
 def _safe_url(url: str) -> str:
-    """A URL without its query string, which may hold a presigned signature."""
+    """A URL without its query string, which may hold a presigned signature, and without
+    any user:password before its host."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def _safe_exc(exc: BaseException) -> str:

@@ -50,7 +50,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import config
 from .client import ApiClient, map_status, shutdown_connection
-from .exceptions import DownloadError, PixCrawlerError
+from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after, status_cause
 from .units import human_size
@@ -679,6 +679,10 @@ class ChunkDownloader:
                         chunk_id=index,
                         status_code=status,
                     )
+            except NetworkError as exc:  # a URL no request can take, or a redirect loop
+                raise DownloadError(
+                    f"Chunk {index} could not be downloaded: {exc.message}", chunk_id=index
+                ) from exc
             except Urllib3Error as exc:
                 if cancel.is_set() or self._closed.is_set():
                     raise _Cancelled() from exc
