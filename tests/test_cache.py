@@ -25,6 +25,7 @@ from pixcrawler import cache as cache_module
 from pixcrawler.archive import ChunkArchive
 from pixcrawler.cache import ChunkStore, resolve_cache_root
 from pixcrawler.config import CACHE_SUBDIR, ENV_CACHE_DIR, STALE_TEMP_SECONDS
+from pixcrawler.exceptions import PixCrawlerError
 from pixcrawler.models import Chunk, Job
 
 pytestmark = pytest.mark.timeout(60)
@@ -391,3 +392,29 @@ def test_worker_processes_sharing_the_folder_download_each_chunk_once(
         process.join(30)
     assert [p.exitcode for p in processes] == [0, 0, 0]
     assert counter.value == NUM_CHUNKS  # the others waited on the lock, then read the file
+
+
+def test_names_from_the_api_never_lead_the_cache_outside_its_folder(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """The cache names files after the API's chunk sha256 and its folder after the job id:
+    a hostile API's "/../" in either must not open, create or delete a file elsewhere."""
+    victim = tmp_path / "home" / "thesis.zip"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    data = json.loads((remote.folder.parent / "job.json").read_text())
+    entry = dict(data["chunks"][0], url="/c.zip", sha256="/../../../../home/thesis")
+    with pytest.raises(PixCrawlerError, match=r"sha256 '/\.\./\.\./\.\./\.\./home/thesis'"):
+        Job.from_json(dict(data, chunks=[entry]))
+    with pytest.raises(PixCrawlerError, match=r"id '\.\./\.\./home'"):
+        Job.from_json(dict(data, id="../../home", chunks=[]))
+    with pytest.raises(ValueError, match="job_id must match"):
+        ChunkStore(remote.chunks, remote.fetch, job_id="../../home", cache_dir=tmp_path / "c")
+    # A Chunk built by hand (not from the API's JSON) is kept out of file names too.
+    chunk = replace(remote.chunks[0], sha256="/../../../../home/thesis")
+    store = ChunkStore([chunk], remote.fetch, job_id=remote.job.id, cache_dir=tmp_path / "c")
+    path = store.path(0)
+    assert path is not None and path.parent == tmp_path / "c" / CACHE_SUBDIR / remote.job.id
+    store.get(0)
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["thesis.zip"]

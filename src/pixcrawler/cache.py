@@ -35,6 +35,7 @@ import hashlib
 import logging
 import mmap
 import os
+import re
 import secrets
 import sys
 import threading
@@ -145,6 +146,8 @@ class ChunkStore:
         budget = config.DEFAULT_MEMORY_CACHE_BYTES if memory_budget is None else memory_budget
         if budget < 0:
             raise ValueError(f"memory_budget must be >= 0 bytes, got {budget}")
+        if not re.fullmatch(config.JOB_ID_PATTERN, job_id):  # it names a folder
+            raise ValueError(f"job_id must match {config.JOB_ID_PATTERN}, got {job_id[:80]!r}")
         root = resolve_cache_root(cache_dir)
         self.memory_budget = int(budget)
         self.directory = root / config.CACHE_SUBDIR / job_id if root is not None else None
@@ -180,7 +183,7 @@ class ChunkStore:
         if self.directory is None:
             return None
         chunk = self._chunks[index]
-        if chunk.sha256:
+        if chunk.sha256 and re.fullmatch(r"[0-9a-fA-F]{64}", chunk.sha256):  # it names a file
             return self.directory / f"{index:05d}-{chunk.sha256.lower()}.zip"
         if chunk.size_bytes is not None:
             name = f"{index:05d}-{chunk.size_bytes}b-{self._origin_tag}.zip"

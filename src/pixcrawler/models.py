@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config import JOB_ID_PATTERN
 from .exceptions import PixCrawlerError
 
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+# Both name files on disk (the chunk cache, downloads), so the API's word is checked: a
+# "sha256" of "/../x" or a job id of "../../y" must not reach a path.
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class Chunk:
                 index=int(data["index"]),
                 url=str(data["url"]),
                 size_bytes=_opt_int(data.get("size_bytes")),
-                sha256=_opt_str(data.get("sha256")),
+                sha256=_opt_match(data.get("sha256"), _SHA256_RE, "sha256"),
                 image_count=_opt_int(data.get("image_count")),
                 expires_at=_opt_str(data.get("expires_at")),
             )
@@ -59,8 +65,11 @@ class Job:
     def from_json(cls, data: Mapping[str, Any]) -> Job:
         try:
             image_size = data.get("image_size")
+            job_id = str(data["id"])
+            if not _JOB_ID_RE.fullmatch(job_id):
+                raise ValueError(f"id {job_id[:80]!r} does not match {JOB_ID_PATTERN}")
             return cls(
-                id=str(data["id"]),
+                id=job_id,
                 name=str(data.get("name") or data["id"]),
                 status=str(data.get("status", "completed")),
                 progress=float(data.get("progress") or 0),
@@ -84,3 +93,12 @@ def _opt_int(value: Any) -> int | None:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _opt_match(value: Any, pattern: re.Pattern[str], name: str) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    if not pattern.fullmatch(text):
+        raise ValueError(f"{name} {text[:80]!r} is not of the form {pattern.pattern}")
+    return text
