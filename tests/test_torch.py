@@ -386,11 +386,18 @@ def test_map_style_skip_serves_the_next_valid_index_and_keeps_len(corrupt_server
 
 
 def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:
-    torch_dataset = open_uniform(corrupt_server, "test-key").to_torch(cache_dir=False)
+    dataset = open_uniform(corrupt_server, "test-key")
+    torch_dataset = dataset.to_torch(cache_dir=False)
     torch_dataset[4]
     with pytest.raises(DecompressionError) as info:
         torch_dataset[5]
     assert info.value.chunk_id == 0 and info.value.sample_id
+    # Asked again (a loop that caught the error, the next epoch): it raises again, never
+    # serves the next image in its place.
+    with pytest.raises(DecompressionError) as again:
+        torch_dataset[5]
+    assert again.value.sample_id == info.value.sample_id
+    assert dataset.stats.skipped == 0
 
 
 # -- streaming -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore
 from .dataset import count_mismatch, decode_sample
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
-from .exceptions import MissingDependencyError, PixCrawlerError
+from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
 if TYPE_CHECKING:
     from .dataset import Dataset
@@ -143,7 +143,7 @@ class _Local:
     downloader: ChunkDownloader | None = None
     pool: ThreadPoolExecutor | None = None
     fetch_pool: ThreadPoolExecutor | None = None
-    bad: set[int] = field(default_factory=set)
+    bad: dict[int, DecompressionError] = field(default_factory=dict)  # never decoded again
 
     def close(self) -> None:
         for pool in (self.pool, self.fetch_pool):
@@ -430,7 +430,10 @@ class _MapStyle(_TorchBridge):
             raise PixCrawlerError("the chunk store is not open")
         for step in range(self._total):
             current = (position + step) % self._total
-            if current in local.bad:
+            error = local.bad.get(current)
+            if error is not None:
+                if local.handle.on_error == "raise":
+                    raise error  # every time it is asked for, not only the first
                 continue
             chunk, offset = self._locate(current)
             archive = self._archive(local, store, chunk)
@@ -444,7 +447,7 @@ class _MapStyle(_TorchBridge):
                 sample = archive.samples[offset]
                 result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray):
-                local.bad.add(current)  # before on_error may raise: never tried again
+                local.bad[current] = result  # before on_error may raise
             image = local.handle.accept(sample, result, stacklevel=2)
             if image is not None:
                 return image, sample
