@@ -612,3 +612,149 @@ def test_a_content_length_other_than_the_listed_size_is_refused(
         list(dataset)
     assert info.value.chunk_id == 1
     assert dataset.stats.transfer.checksum_failures == 2
+
+
+class _SlowRanges:
+    """A chunk host for split fetches: ``Range`` requests answered 206, each byte range
+    streamed slowly (16 KiB per 20 ms) except the first; the first range is answered with
+    ``first_status`` instead when that is set."""
+
+    def __init__(self, size: int, first_status: int | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.size = size
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                lo, hi = (int(v) for v in self.headers["Range"].split("=")[1].split("-"))
+                if lo == 0 and first_status is not None:
+                    self.send_response(first_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {lo}-{hi}/{size}")
+                self.send_header("Content-Length", str(hi - lo + 1))
+                self.end_headers()
+                left = hi - lo + 1
+                try:
+                    while left:
+                        n = min(16 << 10, left)
+                        self.wfile.write(b"x" * n)
+                        left -= n
+                        if lo:
+                            time.sleep(0.02)
+                except OSError:
+                    pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/c.bin"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_range_that_fails_stops_the_chunks_other_ranges_before_fetch_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One byte range of a split chunk fails for good (404): fetch() raises only once the
+    other ranges have stopped. None keeps its socket, retries, or downloads on into a
+    buffer nobody will read."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    host = _SlowRanges(1 << 20, first_status=404)
+    client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(retries=1, backoff_base=0.01))
+    downloader = ChunkDownloader(client, [Chunk(0, host.url, 1 << 20)], max_workers=4)
+    try:
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            downloader.fetch(0, ranges=4)
+        received = downloader.stats.bytes_received
+        time.sleep(0.3)  # a range still running would receive ~200 KB meanwhile
+        assert downloader.stats.bytes_received == received
+        assert downloader.stats.requests == 4  # no range was retried after the failure
+    finally:
+        downloader.close()
+        host.close()
+
+
+def test_closing_during_split_fetches_ends_them_with_the_sdks_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two split fetches on two range threads: one fetch's second range waits in the queue
+    when close() runs. Both fetches end with the SDK's cancellation error (a PixCrawlerError),
+    not concurrent.futures' CancelledError, and a fetch after close() starts no thread."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.exceptions import PixCrawlerError
+    from pixcrawler.retry import RetryPolicy
+
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    host = _SlowRanges(4 << 20)  # each slow range takes seconds
+    client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(retries=0))
+    chunks = [Chunk(i, f"{host.url}?{i}", 4 << 20) for i in range(2)]
+    downloader = ChunkDownloader(client, chunks, max_workers=2, prefetch=1)
+    errors: dict[int, BaseException] = {}
+
+    def fetch(index: int, ranges: int) -> None:
+        try:
+            downloader.fetch(index, ranges=ranges)
+        except BaseException as exc:  # what escapes is the point
+            errors[index] = exc
+
+    first = threading.Thread(target=fetch, args=(0, 3))
+    first.start()
+    time.sleep(0.3)  # its two later ranges hold both range threads
+    second = threading.Thread(target=fetch, args=(1, 2))
+    second.start()
+    time.sleep(0.3)  # its first range is done; its second waits in the queue
+    try:
+        downloader.close()
+        first.join(10)
+        second.join(10)
+        assert not first.is_alive() and not second.is_alive()
+        assert sorted(errors) == [0, 1]
+        assert all(isinstance(e, PixCrawlerError) for e in errors.values()), errors
+        threads = {t.name for t in threading.enumerate()}
+        with pytest.raises(PixCrawlerError):
+            downloader.fetch(1, ranges=2)
+        assert {t.name for t in threading.enumerate()} <= threads  # no range pool again
+    finally:
+        host.close()
+
+
+def test_waiting_for_a_fetch_that_close_cancelled_in_the_queue_ends_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A future cancelled by a pool's shutdown(cancel_futures=True) never counts as done
+    for concurrent.futures.wait(); wait_for() must still end, not log "waited" forever."""
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
+
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    monkeypatch.setattr(config, "SLOW_WAIT_SECONDS", 0.05)
+    downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), [Chunk(0, "c", 1)])
+    pool = ThreadPoolExecutor(1)
+    gate = threading.Event()
+    pool.submit(gate.wait)
+    queued = pool.submit(bytes, 1)
+    pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(CancelledError):
+            downloader.wait_for(0, queued)
+        assert time.monotonic() - started < 1
+    finally:
+        gate.set()
+        downloader.close()

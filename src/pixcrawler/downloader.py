@@ -39,7 +39,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -276,6 +277,9 @@ class ChunkDownloader:
         self._chunks = {c.index: c for c in chunks}
         # Per transfer: its response, or its connection while it waits for the headers.
         self._active: dict[threading.Event, set[urllib3.BaseHTTPResponse | HTTPConnection]] = {}
+        # A fetch's own event for the byte ranges it runs on other threads: cancelled with
+        # the fetch's event, and on its own when the fetch ends early.
+        self._children: dict[threading.Event, list[threading.Event]] = {}
         self._closed = threading.Event()
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
@@ -470,14 +474,18 @@ class ChunkDownloader:
         ``config.SLOW_WAIT_SECONDS`` of waiting logs where that chunk's transfer stands (a
         first batch that takes minutes says why)."""
         started = time.monotonic()
-        while not wait([future], config.SLOW_WAIT_SECONDS, FIRST_COMPLETED).done:
+        while True:
+            try:  # (result() also ends for a future cancelled in a pool shut down; wait() not)
+                return future.result(timeout=config.SLOW_WAIT_SECONDS)
+            except FutureTimeoutError:
+                if future.done():  # the work itself raised a TimeoutError
+                    raise
             log.warning(
                 "waited %.1f s for chunk %d: %s",
                 time.monotonic() - started,
                 index,
                 self.describe(index),
             )
-        return future.result()
 
     @contextlib.contextmanager
     def _transfer(self, index: int, cancel: threading.Event) -> Iterator[None]:
@@ -547,14 +555,20 @@ class ChunkDownloader:
         parts: list[tuple[int, int]],
         cancel: threading.Event,
     ) -> str:
+        parts_cancel = threading.Event()
         with self._lock:
+            if self._closed.is_set():  # close() has shut the part pool down
+                raise _Cancelled()
             if self._part_pool is None:
                 self._part_pool = ThreadPoolExecutor(
                     self.max_workers, thread_name_prefix="pixcrawler-range"
                 )
             pool = self._part_pool
+            self._children.setdefault(cancel, []).append(parts_cancel)
+        if cancel.is_set():
+            parts_cancel.set()
         futures = [
-            pool.submit(self._stream, chunk.index, sink, lo, hi, None, cancel, part=True)
+            pool.submit(self._stream, chunk.index, sink, lo, hi, None, parts_cancel, part=True)
             for lo, hi in parts[1:]
         ]
         try:
@@ -563,19 +577,31 @@ class ChunkDownloader:
             hasher = self._stream(chunk.index, sink, *parts[0], hashlib.sha256(), cancel, part=True)
             with memoryview(sink.buffer) as view:
                 for (lo, hi), future in zip(parts[1:], futures, strict=True):
-                    future.result()
+                    try:
+                        future.result()
+                    except CancelledError:  # close() emptied the part pool's queue
+                        raise _Cancelled() from None
                     hasher.update(view[lo:hi])
-        except _RangeIgnored:
-            # The caller streams the whole chunk into this buffer next. A part the server
-            # did honour must not write there meanwhile: if the chunk changed between the
-            # requests, the buffer would no longer hold the bytes that were hashed.
+        except BaseException:
+            # Whatever ended this fetch (a failed part, a server that ignored Range, a
+            # cancel), the other parts stop, and are waited for: none may write into the
+            # buffer once the caller retries, streams the chunk whole, or hands it back.
+            parts_cancel.set()
+            self._abort(parts_cancel)
             for future in futures:
-                future.cancel()
-            wait(futures)
+                # Not wait(futures): a future close() cancelled in the pool's queue never
+                # counts as done there, and the wait would last forever.
+                if not future.cancel():
+                    with contextlib.suppress(BaseException):
+                        future.exception()  # a running part: until it has stopped
             raise
         finally:
-            for future in futures:
-                future.cancel()
+            with self._lock:
+                siblings = self._children.get(cancel, [])
+                siblings.remove(parts_cancel)
+                if not siblings:
+                    self._children.pop(cancel, None)
+            self._unwatch(parts_cancel)
         return str(hasher.hexdigest())
 
     def _stream(
@@ -771,6 +797,10 @@ class ChunkDownloader:
     def _abort(self, cancel: threading.Event) -> None:
         with self._lock:
             responses = list(self._active.pop(cancel, ()))
+            children = list(self._children.get(cancel, ()))
+        for child in children:
+            child.set()
+            self._abort(child)
         for response in responses:
             if isinstance(response, HTTPConnection):  # still waiting for its headers
                 shutdown_connection(response)
