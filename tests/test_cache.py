@@ -418,3 +418,38 @@ def test_names_from_the_api_never_lead_the_cache_outside_its_folder(
     store.get(0)
     assert victim.read_bytes() == b"precious"
     assert sorted(p.name for p in victim.parent.iterdir()) == ["thesis.zip"]
+
+
+def test_a_file_this_store_verified_is_checked_again_once_rewritten_in_place(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """The store's own memory of a verified file goes by the same identity as the stamp:
+    bit rot or a rewrite with its mtime set back is caught on the next read from disk."""
+    chunks = remote.store(tmp_path)
+    archive = chunks.archive(1)
+    path = chunks.path(1)
+    assert path is not None
+    before = path.stat()
+    time.sleep(0.05)  # a later ctime even where the clock is coarse
+    _flip_member_byte(path, archive)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    archive.close()
+    chunks.clear_memory()
+    assert bytes(chunks.get(1)) == remote.bytes_of(1)
+    assert chunks.stats.corrupt_files == 1 and remote.calls == {1: 2}
+
+
+def test_a_folder_without_file_locks_still_caches(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network mounts refuse flock (ENOLCK): the cache works on without the lock."""
+    import errno
+
+    def refuse(fd: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(cache_module, "_lock_fd", refuse)
+    remote.store(tmp_path).get(2)
+    again = remote.store(tmp_path)
+    assert bytes(again.get(2)) == remote.bytes_of(2)
+    assert remote.calls == {2: 1} and again.stats.disk_hits == 1

@@ -159,7 +159,7 @@ class ChunkStore:
         self._memory: OrderedDict[int, _Entry] = OrderedDict()
         self._memory_bytes = 0
         self._loading: dict[int, threading.Lock] = {}
-        self._verified: dict[Path, tuple[int, int, int]] = {}
+        self._verified: dict[Path, tuple[int, ...]] = {}
         self._trusted: set[int] = set()  # chunks opened on another process's stamp
         self._swept = False
 
@@ -303,7 +303,7 @@ class ChunkStore:
             buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        seen = _identity(st)
         if self._verified.get(path) != seen:
             expected = chunk.sha256.lower() if chunk.sha256 else None
             if expected is not None:  # else the size, checked above, is all there is
@@ -358,7 +358,7 @@ class ChunkStore:
                 raise OSError(f"read back {size} bytes that do not match what was written")
             os.replace(temp, path)
             st = os.stat(path)
-            self._verified[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            self._verified[path] = _identity(st)
             if chunk.sha256:
                 _write_stamp(path, st, chunk.sha256.lower())
         except OSError as exc:
@@ -391,10 +391,19 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield
         return
     try:
-        _lock_fd(fd)
+        try:
+            _lock_fd(fd)
+        except OSError as exc:  # flock unsupported (ENOLCK, ENOSYS on some network mounts)
+            log.debug("no lock on %s (%s); atomic renames still keep the cache whole", path, exc)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """The file as this process verified it: rewriting it in place moves the ctime even
+    where the mtime is set back, and a file put in its place has another inode."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _stamp_path(path: Path) -> Path:
@@ -405,7 +414,7 @@ def _stamp(st: os.stat_result, sha256: str) -> str:
     """What a stamp says: this sha256 was verified for the file with exactly this identity
     and these timestamps (a write moves both; ``utime`` can set the mtime back, not the
     ctime)."""
-    return f"{sha256} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+    return " ".join([sha256, *map(str, _identity(st))]) + "\n"
 
 
 def _read_stamp(path: Path) -> str | None:
