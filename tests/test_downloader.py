@@ -758,3 +758,28 @@ def test_waiting_for_a_fetch_that_close_cancelled_in_the_queue_ends_at_once(
     finally:
         gate.set()
         downloader.close()
+
+
+@pytest.mark.parametrize("extra", [0, 500])
+def test_fetch_to_file_of_a_chunk_of_unknown_size_ends_a_resume_the_server_cannot_serve(
+    live_server: LiveServer, tmp_path: Path, extra: int
+) -> None:
+    """A chunk listed without size_bytes, its .part already whole (or longer than the chunk,
+    left by another file): the resume is answered 416 with the chunk's length. A whole part
+    is verified and kept without a byte downloaded; a longer one is fetched afresh."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    chunk = replace(dataset.downloader().chunk(1), size_bytes=None)
+    expected = chunk_bytes(live_server, 1)
+    target = tmp_path / "00001.zip"
+    (tmp_path / "00001.zip.part").write_bytes(expected + b"x" * extra)
+    client = ApiClient(live_server.api_key, live_server.base_url)
+    downloader = ChunkDownloader(client, [chunk])
+    try:
+        downloader.fetch_to_file(1, target)
+    finally:
+        downloader.close()
+    assert target.read_bytes() == expected
+    assert downloader.stats.bytes_received == (len(expected) if extra else 0)

@@ -660,8 +660,15 @@ class ChunkDownloader:
                     hasher = _reset(hasher)
                 elif status == 206:
                     _check_content_range(response, pos, index)
-                elif status == 416 and end is not None and pos >= end:
-                    return hasher
+                elif status == 416 and not part and pos > 0:
+                    total = _unsatisfied_length(response)
+                    if (end is not None and pos >= end) or (end is None and total == pos):
+                        return hasher  # everything is here already
+                    if end is None:  # more bytes held than the chunk has: they are not it
+                        pos = start = 0
+                        sink.restart()
+                        hasher = _reset(hasher)
+                        continue
                 if status in (200, 206):
                     _check_length(response, pos, end)
                     while block := _receive_block(response, sink, pos, end):
@@ -849,6 +856,13 @@ def _check_content_range(response: urllib3.BaseHTTPResponse, pos: int, index: in
         first = -1
     if first != pos:
         raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value!r}")
+
+
+def _unsatisfied_length(response: urllib3.BaseHTTPResponse) -> int | None:
+    """The complete length a 416 names (``Content-Range: bytes */<length>``), if any."""
+    value = response.headers.get("Content-Range", "")
+    unit, _, length = value.partition(" */")
+    return int(length) if unit.strip() == "bytes" and length.strip().isdigit() else None
 
 
 def _hash_file(fh: Any, length: int) -> Any:
