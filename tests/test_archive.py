@@ -613,9 +613,14 @@ def test_a_bad_sample_is_skipped_and_reported_with_on_error_skip(crafted: str) -
 
 def test_a_bad_sample_warns_with_on_error_warn(crafted: str) -> None:
     dataset = load_dataset("job_crafted", TEST_KEY, crafted, on_error="warn")
-    with pytest.warns(RuntimeWarning, match=r"cat/3\.jpg.*sha256"):
+    with pytest.warns(RuntimeWarning, match=r"cat/3\.jpg.*sha256") as record:
         assert len(list(dataset)) == 4
     assert dataset.stats.skipped_ids == ["cat/3.jpg"]
+    assert [w.filename for w in record] == [__file__]  # the user's line, not the SDK's
+    sized = load_dataset("job_crafted", TEST_KEY, crafted, on_error="warn", image_size=(8, 8))
+    with pytest.warns(RuntimeWarning) as record:
+        assert len(sized.to_arrays()[0]) == 4
+    assert [w.filename for w in record] == [__file__]
 
 
 def test_a_bad_sample_raises_by_default_naming_chunk_and_image(crafted: str) -> None:

@@ -385,6 +385,16 @@ def test_map_style_skip_serves_the_next_valid_index_and_keeps_len(corrupt_server
     assert sum(len(labels) for _, labels in loader) == UNIFORM_TOTAL
 
 
+def test_warnings_about_skipped_images_point_at_the_caller_not_the_sdk(
+    corrupt_server: str,
+) -> None:
+    dataset = open_uniform(corrupt_server, "test-key", on_error="warn")
+    with pytest.warns(RuntimeWarning, match="skipped") as record:
+        dataset.to_torch(cache_dir=False)[5]
+        list(dataset.to_torch(streaming=True))
+    assert {w.filename for w in record} == {__file__}
+
+
 def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:
     dataset = open_uniform(corrupt_server, "test-key")
     torch_dataset = dataset.to_torch(cache_dir=False)

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 import warnings
@@ -531,9 +533,7 @@ class Dataset:
         finally:
             chunks.close()  # stops its downloads now
 
-    def accept(
-        self, sample: Sample, result: np.ndarray | DecompressionError, *, stacklevel: int = 4
-    ) -> np.ndarray | None:
+    def accept(self, sample: Sample, result: np.ndarray | DecompressionError) -> np.ndarray | None:
         """One decode result, as every consumer takes it: an image is counted in ``stats``
         and returned; an error gets ``on_error`` (raised, or counted as skipped: None)."""
         if isinstance(result, np.ndarray):
@@ -544,7 +544,7 @@ class Dataset:
         self.stats.skipped += 1
         self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
-            warnings.warn(f"skipped {result.message}", RuntimeWarning, stacklevel=stacklevel)
+            warnings.warn(f"skipped {result.message}", RuntimeWarning, stacklevel=_caller_level())
         return None
 
 
@@ -553,6 +553,20 @@ class _Inflight:
     group: list[Sample]
     future: Future[list[np.ndarray | DecompressionError]]
     finished: ChunkArchive | None  # set on a chunk's last group: free its bytes after it
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning raised by this function's caller at the
+    first frame outside the SDK: the user's loop, or the framework that drives it."""
+    frame = sys._getframe(2)  # the caller's caller: stacklevel 2
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def count_mismatch(job_id: str, chunk: int, listed: int, archive: ChunkArchive) -> PixCrawlerError:

@@ -448,7 +448,7 @@ class _MapStyle(_TorchBridge):
                 result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray):
                 local.bad[current] = result  # before on_error may raise
-            image = local.handle.accept(sample, result, stacklevel=2)
+            image = local.handle.accept(sample, result)
             if image is not None:
                 return image, sample
         raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
@@ -543,7 +543,7 @@ class _Streaming(_TorchBridge):
         own = handle.decode_chunks(local.decoder, sequence.segments(lo, hi), expect=self._counts)
         try:
             for sample, result in own:
-                image = handle.accept(sample, result, stacklevel=2)
+                image = handle.accept(sample, result)
                 if image is None:
                     missing += 1
                 else:
