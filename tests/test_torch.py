@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -368,6 +369,26 @@ def test_pickles_without_live_state_and_loads_in_spawned_workers(
     )
     keys = [key(image) for images, _ in loader for image in images]
     assert keys == reference.keys
+
+
+def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveServer) -> None:
+    before = set(threading.enumerate())
+    dataset = open_uniform(live_server)
+    torch_dataset = dataset.to_torch(cache_dir=False)
+    torch_dataset.__getitems__(list(range(0, UNIFORM_TOTAL, 7)))  # fetch and decode threads
+    assert torch_dataset.store.memory_bytes > 0
+
+    def sdk_threads() -> list[str]:
+        new = set(threading.enumerate()) - before
+        return [t.name for t in new if t.name.startswith("pixcrawler-")]
+
+    assert sdk_threads()
+    dataset.close()
+    deadline = time.monotonic() + 5
+    while sdk_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sdk_threads() == []
+    assert torch_dataset._local is None  # its cached chunks are let go
 
 
 def test_map_style_skip_serves_the_next_valid_index_and_keeps_len(corrupt_server: str) -> None:

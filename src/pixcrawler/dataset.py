@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -199,6 +200,7 @@ class Dataset:
         self._client = client
         self._lock = threading.Lock()
         self._downloaders: set[ChunkDownloader] = set()
+        self._views: weakref.WeakSet[Any] = weakref.WeakSet()  # to_torch()'s datasets
         self._closed = False
 
     # -- metadata ----------------------------------------------------------------------------
@@ -381,8 +383,11 @@ class Dataset:
         with self._lock:
             self._closed = True
             downloaders = list(self._downloaders)
+            views = list(self._views)
         for downloader in downloaders:
             downloader.close()
+        for view in views:  # their decode threads and cached chunks, in this process
+            view.close()
         if self._client is not None:
             self._client.close()
 
@@ -394,7 +399,7 @@ class Dataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for live in ("_client", "_lock", "_downloaders", "stats"):
+        for live in ("_client", "_lock", "_downloaders", "_views", "stats"):
             del state[live]
         return state
 
@@ -403,6 +408,7 @@ class Dataset:
         self._client = None
         self._lock = threading.Lock()
         self._downloaders = set()
+        self._views = weakref.WeakSet()
         self.stats = DatasetStats()
 
     # -- the pipeline ---------------------------------------------------------------------
@@ -429,6 +435,11 @@ class Dataset:
         with self._lock:
             self._downloaders.add(downloader)
         return downloader
+
+    def closes_with(self, view: Any) -> None:
+        """Have :meth:`close` call ``view.close()`` too (while ``view`` is alive)."""
+        with self._lock:
+            self._views.add(view)
 
     def release_downloader(self, downloader: ChunkDownloader) -> None:
         """Close a downloader from :meth:`downloader` and forget it."""

@@ -180,6 +180,7 @@ class _TorchBridge:
         self._local_pid: int | None = None
         self._local_lock = threading.Lock()
         self._lock_pid = self._owner_pid
+        dataset.closes_with(self)  # dataset.close() ends this one's threads too
 
     @property
     def classes(self) -> list[str]:
