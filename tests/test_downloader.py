@@ -783,3 +783,25 @@ def test_fetch_to_file_of_a_chunk_of_unknown_size_ends_a_resume_the_server_canno
         downloader.close()
     assert target.read_bytes() == expected
     assert downloader.stats.bytes_received == (len(expected) if extra else 0)
+
+
+def test_a_chunk_listed_without_a_size_or_with_size_0_is_read_to_its_end(
+    live_server: LiveServer,
+) -> None:
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.exceptions import PixCrawlerError
+
+    entry = {"index": 1, "url": "/x", "sha256": "0" * 64}
+    assert Chunk.from_json({**entry, "size_bytes": 0}).size_bytes is None
+    assert Chunk.from_json(entry).size_bytes is None
+    with pytest.raises(PixCrawlerError, match="negative"):
+        Chunk.from_json({**entry, "size_bytes": -1})
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    chunk = replace(dataset.downloader().chunk(1), size_bytes=None)
+    downloader = ChunkDownloader(ApiClient(live_server.api_key, live_server.base_url), [chunk])
+    try:
+        assert bytes(downloader.fetch(1)) == chunk_bytes(live_server, 1)
+    finally:
+        downloader.close()

@@ -34,7 +34,7 @@ class Chunk:
             return cls(
                 index=int(data["index"]),
                 url=str(data["url"]),
-                size_bytes=_opt_int(data.get("size_bytes")),
+                size_bytes=_opt_size(data.get("size_bytes")),
                 sha256=_opt_match(data.get("sha256"), _SHA256_RE, "sha256"),
                 image_count=_opt_int(data.get("image_count")),
                 expires_at=_opt_str(data.get("expires_at")),
@@ -89,6 +89,15 @@ class Job:
 
 def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _opt_size(value: Any) -> int | None:
+    """A chunk's byte count; 0 reads as not known (no zip archive is empty: an empty one
+    is 22 bytes), so the chunk is read to its end rather than refused."""
+    size = _opt_int(value)
+    if size is not None and size < 0:
+        raise ValueError(f"size_bytes {size} is negative")
+    return size or None
 
 
 def _opt_str(value: Any) -> str | None:
