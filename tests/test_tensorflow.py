@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
+from helpers import corrupt_copy
 from pixcrawler import Dataset, load_dataset
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -147,3 +151,20 @@ def test_spec_keras_example_with_preprocess_take_skip_and_validation(
     labels = [int(label) for _, label in tf_dataset.skip(train_size).as_numpy_iterator()]
     assert len(labels) == UNIFORM_TOTAL - train_size
     assert set(labels) <= set(range(len(UNIFORM_LABELS)))
+
+
+def test_an_sdk_error_in_the_pipeline_reaches_the_caller_naming_its_class_and_image(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """tf.data runs the generator inside TensorFlow's runtime, which re-raises what it
+    raised as a tf.errors exception: the SDK's class name, its message and the image id
+    still reach the caller in its text."""
+    dest = corrupt_copy(live_server.store, tmp_path, (5,))
+    base_url = server_factory(dest)
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=base_url)
+    bad_id = [s.id for s, _ in itertools.islice(open_job(live_server).iter_samples(), 6)][5]
+    with pytest.raises(tf.errors.OpError) as info:
+        for _ in dataset.to_tensorflow():
+            pass
+    assert "DecompressionError" in info.value.message
+    assert bad_id in info.value.message
