@@ -199,6 +199,7 @@ class Dataset:
         ImageDecoder(mode)  # validate the mode now, not at the first image
         self._client = client
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._downloaders: set[ChunkDownloader] = set()
         self._views: weakref.WeakSet[Any] = weakref.WeakSet()  # to_torch()'s datasets
         self._closed = False
@@ -399,7 +400,7 @@ class Dataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for live in ("_client", "_lock", "_downloaders", "_views", "stats"):
+        for live in ("_client", "_lock", "_count_lock", "_downloaders", "_views", "stats"):
             del state[live]
         return state
 
@@ -407,6 +408,7 @@ class Dataset:
         self.__dict__.update(state)
         self._client = None
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._downloaders = set()
         self._views = weakref.WeakSet()
         self.stats = DatasetStats()
@@ -548,12 +550,14 @@ class Dataset:
         """One decode result, as every consumer takes it: an image is counted in ``stats``
         and returned; an error gets ``on_error`` (raised, or counted as skipped: None)."""
         if isinstance(result, np.ndarray):
-            self.stats.images += 1
+            with self._count_lock:  # (decode threads of a map-style batch call this too)
+                self.stats.images += 1
             return result
         if self.on_error == "raise":
             raise result
-        self.stats.skipped += 1
-        self.stats.skipped_ids.append(sample.id)
+        with self._count_lock:
+            self.stats.skipped += 1
+            self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
             warnings.warn(f"skipped {result.message}", RuntimeWarning, stacklevel=_caller_level())
         return None

@@ -561,7 +561,7 @@ class _Streaming(_TorchBridge):
         try:
             for sample, result in extra:
                 if isinstance(result, np.ndarray):
-                    handle.stats.images += 1
+                    handle.accept(sample, result)  # counts it
                     yield result, sample
                     missing -= 1
                     if not missing:
