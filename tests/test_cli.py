@@ -46,6 +46,7 @@ from helpers import corrupt_copy
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
 from pixcrawler.config import READ_BLOCK
+from pixcrawler.exceptions import AuthenticationError
 from pixcrawler.packer import pack, write_job
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
@@ -855,6 +856,41 @@ def test_the_key_is_never_printed(cli: Cli, secret_server: str, live_server: Liv
         assert SECRET not in result.output, result
         assert "***" not in result.output, result  # not even redacted: never formatted in
     assert SECRET in (cli.config_dir / "credentials.json").read_text()
+
+
+def test_a_key_with_a_stray_line_end_works_and_one_with_control_characters_is_refused_unquoted(
+    cli: Cli, secret_server: str
+) -> None:
+    """A key read from a CRLF file (`$(cat key.txt)`) ends in \r: trimmed, it works. One
+    with a control character inside is refused before any request, without quoting it
+    (the HTTP layer's error would show it escaped, where plain redaction misses it)."""
+    url = ["--base-url", secret_server]
+    assert cli.run("info", JOB_UNIFORM, *url, PIXCRAWLER_API_KEY=SECRET + "\r").returncode == 0
+    assert cli.run("info", JOB_UNIFORM, *url, "--api-key", SECRET + "\n").returncode == 0
+    broken = SECRET[:8] + "\r" + SECRET[8:]
+    for result in (
+        cli.run("--debug", "info", JOB_UNIFORM, *url, PIXCRAWLER_API_KEY=broken),
+        cli.run("--debug", "download", JOB_UNIFORM, *url, "--api-key", broken),
+    ):
+        assert result.returncode == 3, result
+        assert "control characters" in result.stderr
+        assert SECRET[8:] not in result.output and SECRET[:8] not in result.output, result
+    with pytest.raises(AuthenticationError, match="control characters") as info:
+        load_dataset(JOB_UNIFORM, api_key=broken, base_url=secret_server)
+    assert SECRET[8:] not in str(info.value)
+
+
+def test_job_fields_a_server_fills_with_the_key_are_scrubbed_on_stdout(
+    cli: Cli, packed: PackedStore, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    shutil.copytree(packed.store / JOB_UNIFORM, tmp_path / JOB_UNIFORM)
+    job_path = tmp_path / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    job_path.write_text(json.dumps({**job, "name": SECRET, "labels": [*job["labels"], SECRET]}))
+    url = ["--api-key", SECRET, "--base-url", server_factory(tmp_path, keys={SECRET: "default"})]
+    for result in (cli.run("info", JOB_UNIFORM, *url), cli.run("list", *url)):
+        assert result.returncode == 0, result
+        assert SECRET not in result.output and "***" in result.stdout, result
 
 
 def test_login_writes_a_private_file_that_later_commands_use(cli: Cli, secret_server: str) -> None:

@@ -48,13 +48,22 @@ def _stored_api_key() -> str | None:
     return key if isinstance(key, str) and key else None
 
 
+NO_KEY_MESSAGE = (
+    "No API key given: pass api_key=..., set the PIXCRAWLER_API_KEY environment variable, "
+    "or run `pixcrawler login`."
+)
+
+
 def resolve_api_key(api_key: str | None) -> str:
     """The explicit key, else ``PIXCRAWLER_API_KEY``, else the ``pixcrawler login`` file."""
-    key = api_key or os.environ.get(config.ENV_API_KEY) or _stored_api_key()
+    key = (api_key or os.environ.get(config.ENV_API_KEY) or _stored_api_key() or "").strip()
     if not key:
+        raise AuthenticationError(NO_KEY_MESSAGE)
+    if any(c.isspace() or not c.isprintable() for c in key):
+        # Refused here, unquoted: the HTTP layer would put the key, escaped, in its error.
         raise AuthenticationError(
-            "No API key given: pass api_key=..., set the PIXCRAWLER_API_KEY environment "
-            "variable, or run `pixcrawler login`."
+            "The API key contains whitespace or control characters inside it; check the "
+            "value given (api_key=..., PIXCRAWLER_API_KEY or the `pixcrawler login` file)."
         )
     return key
 

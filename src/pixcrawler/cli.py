@@ -25,7 +25,13 @@ from urllib.parse import urlsplit
 import click
 
 from . import __version__, config, export
-from .auth import credentials_path, resolve_api_key, resolve_base_url, save_api_key
+from .auth import (
+    NO_KEY_MESSAGE,
+    credentials_path,
+    resolve_api_key,
+    resolve_base_url,
+    save_api_key,
+)
 from .client import ApiClient, api_root, job_path
 from .dataset import DatasetInfo, load_dataset, num_images_of, parse_time
 from .exceptions import (
@@ -113,10 +119,18 @@ def redact(text: str) -> str:
     """``text`` with every API key this process knows of replaced by ``***``."""
     keys = set(_session.keys)
     keys.update(k for k in (os.environ.get(config.ENV_API_KEY), _stored_key()) if k)
-    for key in sorted(keys, key=len, reverse=True):
-        if len(key) >= _MIN_REDACTED_KEY:
-            text = text.replace(key, "***")
+    # Each key as given, trimmed, and escaped as reprs and HTTP errors show it.
+    forms = {form for key in keys for form in (key, key.strip(), repr(key)[1:-1])}
+    for form in sorted(forms, key=len, reverse=True):
+        if len(form) >= _MIN_REDACTED_KEY:
+            text = text.replace(form, "***")
     return text
+
+
+def _echo(message: str = "", *, err: bool = False) -> None:
+    """A line on stdout (stderr with ``err``), scrubbed like every other message: job
+    fields come from a server."""
+    click.echo(redact(message), err=err)
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -298,7 +312,9 @@ def _resolve_key(api_key: str | None) -> str:
     """The key from the flag, the environment or the login file, in the CLI's words."""
     try:
         key = resolve_api_key(api_key)
-    except AuthenticationError:
+    except AuthenticationError as exc:
+        if exc.message != NO_KEY_MESSAGE:
+            raise
         raise AuthenticationError(
             f"no API key: pass --api-key, set ${config.ENV_API_KEY}, or run `pixcrawler login`"
         ) from None
@@ -428,7 +444,7 @@ def download(
         try:
             todo = writer.prepare()
             if not todo and writer.complete:
-                click.echo(f"{job_id} is already complete in {root} ({fmt}); nothing to download.")
+                _echo(f"{job_id} is already complete in {root} ({fmt}); nothing to download.")
                 return
             show = not no_progress and sys.stderr.isatty()
             with export.Progress(show, job_id, writer, todo, stats) as progress:
@@ -440,7 +456,7 @@ def download(
             ) from None
         finally:
             writer.close()
-        click.echo(
+        _echo(
             f"Downloaded {job_id}: {writer.total_images:,} images in {len(dataset.job.chunks):,} "
             f"chunks to {root} ({writer.describe()}); received {human_size(stats.bytes_received)}."
         )
@@ -468,9 +484,9 @@ def list_jobs(api_key: str | None, base_url: str | None) -> None:
     finally:
         client.close()
     if not jobs:
-        click.echo("No datasets.")
+        _echo("No datasets.")
         return
-    click.echo(format_table(jobs))
+    _echo(format_table(jobs))
 
 
 def _all_jobs(client: ApiClient) -> Iterator[Job]:
@@ -548,7 +564,7 @@ def info(job_id: str, api_key: str | None, base_url: str | None) -> None:
         job = client.get_job(job_id)
     finally:
         client.close()
-    click.echo(format_info(job))
+    _echo(format_info(job))
 
 
 def format_info(job: Job) -> str:
@@ -593,9 +609,9 @@ def login(api_key: str | None) -> None:
     if not api_key:
         raise CliError("no API key given", EXIT_USAGE)
     path = save_api_key(api_key)
-    click.echo(f"API key saved to {path} (readable by you only).")
+    _echo(f"API key saved to {path} (readable by you only).")
     if os.environ.get(config.ENV_API_KEY):
-        click.echo(
+        _echo(
             f"Note: ${config.ENV_API_KEY} is set here and takes precedence over the saved key.",
             err=True,
         )
@@ -649,7 +665,7 @@ def pack(
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     labels = len(result.labels)
-    click.echo(
+    _echo(
         f"Packed {result.job_id}: {result.total_images:,} images, {labels:,} "
         f"label{'s' if labels != 1 else ''}, {result.num_chunks:,} "
         f"chunk{'s' if result.num_chunks != 1 else ''} ({human_size(result.size_bytes)}) "
@@ -657,9 +673,9 @@ def pack(
     )
     if result.skipped:
         count = len(result.skipped)
-        click.echo(f"Skipped {count:,} file{'s' if count != 1 else ''}:")
+        _echo(f"Skipped {count:,} file{'s' if count != 1 else ''}:")
         for path, reason in result.skipped:
-            click.echo(f"  {_printable(path)}: {reason}")
+            _echo(f"  {_printable(path)}: {reason}")
 
 
 @cli.command()
@@ -719,7 +735,7 @@ def demo(workdir: Path | None, images_per_class: int) -> None:
     from .demo import run_demo
 
     try:
-        run_demo(workdir, images_per_class=images_per_class, echo=click.echo)
+        run_demo(workdir, images_per_class=images_per_class, echo=_echo)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 
