@@ -122,6 +122,7 @@ def patch_central(data: bytes, name: str, **fields: int | bytes) -> bytes:
         "file_size": (24, "<I"),
         "external_attr": (38, "<I"),
         "extract_version": (6, "<H"),
+        "header_offset": (42, "<I"),
     }
     for key, value in fields.items():
         if key == "name_bytes":
@@ -204,6 +205,18 @@ def test_a_deflated_zip_bomb_is_refused_before_inflating() -> None:
     assert len(data) < 100_000
     error = refused(data, max_member_bytes=1 << 20)
     assert "declares 20971520 bytes, over the limit of 1048576" in str(error)
+
+
+def test_members_that_share_bytes_are_refused() -> None:
+    """Entries pointing at one local entry: a deflated stream would be inflated once per
+    entry, so a few KB could make gigabytes however small each member's limit."""
+    jpeg = encode("JPEG")
+    data = build_chunk([("cat/0.jpg", jpeg), ("cat/1.jpg", jpeg)])
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        first = zf.getinfo("cat/0.jpg").header_offset
+    error = refused(patch_central(data, "cat/1.jpg", header_offset=first))
+    assert "members 'cat/0.jpg' and 'cat/1.jpg' overlap" in str(error)
+    ChunkArchive(data, chunk_id=7)  # the same members, each in its own bytes
 
 
 def test_a_declared_size_over_the_default_limit_is_refused() -> None:

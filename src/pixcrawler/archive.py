@@ -15,6 +15,7 @@ import json
 import struct
 import zlib
 from collections.abc import Callable, Mapping
+from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
 from . import config
@@ -131,6 +132,15 @@ class ChunkArchive:
             if member.name in members:
                 raise self._error(f"member {member.name!r} appears twice")
             members[member.name] = member
+        # No two members may share bytes: entries pointing at one deflated stream would
+        # inflate it again for each (a bomb the per-member limit alone does not bound).
+        previous: Member | None = None
+        for member in sorted(members.values(), key=attrgetter("offset")):
+            if previous is not None and (
+                previous.offset + previous.compress_size > member.offset - _LOCAL_HEADER.size
+            ):
+                raise self._error(f"members {previous.name!r} and {member.name!r} overlap")
+            previous = member
         return members
 
     def _check_member(self, entry: _Entry) -> Member:
