@@ -391,6 +391,39 @@ def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveSe
     assert torch_dataset._local is None  # its cached chunks are let go
 
 
+def test_closing_the_dataset_during_map_style_batches_raises_the_sdks_error(
+    live_server: LiveServer,
+) -> None:
+    """close() from another thread while batches load: the batch in flight ends with a
+    PixCrawlerError, never concurrent.futures' CancelledError from the pools shut down."""
+    from pixcrawler.exceptions import PixCrawlerError
+
+    outcomes = []
+    for trial in range(15):
+        dataset = open_uniform(live_server)
+        torch_dataset = dataset.to_torch(cache_dir=False)
+        errors: list[BaseException] = []
+
+        def consume(torch_dataset: Any, errors: list[BaseException]) -> None:
+            try:
+                for i in range(10_000):
+                    torch_dataset.__getitems__(list(range(i % 7, UNIFORM_TOTAL, 7)))
+            except BaseException as exc:  # what escapes is the point
+                errors.append(exc)
+
+        thread = threading.Thread(target=consume, args=(torch_dataset, errors))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while dataset.stats.images < 10 and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        time.sleep(0.0003 * (trial % 10))
+        dataset.close()
+        thread.join(10)
+        assert not thread.is_alive() and errors
+        outcomes.append(type(errors[0]))
+    assert all(issubclass(kind, PixCrawlerError) for kind in outcomes), outcomes
+
+
 def test_map_style_skip_serves_the_next_valid_index_and_keeps_len(corrupt_server: str) -> None:
     dataset = open_uniform(corrupt_server, "test-key", on_error="skip")
     torch_dataset = dataset.to_torch(cache_dir=False)

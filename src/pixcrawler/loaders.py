@@ -15,6 +15,7 @@ pickled into a DataLoader worker: each process opens its own on first use, and n
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import functools
 import importlib
@@ -25,7 +26,7 @@ import os
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -144,8 +145,10 @@ class _Local:
     pool: ThreadPoolExecutor | None = None
     fetch_pool: ThreadPoolExecutor | None = None
     bad: dict[int, DecompressionError] = field(default_factory=dict)  # never decoded again
+    closed: bool = False
 
     def close(self) -> None:
+        self.closed = True
         for pool in (self.pool, self.fetch_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -153,6 +156,18 @@ class _Local:
             self.handle.release_downloader(self.downloader)
         if self.store is not None:
             self.store.clear_memory()
+
+
+@contextlib.contextmanager
+def _unless_closed(local: _Local) -> Iterator[None]:
+    """What a pool that ``close()`` shut down says to a batch still using it (a task
+    cancelled in its queue, no new task taken), said as the SDK says it elsewhere."""
+    try:
+        yield
+    except (CancelledError, RuntimeError) as exc:
+        if not local.closed:
+            raise
+        raise PixCrawlerError("the dataset was closed while this batch loaded") from exc
 
 
 class _TorchBridge:
@@ -323,8 +338,10 @@ class _MapStyle(_TorchBridge):
         if worker is not None or len(positions) < 2 or local.handle.decode_threads < 2:
             return [self._output(*self._load(local, p)) for p in positions]
         pool = self._pool(local)
-        futures = [pool.submit(self._load, local, p) for p in positions]
-        return [self._output(*future.result()) for future in futures]
+        with _unless_closed(local):
+            futures = [pool.submit(self._load, local, p) for p in positions]
+            loaded = [future.result() for future in futures]
+        return [self._output(*item) for item in loaded]
 
     @property
     def store(self) -> ChunkStore:
@@ -378,13 +395,14 @@ class _MapStyle(_TorchBridge):
         if not missing:  # (the store keeps the chunk it loaded last, whatever the budget)
             return
         pool = self._fetch_pool(local)
-        futures = [(index, pool.submit(store.archive, index)) for index in missing]
-        try:
-            for index, future in futures:
-                self._wait(local, index, future)
-        finally:
-            for _, future in futures:
-                future.cancel()
+        with _unless_closed(local):
+            futures = [(index, pool.submit(store.archive, index)) for index in missing]
+            try:
+                for index, future in futures:
+                    self._wait(local, index, future)
+            finally:
+                for _, future in futures:
+                    future.cancel()
 
     def _archive(self, local: _Local, store: ChunkStore, index: int) -> ChunkArchive:
         """Chunk ``index``'s archive. One the store does not hold (a batch's chunks beyond
@@ -392,11 +410,12 @@ class _MapStyle(_TorchBridge):
         wait for it is logged too."""
         if store.in_memory(index):
             return store.archive(index)
-        future = self._fetch_pool(local).submit(store.archive, index)
-        try:
-            return self._wait(local, index, future)
-        finally:
-            future.cancel()
+        with _unless_closed(local):
+            future = self._fetch_pool(local).submit(store.archive, index)
+            try:
+                return self._wait(local, index, future)
+            finally:
+                future.cancel()
 
     def _fetch_pool(self, local: _Local) -> ThreadPoolExecutor:
         with self._local_lock:
