@@ -36,7 +36,7 @@ from constants import (
 from helpers import corrupt_copy
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
-from pixcrawler.exceptions import DecompressionError, DownloadError
+from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.testing import StaticServer
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
@@ -396,7 +396,6 @@ def test_closing_the_dataset_during_map_style_batches_raises_the_sdks_error(
 ) -> None:
     """close() from another thread while batches load: the batch in flight ends with a
     PixCrawlerError, never concurrent.futures' CancelledError from the pools shut down."""
-    from pixcrawler.exceptions import PixCrawlerError
 
     outcomes = []
     for trial in range(15):
@@ -567,6 +566,28 @@ def test_streaming_skip_pads_so_ranks_yield_equal_counts(corrupt_server: str) ->
     assert [len(keys) for keys in per_rank] == [30, 30]
     everything = [k for keys in per_rank for k in keys]
     assert len(set(everything)) == UNIFORM_TOTAL - len(CORRUPT)  # every valid one, padded
+
+
+@pytest.mark.parametrize("valid", [20, 0])
+def test_streaming_skip_pads_past_more_bad_images_than_the_job_has_good_ones(
+    live_server: LiveServer,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    valid: int,
+) -> None:
+    """A slice that skips more images than the rest of the job holds wraps as often as it
+    takes, as DistributedSampler does; only a job with no decodable image at all raises."""
+    bad = tuple(range(UNIFORM_TOTAL - valid))
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, bad))
+    dataset = open_uniform(base_url, "test-key", on_error="skip")
+    stream = dataset.to_torch(streaming=True)
+    if not valid:
+        with pytest.raises(PixCrawlerError, match="no image of job"):
+            list(stream)
+        return
+    keys = [key(image) for image, _ in stream]
+    assert len(keys) == len(stream) == UNIFORM_TOTAL
+    assert len(set(keys)) == valid
 
 
 def test_streaming_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:

@@ -572,22 +572,31 @@ class _Streaming(_TorchBridge):
             own.close()
         if not missing:
             return
-        # Pad as DistributedSampler does, with what follows the slice. Errors met here are
-        # some other worker's to report (or this one's, met again): skip them quietly.
-        extra = handle.decode_chunks(
-            local.decoder, sequence.segments(hi, hi + self._total), expect=self._counts
-        )
-        try:
-            for sample, result in extra:
-                if isinstance(result, np.ndarray):
-                    handle.accept(sample, result)  # counts it
-                    yield result, sample
-                    missing -= 1
-                    if not missing:
-                        return
-        finally:
-            extra.close()
-        raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
+        # Pad as DistributedSampler does, with what follows the slice, wrapping as often as
+        # it takes (a slice may skip more images than the rest of the job holds). Errors
+        # met here are some other worker's to report (or this one's, met again): skip them.
+        start = hi
+        while True:
+            found = 0
+            extra = handle.decode_chunks(
+                local.decoder,
+                sequence.segments(start, start + self._total),
+                expect=self._counts,
+            )
+            try:
+                for sample, result in extra:
+                    if isinstance(result, np.ndarray):
+                        handle.accept(sample, result)  # counts it
+                        yield result, sample
+                        found += 1
+                        missing -= 1
+                        if not missing:
+                            return
+            finally:
+                extra.close()
+            if not found:  # a whole pass over the job and not one image decoded
+                raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
+            start += self._total
 
 
 class _Sequence:
