@@ -36,6 +36,7 @@ from constants import (
     JOB_OTHER,
     JOB_UNIFORM,
     MIXED_TOTAL,
+    TEST_KEY,
     TEST_KEYS,
     UNFINISHED_JOBS,
     UNIFORM_LABELS,
@@ -270,6 +271,43 @@ def test_images_download_is_byte_identical_to_the_packed_files(
     assert (rotated["height"], rotated["width"]) == EXIF_ROTATED_DISPLAY_SIZE
     assert not (root / ".partial").exists()
     assert not list(root.rglob("*.part"))
+
+
+def test_images_export_never_lets_one_image_overwrite_another_or_its_own_files(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Another producer's paths: two with one file name under one label get distinct files,
+    the renamed one never taking the name of a real file; a label named like the export's
+    own staging folder is refused (the folder is deleted when the export ends)."""
+    from test_archive import build_chunk, encode, write_crafted_job
+
+    def chunk(paths: list[str], label: str) -> bytes:
+        images = [(path, encode("PNG", index=i)) for i, path in enumerate(paths)]
+        entries = [
+            {"path": p, "label": label, "id": p, "sha256": hashlib.sha256(d).hexdigest()}
+            for p, d in images
+        ]
+        return build_chunk(images, entries=entries)
+
+    store = tmp_path / "store"
+    write_crafted_job(store, "job_names", [chunk(["cat/x.png", "cat/x~0-2.png", "o/x.png"], "cat")])
+    write_crafted_job(store, "job_staging", [chunk([".partial/a.png"], ".partial")])
+    url = server_factory(store)
+    result = cli.run(
+        "download", "job_names", "--format", "images", "-o", "out", *api(url, TEST_KEY)
+    )
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / "job_names"
+    records = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert len({r["file"] for r in records}) == 3
+    for record in records:
+        assert hashlib.sha256((root / record["file"]).read_bytes()).hexdigest() == record["sha256"]
+
+    result = cli.run(
+        "download", "job_staging", "--format", "images", "-o", "out", *api(url, TEST_KEY)
+    )
+    assert result.returncode == 8, result
+    assert "'.partial', a name this folder keeps for the export itself" in result.stderr
 
 
 def test_numpy_download_equals_the_sdk_iteration(cli: Cli, live_server: LiveServer) -> None:

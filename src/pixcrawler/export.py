@@ -578,7 +578,9 @@ class _ImagesWriter(_StagedWriter):
         super().__init__(dataset, root)
         self.metadata_path = root / "metadata.jsonl"
         self.metadata_part = root / "metadata.jsonl.part"
-        self.used: set[str] = set()
+        self.used: set[str] = set()  # file names given so far, casefolded
+        names = (STAGING_DIR, SIDECAR, self.metadata_path.name, self.metadata_part.name)
+        self.reserved = {name.casefold() for name in names}
 
     def outputs_present(self) -> bool:
         return self.metadata_path.exists()
@@ -592,7 +594,7 @@ class _ImagesWriter(_StagedWriter):
                 fh.truncate(length)  # lines of a chunk that was not finished
                 fh.seek(0)
                 lines = fh.read().decode("utf-8").splitlines()
-            self.used = {json.loads(line)["file"] for line in lines}
+            self.used = {json.loads(line)["file"].casefold() for line in lines}
         except (OSError, ValueError, KeyError, TypeError):
             return False
         return True
@@ -638,16 +640,26 @@ class _ImagesWriter(_StagedWriter):
         """``<label>/<name>``: the member path when it lies under the label folder, as the
         packer's do, else its file name; never outside the output folder."""
         label = _safe_relative(sample.label, sample)
+        if label.split("/")[0].casefold() in self.reserved:
+            raise DecompressionError(
+                f"chunk {sample.chunk_id}: image {sample.id!r} has the label {label!r}, a name "
+                "this folder keeps for the export itself",
+                chunk_id=sample.chunk_id,
+                sample_id=sample.id,
+            )
         prefix = sample.label + "/"
         if sample.path.startswith(prefix):
             name = _safe_relative(sample.path[len(prefix) :], sample)
         else:
             name = PurePosixPath(_safe_relative(sample.path, sample)).name
         rel = f"{label}/{name}"
-        if rel in self.used:  # another producer's two paths with one file name
+        if rel.casefold() in self.used:  # two paths, one file name (or one but for case)
             pure = PurePosixPath(name)
-            rel = f"{label}/{pure.stem}~{sample.chunk_id}-{position}{pure.suffix}"
-        self.used.add(rel)
+            base = f"{label}/{pure.stem}~{sample.chunk_id}-{position}"
+            rel, n = f"{base}{pure.suffix}", 1
+            while rel.casefold() in self.used:  # a file of the job may bear that name too
+                rel, n = f"{base}-{n}{pure.suffix}", n + 1
+        self.used.add(rel.casefold())
         return rel
 
     def finish(self) -> None:
