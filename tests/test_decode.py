@@ -357,6 +357,30 @@ def test_malformed_exif_means_orientation_1(data: bytes) -> None:
     assert jpeg_orientation(data) == 1
 
 
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("kind", [1, 3, 4, 8, 9])  # BYTE, SHORT, LONG, SSHORT, SLONG
+@pytest.mark.parametrize("fill", [b"", b"\xff\xff"], ids=["", "fill-bytes"])
+def test_orientation_of_any_integer_type_and_after_fill_bytes_is_what_pillow_applies(
+    order: str, kind: int, fill: bytes
+) -> None:
+    """Other tools write the tag as LONG (or another integer type) and may put 0xFF fill
+    bytes before a marker: the fast path must rotate exactly where Pillow does."""
+    code = {1: "B", 3: "H", 4: "I", 8: "h", 9: "i"}[kind]
+    entry = (0x0112, kind, 1, struct.pack(order + code, 6))
+    plain = SOURCES["jpeg-rgb"]()
+    data = plain[:2] + fill + app1(tiff_ifd(order, [entry])) + plain[2:]
+    applied = 1 if kind == 1 else 6  # Pillow reads a BYTE value as bytes and ignores it
+    with Image.open(io.BytesIO(data)) as image:
+        assert ImageOps.exif_transpose(image).size == (
+            image.size[::-1] if applied == 6 else image.size
+        )
+    assert jpeg_orientation(data) == applied
+    decoded = ImageDecoder("RGB").decode(data)
+    expected = reference(data, "RGB")
+    assert decoded.shape == expected.shape
+    assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 2
+
+
 def test_xmp_before_exif_is_skipped() -> None:
     xmp = b"http://ns.adobe.com/xap/1.0/\x00<x/>"
     segment = b"\xff\xe1" + struct.pack(">H", len(xmp) + 2) + xmp

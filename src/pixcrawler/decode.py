@@ -268,6 +268,9 @@ def jpeg_orientation(data: bytes | bytearray | memoryview) -> int:
         if view[pos] != 0xFF:
             return 1
         marker = view[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker (ITU T.81 B.1.1.2)
+            pos += 1
+            continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
             return 1
         length = (view[pos + 2] << 8) | view[pos + 3]
@@ -276,6 +279,11 @@ def jpeg_orientation(data: bytes | bytearray | memoryview) -> int:
             return _tiff_orientation(bytes(segment[6:]))
         pos += 2 + length
     return 1
+
+
+# The TIFF field types Pillow reads the tag as an integer from (and so rotates by): SHORT,
+# LONG, SSHORT, SLONG. A BYTE value comes back as bytes, which Pillow does not apply.
+_EXIF_INTEGER_TYPES = {3: "H", 4: "I", 8: "h", 9: "i"}
 
 
 def _tiff_orientation(tiff: bytes) -> int:
@@ -290,8 +298,13 @@ def _tiff_orientation(tiff: bytes) -> int:
         entry = ifd + 2 + 12 * i
         if entry + 12 > len(tiff):
             return 1
-        tag, _type, _count = struct.unpack_from(order + "HHI", tiff, entry)
+        tag, kind, _count = struct.unpack_from(order + "HHI", tiff, entry)
         if tag == _ORIENTATION_TAG:
-            (value,) = struct.unpack_from(order + "H", tiff, entry + 8)
+            # Read as its type says, as Pillow does: SHORT by the standard, LONG and the
+            # others in files written by other tools.
+            code = _EXIF_INTEGER_TYPES.get(kind)
+            if code is None:
+                return 1
+            (value,) = struct.unpack_from(order + code, tiff, entry + 8)
             return value if 1 <= value <= 8 else 1
     return 1
