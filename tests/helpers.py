@@ -167,3 +167,16 @@ def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
         chunk["size_bytes"] = len(buffer.getvalue())
     job_path.write_text(json.dumps(job))
     return dest
+
+
+def copy_without_counts(store: Path, dest: Path) -> Path:
+    """``dest`` holding job_uniform as a producer would list it without ``total_images``
+    and without any chunk's ``image_count`` (both optional to a reader)."""
+    shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
+    job_path = dest / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    del job["total_images"]
+    for chunk in job["chunks"]:
+        del chunk["image_count"]
+    job_path.write_text(json.dumps(job))
+    return dest

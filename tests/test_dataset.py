@@ -24,7 +24,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import digest
+from helpers import copy_without_counts, digest
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
@@ -132,6 +132,18 @@ def test_to_arrays_returns_all_images_and_label_names(uniform: Dataset) -> None:
     X, y = uniform.to_arrays()
     assert X.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3) and X.dtype == np.uint8
     assert y.shape == (UNIFORM_TOTAL,) and set(y) == set(UNIFORM_LABELS)
+    assert digest(zip(X, y, strict=True)) == digest(uniform)
+
+
+def test_a_job_listing_no_image_counts_still_loads_whole(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path, uniform: Dataset
+) -> None:
+    """total_images and image_count are in the wire contract, but another producer may
+    omit them: to_arrays() grows X instead of refusing the first image."""
+    base_url = server_factory(copy_without_counts(live_server.store, tmp_path))
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, base_url)
+    X, y = dataset.to_arrays()
+    assert X.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3)
     assert digest(zip(X, y, strict=True)) == digest(uniform)
 
 

@@ -20,7 +20,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import corrupt_copy
+from helpers import copy_without_counts, corrupt_copy
 from pixcrawler import Dataset, load_dataset
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -168,3 +168,13 @@ def test_an_sdk_error_in_the_pipeline_reaches_the_caller_naming_its_class_and_im
             pass
     assert "DecompressionError" in info.value.message
     assert bad_id in info.value.message
+
+
+def test_a_job_listing_no_image_counts_streams_with_an_unknown_cardinality(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    base_url = server_factory(copy_without_counts(live_server.store, tmp_path))
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=base_url)
+    tf_dataset = dataset.to_tensorflow()
+    assert tf_dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
+    assert sum(1 for _ in tf_dataset) == UNIFORM_TOTAL

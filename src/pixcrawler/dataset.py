@@ -327,9 +327,11 @@ class Dataset:
             if images is None:
                 images = np.empty((total, *image.shape), dtype=np.uint8)
             if len(labels) >= len(images):
-                raise PixCrawlerError(
-                    f"job {self.job.id} lists {total} images but its chunks hold more"
-                )
+                if counts_listed(self.job):
+                    raise PixCrawlerError(
+                        f"job {self.job.id} lists {total} images but its chunks hold more"
+                    )
+                images = _grown(images)  # a job that lists no counts: X grows as it fills
             _put(images, len(labels), image, sample)
             labels.append(sample.label)
         if images is None:
@@ -645,6 +647,19 @@ def sample_metadata(sample: Sample, image: np.ndarray) -> dict[str, Any]:
         "width": int(image.shape[1]),
         **dict(sample.metadata),
     }
+
+
+def counts_listed(job: Job) -> bool:
+    """Whether the job says how many images it holds (the wire contract's
+    ``total_images`` or every chunk's ``image_count``; other producers may omit both)."""
+    return bool(job.total_images) or all(c.image_count is not None for c in job.chunks)
+
+
+def _grown(images: np.ndarray) -> np.ndarray:
+    """``images`` copied into an array half as long again (at least one row more)."""
+    grown = np.empty((max(len(images) * 3 // 2, len(images) + 1), *images.shape[1:]), np.uint8)
+    grown[: len(images)] = images
+    return grown
 
 
 def num_images_of(job: Job) -> int:

@@ -35,7 +35,7 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore
-from .dataset import count_mismatch, decode_sample
+from .dataset import count_mismatch, counts_listed, decode_sample
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
@@ -771,6 +771,6 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
             tf.TensorSpec(shape=(), dtype=tf.int64),
         ),
     )
-    if dataset.on_error == "raise":
+    if dataset.on_error == "raise" and counts_listed(dataset.job):
         tf_dataset = tf_dataset.apply(tf.data.experimental.assert_cardinality(dataset.num_images))
     return tf_dataset
