@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -461,6 +462,15 @@ def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> 
         torch_dataset[5]
     assert again.value.sample_id == info.value.sample_id
     assert dataset.stats.skipped == 0
+
+    def depth() -> int:
+        try:
+            torch_dataset[5]
+        except DecompressionError as exc:
+            return len(traceback.extract_tb(exc.__traceback__))
+        raise AssertionError("no error")
+
+    assert depth() == depth() == depth()  # a loop that keeps asking holds no growing chain
 
 
 # -- streaming -----------------------------------------------------------------------------

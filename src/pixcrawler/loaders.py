@@ -453,7 +453,7 @@ class _MapStyle(_TorchBridge):
             error = local.bad.get(current)
             if error is not None:
                 if local.handle.on_error == "raise":
-                    raise error  # every time it is asked for, not only the first
+                    raise error.with_traceback(None)  # each time asked, with a fresh traceback
                 continue
             chunk, offset = self._locate(current)
             archive = self._archive(local, store, chunk)
