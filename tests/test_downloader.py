@@ -805,3 +805,13 @@ def test_a_chunk_listed_without_a_size_or_with_size_0_is_read_to_its_end(
         assert bytes(downloader.fetch(1)) == chunk_bytes(live_server, 1)
     finally:
         downloader.close()
+
+
+def test_a_chunk_the_job_does_not_list_is_a_typed_error(live_server: LiveServer) -> None:
+    from pixcrawler.exceptions import PixCrawlerError
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    with pytest.raises(PixCrawlerError, match="lists no chunk 99"):
+        list(dataset.iter_samples(chunks=[99]))
+    with pytest.raises(PixCrawlerError, match="lists no chunk 99"):
+        dataset.downloader().fetch(99)

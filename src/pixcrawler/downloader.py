@@ -294,7 +294,10 @@ class ChunkDownloader:
 
     def chunk(self, index: int) -> Chunk:
         with self._lock:
-            return self._chunks[index]
+            chunk = self._chunks.get(index)
+        if chunk is None:
+            raise PixCrawlerError(f"the job lists no chunk {index}")
+        return chunk
 
     def fetch(
         self, index: int, cancel: threading.Event | None = None, *, ranges: int | None = None
