@@ -214,6 +214,19 @@ def _flip_member_byte(path: Path, archive: ChunkArchive) -> None:
         fh.write(bytes([byte[0] ^ 0xFF]))
 
 
+def _rot_with_mtime_kept(chunks: ChunkStore, index: int) -> ChunkArchive:
+    """Chunk ``index`` cached, then one byte of it changed in place with its mtime set
+    back (only the ctime still moves); returns the archive read before."""
+    archive = chunks.archive(index)
+    path = chunks.path(index)
+    assert path is not None
+    before = path.stat()
+    time.sleep(0.05)  # a later ctime even where the clock is coarse
+    _flip_member_byte(path, archive)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return archive
+
+
 def test_a_file_verified_by_one_process_is_not_hashed_again_by_the_next(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,13 +245,7 @@ def test_a_stamp_is_void_once_the_file_changes_even_with_its_mtime_restored(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     chunks = remote.store(tmp_path)
-    archive = chunks.archive(1)
-    path = chunks.path(1)
-    assert path is not None
-    before = path.stat()
-    time.sleep(0.05)  # a later timestamp even where the clock is coarse
-    _flip_member_byte(path, archive)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the ctime still moves
+    _rot_with_mtime_kept(chunks, 1)
     hashed = _counting_hashes(monkeypatch)
     again = remote.store(tmp_path)
     assert bytes(again.get(1)) == remote.bytes_of(1)
@@ -426,14 +433,7 @@ def test_a_file_this_store_verified_is_checked_again_once_rewritten_in_place(
     """The store's own memory of a verified file goes by the same identity as the stamp:
     bit rot or a rewrite with its mtime set back is caught on the next read from disk."""
     chunks = remote.store(tmp_path)
-    archive = chunks.archive(1)
-    path = chunks.path(1)
-    assert path is not None
-    before = path.stat()
-    time.sleep(0.05)  # a later ctime even where the clock is coarse
-    _flip_member_byte(path, archive)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    archive.close()
+    _rot_with_mtime_kept(chunks, 1).close()
     chunks.clear_memory()
     assert bytes(chunks.get(1)) == remote.bytes_of(1)
     assert chunks.stats.corrupt_files == 1 and remote.calls == {1: 2}
