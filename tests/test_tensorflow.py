@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,15 @@ with contextlib.suppress(ImportError):
 tf = pytest.importorskip("tensorflow")
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def _collect_tensorflow_garbage() -> Iterator[None]:
+    """TensorFlow objects left in reference cycles (an error's traceback holds its
+    iterator) must be freed here: collected later inside a forked DataLoader worker of
+    another test, their destructors reach TensorFlow's threads, absent there, and abort."""
+    yield
+    gc.collect()
 
 
 def open_job(live_server: LiveServer, job_id: str = JOB_UNIFORM, **options: object) -> Dataset:

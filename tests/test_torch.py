@@ -3,6 +3,7 @@ streaming one (ranks × workers, padding, shuffle), real DDP, and the spec's PyT
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -60,6 +61,13 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv(ENV_CACHE_DIR, str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_garbage_for_forked_workers() -> None:
+    """Collect cyclic garbage before a test can fork DataLoader workers: a TensorFlow object
+    left by an earlier test and collected inside a worker aborts it (see frameworks.md)."""
+    gc.collect()
 
 
 def key(image: Any) -> str:
