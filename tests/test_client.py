@@ -6,6 +6,7 @@ import logging
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from constants import JOB_OTHER, JOB_UNIFORM, OTHER_KEY, UNFINISHED_JOBS, UNIFOR
 from helpers import RecordingHost, digest
 from pixcrawler import load_dataset
 from pixcrawler.client import ApiClient, api_root
+from pixcrawler.dataset import parse_time
 from pixcrawler.exceptions import (
     AuthenticationError,
     JobNotCompleteError,
@@ -21,6 +23,7 @@ from pixcrawler.exceptions import (
     NotFoundError,
     PixCrawlerError,
 )
+from pixcrawler.models import Job
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
 pytestmark = pytest.mark.timeout(60)
@@ -209,6 +212,36 @@ def test_malformed_job_json_is_a_clear_error(live_server: LiveServer) -> None:
         client = ApiClient("k", host.base_url)
         with pytest.raises(PixCrawlerError):
             client.get_json("/nope")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        None,
+        "job_x",
+        {"id": None},
+        {"id": "job_x", "total_images": float("inf")},
+        {"id": "job_x", "version": 1e400},
+        {"id": "job_x", "image_size": [1e400, 1]},
+        {"id": "job_x", "size_bytes": -5},
+        {"id": "job_x", "labels": "cat"},
+        {"id": "job_x", "labels": [None, 1]},
+        {"id": "job_x", "chunks": [{"index": float("nan"), "url": "x"}]},
+        {"id": "job_x", "chunks": [{"index": 0, "url": "x", "size_bytes": float("inf")}]},
+        {"id": "job_x", "chunks": ["x"]},
+    ],
+)
+def test_an_api_answer_of_the_wrong_shape_is_the_sdks_error(body: Any) -> None:
+    """Whatever JSON the API returns (Python's json reads Infinity and NaN), a job that
+    does not fit the contract is a PixCrawlerError, never AttributeError or OverflowError."""
+    with pytest.raises(PixCrawlerError, match="the API returned a malformed"):
+        Job.from_json(body)
+
+
+@pytest.mark.parametrize("created", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"])
+def test_a_date_past_the_calendar_once_in_utc_reads_as_unknown(created: str) -> None:
+    assert parse_time(created) is None
 
 
 def test_base_url_must_be_http_or_https() -> None:

@@ -31,6 +31,7 @@ class Chunk:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Chunk:
         try:
+            _require_object(data)
             return cls(
                 index=int(data["index"]),
                 url=str(data["url"]),
@@ -39,7 +40,7 @@ class Chunk:
                 image_count=_opt_int(data.get("image_count")),
                 expires_at=_opt_str(data.get("expires_at")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise PixCrawlerError(f"the API returned a malformed chunk entry: {exc!r}") from exc
 
 
@@ -64,8 +65,11 @@ class Job:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Job:
         try:
+            _require_object(data)
             image_size = data.get("image_size")
-            job_id = str(data["id"])
+            if not isinstance(data["id"], str):
+                raise TypeError(f"id {data['id']!r} is not a string")
+            job_id = data["id"]
             if not _JOB_ID_RE.fullmatch(job_id):
                 raise ValueError(f"id {job_id[:80]!r} does not match {JOB_ID_PATTERN}")
             return cls(
@@ -75,16 +79,37 @@ class Job:
                 progress=float(data.get("progress") or 0),
                 created_at=_opt_str(data.get("created_at")),
                 completed_at=_opt_str(data.get("completed_at")),
-                total_images=int(data.get("total_images") or 0),
-                chunk_size=int(data.get("chunk_size") or 0),
-                size_bytes=int(data.get("size_bytes") or 0),
-                labels=tuple(str(label) for label in data.get("labels") or ()),
+                total_images=_count(data.get("total_images"), "total_images"),
+                chunk_size=_count(data.get("chunk_size"), "chunk_size"),
+                size_bytes=_count(data.get("size_bytes"), "size_bytes"),
+                labels=_labels(data.get("labels")),
                 version=int(data.get("version") or 1),
                 image_size=(int(image_size[0]), int(image_size[1])) if image_size else None,
                 chunks=tuple(Chunk.from_json(c) for c in data.get("chunks") or ()),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise PixCrawlerError(f"the API returned a malformed job: {exc!r}") from exc
+
+
+def _require_object(data: Any) -> None:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    """The job's label names: a list of strings (a bare string is not a list of letters)."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"labels {str(value)[:80]!r} is not a list of strings")
+    return tuple(value)
+
+
+def _count(value: Any, name: str) -> int:
+    count = int(value or 0)
+    if count < 0:
+        raise ValueError(f"{name} {count} is negative")
+    return count
 
 
 def _opt_int(value: Any) -> int | None:
