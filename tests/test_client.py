@@ -123,12 +123,13 @@ def test_unreachable_api_raises_network_error_after_bounded_retries() -> None:
 
 
 def test_5xx_burst_is_retried_with_backoff(live_server: LiveServer) -> None:
-    burst = [Fault("status", status=code) for code in (500, 502, 503)]
+    burst = [Fault("status", status=code) for code in (500, 502, 503, 507, 520)]
     schedule = FaultSchedule.script(burst, match="/jobs/")
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
-        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **FAST)
+        options = {**FAST, "retries": 5}
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **options)
         assert len(dataset) == UNIFORM_TOTAL
-        assert proxy.stats.requests == 4
+        assert proxy.stats.requests == 6  # every 5xx retried, as DESIGN.md says
 
 
 def test_5xx_after_retries_is_a_network_error_with_the_status(live_server: LiveServer) -> None:
@@ -196,6 +197,12 @@ def test_key_is_not_forwarded_through_a_redirect_to_another_host(live_server: Li
             assert response.status == 200
         assert "authorization" in api_side.headers[0]
         assert "authorization" not in target.headers[0]
+
+
+def test_a_key_with_characters_no_header_can_carry_is_refused_unquoted() -> None:
+    with pytest.raises(AuthenticationError, match="non-ASCII") as info:
+        load_dataset(JOB_UNIFORM, api_key="sk-live-k€y-1234", base_url="http://127.0.0.1:9")
+    assert "k€y" not in str(info.value)
 
 
 def test_verify_ssl_false_warns() -> None:

@@ -298,14 +298,25 @@ def test_a_url_two_parsers_read_differently_never_takes_the_key_to_the_blob_host
 
 def test_a_chunk_url_no_request_can_take_is_a_download_error_naming_the_chunk() -> None:
     client = ApiClient(KEY, "http://127.0.0.1:9", timeout=5)
-    for url in ("http://127.0.0.1:99999/c.zip", "http://127.0.0.1:port/c.zip"):
+    for url in ("http://127.0.0.1:99999/c.zip", "http://127.0.0.1:port/c.zip", "http://[::1/c"):
         downloader = ChunkDownloader(client, [Chunk(index=3, url=url)])
-        with pytest.raises(DownloadError, match=r"Chunk 3 .*malformed URL") as info:
+        with pytest.raises(
+            DownloadError, match=r"Chunk 3 .*(malformed|no request can take)"
+        ) as info:
             downloader.fetch(3)
         assert info.value.chunk_id == 3
         assert_no_key(exception_texts(info.value), "the malformed URL error")
         downloader.close()
     client.close()
+
+
+def test_a_redirect_no_request_can_follow_is_a_network_error(live_server: LiveServer) -> None:
+    with RecordingHost(live_server.store, host="127.0.0.2") as host:
+        host.redirect_to = "http://[::1/x"  # an IPv6 literal never closed
+        client = ApiClient(KEY, "http://127.0.0.1:9", timeout=5)
+        with pytest.raises(NetworkError, match="redirect to a URL no request can take"):
+            client.request(host.base_url + "/x")
+        client.close()
 
 
 def test_a_redirect_loop_ends_in_a_typed_error_without_the_key(live_server: LiveServer) -> None:

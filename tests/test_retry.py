@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import statistics
+import time
 
 import pytest
 
@@ -39,6 +40,32 @@ def test_retry_after_as_seconds_or_as_an_http_date() -> None:
     assert parse_retry_after(earlier, now=now) == 0.0  # already past: retry now
     for absent in (None, "", "soon", "Fri, 99 Foo 2027"):
         assert parse_retry_after(absent, now=now) is None
+
+
+@pytest.mark.skipif(not hasattr(time, "tzset"), reason="needs time.tzset")
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Tokyo"])
+def test_every_http_date_form_is_gmt_whatever_the_local_zone(
+    zone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RFC 9110's three date forms; the asctime one carries no zone, and was read as local
+    time (New York waited five hours more, Tokyo not at all)."""
+    now = 1_800_000_000.0
+    later = time.gmtime(now + 90)
+    forms = [
+        email.utils.formatdate(now + 90, usegmt=True),  # IMF-fixdate
+        time.strftime("%A, %d-%b-%y %H:%M:%S GMT", later),  # RFC 850
+        f"{time.strftime('%a %b', later)} {later.tm_mday:2d} "
+        + time.strftime("%H:%M:%S %Y", later),  # asctime: "Fri Jan 15 08:01:30 2027"
+        email.utils.formatdate(now + 90).replace("+0000", "-0000"),
+    ]
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        for form in forms:
+            assert parse_retry_after(form, now=now) == pytest.approx(90.0), form
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_retry_after_longer_than_the_limit_is_not_waited() -> None:

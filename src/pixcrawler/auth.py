@@ -59,11 +59,12 @@ def resolve_api_key(api_key: str | None) -> str:
     key = (api_key or os.environ.get(config.ENV_API_KEY) or _stored_api_key() or "").strip()
     if not key:
         raise AuthenticationError(NO_KEY_MESSAGE)
-    if any(c.isspace() or not c.isprintable() for c in key):
+    if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
         # Refused here, unquoted: the HTTP layer would put the key, escaped, in its error.
         raise AuthenticationError(
-            "The API key contains whitespace or control characters inside it; check the "
-            "value given (api_key=..., PIXCRAWLER_API_KEY or the `pixcrawler login` file)."
+            "The API key contains whitespace, control characters or non-ASCII characters "
+            "inside it; check the value given (api_key=..., PIXCRAWLER_API_KEY or the "
+            "`pixcrawler login` file)."
         )
     return key
 

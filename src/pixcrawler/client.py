@@ -184,7 +184,10 @@ class ApiClient:
 
     def resolve(self, url: str) -> str:
         """A chunk URL resolved against the API URL as RFC 3986 does."""
-        return urljoin(self.api_url + "/", url)
+        try:
+            return urljoin(self.api_url + "/", url)
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+            raise NetworkError(f"a URL no request can take ({exc})") from None
 
     def sends_key_to(self, url: str) -> bool:
         return origin_of(url) == self.origin
@@ -223,7 +226,10 @@ class ApiClient:
                 return response
             response.drain_conn()
             response.release_conn()
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+                raise NetworkError(f"a redirect to a URL no request can take ({exc})") from None
         raise NetworkError(f"too many redirects fetching {_safe_url(url)}")
 
     # -- the API, with retries ------------------------------------------------------------

@@ -22,7 +22,7 @@ DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_BASE = 0.5  # seconds; attempt n waits uniform(0, min(cap, base * 2**n))
 DEFAULT_BACKOFF_MAX = 30.0
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After is raised to the caller, not slept
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({429, *range(500, 600)})  # DESIGN.md: 429 and every 5xx
 URL_EXPIRED_STATUSES = frozenset({403, 410})
 
 # The downloader.

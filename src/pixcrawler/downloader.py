@@ -635,7 +635,6 @@ class ChunkDownloader:
             if cancel.is_set() or self._closed.is_set():
                 raise _Cancelled()
             chunk = self.chunk(index)
-            url = self.client.resolve(chunk.url)
             headers = {}
             ranged = pos > 0 or part
             if ranged:
@@ -646,6 +645,7 @@ class ChunkDownloader:
             connections: list[HTTPConnection] = []  # tracked while the headers are due
             complete = False
             try:
+                url = self.client.resolve(chunk.url)
                 self.stats.add(requests=1)
                 response = self.client.request(
                     url,

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from datetime import timezone
 
 from . import config
 
@@ -63,6 +64,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # asctime and "-0000" dates: HTTP dates are all GMT
+        when = when.replace(tzinfo=timezone.utc)
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
 
