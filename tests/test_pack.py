@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -29,6 +30,8 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from imagegen import make_image, make_image_folder, save_image
+from pixcrawler import packer as packer_module
+from pixcrawler.archive import ChunkArchive
 from pixcrawler.config import JOB_ID_PATTERN
 from pixcrawler.packer import pack, write_job
 
@@ -260,6 +263,72 @@ def test_bad_files_are_skipped_and_reported(tmp_path: Path) -> None:
     assert packed_names == {f"cat/{i:04d}.jpg" for i in range(3)} | {
         f"dog/{i:04d}.jpg" for i in range(2)
     }
+
+
+@pytest.mark.skipif(os.name != "posix", reason="names and file kinds a POSIX system allows")
+def test_files_no_reader_could_take_are_skipped_and_reported(tmp_path: Path) -> None:
+    """A backslash or a drive-like ':' in a path (readers refuse such members), a name
+    that is not UTF-8, a FIFO named like an image (reading it would never end), and a
+    symlinked label folder (not followed) are each reported, never packed or waited on."""
+    src = make_image_folder(tmp_path / "src", {"cat": 2})
+    good = (src / "cat" / "0000.jpg").read_bytes()
+    (src / "cat" / "a\\b.jpg").write_bytes(good)
+    (src / "a:b").mkdir()
+    (src / "a:b" / "x.jpg").write_bytes(good)
+    (src / "cat" / os.fsdecode(b"bad\xff.jpg")).write_bytes(good)
+    os.mkfifo(src / "cat" / "pipe.jpg")
+    make_image_folder(tmp_path / "elsewhere", {"dog": 1})
+    (src / "dog").symlink_to(tmp_path / "elsewhere" / "dog")
+
+    result = pack(src, tmp_path / "store", job_id="job_odd")
+    reasons = dict(result.skipped)
+    assert "not portable" in reasons["cat/a\\b.jpg"]
+    assert "not portable" in reasons["a:b/x.jpg"]
+    assert "not valid UTF-8" in reasons["cat/" + os.fsdecode(b"bad\xff.jpg")]
+    assert reasons["cat/pipe.jpg"] == "not a regular file"
+    assert reasons["dog/"] == "symbolic link to a folder, not followed"
+    assert result.total_images == 2 and result.labels == ("cat",)
+    store = tmp_path / "store"
+    for chunk in chunk_files(store, "job_odd"):
+        assert len(ChunkArchive(chunk.read_bytes())) == 2  # what was packed reads back
+
+
+def test_packing_again_marks_the_job_unfinished_until_the_new_one_is_whole(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-pack replaces chunks in place: meanwhile (and for good, if it stops) the job is
+    listed as running with no chunks, never as the old job over the new bytes."""
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    real = packer_module._write_chunk
+
+    def crash_on_chunk_1(path: Path, *args: Any) -> Any:
+        if path.name == "00001.zip":
+            raise KeyboardInterrupt
+        return real(path, *args)
+
+    monkeypatch.setattr(packer_module, "_write_chunk", crash_on_chunk_1)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, tmp_path, job_id="job_x", chunk_size=30)
+    job = read_job(tmp_path, "job_x")
+    assert job["status"] == "running" and job["chunks"] == []
+    monkeypatch.undo()
+    pack(src, tmp_path, job_id="job_x", chunk_size=30)
+    assert read_job(tmp_path, "job_x")["status"] == "completed"
+
+
+def test_a_job_without_an_owner_is_defaults_and_not_taken_over(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_shared")
+    job_path = tmp_path / "job_shared" / "job.json"
+    job = json.loads(job_path.read_text())
+    del job["owner"]  # as older stores and other producers write it
+    job_path.write_text(json.dumps(job))
+    with pytest.raises(ValueError, match="another owner"):
+        pack(src, tmp_path, job_id="job_shared", owner="mallory")
+    assert "owner" not in read_job(tmp_path, "job_shared")
 
 
 def test_extensions_are_case_insensitive(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 import warnings
@@ -28,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from .archive import _safe_name
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
 from .models import JOB_STATUSES
 
@@ -128,7 +130,12 @@ def pack(
         job_id = _default_job_id(images, owner=owner, chunk_size=chunk_size)
 
     job_dir = store / job_id
-    _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
+    existing = _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
+    if existing is not None:
+        # Packed again: until the new job.json lands, the job is in progress and lists no
+        # chunk, so no one is served new bytes under the old checksums (even if this stops).
+        unpacked = {**existing, "status": "running", "progress": 0, "chunks": []}
+        _write_json_atomic(job_dir / "job.json", {**unpacked, "total_images": 0})
     chunks_dir = job_dir / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
 
@@ -246,10 +253,15 @@ def _scan(src: Path) -> tuple[list[_Image], list[tuple[str, str]]]:
         hidden = sorted(d for d in dirnames if d.startswith("."))
         for d in hidden:
             skipped.append((_join(rel_folder, d) + "/", "hidden folder, not scanned"))
+        for d in sorted(dirnames):
+            if not d.startswith(".") and (folder / d).is_symlink():
+                skipped.append(
+                    (_join(rel_folder, d) + "/", "symbolic link to a folder, not followed")
+                )
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for filename in sorted(filenames):
             rel = _join(rel_folder, filename)
-            reason = _reject_reason(filename, at_root=rel_folder == ".")
+            reason = _reject_reason(filename, at_root=rel_folder == ".") or _name_problem(rel)
             if reason is None:
                 measured = _measure(folder / filename, rel, label=rel_folder)
                 if isinstance(measured, str):
@@ -278,9 +290,22 @@ def _reject_reason(filename: str, *, at_root: bool) -> str | None:
     return None
 
 
+def _name_problem(rel: str) -> str | None:
+    """Why a path cannot name a member the SDK will read, or None."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if not _safe_name(rel):
+        return "path not portable in a zip (a backslash, or a drive-like ':'), refused by readers"
+    return None
+
+
 def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
     """Open and fully decode one image; return its record, or why it is skipped."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would never end
+            return "not a regular file"
         data = path.read_bytes()
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
@@ -442,18 +467,21 @@ def _check_owner(owner: object) -> None:
         raise ValueError(f"owner must be a non-empty string, got {owner!r}")
 
 
-def _check_not_foreign(job_json: Path, *, job_id: str, owner: str) -> None:
-    """Refuse to overwrite a job that another owner already has under this id."""
+def _check_not_foreign(job_json: Path, *, job_id: str, owner: str) -> dict[str, Any] | None:
+    """Refuse to overwrite a job that another owner already has under this id (one
+    without an owner is ``default``'s, as the server reads it); return the job there."""
     try:
         existing = json.loads(job_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
-    current = existing.get("owner") if isinstance(existing, dict) else None
-    if current is not None and current != owner:
+        return None
+    if not isinstance(existing, dict):
+        return None
+    if existing.get("owner", DEFAULT_OWNER) != owner:
         raise ValueError(
             f"job {job_id!r} already exists in this store and belongs to another owner; "
             "choose another --job-id"
         )
+    return existing
 
 
 def _utc_now() -> str:
