@@ -153,9 +153,12 @@ def test_if_range_resumes_only_the_same_version(
 
 def test_if_none_match_returns_304(server: StaticServer, pool: urllib3.PoolManager) -> None:
     etag = pool.request("HEAD", server.url(CHUNK)).headers["ETag"]
-    response = pool.request("GET", server.url(CHUNK), headers={"If-None-Match": etag})
-    assert response.status == 304
-    assert response.data == b""
+    for header in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        response = pool.request("GET", server.url(CHUNK), headers={"If-None-Match": header})
+        assert response.status == 304, header
+        assert response.data == b""
+    other = pool.request("GET", server.url(CHUNK), headers={"If-None-Match": '"other"'})
+    assert other.status == 200
 
 
 @pytest.mark.parametrize(
@@ -170,6 +173,7 @@ def test_if_none_match_returns_304(server: StaticServer, pool: urllib3.PoolManag
         "/job_1/chunks/",
         "/missing.zip",
         "/job_1/%00.zip",
+        "/" + "a" * 300,  # a name too long for the file system: still an answer
     ],
 )
 def test_refuses_paths_outside_root_and_non_files(server: StaticServer, raw_path: str) -> None:

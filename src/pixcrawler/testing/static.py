@@ -271,7 +271,7 @@ class _StaticHandler(_QuietHandler):
         common = {"ETag": etag, "Accept-Ranges": "bytes"}
 
         if_none_match = self.headers.get("If-None-Match")
-        if if_none_match is not None and if_none_match.strip() in (etag, "*"):
+        if if_none_match is not None and _none_match(if_none_match, etag):
             self._send_head(304, common)
             return
 
@@ -364,9 +364,12 @@ class _StaticHTTPServer(_TrackingHTTPServer):
         """The file under ``root`` that ``url_path`` names, or ``None`` (-> 404)."""
         if "\x00" in url_path:
             return None
-        candidate = (self.root / url_path.lstrip("/")).resolve()
-        # resolve() follows symlinks and '..', so this also refuses a link out of root.
-        if not candidate.is_relative_to(self.root) or not candidate.is_file():
+        try:
+            candidate = (self.root / url_path.lstrip("/")).resolve()
+            # resolve() follows symlinks and '..', so this also refuses a link out of root.
+            if not candidate.is_relative_to(self.root) or not candidate.is_file():
+                return None
+        except OSError:  # a name too long for the file system, a loop of links: not found
             return None
         return candidate
 
@@ -451,3 +454,10 @@ class StaticServer(_LoopbackServer):
         if isinstance(self._httpd, _StaticHTTPServer):
             self._httpd.reset()
         self._last_stats = StaticStats()
+
+
+def _none_match(header: str, etag: str) -> bool:
+    """Whether ``If-None-Match`` names ``etag``: a list of tags, each perhaps weak (the
+    weak comparison RFC 9110 13.1.2 asks for), or ``*``."""
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or any(tag.removeprefix("W/") == etag for tag in tags)
