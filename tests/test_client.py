@@ -205,6 +205,25 @@ def test_a_key_with_characters_no_header_can_carry_is_refused_unquoted() -> None
     assert "k€y" not in str(info.value)
 
 
+def test_every_sdk_error_survives_pickling_with_its_fields() -> None:
+    """Errors cross process boundaries (DataLoader workers, process pools) by pickle."""
+    import pickle
+
+    from pixcrawler import exceptions
+
+    errors = [
+        exceptions.JobNotCompleteError("not yet", status="running", progress=42.5),
+        exceptions.DownloadError("lost", chunk_id=3, status_code=503),
+        exceptions.DecompressionError("bad", chunk_id=1, sample_id="cat/1.jpg"),
+        exceptions.NetworkError("down", status_code=429),
+        exceptions.AuthenticationError("who", status_code=401),
+    ]
+    for error in errors:
+        clone = pickle.loads(pickle.dumps(error))
+        assert type(clone) is type(error) and str(clone) == str(error)
+        assert vars(clone) == vars(error)
+
+
 def test_verify_ssl_false_warns() -> None:
     with pytest.warns(UserWarning, match="verify_ssl=False"):
         ApiClient("k", "https://127.0.0.1:9", verify_ssl=False)

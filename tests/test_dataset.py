@@ -367,3 +367,16 @@ def test_to_dataframe_images_are_arrays_of_their_own(
     assert len(df) == UNIFORM_TOTAL
     for image in df["image"]:
         assert (image if image.base is None else image.base).nbytes == image.nbytes
+
+
+def test_framework_conversions_show_their_options_and_return_types() -> None:
+    """IDEs and help() see every option and what comes back (the spec promises full type
+    hints), without importing a framework at run time."""
+    import inspect
+
+    torch_params = inspect.signature(Dataset.to_torch).parameters
+    assert {"transform", "streaming", "shuffle", "seed", "rank", "world_size"} <= set(torch_params)
+    assert inspect.signature(Dataset.to_torch).return_annotation == "TorchDataset[Any]"
+    tf_signature = inspect.signature(Dataset.to_tensorflow)
+    assert "image_size" in tf_signature.parameters
+    assert tf_signature.return_annotation == "tf.data.Dataset"

@@ -35,6 +35,10 @@ from .units import human_size
 
 if TYPE_CHECKING:
     import pandas as pd
+    import tensorflow as tf
+    from torch.utils.data import Dataset as TorchDataset
+
+    from .cache import CacheDir
 
 log = logging.getLogger("pixcrawler")
 
@@ -357,19 +361,50 @@ class Dataset:
             rows["metadata"].append(sample_metadata(sample, image))
         return cast("pd.DataFrame", pandas.DataFrame(rows))
 
-    def to_torch(self, transform: Callable[[Any], Any] | None = None, **options: Any) -> Any:
+    def to_torch(
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        streaming: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        image_size: ImageSize | None = None,
+        cache_dir: CacheDir = None,
+        memory_budget: int | None = None,
+        shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
+    ) -> TorchDataset[Any]:
         """A PyTorch dataset (map-style by default; ``streaming=True`` for an iterable one).
 
         Images are uint8 HWC arrays (``transform`` gets them), labels integer class ids.
+        The options are described at :func:`pixcrawler.loaders.to_torch`.
 
         Example:
             >>> loader = DataLoader(dataset.to_torch(), batch_size=32, shuffle=True)
         """
         from .loaders import to_torch
 
-        return to_torch(self, transform, **options)
+        return cast(
+            "TorchDataset[Any]",
+            to_torch(
+                self,
+                transform,
+                streaming=streaming,
+                shuffle=shuffle,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                drop_last=drop_last,
+                image_size=image_size,
+                cache_dir=cache_dir,
+                memory_budget=memory_budget,
+                shuffle_buffer=shuffle_buffer,
+            ),
+        )
 
-    def to_tensorflow(self, **options: Any) -> Any:
+    def to_tensorflow(self, *, image_size: ImageSize | None = None) -> tf.data.Dataset:
         """A ``tf.data.Dataset`` of ``(image uint8 HWC, label int64 id)``.
 
         Example:
@@ -377,7 +412,7 @@ class Dataset:
         """
         from .loaders import to_tensorflow
 
-        return to_tensorflow(self, **options)
+        return to_tensorflow(self, image_size=image_size)
 
     # -- lifecycle --------------------------------------------------------------------------
 

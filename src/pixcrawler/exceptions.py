@@ -28,7 +28,9 @@ class NotFoundError(PixCrawlerError):
 class JobNotCompleteError(PixCrawlerError):
     """The job exists but is not ``completed``; ``status`` and ``progress`` say where it is."""
 
-    def __init__(self, message: str, *, status: str, progress: float) -> None:
+    # (Defaults only so that pickle, which calls __init__ with the message alone and then
+    # restores the fields, can bring one back from a worker process.)
+    def __init__(self, message: str, *, status: str = "unknown", progress: float = 0.0) -> None:
         super().__init__(message)
         self.status = status
         self.progress = progress
