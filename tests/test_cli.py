@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1020,3 +1021,97 @@ def test_serve_creates_and_announces_a_key_once_then_serves(
         finally:
             process.kill()
     assert key not in out
+
+
+# -- a job that changes between downloads ----------------------------------------------------
+
+
+def _versioned_job(tmp_path: Path, labels: dict[str, int], seed: int, chunk_size: int) -> Path:
+    """job_v in ``tmp_path/store``, (re)packed from fresh images: a new version each call."""
+    src = make_image_folder(tmp_path / f"src{seed}", labels, seed=seed)
+    pack(src, tmp_path / "store", job_id="job_v", chunk_size=chunk_size)
+    return tmp_path / "store"
+
+
+def test_a_new_version_of_the_job_leaves_nothing_of_the_old_one(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Re-packed with fewer chunks and a label gone: the zip folder holds only the chunks
+    listed now, the images folder only the files its metadata.jsonl lists."""
+    store = _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=1, chunk_size=2)
+    url = api(server_factory(store), TEST_KEY)
+    for fmt in ("zip", "images"):
+        assert cli.run("download", "job_v", "--format", fmt, "-o", fmt, *url).returncode == 0
+    _versioned_job(tmp_path, {"cat": 3}, seed=2, chunk_size=3)
+    for fmt in ("zip", "images"):
+        result = cli.run("download", "job_v", "--format", fmt, "-o", fmt, *url)
+        assert result.returncode == 0, result
+    chunks = sorted(p.name for p in (cli.cwd / "zip" / "job_v" / "chunks").iterdir())
+    assert chunks == ["00000.zip"]
+    root = cli.cwd / "images" / "job_v"
+    listed = {
+        json.loads(line)["file"] for line in (root / "metadata.jsonl").read_text().splitlines()
+    }
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert on_disk - {"metadata.jsonl", ".progress.json"} == listed
+    assert not (root / "dog").exists()
+
+
+def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
+    live_server: LiveServer,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Version 1 complete, version 2 stopped just before X.npy is renamed: the next run
+    must not call the folder complete (X.npy is still version 1's)."""
+    from pixcrawler import export
+
+    store = _versioned_job(tmp_path, {"cat": 2, "dog": 2}, seed=1, chunk_size=2)
+    base_url = server_factory(store)
+    root = tmp_path / "out" / "job_v"
+
+    def run(crash: bool = False) -> export.Writer:
+        dataset = load_dataset("job_v", TEST_KEY, base_url)
+        writer = export.make_writer("numpy", dataset, root, None)
+        todo = writer.prepare()
+        if todo:
+            progress = export.Progress(False, "job_v", writer, todo, dataset.stats.transfer)
+            with progress:
+                export.transfer(dataset, writer, todo, 2, progress)
+            if crash:
+                real = os.replace
+
+                def stop_at_x(src: Any, dst: Any) -> None:
+                    if str(dst).endswith("X.npy"):
+                        raise KeyboardInterrupt
+                    real(src, dst)
+
+                monkeypatch.setattr(export.os, "replace", stop_at_x)
+            try:
+                writer.finish()
+            finally:
+                monkeypatch.undo()
+        writer.close()
+        dataset.close()
+        return writer
+
+    run()
+    _versioned_job(tmp_path, {"cat": 2, "dog": 2}, seed=2, chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(crash=True)
+    assert run().complete
+    expected, _ = load_dataset("job_v", TEST_KEY, base_url).to_arrays()
+    np.testing.assert_array_equal(np.load(root / "X.npy"), expected)
+
+
+def test_a_second_download_into_a_folder_in_use_is_refused(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    from pixcrawler import export
+
+    with export.exclusive(cli.cwd / "out" / JOB_UNIFORM):
+        result = cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server))
+    assert result.returncode == 2, result
+    assert "another download is writing to" in result.stderr
+    assert cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server)).returncode == 0

@@ -10,6 +10,7 @@ any key this process knows of, as a last line of defence.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -434,9 +435,11 @@ def download(
     if image_size is not None and fmt != "numpy":
         raise CliError("--image-size applies to --format numpy only", EXIT_USAGE)
     key, url = _resolve_key(api_key), _resolve_url(base_url)
-    with load_dataset(job_id, key, url, max_workers=max_workers) as dataset:
+    with contextlib.ExitStack() as stack:
+        dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
         root = output_dir / job_id
         try:
+            stack.enter_context(export.exclusive(root))  # one download into a folder at once
             writer = export.make_writer(fmt, dataset, root, image_size)  # numpy checks the size
         except export.ExportUsageError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None

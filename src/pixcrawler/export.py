@@ -8,15 +8,17 @@ transfers only what is missing. Final names appear only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -43,6 +45,40 @@ _PROGRESS_REFRESH = 0.2  # seconds between refreshes of the bytes bar
 
 class ExportUsageError(ValueError):
     """The job cannot be written as asked (e.g. numpy arrays of images of mixed sizes)."""
+
+
+@contextlib.contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold ``root``'s lock (``.<name>.lock`` beside it) for the block: two downloads into
+    one folder would append to the same ``.part`` files and share the staging folder.
+    Where the file system has no locks, the block runs unlocked."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root.with_name(f".{root.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _try_lock(fd)
+        except BlockingIOError:
+            raise ExportUsageError(
+                f"another download is writing to {root}; wait for it to end, or choose "
+                "another --output-dir"
+            ) from None
+        except OSError:  # ENOLCK and the like: no locks here
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+if sys.platform == "win32":  # pragma: no cover - no flock
+
+    def _try_lock(fd: int) -> None:
+        return None
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def transfer(
@@ -250,7 +286,12 @@ class _ZipWriter(Writer):
     name = "zip"
 
     def prepare(self) -> list[Chunk]:
-        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        folder = self.root / "chunks"
+        folder.mkdir(parents=True, exist_ok=True)
+        listed = {self.chunk_path(chunk).name for chunk in self.job.chunks}
+        for leftover in [*folder.glob("*.zip"), *folder.glob("*.zip.part")]:
+            if leftover.name.removesuffix(".part") not in listed:  # an earlier version's
+                leftover.unlink(missing_ok=True)
         todo: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
             path = self.chunk_path(chunk)
@@ -333,7 +374,7 @@ def _reserve(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -390,7 +431,9 @@ class _StagedWriter(Writer):
         self.state.update(extra)
         self.sidecar.save(self.state)
 
-    def mark_complete(self) -> None:
+    def check_complete(self) -> None:
+        """Every chunk written, as many images as the job lists: the outputs may take
+        their final names."""
         missing = [c.index for c in self.job.chunks if c.index not in set(self.state["done"])]
         if missing:  # pragma: no cover - the transfer loop processes every chunk
             raise RuntimeError(f"chunks {missing} were not written")
@@ -400,6 +443,10 @@ class _StagedWriter(Writer):
                 f"job {self.job.id} lists {self.total_images:,} images but its chunks hold "
                 f"{written:,}"
             )
+
+    def mark_complete(self) -> None:
+        """Record the export complete: only once its outputs have their final names, so
+        a run stopped before that finishes them instead of calling old ones complete."""
         self.state["complete"] = True
         self.sidecar.save(self.state)
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -477,6 +524,8 @@ class _NumpyWriter(_StagedWriter):
         return True
 
     def reset(self) -> None:
+        for old in (self.x_path, self.y_path, self.labels_path):  # another version's
+            old.unlink(missing_ok=True)
         self.X = np.lib.format.open_memmap(self.x_part, mode="w+", dtype=np.uint8, shape=self.shape)
         self.y = np.lib.format.open_memmap(
             self.y_part, mode="w+", dtype=np.int64, shape=self.shape[:1]
@@ -554,11 +603,12 @@ class _NumpyWriter(_StagedWriter):
             self.X.flush()
             self.y.flush()
         self.X = self.y = None  # unmapped before the rename
-        self.mark_complete()
+        self.check_complete()
         labels = json.dumps(list(self.job.labels), indent=1, ensure_ascii=False) + "\n"
         _write_atomic(self.labels_path, labels.encode("utf-8"))
         os.replace(self.y_part, self.y_path)
         os.replace(self.x_part, self.x_path)
+        self.mark_complete()
 
     def describe(self) -> str:
         shape = ", ".join(str(n) for n in self.shape)
@@ -600,9 +650,33 @@ class _ImagesWriter(_StagedWriter):
         return True
 
     def reset(self) -> None:
+        self._remove_listed(self.metadata_path)  # another version's images and listing
+        self._remove_listed(self.metadata_part)
         self.metadata_part.write_bytes(b"")
         self.state["metadata_bytes"] = 0
         self.used = set()
+
+    def _remove_listed(self, listing: Path) -> None:
+        """Delete the image files a metadata.jsonl (or its .part) names, then it, then the
+        label folders left empty: what an earlier version of the job wrote here."""
+        try:
+            lines = listing.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return
+        root = self.root.resolve()
+        folders: set[Path] = set()
+        for line in lines:
+            try:
+                file = (root / json.loads(line)["file"]).resolve()
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+            if file.is_relative_to(root) and file != root:
+                file.unlink(missing_ok=True)
+                folders.update(p for p in file.parents if p.is_relative_to(root) and p != root)
+        listing.unlink(missing_ok=True)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
         archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
@@ -663,8 +737,9 @@ class _ImagesWriter(_StagedWriter):
         return rel
 
     def finish(self) -> None:
-        self.mark_complete()
+        self.check_complete()
         os.replace(self.metadata_part, self.metadata_path)
+        self.mark_complete()
 
     def describe(self) -> str:
         return "images: <label>/<file>, metadata.jsonl"
