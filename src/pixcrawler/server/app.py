@@ -177,7 +177,9 @@ def create_app(
     ``keys`` maps API key -> owner; None reads ``<store>/keys.json`` and
     ``PIXCRAWLER_SERVER_KEYS`` once, now. With ``chunk_base_url`` a completed job lists
     absolute chunk urls ``{chunk_base_url}/{job_id}/chunks/{index:05d}.zip`` (for a static
-    host or CDN serving the store folder) instead of this server's chunk endpoint.
+    host or CDN serving the chunks) instead of this server's chunk endpoint. Publish only
+    the ``*/chunks/`` folders there: the store also holds ``keys.json`` and every owner's
+    ``job.json``, which a static host would serve to anyone.
 
     Example::
 
