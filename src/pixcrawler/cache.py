@@ -60,14 +60,16 @@ _HASH_BLOCK = 8 << 20
 
 if sys.platform == "win32":  # pragma: no cover - no flock; atomic rename still keeps it safe
 
-    def _lock_fd(fd: int) -> None:
+    def _lock_fd(fd: int, *, wait: bool = True) -> None:
         return None
 
 else:
     import fcntl
 
-    def _lock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    def _lock_fd(fd: int, *, wait: bool = True) -> None:
+        """An exclusive ``flock`` on ``fd``, released when it is closed; without ``wait``,
+        BlockingIOError if another process holds it."""
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def default_cache_root() -> Path:

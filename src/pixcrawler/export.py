@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
+from .cache import _lock_fd
 from .dataset import Dataset, decode_sample, group_bounds, num_images_of
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
@@ -56,7 +56,7 @@ def exclusive(root: Path) -> Iterator[None]:
     fd = os.open(root.with_name(f".{root.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            _try_lock(fd)
+            _lock_fd(fd, wait=False)
         except BlockingIOError:
             raise ExportUsageError(
                 f"another download is writing to {root}; wait for it to end, or choose "
@@ -67,18 +67,6 @@ def exclusive(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-if sys.platform == "win32":  # pragma: no cover - no flock
-
-    def _try_lock(fd: int) -> None:
-        return None
-
-else:
-    import fcntl
-
-    def _try_lock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def transfer(

@@ -119,10 +119,7 @@ def _opt_int(value: Any) -> int | None:
 def _opt_size(value: Any) -> int | None:
     """A chunk's byte count; 0 reads as not known (no zip archive is empty: an empty one
     is 22 bytes), so the chunk is read to its end rather than refused."""
-    size = _opt_int(value)
-    if size is not None and size < 0:
-        raise ValueError(f"size_bytes {size} is negative")
-    return size or None
+    return _count(value, "size_bytes") or None
 
 
 def _opt_str(value: Any) -> str | None:

@@ -134,8 +134,8 @@ def pack(
     if existing is not None:
         # Packed again: until the new job.json lands, the job is in progress and lists no
         # chunk, so no one is served new bytes under the old checksums (even if this stops).
-        unpacked = {**existing, "status": "running", "progress": 0, "chunks": []}
-        _write_json_atomic(job_dir / "job.json", {**unpacked, "total_images": 0})
+        unpacked = {**existing, "status": "running", "progress": 0, "total_images": 0, "chunks": []}
+        _write_json_atomic(job_dir / "job.json", unpacked)
     chunks_dir = job_dir / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
 
