@@ -338,6 +338,45 @@ def test_if_range_with_another_etag_sends_the_whole_chunk(
     assert (other.status, other.data) == (200, data)
 
 
+@pytest.mark.parametrize("range_header", [None, "bytes=100-299"])
+def test_head_of_a_chunk_is_the_gets_headers_without_a_body(
+    live_server: LiveServer, http: urllib3.PoolManager, range_header: str | None
+) -> None:
+    headers = {**AUTH, **({"Range": range_header} if range_header else {})}
+    got = get(http, chunk_url(live_server), headers)
+    head = http.request("HEAD", chunk_url(live_server), headers=headers)
+    assert head.status == got.status == (206 if range_header else 200)
+    assert head.data == b""
+    for name in ("Content-Length", "Content-Range", "ETag", "Accept-Ranges", "Content-Type"):
+        assert head.headers.get(name) == got.headers.get(name)
+    assert int(head.headers["Content-Length"]) == len(got.data)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/health", {}, 200),
+        (f"/api/v1/jobs/{JOB_UNIFORM}", AUTH, 200),
+        ("/api/v1/jobs", AUTH, 200),
+        (f"/api/v1/jobs/{JOB_UNIFORM}", {}, 401),
+        (f"/api/v1/jobs/{JOB_OTHER}", AUTH, 404),
+        (f"/api/v1/jobs/{JOB_UNIFORM}/chunks/999", AUTH, 404),
+    ],
+)
+def test_head_answers_every_get_route_with_its_status_and_no_body(
+    live_server: LiveServer,
+    http: urllib3.PoolManager,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    head = http.request("HEAD", live_server.base_url + path, headers=headers)
+    assert (head.status, head.data) == (status, b"")
+    assert head.headers["Content-Type"].startswith("application/json")
+    schema = get(http, live_server.base_url + "/openapi.json", {}).json()
+    assert all("head" not in operations for operations in schema["paths"].values())
+
+
 def test_large_chunk_streams_in_blocks_and_ranges_cross_blocks(
     tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
 ) -> None:

@@ -7,6 +7,7 @@ Endpoints (all but ``/health`` need a key, as ``Authorization: Bearer`` or ``X-A
     GET /api/v1/jobs/{job_id}                    one job; chunk urls once completed
     GET /api/v1/jobs/{job_id}/chunks/{index}     a chunk archive; Range, ETag
 
+Each also answers HEAD with the same status and headers and no body.
 Every error is ``{"error": {"type", "message", "status_code"}}``. A job of another owner
 is a 404, exactly as a job that does not exist, so ids cannot be probed.
 """
@@ -17,7 +18,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -57,6 +58,7 @@ _ERROR_TYPES = {
 _INDEX_RE = re.compile(rf"[0-9]{{1,{_MAX_INDEX_DIGITS}}}", re.ASCII)
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 _UNSATISFIABLE = (-1, -1)
+_Endpoint = Callable[..., Awaitable[Any]]
 
 # The OpenAPI document describes what the endpoints really send (a fuzzer checks it): the
 # error JSON for every error status, and the chunk endpoint's zip bodies.
@@ -214,11 +216,30 @@ def create_app(
             return f"{base_url}/{job_id}/chunks/{index:05d}.zip"
         return f"{API_PREFIX}/jobs/{job_id}/chunks/{index}"
 
-    @app.get("/health")
+    def get_and_head(path: str, **options: Any) -> Callable[[_Endpoint], _Endpoint]:
+        """Route GET ``path`` to the endpoint, and HEAD too (kept out of the OpenAPI schema,
+        which lists each operation once): curl -I, link checkers and download managers ask
+        for the headers alone."""
+
+        def register(endpoint: _Endpoint) -> _Endpoint:
+            app.get(path, **options)(endpoint)
+            app.add_api_route(
+                path,
+                endpoint,
+                methods=["HEAD"],
+                include_in_schema=False,
+                dependencies=options.get("dependencies"),
+                response_class=options.get("response_class", JSONResponse),
+            )
+            return endpoint
+
+        return register
+
+    @get_and_head("/health")
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
 
-    @app.get(
+    @get_and_head(
         API_PREFIX + "/jobs",
         dependencies=_AUTHENTICATED,
         responses={200: _json(_JOB_LIST_SCHEMA, "The caller's jobs"), **_errors(401, 422)},
@@ -241,7 +262,7 @@ def create_app(
             }
         )
 
-    @app.get(
+    @get_and_head(
         API_PREFIX + "/jobs/{job_id}",
         dependencies=_AUTHENTICATED,
         responses={200: _json(_JOB_SCHEMA, "The job"), **_errors(401, 404, 422)},
@@ -253,7 +274,7 @@ def create_app(
         body["chunks"] = [{**c, "url": chunk_url(job_id, int(c["index"]))} for c in chunks]
         return JSONResponse(body)
 
-    @app.get(
+    @get_and_head(
         API_PREFIX + "/jobs/{job_id}/chunks/{index}",
         dependencies=_AUTHENTICATED,
         response_class=Response,
@@ -340,6 +361,9 @@ def _chunk_response(
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        f.close()
+        return Response(status_code=status, headers=headers, media_type="application/zip")
     return StreamingResponse(
         _file_blocks(f, start, end),
         status_code=status,
