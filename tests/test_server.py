@@ -32,7 +32,7 @@ from pixcrawler.config import ENV_SERVER_KEYS
 from pixcrawler.models import Job
 from pixcrawler.packer import pack, write_job
 from pixcrawler.server import create_app, run_in_thread, runner
-from pixcrawler.server.store import KEYS_FILE, ensure_server_keys, load_server_keys
+from pixcrawler.server.store import KEYS_FILE, KeyRing, ensure_server_keys, load_server_keys
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -532,6 +532,24 @@ def test_env_keys_merge_over_keys_json(tmp_path: Path) -> None:
     (tmp_path / KEYS_FILE).write_text(json.dumps({"k1": "alice", "k2": "bob"}))
     keys = load_server_keys(tmp_path, environ={ENV_SERVER_KEYS: "k2:carol,k:3:dave"})
     assert keys == {"k1": "alice", "k2": "carol", "k:3": "dave"}
+
+
+def test_keys_json_keys_are_stripped_as_request_headers_are(tmp_path: Path) -> None:
+    (tmp_path / KEYS_FILE).write_text(json.dumps({"pasted-key\n": " alice "}))
+    keys = load_server_keys(tmp_path, environ={})
+    assert keys == {"pasted-key": "alice"}
+    # The server strips the header's value, so only the stripped key can ever match.
+    assert KeyRing(keys).owner_of("pasted-key") == "alice"
+
+
+@pytest.mark.parametrize("entry", [{" ": "alice"}, {"secret-key": "\t"}])
+def test_blank_keys_json_entries_raise_without_the_key(
+    tmp_path: Path, entry: dict[str, str]
+) -> None:
+    (tmp_path / KEYS_FILE).write_text(json.dumps(entry))
+    with pytest.raises(ValueError, match=KEYS_FILE) as info:
+        load_server_keys(tmp_path, environ={})
+    assert "secret-key" not in str(info.value)
 
 
 @pytest.mark.parametrize("value", ["no-owner", "secret-key:", ":owner"])

@@ -145,10 +145,13 @@ def load_server_keys(store: Path, environ: Mapping[str, str] | None = None) -> d
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read {path}: {type(exc).__name__}") from None
         if not isinstance(data, dict) or not all(
-            isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
+            isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip()
+            for k, v in data.items()
         ):
             raise ValueError(f'{path} must be a JSON object {{"<api key>": "<owner>", ...}}')
-        keys.update(data)
+        # Stripped as the request headers are (and the SDK's keys): a key pasted with its
+        # newline would otherwise never match.
+        keys.update({k.strip(): v.strip() for k, v in data.items()})
     keys.update(_parse_env_keys(env.get(ENV_SERVER_KEYS, "")))
     return keys
 
