@@ -94,8 +94,9 @@ def test_unfinished_jobs_raise_with_status_and_progress(
 
 
 def test_job_ids_are_validated_and_ints_accepted(live_server: LiveServer) -> None:
-    with pytest.raises(ValueError, match="job_id"):
-        load_dataset("../etc/passwd", live_server.api_key, live_server.base_url)
+    for bad in ("../etc/passwd", True):  # True is an int to Python, never a job id
+        with pytest.raises(ValueError, match="job_id"):
+            load_dataset(bad, live_server.api_key, live_server.base_url)
     with pytest.raises(NotFoundError):
         load_dataset(12345, live_server.api_key, live_server.base_url)
 
@@ -120,6 +121,12 @@ def test_unreachable_api_raises_network_error_after_bounded_retries() -> None:
         load_dataset(JOB_UNIFORM, "k", f"http://127.0.0.1:{closed_port()}", timeout=1, **FAST)
     assert isinstance(info.value.__cause__, Exception)
     assert time.monotonic() - started < 10
+
+
+def test_unreachable_api_without_retries_says_one_attempt() -> None:
+    with pytest.raises(NetworkError, match="after 1 attempt: ") as info:
+        load_dataset(JOB_UNIFORM, "k", f"http://127.0.0.1:{closed_port()}", timeout=1, retries=0)
+    assert isinstance(info.value.__cause__, Exception)
 
 
 def test_5xx_burst_is_retried_with_backoff(live_server: LiveServer) -> None:

@@ -79,6 +79,12 @@ def test_info_sizes_and_dates_are_formatted_as_the_spec_shows() -> None:
 
     assert human_size(2_684_354_560) == "2.5 GB"
     assert human_size(512) == "512 B"
+    # Just under a unit: the rounded figure moves up a unit, never "1024.0 KB".
+    assert human_size(1023) == "1023 B"
+    assert human_size(1024 * 1024 - 1) == "1.0 MB"
+    assert human_size(1024**3 - 1) == "1.0 GB"
+    assert human_size(1024**4 - 1) == "1.0 TB"
+    assert human_size(1024 * 1024 - 52) == "1023.9 KB"
     from pixcrawler.models import Job
 
     empty = DatasetInfo.from_job(Job(id="job_x", name="x", status="pending"))

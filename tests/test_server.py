@@ -66,8 +66,9 @@ def job_json(store: Path, job_id: str) -> dict[str, Any]:
 # -- health and auth ---------------------------------------------------------------------
 
 
-def test_health_needs_no_key(live_server: LiveServer, http: urllib3.PoolManager) -> None:
-    response = get(http, live_server.base_url + "/health", headers={})
+@pytest.mark.parametrize("path", ["/api/v1/health", "/health"])
+def test_health_needs_no_key(live_server: LiveServer, http: urllib3.PoolManager, path: str) -> None:
+    response = get(http, live_server.base_url + path, headers={})
     assert response.status == 200
     assert response.json() == {"status": "healthy"}
 
@@ -356,6 +357,7 @@ def test_head_of_a_chunk_is_the_gets_headers_without_a_body(
     ("path", "headers", "status"),
     [
         ("/health", {}, 200),
+        ("/api/v1/health", {}, 200),
         (f"/api/v1/jobs/{JOB_UNIFORM}", AUTH, 200),
         ("/api/v1/jobs", AUTH, 200),
         (f"/api/v1/jobs/{JOB_UNIFORM}", {}, 401),

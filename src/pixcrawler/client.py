@@ -73,6 +73,8 @@ def api_root(base_url: str) -> str:
 
 
 def job_path(job_id: str | int) -> str:
+    if isinstance(job_id, bool):  # an int to Python, never a job id
+        raise ValueError(f"job_id must be an int or a string, got {job_id!r}")
     text = str(job_id)
     if not _JOB_ID_RE.fullmatch(text):
         raise ValueError(
@@ -259,7 +261,7 @@ class ApiClient:
                 failures += 1
                 if failures > self.retry.retries:
                     raise NetworkError(
-                        f"{what} failed after {failures} attempts: {exc.__class__.__name__}: "
+                        f"{what} failed after {_attempts(failures)}: {exc.__class__.__name__}: "
                         f"{_safe_exc(exc)}"
                     ) from exc
                 cause = exc.__class__.__name__
@@ -334,8 +336,8 @@ def map_status(response: urllib3.BaseHTTPResponse, what: str) -> PixCrawlerError
 def _network_error(
     response: urllib3.BaseHTTPResponse, what: str, attempts: int, retry_after: float | None
 ) -> NetworkError:
-    message = f"{what}: HTTP {response.status}: {error_message(response)} after {attempts} "
-    message += "attempt" if attempts == 1 else "attempts"
+    message = f"{what}: HTTP {response.status}: {error_message(response)} after "
+    message += _attempts(attempts)
     if retry_after is not None:
         message += f"; the server asks to retry in {retry_after:.0f} s"
     return NetworkError(message, status_code=response.status, retry_after=retry_after)
@@ -354,3 +356,7 @@ def _safe_exc(exc: BaseException) -> str:
 
 
 __all__ = ["ApiClient", "api_root", "map_status", "not_complete_error", "origin_of"]
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"

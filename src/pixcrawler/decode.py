@@ -17,7 +17,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from . import config
@@ -179,6 +179,9 @@ class ImageDecoder:
             struct.error,
             Image.DecompressionBombError,
         ) as exc:
+            if isinstance(exc, UnidentifiedImageError):  # its text names a BytesIO object
+                known = ", ".join(_FORMATS)
+                raise DecompressionError(f"cannot decode image: not a {known} image") from exc
             raise DecompressionError(f"cannot decode image: {exc}") from exc
 
     def _check_pixels(self, width: int, height: int) -> None:

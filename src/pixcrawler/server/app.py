@@ -1,8 +1,8 @@
 """The reference API server: wire contract v1 over a store on disk, as a FastAPI app.
 
-Endpoints (all but ``/health`` need a key, as ``Authorization: Bearer`` or ``X-API-Key``)::
+Endpoints (all but the health check need a key, as ``Authorization: Bearer`` or ``X-API-Key``)::
 
-    GET /health                                  {"status": "healthy"}
+    GET /api/v1/health (and /health)             {"status": "healthy"}
     GET /api/v1/jobs?page=1&size=50              the caller's jobs, paginated
     GET /api/v1/jobs/{job_id}                    one job; chunk urls once completed
     GET /api/v1/jobs/{job_id}/chunks/{index}     a chunk archive; Range, ETag
@@ -235,9 +235,12 @@ def create_app(
 
         return register
 
-    @get_and_head("/health")
     async def health() -> dict[str, str]:
         return {"status": "healthy"}
+
+    # The contract puts every path under /api/v1; /health stays for probes that expect it.
+    get_and_head(API_PREFIX + "/health")(health)
+    get_and_head("/health")(health)
 
     @get_and_head(
         API_PREFIX + "/jobs",
