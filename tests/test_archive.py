@@ -622,6 +622,9 @@ def test_a_bad_sample_is_skipped_and_reported_with_on_error_skip(crafted: str) -
     ids = [sample.id for sample, _ in dataset.iter_samples()]
     assert ids == ["cat/0.jpg", "cat/1.png", "dog/2.jpg", "dog/4.png"]
     assert dataset.stats.skipped == 1 and dataset.stats.skipped_ids == ["cat/3.jpg"]
+    # Every pass counts its skips; the list names each image once (not once per epoch).
+    assert len(list(dataset)) == 4
+    assert dataset.stats.skipped == 2 and dataset.stats.skipped_ids == ["cat/3.jpg"]
 
 
 def test_a_bad_sample_warns_with_on_error_warn(crafted: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, digest
+from helpers import copy_without_counts, corrupt_copy, digest
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
@@ -151,6 +152,30 @@ def test_a_job_listing_no_image_counts_still_loads_whole(
     X, y = dataset.to_arrays()
     assert X.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3)
     assert digest(zip(X, y, strict=True)) == digest(uniform)
+    # Its length is unknown, not 0: len() says so, and the dataset is still true.
+    with pytest.raises(TypeError, match="no image counts"):
+        len(dataset)
+    assert dataset and len(list(dataset)) == UNIFORM_TOTAL
+    # A batch grows as it fills instead of allocating batch_size rows up front.
+    (images, labels), *rest = list(dataset.iter_batches(batch_size=10**7))
+    assert rest == [] and images.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3)
+    assert digest(zip(images, labels, strict=True)) == digest(uniform)
+    batches = list(dataset.iter_batches(batch_size=25))
+    assert [len(b) for b, _ in batches] == [25, 25, 10]
+    assert digest((i, lab) for b, ls in batches for i, lab in zip(b, ls, strict=True)) == digest(
+        uniform
+    )
+
+
+def test_to_arrays_of_nothing_decoded_has_the_images_shape(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    store = corrupt_copy(live_server.store, tmp_path, tuple(range(UNIFORM_TOTAL)))
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store), on_error="skip")
+    X, y = dataset.to_arrays()
+    assert X.shape == (0, *UNIFORM_SIZE, 3) and y.shape == (0,)  # the job's image_size
+    X, _ = dataset.to_arrays(image_size=np.array([8, 12]))
+    assert X.shape == (0, 8, 12, 3)
 
 
 def test_mixed_sizes_need_image_size_and_the_error_says_so(live_server: LiveServer) -> None:
@@ -265,18 +290,60 @@ def test_progress_bar_is_opt_in(
     assert "60/60" in capsys.readouterr().err
 
 
-def test_bad_arguments_are_rejected_early(live_server: LiveServer) -> None:
-    args = (JOB_UNIFORM, live_server.api_key, live_server.base_url)
-    with pytest.raises(ValueError, match="on_error"):
-        load_dataset(*args, on_error="ignore")
-    with pytest.raises(ValueError, match="mode"):
-        load_dataset(*args, mode="CMYK")
-    with pytest.raises(ValueError, match="image_size"):
-        load_dataset(*args, image_size=(0, 4))
-    with pytest.raises(ValueError, match="max_workers"):
-        load_dataset(*args, max_workers=0)
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("on_error", "ignore"),
+        ("mode", "CMYK"),
+        ("image_size", (0, 4)),
+        ("image_size", "64"),
+        ("max_workers", 0),
+        ("prefetch", 0),
+        ("prefetch", True),
+        ("decode_threads", 0),
+        ("decode_threads", -1),
+        ("decode_threads", 2.0),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_request(option: str, value: Any) -> None:
+    # No server listens there: checked after the request, each would be a NetworkError.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(ValueError, match=option):
+        load_dataset(JOB_UNIFORM, "key", nowhere, retries=0, timeout=1, **{option: value})
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 2.0, None, "8"])
+def test_a_bad_batch_size_is_refused_when_iter_batches_is_called(
+    uniform: Dataset, batch_size: Any
+) -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        next(load_dataset(*args).iter_batches(batch_size=0))
+        uniform.iter_batches(batch_size=batch_size)  # not at the first next()
+    assert uniform.stats.chunks == 0
+
+
+@pytest.mark.parametrize(
+    "image_size", ["64", b"64", (224.9, 224.9), (True, True), (0.5, 3), (16,), (16, 16, 3)]
+)
+def test_image_size_must_be_two_whole_numbers(uniform: Dataset, image_size: Any) -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        uniform.to_arrays(image_size=image_size)
+
+
+def test_image_size_takes_numpy_integers(uniform: Dataset) -> None:
+    for image_size in (np.array([8, 12]), (np.int64(8), np.uint16(12))):
+        images, _ = next(uniform.iter_batches(batch_size=4, image_size=image_size))
+        assert images.shape == (4, 8, 12, 3)
+
+
+def test_a_batch_is_never_larger_than_the_images_left(uniform: Dataset) -> None:
+    # 10**7 rows of 32x48x3 would be 43 GiB: only the 60 images left are allocated.
+    (images, _), *rest = list(uniform.iter_batches(batch_size=10**7))
+    assert rest == [] and images.shape == (UNIFORM_TOTAL, *UNIFORM_SIZE, 3)
+    assert images.base is None  # the array itself, not a view keeping more alive
+    sizes = [len(b) for b, _ in uniform.iter_batches(batch_size=25)]
+    assert sizes == [25, 25, 10]
 
 
 def test_dataset_pickles_without_live_connections(uniform: Dataset) -> None:

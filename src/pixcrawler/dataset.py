@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pixcrawler")
 
 ImageSize = tuple[int, int]
+# A batch of a job that lists no counts starts at this many rows and grows as it fills,
+# so a huge batch_size costs no more memory than the images it gets.
+_UNCOUNTED_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class DatasetInfo:
 class DatasetStats:
     """What a dataset has done so far: read it to see why a first batch is slow.
 
+    The counts add up over every pass (an epoch of ``to_tensorflow()`` is a pass), and
+    ``skipped_ids`` names each skipped image once, in the order first skipped.
     ``wait_seconds`` is the time the consumer spent waiting for data (download or decode);
     ``first_image_seconds`` the time from the start of iteration to the first image.
     """
@@ -112,6 +117,7 @@ class DatasetStats:
     images: int = 0
     skipped: int = 0
     skipped_ids: list[str] = field(default_factory=list)
+    _skipped_seen: set[str] = field(default_factory=set, repr=False, compare=False)
     chunks: int = 0
     wait_seconds: float = 0.0
     first_image_seconds: float | None = None
@@ -185,22 +191,21 @@ class Dataset:
         decode_threads: int | None = None,
         progress: bool = False,
     ) -> None:
-        if on_error not in config.ON_ERROR_POLICIES:
-            raise ValueError(
-                f"on_error must be one of {', '.join(config.ON_ERROR_POLICIES)}, got {on_error!r}"
-            )
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.image_size = check_options(
+            prefetch=prefetch,
+            mode=mode,
+            image_size=image_size,
+            on_error=on_error,
+            decode_threads=decode_threads,
+        )
         self.job = job
         self.settings = settings
         self.prefetch = prefetch
         self.mode = mode
-        self.image_size = validate_image_size(image_size) if image_size is not None else None
         self.on_error = on_error
         self.decode_threads = decode_threads or config.DEFAULT_DECODE_THREADS
         self.progress = progress
         self.stats = DatasetStats()
-        ImageDecoder(mode)  # validate the mode now, not at the first image
         self._client = client
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -222,7 +227,8 @@ class Dataset:
 
     @property
     def num_images(self) -> int:
-        """Total number of images in the dataset."""
+        """Total number of images in the dataset (0 if the job lists no counts; ``len()``
+        then raises TypeError, as for any iterable of unknown length)."""
         return num_images_of(self.job)
 
     @property
@@ -236,7 +242,16 @@ class Dataset:
         return self.job.chunk_size
 
     def __len__(self) -> int:
+        if not counts_listed(self.job):
+            # 0 would be a lie (and make `if dataset:` false): unsized, as a generator is.
+            raise TypeError(
+                f"job {self.job.id} lists no image counts: its length is unknown until "
+                "it is iterated"
+            )
         return self.num_images
+
+    def __bool__(self) -> bool:
+        return not counts_listed(self.job) or self.num_images > 0
 
     def __repr__(self) -> str:
         return (
@@ -280,7 +295,8 @@ class Dataset:
             return
         from tqdm.auto import tqdm
 
-        with tqdm(samples, total=self.num_images, unit="img", desc=self.job.id) as bar:
+        total = self.num_images if counts_listed(self.job) else None
+        with tqdm(samples, total=total, unit="img", desc=self.job.id) as bar:
             yield from bar
 
     def iter_batches(
@@ -292,27 +308,39 @@ class Dataset:
     ) -> Iterator[tuple[np.ndarray, list[str]]]:
         """Yield ``(images, labels)``: a ``(B, H, W, C)`` uint8 array and B label names.
 
-        Each batch is a new array allocated once at its full size. Images of different
-        sizes need ``image_size=(H, W)``; without it they raise :class:`MixedImageSizesError`.
+        Each batch is a new array allocated once, at its full size or at the images left
+        when fewer. Images of different sizes need ``image_size=(H, W)``; without it they
+        raise :class:`MixedImageSizesError`.
 
         Example:
             >>> for images, labels in dataset.iter_batches(batch_size=64):
             ...     train_model(images, labels)
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        positive_int("batch_size", batch_size)  # here, not at the first next()
+        size = validate_image_size(image_size) if image_size is not None else None
+        return self._batches(int(batch_size), drop_last, size)
+
+    def _batches(
+        self, batch_size: int, drop_last: bool, image_size: ImageSize | None
+    ) -> Iterator[tuple[np.ndarray, list[str]]]:
+        # Images still to come, if the job says: a batch is never larger than that.
+        left = self.num_images if counts_listed(self.job) else None
         batch: np.ndarray | None = None
         labels: list[str] = []
         for sample, image in self.iter_samples(image_size):
             if batch is None:
-                batch = np.empty((batch_size, *image.shape), dtype=np.uint8)
+                rows = min(batch_size, _UNCOUNTED_ROWS if left is None else max(1, left))
+                batch = np.empty((rows, *image.shape), dtype=np.uint8)
+            elif len(labels) == len(batch):  # a job listing no counts: grow up to batch_size
+                batch = _grown(batch, limit=batch_size)
             _put(batch, len(labels), image, sample)
             labels.append(sample.label)
             if len(labels) == batch_size:
                 yield batch, labels
                 batch, labels = None, []
+                left = None if left is None else left - batch_size
         if labels and batch is not None and not drop_last:
-            yield batch[: len(labels)], labels
+            yield (batch if len(batch) == len(labels) else batch[: len(labels)]), labels
 
     def to_arrays(self, *, image_size: ImageSize | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Load the whole dataset: ``X`` of shape (N, H, W, C) uint8 and ``y`` label names.
@@ -338,9 +366,10 @@ class Dataset:
                 images = _grown(images)  # a job that lists no counts: X grows as it fills
             _put(images, len(labels), image, sample)
             labels.append(sample.label)
-        if images is None:
+        if images is None:  # nothing decoded: the shape the images would have had
             channels = ImageDecoder(self.mode).channels
-            height, width = image_size or self.image_size or (0, 0)
+            size = validate_image_size(image_size) if image_size is not None else None
+            height, width = size or self.image_size or self.job.image_size or (0, 0)
             images = np.empty((0, height, width, channels), dtype=np.uint8)
         return images[: len(labels)], np.array(labels, dtype=str)
 
@@ -594,7 +623,9 @@ class Dataset:
             raise result
         with self._count_lock:
             self.stats.skipped += 1
-            self.stats.skipped_ids.append(sample.id)
+            if sample.id not in self.stats._skipped_seen:  # not again every epoch
+                self.stats._skipped_seen.add(sample.id)
+                self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
             warnings.warn(f"skipped {result.message}", RuntimeWarning, stacklevel=_caller_level())
         return None
@@ -684,15 +715,41 @@ def sample_metadata(sample: Sample, image: np.ndarray) -> dict[str, Any]:
     }
 
 
+def check_options(
+    *, prefetch: int, mode: str, image_size: Any, on_error: str, decode_threads: int | None
+) -> ImageSize | None:
+    """Refuse a bad option with a ValueError naming it (before any request is sent);
+    return ``image_size`` checked."""
+    if on_error not in config.ON_ERROR_POLICIES:
+        raise ValueError(
+            f"on_error must be one of {', '.join(config.ON_ERROR_POLICIES)}, got {on_error!r}"
+        )
+    positive_int("prefetch", prefetch)
+    if decode_threads is not None:
+        positive_int("decode_threads", decode_threads)
+    size = validate_image_size(image_size) if image_size is not None else None
+    ImageDecoder(mode)  # refuses an unknown mode now, not at the first image
+    return size
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
 def counts_listed(job: Job) -> bool:
     """Whether the job says how many images it holds (the wire contract's
     ``total_images`` or every chunk's ``image_count``; other producers may omit both)."""
     return bool(job.total_images) or all(c.image_count is not None for c in job.chunks)
 
 
-def _grown(images: np.ndarray) -> np.ndarray:
-    """``images`` copied into an array half as long again (at least one row more)."""
-    grown = np.empty((max(len(images) * 3 // 2, len(images) + 1), *images.shape[1:]), np.uint8)
+def _grown(images: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """``images`` copied into an array half as long again (at least one row more, at most
+    ``limit`` rows)."""
+    rows = max(len(images) * 3 // 2, len(images) + 1)
+    grown = np.empty((rows if limit is None else min(rows, limit), *images.shape[1:]), np.uint8)
     grown[: len(images)] = images
     return grown
 
@@ -760,8 +817,14 @@ def load_dataset(
         >>> for image, label in dataset:
         ...     print(image.shape)
     """
-    if max_workers < 1:
-        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    positive_int("max_workers", max_workers)
+    image_size = check_options(
+        prefetch=prefetch,
+        mode=mode,
+        image_size=image_size,
+        on_error=on_error,
+        decode_threads=decode_threads,
+    )
     settings = ClientSettings(
         api_key=resolve_api_key(api_key),
         base_url=resolve_base_url(base_url),
@@ -780,17 +843,17 @@ def load_dataset(
     )
     try:
         job = client.get_completed_job(job_id)
+        return Dataset(
+            job,
+            settings,
+            client=client,
+            prefetch=prefetch,
+            mode=mode,
+            image_size=image_size,
+            on_error=on_error,
+            decode_threads=decode_threads,
+            progress=progress,
+        )
     except BaseException:
         client.close()
         raise
-    return Dataset(
-        job,
-        settings,
-        client=client,
-        prefetch=prefetch,
-        mode=mode,
-        image_size=image_size,
-        on_error=on_error,
-        decode_threads=decode_threads,
-        progress=progress,
-    )

@@ -10,6 +10,7 @@ JPEG is first scaled in the DCT domain to at least the target, then resized exac
 from __future__ import annotations
 
 import io
+import operator
 import struct
 import sys
 import threading
@@ -244,11 +245,21 @@ class ImageDecoder:
 
 
 def validate_image_size(image_size: Any) -> tuple[int, int]:
-    """``(H, W)`` as two positive ints, or a ValueError naming what was given."""
+    """``(H, W)`` as two positive ints, or a ValueError naming what was given.
+
+    Only whole numbers count: ``"64"`` is not ``(6, 4)``, nor ``224.9`` 224, nor True 1.
+    """
     try:
-        height, width = (int(v) for v in image_size)
+        if isinstance(image_size, str | bytes):
+            raise TypeError("a string")
+        values = tuple(image_size)
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError("a bool")
+        height, width = (operator.index(v) for v in values)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"image_size must be (height, width), got {image_size!r}") from exc
+        raise ValueError(
+            f"image_size must be two ints (height, width), got {image_size!r}"
+        ) from exc
     if height < 1 or width < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
     return height, width
