@@ -224,8 +224,15 @@ def test_every_sdk_error_survives_pickling_with_its_fields() -> None:
         exceptions.DecompressionError("bad", chunk_id=1, sample_id="cat/1.jpg"),
         exceptions.NetworkError("down", status_code=429),
         exceptions.AuthenticationError("who", status_code=401),
+        exceptions.NotFoundError("no such job", status_code=404),
+        exceptions.MissingDependencyError("pip install 'pixcrawler-sdk[torch]'"),
+        exceptions.MixedImageSizesError("pass image_size=(H, W)"),
     ]
+    # The spec's hierarchy: one except clause catches every SDK error.
+    public = {getattr(exceptions, name) for name in exceptions.__all__}
+    assert {type(error) for error in errors} == public - {exceptions.PixCrawlerError}
     for error in errors:
+        assert isinstance(error, exceptions.PixCrawlerError)
         clone = pickle.loads(pickle.dumps(error))
         assert type(clone) is type(error) and str(clone) == str(error)
         assert vars(clone) == vars(error)

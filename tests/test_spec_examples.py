@@ -7,6 +7,7 @@ own (``job_123``, ``job_abc123``, ``key`` ...), served from copies of ``job_unif
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from constants import JOB_UNIFORM, UNIFORM_TOTAL
 pytestmark = pytest.mark.timeout(120)
 
 SPEC_JOBS = ("job_123", "job_abc123", "job_id")
-SPEC_KEYS = dict.fromkeys(("key", "your_api_key", "your_key"), "default")
+SPEC_KEYS = dict.fromkeys(("key", "your_api_key", "your_key", "mykey"), "default")
 
 
 @pytest.fixture
@@ -254,3 +255,51 @@ def test_api_reference_docstring_example(spec_server: str) -> None:
     for image, _label in dataset:
         assert image.shape == (32, 48, 3)
     assert dataset.num_chunks == 4 and dataset.chunk_size == 16
+
+
+def test_cli_examples(
+    spec_server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pixcrawler.cli import run
+
+    def pixcrawler(command_line: str) -> int:  # the spec's line, as a shell would split it
+        return run(shlex.split(command_line)[1:])
+
+    monkeypatch.chdir(tmp_path)
+    # Download to numpy arrays
+    assert pixcrawler("pixcrawler download job_123 --api-key mykey") == 0
+    X, y = np.load("datasets/job_123/X.npy"), np.load("datasets/job_123/y.npy")
+    assert X.shape == (UNIFORM_TOTAL, 32, 48, 3) and y.shape == (UNIFORM_TOTAL,)
+    # Download as image files
+    assert (
+        pixcrawler(
+            "pixcrawler download job_123 --api-key mykey --format images --output-dir ./my_dataset"
+        )
+        == 0
+    )
+    written = [p for p in Path("my_dataset/job_123").rglob("*") if p.suffix in (".jpg", ".png")]
+    assert len(written) == UNIFORM_TOTAL
+    # Fast parallel download (into ./datasets again: already complete, nothing to fetch)
+    assert pixcrawler("pixcrawler download job_123 --api-key mykey --max-workers 8") == 0
+    assert np.array_equal(np.load("datasets/job_123/X.npy"), X)
+    assert pixcrawler("pixcrawler download job_abc123 --api-key mykey --max-workers 8") == 0
+    assert np.array_equal(np.load("datasets/job_abc123/X.npy"), X)
+    capsys.readouterr()
+    assert pixcrawler("pixcrawler list --api-key mykey") == 0
+    listed = capsys.readouterr().out
+    assert all(job_id in listed for job_id in SPEC_JOBS)
+    assert pixcrawler("pixcrawler info job_123 --api-key mykey") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "Dataset",
+        "Status",
+        "Images",
+        "Chunks",
+        "Size",
+        "Created",
+        "Labels",
+    ]
+    assert lines[0] == "Dataset: job_123" and lines[2] == f"Images: {UNIFORM_TOTAL}"
