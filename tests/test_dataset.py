@@ -442,6 +442,23 @@ def test_to_dataframe_images_are_arrays_of_their_own(
         assert (image if image.base is None else image.base).nbytes == image.nbytes
 
 
+def test_load_dataset_keeps_the_specs_positional_parameters_and_defaults(
+    live_server: LiveServer,
+) -> None:
+    import inspect
+
+    params = list(inspect.signature(load_dataset).parameters.values())
+    positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [p.name for p in positional] == [
+        "job_id", "api_key", "base_url", "max_workers", "timeout", "verify_ssl"
+    ]  # fmt: skip
+    assert [p.default for p in positional[3:]] == [4, 300, True]
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[len(positional) :])
+    # All six by position, as the spec's signature allows.
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, 2, 30, True)
+    assert len(dataset) == UNIFORM_TOTAL
+
+
 def test_framework_conversions_show_their_options_and_return_types() -> None:
     """IDEs and help() see every option and what comes back (the spec promises full type
     hints), without importing a framework at run time."""

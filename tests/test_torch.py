@@ -772,6 +772,26 @@ def test_spec_example_4_pytorch_training_loop(live_server: LiveServer) -> None:
     assert np.mean(losses[-1]) < np.mean(losses[0])
 
 
+def test_spec_to_torch_docstring_example(live_server: LiveServer) -> None:
+    transforms = pytest.importorskip("torchvision.transforms")
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=live_server.base_url)
+
+    # As the spec's to_torch() docstring writes it.
+    transform = transforms.Compose(
+        [
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.5], std=[0.5]),
+        ]
+    )
+    torch_dataset = dataset.to_torch(transform=transform)
+    dataloader = DataLoader(torch_dataset, batch_size=32)
+
+    images, labels = next(iter(dataloader))
+    assert tuple(images.shape) == (32, 3, *UNIFORM_SIZE) and images.dtype == torch.float32
+    assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
+    assert labels.dtype == torch.int64 and len(labels) == 32
+
+
 def test_spec_pytorch_integration_with_torchvision_random_split_and_val_loss(
     live_server: LiveServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
