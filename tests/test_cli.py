@@ -40,11 +40,12 @@ from constants import (
     TEST_KEY,
     TEST_KEYS,
     UNFINISHED_JOBS,
+    UNIFORM_CHUNK_SIZE,
     UNIFORM_LABELS,
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import corrupt_copy
+from helpers import copy_without_counts, corrupt_copy
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
 from pixcrawler.config import READ_BLOCK
@@ -1115,3 +1116,179 @@ def test_a_second_download_into_a_folder_in_use_is_refused(
     assert result.returncode == 2, result
     assert "another download is writing to" in result.stderr
     assert cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server)).returncode == 0
+
+
+# -- a job that lists no image counts ---------------------------------------------------------
+# The wire contract lets other producers leave out a job's total_images and every chunk's
+# image_count (the SDK iterates and stacks such a job all the same): every format writes it
+# in full and reports the images it holds; a job that lists its counts keeps every check.
+
+UNIFORM_CHUNKS = -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
+
+
+def edited_copy(
+    store: Path, dest: Path, job_id: str, edit: Callable[[dict[str, Any]], None]
+) -> Path:
+    """``dest`` holding a copy of ``job_id`` whose job.json ``edit`` has changed."""
+    shutil.copytree(store / job_id, dest / job_id)
+    job_path = dest / job_id / "job.json"
+    job = json.loads(job_path.read_text())
+    edit(job)
+    job_path.write_text(json.dumps(job))
+    return dest
+
+
+def drop_counts(job: dict[str, Any]) -> None:
+    del job["total_images"]
+    for chunk in job["chunks"]:
+        del chunk["image_count"]
+
+
+def drop_counts_and_size(job: dict[str, Any]) -> None:
+    drop_counts(job)
+    del job["image_size"]
+
+
+@pytest.fixture
+def uncounted_url(store: Path, tmp_path: Path, server_factory: Callable[..., str]) -> str:
+    """A server of job_uniform listed without ``total_images`` and chunk ``image_count``."""
+    return server_factory(copy_without_counts(store, tmp_path / "uncounted"))
+
+
+def download(cli: Cli, url: str, job_id: str, *args: str) -> tuple[Path, str]:
+    result = cli.run("download", job_id, "-o", "out", "--no-progress", *args, *api(url, TEST_KEY))
+    assert result.returncode == 0, result
+    return cli.cwd / "out" / job_id, result.stdout
+
+
+def assert_numpy_equals_sdk(
+    root: Path, live_server: LiveServer, job_id: str, total: int, **kwargs: object
+) -> None:
+    """X.npy and y.npy as the SDK iterates the (counted) job, and nothing left over."""
+    X = np.load(root / "X.npy")
+    y = np.load(root / "y.npy")
+    labels = json.loads((root / "labels.json").read_text())
+    samples = sdk_samples(live_server, job_id, live_server.api_key, **kwargs)
+    assert len(samples) == total
+    assert X.shape == (total, *samples[0][1].shape) and X.dtype == np.uint8
+    assert y.shape == (total,) and y.dtype == np.int64
+    for row, (sample, image) in enumerate(samples):
+        np.testing.assert_array_equal(X[row], image)
+        assert labels[y[row]] == sample.label
+    assert not list(root.rglob("*.part")) and not (root / ".partial").exists()
+
+
+def test_images_download_of_a_job_without_counts_writes_and_reports_every_image(
+    cli: Cli, uncounted_url: str, packed: PackedStore
+) -> None:
+    root, stdout = download(cli, uncounted_url, JOB_UNIFORM, "--format", "images")
+    assert f"{UNIFORM_TOTAL} images in {UNIFORM_CHUNKS} chunks" in stdout
+    assert image_files(root) == image_files(packed.sources[JOB_UNIFORM])
+    assert len((root / "metadata.jsonl").read_text().splitlines()) == UNIFORM_TOTAL
+    assert not list(root.rglob("*.part")) and not (root / ".partial").exists()
+
+
+def test_zip_download_of_a_job_without_counts_reports_the_images_its_manifests_hold(
+    cli: Cli, uncounted_url: str, store: Path
+) -> None:
+    root, stdout = download(cli, uncounted_url, JOB_UNIFORM, "--format", "zip")
+    assert f"{UNIFORM_TOTAL} images in {UNIFORM_CHUNKS} chunks" in stdout
+    served = sorted((store / JOB_UNIFORM / "chunks").glob("*.zip"))
+    assert len(served) == UNIFORM_CHUNKS
+    for path in served:
+        assert (root / "chunks" / path.name).read_bytes() == path.read_bytes()
+
+    (root / "chunks" / "00001.zip").unlink()  # a rerun counts the chunks it keeps too
+    root, stdout = download(cli, uncounted_url, JOB_UNIFORM, "--format", "zip")
+    assert f"{UNIFORM_TOTAL} images in {UNIFORM_CHUNKS} chunks" in stdout
+    assert (root / "chunks" / "00001.zip").read_bytes() == served[1].read_bytes()
+
+
+@pytest.mark.parametrize("size", [None, (8, 12)], ids=["listed-size", "image-size"])
+def test_numpy_download_of_a_job_without_counts_equals_the_sdk_iteration(
+    cli: Cli, uncounted_url: str, live_server: LiveServer, size: tuple[int, int] | None
+) -> None:
+    args = ["--image-size", *map(str, size)] if size else []
+    root, stdout = download(cli, uncounted_url, JOB_UNIFORM, *args)
+    height, width = size or UNIFORM_SIZE
+    assert f"{UNIFORM_TOTAL} images in {UNIFORM_CHUNKS} chunks" in stdout
+    assert f"X.npy ({UNIFORM_TOTAL}, {height}, {width}, 3)" in stdout
+    assert json.loads((root / "labels.json").read_text()) == list(UNIFORM_LABELS)
+    assert_numpy_equals_sdk(root, live_server, JOB_UNIFORM, UNIFORM_TOTAL, image_size=size)
+
+
+def test_numpy_download_of_a_job_listing_neither_counts_nor_size_takes_the_images_size(
+    cli: Cli,
+    store: Path,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    live_server: LiveServer,
+) -> None:
+    """No ``image_size`` either: nothing says the images differ, so they are not refused."""
+    url = server_factory(edited_copy(store, tmp_path / "bare", JOB_UNIFORM, drop_counts_and_size))
+    root, stdout = download(cli, url, JOB_UNIFORM)
+    assert f"X.npy ({UNIFORM_TOTAL}, {UNIFORM_SIZE[0]}, {UNIFORM_SIZE[1]}, 3)" in stdout
+    assert_numpy_equals_sdk(root, live_server, JOB_UNIFORM, UNIFORM_TOTAL)
+
+
+def test_numpy_of_mixed_sizes_without_counts_or_size_stops_at_the_first_misfit(
+    cli: Cli,
+    store: Path,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    live_server: LiveServer,
+) -> None:
+    url = server_factory(edited_copy(store, tmp_path / "bare", JOB_MIXED, drop_counts_and_size))
+    result = cli.run("download", JOB_MIXED, "-o", "out", *api(url, TEST_KEY))
+    assert result.returncode == 8, result
+    assert "different sizes cannot be stacked" in result.stderr
+    assert "--image-size H W" in result.stderr and "--format images" in result.stderr
+    assert not list((cli.cwd / "out").rglob("X.npy"))
+
+    root, stdout = download(cli, url, JOB_MIXED, "--image-size", "24", "20")
+    assert f"X.npy ({MIXED_TOTAL}, 24, 20, 3)" in stdout
+    assert_numpy_equals_sdk(root, live_server, JOB_MIXED, MIXED_TOTAL, image_size=(24, 20))
+
+
+def test_numpy_download_of_a_job_without_counts_resumes_after_its_first_chunk(
+    cli: Cli, uncounted_url: str, live_server: LiveServer
+) -> None:
+    """Made by hand: the arrays as a run stopped after chunk 0 leaves them (16 rows)."""
+    root, _ = download(cli, uncounted_url, JOB_UNIFORM)
+    state = json.loads((root / ".progress.json").read_text())
+    state["numpy"].update(done=[0], counts={"0": UNIFORM_CHUNK_SIZE}, complete=False)
+    (root / ".progress.json").write_text(json.dumps(state))
+    for name in ("X", "y"):
+        rows = np.load(root / f"{name}.npy")[:UNIFORM_CHUNK_SIZE]
+        with open(root / f"{name}.npy.part", "wb") as fh:
+            np.save(fh, rows)
+        (root / f"{name}.npy").unlink()
+    (root / "labels.json").unlink()
+    with FaultProxy(uncounted_url) as proxy:
+        root, stdout = download(cli, proxy.base_url, JOB_UNIFORM)
+        requested = proxy.stats.requests_by_path
+        assert requested[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/0"] == 0
+        assert requested[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/1"] == 1
+    assert f"{UNIFORM_TOTAL} images" in stdout and "already complete" not in stdout
+    assert_numpy_equals_sdk(root, live_server, JOB_UNIFORM, UNIFORM_TOTAL)
+
+
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+@pytest.mark.parametrize("listed", [UNIFORM_TOTAL - 1, UNIFORM_TOTAL + 1])
+def test_a_job_listing_another_count_than_its_chunks_hold_still_exits_8(
+    cli: Cli,
+    store: Path,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    fmt: str,
+    listed: int,
+) -> None:
+    def miscount(job: dict[str, Any]) -> None:
+        job["total_images"] = listed
+
+    url = server_factory(edited_copy(store, tmp_path / "miscounted", JOB_UNIFORM, miscount))
+    result = cli.run("download", JOB_UNIFORM, "--format", fmt, "-o", "out", *api(url, TEST_KEY))
+    assert result.returncode == 8, result
+    assert f"job {JOB_UNIFORM} lists {listed} images but" in result.stderr
+    root = cli.cwd / "out" / JOB_UNIFORM
+    assert not (root / "X.npy").exists() and not (root / "metadata.jsonl").exists()

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -27,10 +29,10 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import _lock_fd
-from .dataset import Dataset, decode_sample, group_bounds, num_images_of
+from .dataset import Dataset, counts_listed, decode_sample, group_bounds, num_images_of
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
-from .exceptions import DecompressionError
+from .exceptions import DecompressionError, MixedImageSizesError
 from .models import Chunk, Job
 from .units import human_size
 
@@ -166,7 +168,7 @@ class Progress:
             dynamic_ncols=True,
         )
         self._images_bar = tqdm(
-            total=writer.total_images,
+            total=writer.total_images if writer.counted else None,  # else unknown until the end
             initial=writer.done_images,
             desc=f"{job_id} images",
             unit="img",
@@ -226,7 +228,10 @@ class Writer:
         self.dataset = dataset
         self.job: Job = dataset.job
         self.root = root
-        self.total_images = num_images_of(self.job)
+        # A job that lists no counts (other producers may omit them): its images are
+        # counted as they are written, and the count checks that need a listed one are left.
+        self.counted = counts_listed(self.job)
+        self.total_images = num_images_of(self.job)  # an uncounted job's: set by finish()
         self.done_images = 0
         self.complete = False
 
@@ -269,9 +274,14 @@ class Writer:
 
 
 class _ZipWriter(Writer):
-    """``chunks/00000.zip`` ...: the archives as served. A verified file is kept as is."""
+    """``chunks/00000.zip`` ...: the archives as served. A verified file is kept as is.
+    A job that lists no counts has its images counted from each chunk's manifest."""
 
     name = "zip"
+
+    def __init__(self, dataset: Dataset, root: Path) -> None:
+        super().__init__(dataset, root)
+        self.counts: dict[int, int] = {}  # images per chunk index, of an uncounted job
 
     def prepare(self) -> list[Chunk]:
         folder = self.root / "chunks"
@@ -281,22 +291,35 @@ class _ZipWriter(Writer):
             if leftover.name.removesuffix(".part") not in listed:  # an earlier version's
                 leftover.unlink(missing_ok=True)
         todo: list[Chunk] = []
+        kept: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
             path = self.chunk_path(chunk)
             if path.exists() and _intact(path, chunk):
-                self.done_images += chunk.image_count or 0
+                kept.append(chunk)
             else:
                 todo.append(chunk)
         self.complete = not todo
+        if todo:  # a complete folder is left as it is, its images uncounted
+            self.done_images = sum(self._count(chunk, self.chunk_path(chunk)) for chunk in kept)
         return todo
 
     def chunk_path(self, chunk: Chunk) -> Path:
         return self.root / "chunks" / f"{chunk.index:05d}.zip"
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
-        advance(chunk.image_count or 0)
+        advance(self._count(chunk, path))
+
+    def _count(self, chunk: Chunk, path: Path) -> int:
+        """The chunk's images: as the job lists them, or from the manifest of ``path``."""
+        if self.counted:
+            return chunk.image_count or 0
+        count = len(ChunkArchive(path.read_bytes(), chunk_id=chunk.index))
+        self.counts[chunk.index] = count
+        return count
 
     def finish(self) -> None:
+        if not self.counted:
+            self.total_images = sum(self.counts.values())
         self.complete = True
 
     def describe(self) -> str:
@@ -343,22 +366,59 @@ def _valid_state(state: dict[str, Any] | None) -> bool:
     return all(isinstance(i, int) and isinstance(counts.get(str(i)), int) for i in done)
 
 
-def _reserve(path: Path) -> None:
-    """Allocate a sparse file's blocks now, so a full disk is a clean error here rather than
-    a SIGBUS when a memory-mapped page is first written."""
+def _written(state: dict[str, Any]) -> int:
+    """Images of the chunks a sidecar section records written."""
+    return sum(int(n) for n in state["counts"].values())
+
+
+def _reserve(path: Path, start: int = 0) -> None:
+    """Allocate a sparse file's blocks from ``start`` on now, so a full disk is a clean error
+    here rather than a SIGBUS when a memory-mapped page is first written."""
     allocate = getattr(os, "posix_fallocate", None)
     if allocate is None:  # pragma: no cover - macOS, Windows
         return
     with open(path, "r+b") as fh:
         size = os.fstat(fh.fileno()).st_size
+        if size <= start:
+            return
         try:
-            allocate(fh.fileno(), 0, size)
+            allocate(fh.fileno(), start, size - start)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise OSError(
                     exc.errno, f"no room for {human_size(size)} in {path}: {exc.strerror}"
                 ) from None
             # EOPNOTSUPP and the like: the file system cannot say; carry on.
+
+
+def _resize_npy(path: Path, shape: tuple[int, ...], dtype: type[np.generic]) -> None:
+    """Make the ``.npy`` file ``path`` (created if missing) an array of ``shape``: its
+    header is rewritten in place (numpy leaves room in it for the first axis to grow) and
+    the file cut or extended, so rows already written stay where they are."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header,
+        {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": shape,
+        },
+    )
+    data = header.getvalue()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+b") as fh:
+        old_size = fh.seek(0, os.SEEK_END)
+        if old_size:
+            fh.seek(0)
+            if np.lib.format.read_magic(fh) != (1, 0):
+                raise ValueError(f"{path} is not a version 1.0 .npy file")
+            np.lib.format.read_array_header_1_0(fh)
+            if fh.tell() != len(data):  # pragma: no cover - numpy >= 1.23 pads the header
+                raise ValueError(f"the header of {path} has no room for shape {shape}")
+        fh.seek(0)
+        fh.write(data)
+        fh.truncate(len(data) + math.prod(shape) * np.dtype(dtype).itemsize)
+    _reserve(path, old_size)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -420,17 +480,23 @@ class _StagedWriter(Writer):
         self.sidecar.save(self.state)
 
     def check_complete(self) -> None:
-        """Every chunk written, as many images as the job lists: the outputs may take
-        their final names."""
+        """Every chunk written, as many images as the job lists (where it lists them): the
+        outputs may take their final names."""
         missing = [c.index for c in self.job.chunks if c.index not in set(self.state["done"])]
         if missing:  # pragma: no cover - the transfer loop processes every chunk
             raise RuntimeError(f"chunks {missing} were not written")
-        written = sum(int(n) for n in self.state["counts"].values())
-        if written != self.total_images:
+        written = self.written()
+        if not self.counted:
+            self.total_images = written
+        elif written != self.total_images:
             raise DecompressionError(
                 f"job {self.job.id} lists {self.total_images:,} images but its chunks hold "
                 f"{written:,}"
             )
+
+    def written(self) -> int:
+        """Images of the chunks written so far."""
+        return _written(self.state)
 
     def mark_complete(self) -> None:
         """Record the export complete: only once its outputs have their final names, so
@@ -465,7 +531,11 @@ class _StagedWriter(Writer):
 
 class _NumpyWriter(_StagedWriter):
     """``X.npy`` (N, H, W, C) uint8 filled chunk by chunk through a memory map, ``y.npy``
-    (int64 label ids) and ``labels.json``; ``*.npy.part`` until every chunk is in."""
+    (int64 label ids) and ``labels.json``; ``*.npy.part`` until every chunk is in.
+
+    A job that lists no counts (other producers may omit them) cannot size the arrays up
+    front: they grow by each chunk's rows as it is written, and where the job lists no
+    image size either, the first image sets it (to_arrays() does the same in memory)."""
 
     name = "numpy"
     mode = "RGB"
@@ -473,14 +543,19 @@ class _NumpyWriter(_StagedWriter):
     def __init__(self, dataset: Dataset, root: Path, image_size: tuple[int, int] | None) -> None:
         super().__init__(dataset, root)
         size = image_size or self.job.image_size
-        if size is None:
+        if size is None and self.counted:  # the packer's null size: the images differ
             raise ExportUsageError(
                 f"the images of job {self.job.id} differ in size, and numpy arrays need one: "
                 "pass --image-size H W to resize them all (e.g. --image-size 224 224), or use "
                 "--format images to keep the original files"
             )
+        self.size = size
         self.decoder = ImageDecoder(self.mode, size)
-        self.shape = (self.total_images, size[0], size[1], self.decoder.channels)
+        # (H, W, C) of every row; None until the first image where nothing gives the size.
+        self.image_shape: tuple[int, ...] | None = (
+            None if size is None else (size[0], size[1], self.decoder.channels)
+        )
+        self.rows = self.total_images  # X's rows: as listed, or (uncounted) written so far
         self.label_ids = {label: i for i, label in enumerate(self.job.labels)}
         self.x_path, self.y_path = root / "X.npy", root / "y.npy"
         self.labels_path = root / "labels.json"
@@ -492,8 +567,17 @@ class _NumpyWriter(_StagedWriter):
             config.DEFAULT_DECODE_THREADS, thread_name_prefix="pixcrawler-decode"
         )
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *(self.image_shape or (0, 0, self.decoder.channels)))
+
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "shape": list(self.shape), "mode": self.mode}
+        if self.counted:
+            shape: list[int | None] = list(self.shape)
+        else:  # the rows are not known ahead, nor (without a size) the image shape
+            height, width = self.size or (None, None)
+            shape = [None, height, width, self.decoder.channels]
+        return {**super().fingerprint(), "shape": shape, "mode": self.mode}
 
     def outputs_present(self) -> bool:
         return all(p.exists() for p in (self.x_path, self.y_path, self.labels_path))
@@ -504,16 +588,31 @@ class _NumpyWriter(_StagedWriter):
             y = np.lib.format.open_memmap(self.y_part, mode="r+")
         except (OSError, ValueError):
             return False
-        if X.shape != self.shape or X.dtype != np.uint8 or y.shape != self.shape[:1]:
+        if X.dtype != np.uint8 or y.dtype != np.int64 or X.ndim != 4 or y.shape != X.shape[:1]:
             return False
-        if y.dtype != np.int64:
-            return False
+        if self.counted:
+            if X.shape != self.shape:
+                return False
+        else:  # rows past those written are the chunk that was cut short: overwritten
+            if X.shape[0] < _written(state) or X.shape[3] != self.decoder.channels:
+                return False
+            if self.image_shape is not None and X.shape[1:] != self.image_shape:
+                return False
+            self.image_shape, self.rows = X.shape[1:], X.shape[0]
         self.X, self.y = X, y
         return True
 
     def reset(self) -> None:
         for old in (self.x_path, self.y_path, self.labels_path):  # another version's
             old.unlink(missing_ok=True)
+        if not self.counted:  # created with the first image, grown chunk by chunk
+            self.x_part.unlink(missing_ok=True)
+            self.y_part.unlink(missing_ok=True)
+            self.X = self.y = None
+            self.rows = 0
+            if self.size is None:
+                self.image_shape = None
+            return
         self.X = np.lib.format.open_memmap(self.x_part, mode="w+", dtype=np.uint8, shape=self.shape)
         self.y = np.lib.format.open_memmap(
             self.y_part, mode="w+", dtype=np.int64, shape=self.shape[:1]
@@ -522,18 +621,28 @@ class _NumpyWriter(_StagedWriter):
         _reserve(self.y_part)
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
-        if self.X is None or self.y is None:  # pragma: no cover - prepare() opened them
-            raise RuntimeError("prepare() was not called")
         archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
         samples = archive.samples
         offset = self.offset_of(chunk)
-        if offset + len(samples) > self.total_images:
+        if self.counted and offset + len(samples) > self.total_images:
             raise DecompressionError(
                 f"job {self.job.id} lists {self.total_images:,} images but chunk {chunk.index} "
                 f"ends at image {offset + len(samples):,}",
                 chunk_id=chunk.index,
             )
         ids = [self._label_id(sample) for sample in samples]
+        if not samples:
+            self.mark_done(chunk, 0)
+            return
+        if not self.counted:
+            if self.image_shape is None:  # no size given or listed: the first image's
+                image = decode_sample(archive, samples[0], self.decoder)
+                if not isinstance(image, np.ndarray):
+                    raise image  # names the chunk and the image
+                self.image_shape = image.shape
+            self._resize(offset + len(samples))
+        if self.X is None or self.y is None:  # pragma: no cover - prepare() opened them
+            raise RuntimeError("prepare() was not called")
         groups = [range(start, end) for start, end in group_bounds(len(samples))]
         futures = [
             self.pool.submit(self._decode_rows, self.X, archive, samples, rows, offset)
@@ -576,6 +685,13 @@ class _NumpyWriter(_StagedWriter):
             image = decode_sample(archive, sample, self.decoder)
             if not isinstance(image, np.ndarray):
                 raise image  # names the chunk and the image
+            if image.shape != want and self.size is None:  # the first image set the size
+                raise MixedImageSizesError(
+                    f"chunk {sample.chunk_id}: image {sample.id!r} is {image.shape[1]}x"
+                    f"{image.shape[0]} but earlier images are {want[1]}x{want[0]}: images of "
+                    "different sizes cannot be stacked; pass --image-size H W to resize them "
+                    "all, or use --format images to keep the original files"
+                )
             if image.shape != want:
                 raise DecompressionError(
                     f"chunk {sample.chunk_id}: image {sample.id!r} is {image.shape[1]}x"
@@ -586,7 +702,20 @@ class _NumpyWriter(_StagedWriter):
                 )
             X[offset + row] = image
 
+    def _resize(self, rows: int) -> None:
+        """An uncounted job's arrays: make ``X.npy.part`` and ``y.npy.part`` hold ``rows``
+        rows (created at the first image), remapped; rows written before stay as they are."""
+        image_shape = self.image_shape or (0, 0, self.decoder.channels)  # a job of no images
+        self.X = self.y = None  # unmapped while the files change
+        _resize_npy(self.x_part, (rows, *image_shape), np.uint8)
+        _resize_npy(self.y_part, (rows,), np.int64)
+        self.X = np.lib.format.open_memmap(self.x_part, mode="r+")
+        self.y = np.lib.format.open_memmap(self.y_part, mode="r+")
+        self.image_shape, self.rows = image_shape, rows
+
     def finish(self) -> None:
+        if not self.counted:
+            self._resize(self.written())  # exact, and made where no chunk held an image
         if self.X is not None and self.y is not None:
             self.X.flush()
             self.y.flush()
