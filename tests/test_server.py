@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -500,14 +501,48 @@ def test_rewritten_job_json_is_seen_on_the_next_request(
     assert (get(http, url).json()["status"], get(http, url).json()["progress"]) == ("running", 55.5)
 
 
-def test_broken_job_json_entry_is_500_error_json(
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [{"no": 1}],  # no index
+        [{"index": "first"}],
+        [{"index": "0"}],
+        [{"index": -1}],
+        [{"index": True}],  # a bool is not an index, though Python calls it an int
+        [{"index": 0}, "00001.zip"],  # an entry that is not an object
+        {"0": {"index": 0}},  # not a list
+    ],
+    ids=["no index", "word", "digit string", "negative", "bool", "string entry", "dict"],
+)
+def test_job_json_with_malformed_chunks_is_not_there(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, chunks: Any
+) -> None:
+    """A hand-edited job.json the server cannot answer from is a 404 like any job.json it
+    cannot parse (never a 500), and the store's other jobs are still listed."""
+    write_job(tmp_path, "job_ok", status="pending", progress=0)
+    (tmp_path / "job_bad" / "chunks").mkdir(parents=True)
+    (tmp_path / "job_bad" / "chunks" / "00000.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    bad = {"id": "job_bad", "status": "completed", "owner": "default", "chunks": chunks}
+    (tmp_path / "job_bad" / "job.json").write_text(json.dumps(bad))
+    base_url = server_factory(tmp_path)
+    for path in ("/api/v1/jobs/job_bad", "/api/v1/jobs/job_bad/chunks/0"):
+        assert_error(get(http, base_url + path), 404, "NotFoundError")
+    listed = get(http, base_url + "/api/v1/jobs").json()
+    assert [job["id"] for job in listed["items"]] == ["job_ok"]
+
+
+def test_job_json_without_id_is_served_with_its_folders_id(
     tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
 ) -> None:
-    (tmp_path / "job_bad").mkdir()
-    bad = {"id": "job_bad", "status": "completed", "owner": "default", "chunks": [{"no": 1}]}
-    (tmp_path / "job_bad" / "job.json").write_text(json.dumps(bad))
-    response = get(http, server_factory(tmp_path) + "/api/v1/jobs/job_bad")
-    assert_error(response, 500, "InternalServerError")
+    (tmp_path / "job_noid").mkdir()
+    job = {"name": "no id", "status": "completed", "progress": 100, "chunks": []}
+    (tmp_path / "job_noid" / "job.json").write_text(json.dumps(job))
+    base_url = server_factory(tmp_path)
+    response = get(http, base_url + "/api/v1/jobs/job_noid")
+    assert response.status == 200
+    assert Job.from_json(response.json()).id == "job_noid"
+    listed = get(http, base_url + "/api/v1/jobs").json()
+    assert [job["id"] for job in listed["items"]] == ["job_noid"]
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -561,19 +596,34 @@ def test_malformed_env_keys_raise_without_the_key(tmp_path: Path, value: str) ->
     assert "secret-key" not in str(info.value)
 
 
-def test_serve_announces_a_created_key_once(
+def test_serve_announces_a_created_key_once_and_the_port_it_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    calls: list[dict[str, Any]] = []
+    ports: list[int] = []
+
+    def run(server: Any, sockets: list[Any]) -> None:
+        """Start the app as uvicorn does (its lifespan announces it), then stop."""
+        ports.append(sockets[0].getsockname()[1])
+
+        async def start() -> None:
+            app = server.config.app
+            async with app.router.lifespan_context(app):
+                pass
+
+        asyncio.run(start())
+
     monkeypatch.delenv(ENV_SERVER_KEYS, raising=False)
-    monkeypatch.setattr(runner.uvicorn, "run", lambda app, **kw: calls.append(kw))
-    runner.serve(tmp_path / "store", port=8123)
-    key = next(iter(json.loads((tmp_path / "store" / KEYS_FILE).read_text())))
+    monkeypatch.setattr(runner.uvicorn.Server, "run", run)
+    store = tmp_path / "store"
+    store.mkdir()
+    runner.serve(store, port=0)
+    key = next(iter(json.loads((store / KEYS_FILE).read_text())))
     out = capsys.readouterr().out
     assert f"Created API key for owner 'default': {key}" in out
-    assert calls == [
-        {"host": "127.0.0.1", "port": 8123, "log_level": "warning", "access_log": False}
-    ]
+    assert ports[0] != 0
+    assert (
+        out.splitlines()[-1] == f"Serving {store} on http://127.0.0.1:{ports[0]} (Ctrl+C to stop)"
+    )
 
-    runner.serve(tmp_path / "store", port=8123)
+    runner.serve(store, port=0)
     assert key not in capsys.readouterr().out

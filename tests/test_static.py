@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import time
@@ -187,6 +188,46 @@ def test_refuses_symlink_out_of_root(server: StaticServer, store: tuple[Path, by
     except OSError:  # pragma: no cover - platforms without symlinks
         pytest.skip("symlinks unavailable")
     assert raw_get(server, "/escape.txt") == 404
+
+
+def exchange(srv: StaticServer, request: bytes) -> bytes:
+    """Send raw bytes; return all the server answers before it closes the connection."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "error_type"),
+    [
+        (b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", 501, "NotImplementedError"),
+        (
+            b"GET /x HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n",
+            431,
+            "RequestHeaderFieldsTooLargeError",
+        ),
+        (b"GET /x HTTP/2.0\r\n\r\n", 505, "HTTPVersionNotSupportedError"),
+        (b"NONSENSE\r\n\r\n", 400, "BadRequestError"),  # answered HTTP/0.9 style: body only
+    ],
+    ids=["POST", "too many headers", "HTTP/2", "not HTTP"],
+)
+def test_errors_the_stdlib_answers_are_json_too(
+    server: StaticServer, request_bytes: bytes, status: int, error_type: str
+) -> None:
+    """An unsupported method or a malformed request gets the JSON error body as every
+    other error does, not the stdlib's HTML page, and the connection is closed."""
+    head, _, body = exchange(server, request_bytes).rpartition(b"\r\n\r\n")
+    if head:
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {status} ")
+        assert "Content-Type: application/json" in lines
+        assert "Connection: close" in lines
+    error = json.loads(body)["error"]
+    assert (error["type"], error["status_code"]) == (error_type, status)
+    assert error["message"]
 
 
 def test_keeps_one_connection_alive_across_requests(

@@ -704,7 +704,7 @@ def serve(store: Path, host: str, port: int) -> None:
     from .server import serve as serve_store
 
     try:
-        serve_store(store, host, port)
+        serve_store(store, host, port, debug=_session.debug)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,25 +24,64 @@ _STOP_TIMEOUT = 5.0  # seconds to wait for the server thread at exit
 _GRACEFUL_SHUTDOWN = 2  # seconds uvicorn waits for open connections before closing them
 
 
-def serve(store: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(store: Path, host: str = "127.0.0.1", port: int = 8000, *, debug: bool = False) -> None:
     """Serve ``store`` over HTTP until interrupted.
 
     With no key configured (``<store>/keys.json`` or ``PIXCRAWLER_SERVER_KEYS``) a key for
     owner ``default`` is created, written to ``keys.json`` (mode 0600) and printed once.
+    ``port=0`` picks a free port; the one bound is announced. Ctrl+C stops the server after
+    at most a few seconds, cutting off downloads still open (clients resume them with
+    ``Range``); only ``debug`` shows what uvicorn logs while stopping. Raises ValueError
+    when ``store`` is not a folder, its keys are malformed, or ``host:port`` cannot be
+    listened on.
 
     Example::
 
         serve(Path("store"), port=8000)
     """
     store = Path(store)
-    keys, created = ensure_server_keys(store)
-    if created is not None:
-        # The one place a key is ever printed: the operator needs it, and it is new.
-        print(f"Created API key for owner 'default': {created}", flush=True)
-        print(f"(saved to {store / KEYS_FILE}; it will not be shown again)", flush=True)
-    app = create_app(store, keys)
-    print(f"Serving {store} on http://{_url_host(host)}:{port} (Ctrl+C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # Checked before a key is minted: a typo in the path must not become an empty store.
+    if not store.is_dir():
+        raise ValueError(f"store {str(store)!r} does not exist or is not a folder")
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"cannot listen on {_url_host(host)}:{port}: {reason}") from None
+    try:
+        keys, created = ensure_server_keys(store)
+        if created is not None:
+            # The one place a key is ever printed: the operator needs it, and it is new.
+            print(f"Created API key for owner 'default': {created}", flush=True)
+            print(f"(saved to {store / KEYS_FILE}; it will not be shown again)", flush=True)
+        app = create_app(store, keys)
+        bound = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
+        _announce_once_started(app, f"Serving {store} on {bound} (Ctrl+C to stop)")
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
+            )
+        )
+
+        def quiet_once_stopping(record: logging.LogRecord) -> bool:
+            # The downloads cut off at the end of the graceful shutdown are logged as
+            # tracebacks of cancelled tasks: expected on Ctrl+C, so not shown.
+            return debug or not server.should_exit
+
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        uvicorn_log.addFilter(quiet_once_stopping)
+        try:
+            # uvicorn re-raises the SIGINT it handled once stopped: Ctrl+C is how a
+            # foreground server ends, not an error.
+            with contextlib.suppress(KeyboardInterrupt):
+                server.run(sockets=[sock])
+        finally:
+            uvicorn_log.removeFilter(quiet_once_stopping)
+    finally:
+        sock.close()
 
 
 @contextmanager
@@ -56,11 +97,8 @@ def run_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[
         with run_in_thread(create_app(store, {"key": "default"})) as base_url:
             urllib3.request("GET", base_url + "/health")
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _listen(host, port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
         bound_port = sock.getsockname()[1]
         config = uvicorn.Config(
             app,
@@ -92,6 +130,37 @@ def run_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[
             thread.join(_STOP_TIMEOUT)
     finally:
         sock.close()
+
+
+def _announce_once_started(app: Any, line: str) -> None:
+    """Print ``line`` when the app has started, inside uvicorn: its Ctrl+C handling is in
+    place by then. A SIGINT during uvicorn's start-up can be swallowed in a logging
+    callback ("Exception ignored in ..."), leaving a server someone has stopped running."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        async with inner(app) as state:
+            print(line, flush=True)
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening; OSError when it cannot be.
+
+    Bound here rather than by uvicorn, which exits the process on a failed bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _url_host(host: str) -> str:

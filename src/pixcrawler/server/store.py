@@ -80,8 +80,9 @@ class JobStore:
         except (OSError, ValueError):
             # A job.json being replaced or hand-edited badly is "not there", not a crash.
             return None
-        if not isinstance(job, dict) or job.get("id", job_id) != job_id:
+        if not _well_formed(job, job_id):
             return None
+        job = {"id": job_id, **job}  # a job.json may leave its id to its folder's name
         self._cache[job_id] = _Cached(signature, job)
         return job
 
@@ -105,6 +106,24 @@ class JobStore:
         if not valid_job_id(job_id) or index < 0:
             raise ValueError("invalid job id or chunk index")
         return self.root / job_id / "chunks" / f"{index:05d}.zip"
+
+
+def _well_formed(job: Any, job_id: str) -> bool:
+    """Whether a parsed job.json can be served: an object of this id whose chunks, if
+    any, are objects with an integer ``index`` >= 0 (what the endpoints rely on)."""
+    if not isinstance(job, dict) or job.get("id", job_id) != job_id:
+        return False
+    chunks = job.get("chunks")
+    if chunks is None:
+        return True
+    return isinstance(chunks, list) and all(
+        isinstance(chunk, dict) and _is_index(chunk.get("index")) for chunk in chunks
+    )
+
+
+def _is_index(value: Any) -> bool:
+    # bool is an int subclass, but "index": true is a hand-editing slip, not chunk 1.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class KeyRing:

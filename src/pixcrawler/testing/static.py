@@ -25,6 +25,7 @@ import socketserver
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -147,6 +148,16 @@ class _QuietHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own errors (a bad request line, an unsupported method, a header too
+        long) as the same JSON, on a connection then closed: the request was not all read."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "HTTP"
+        error_type = phrase.replace(" ", "").replace("-", "") + "Error"
+        self.send_json_error(code, error_type, message or phrase, headers={"Connection": "close"})
 
 
 class _LoopbackServer:
