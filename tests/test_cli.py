@@ -1250,18 +1250,28 @@ def test_numpy_of_mixed_sizes_without_counts_or_size_stops_at_the_first_misfit(
     assert_numpy_equals_sdk(root, live_server, JOB_MIXED, MIXED_TOTAL, image_size=(24, 20))
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        {"X": UNIFORM_CHUNK_SIZE, "y": UNIFORM_CHUNK_SIZE},
+        # Stopped (or out of disk) between growing X and y for chunk 1.
+        {"X": 2 * UNIFORM_CHUNK_SIZE, "y": UNIFORM_CHUNK_SIZE},
+        {"X": UNIFORM_CHUNK_SIZE, "y": 2 * UNIFORM_CHUNK_SIZE},
+    ],
+    ids=["after chunk 0", "X grown, y not", "y grown, X not"],
+)
 def test_numpy_download_of_a_job_without_counts_resumes_after_its_first_chunk(
-    cli: Cli, uncounted_url: str, live_server: LiveServer
+    cli: Cli, uncounted_url: str, live_server: LiveServer, rows: dict[str, int]
 ) -> None:
-    """Made by hand: the arrays as a run stopped after chunk 0 leaves them (16 rows)."""
+    """Made by hand: the arrays as a run stopped after chunk 0 leaves them."""
     root, _ = download(cli, uncounted_url, JOB_UNIFORM)
     state = json.loads((root / ".progress.json").read_text())
     state["numpy"].update(done=[0], counts={"0": UNIFORM_CHUNK_SIZE}, complete=False)
     (root / ".progress.json").write_text(json.dumps(state))
     for name in ("X", "y"):
-        rows = np.load(root / f"{name}.npy")[:UNIFORM_CHUNK_SIZE]
+        kept = np.load(root / f"{name}.npy")[: rows[name]]
         with open(root / f"{name}.npy.part", "wb") as fh:
-            np.save(fh, rows)
+            np.save(fh, kept)
         (root / f"{name}.npy").unlink()
     (root / "labels.json").unlink()
     with FaultProxy(uncounted_url) as proxy:
@@ -1271,6 +1281,19 @@ def test_numpy_download_of_a_job_without_counts_resumes_after_its_first_chunk(
         assert requested[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/1"] == 1
     assert f"{UNIFORM_TOTAL} images" in stdout and "already complete" not in stdout
     assert_numpy_equals_sdk(root, live_server, JOB_UNIFORM, UNIFORM_TOTAL)
+
+
+def test_numpy_download_of_a_job_of_no_images_and_no_size_is_empty_arrays(
+    cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """No images cannot differ in size: not the "pass --image-size" refusal."""
+
+    def empty(job: dict[str, Any]) -> None:
+        job.update(chunks=[], total_images=0, image_size=None)
+
+    url = server_factory(edited_copy(store, tmp_path / "empty", JOB_UNIFORM, empty))
+    root, _ = download(cli, url, JOB_UNIFORM)
+    assert np.load(root / "X.npy").shape == (0, 0, 0, 3) and np.load(root / "y.npy").shape == (0,)
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "images"])

@@ -394,7 +394,11 @@ def _reserve(path: Path, start: int = 0) -> None:
 def _resize_npy(path: Path, shape: tuple[int, ...], dtype: type[np.generic]) -> None:
     """Make the ``.npy`` file ``path`` (created if missing) an array of ``shape``: its
     header is rewritten in place (numpy leaves room in it for the first axis to grow) and
-    the file cut or extended, so rows already written stay where they are."""
+    the file cut or extended, so rows already written stay where they are.
+
+    The header never promises more rows than the file holds, even if the process stops
+    in between (a growing file is extended first, a shrinking one cut after), so a rerun
+    can always open what is there."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header,
@@ -415,9 +419,14 @@ def _resize_npy(path: Path, shape: tuple[int, ...], dtype: type[np.generic]) -> 
             np.lib.format.read_array_header_1_0(fh)
             if fh.tell() != len(data):  # pragma: no cover - numpy >= 1.23 pads the header
                 raise ValueError(f"the header of {path} has no room for shape {shape}")
+        new_size = len(data) + math.prod(shape) * np.dtype(dtype).itemsize
+        if new_size >= old_size:
+            fh.truncate(new_size)
         fh.seek(0)
         fh.write(data)
-        fh.truncate(len(data) + math.prod(shape) * np.dtype(dtype).itemsize)
+        if new_size < old_size:
+            fh.flush()
+            fh.truncate(new_size)
     _reserve(path, old_size)
 
 
@@ -543,7 +552,8 @@ class _NumpyWriter(_StagedWriter):
     def __init__(self, dataset: Dataset, root: Path, image_size: tuple[int, int] | None) -> None:
         super().__init__(dataset, root)
         size = image_size or self.job.image_size
-        if size is None and self.counted:  # the packer's null size: the images differ
+        # The packer's null size: the images differ (a job of no images has none to differ).
+        if size is None and self.counted and self.total_images:
             raise ExportUsageError(
                 f"the images of job {self.job.id} differ in size, and numpy arrays need one: "
                 "pass --image-size H W to resize them all (e.g. --image-size 224 224), or use "
@@ -588,17 +598,20 @@ class _NumpyWriter(_StagedWriter):
             y = np.lib.format.open_memmap(self.y_part, mode="r+")
         except (OSError, ValueError):
             return False
-        if X.dtype != np.uint8 or y.dtype != np.int64 or X.ndim != 4 or y.shape != X.shape[:1]:
+        if X.dtype != np.uint8 or y.dtype != np.int64 or X.ndim != 4 or y.ndim != 1:
             return False
         if self.counted:
-            if X.shape != self.shape:
+            if X.shape != self.shape or y.shape != self.shape[:1]:
                 return False
-        else:  # rows past those written are the chunk that was cut short: overwritten
-            if X.shape[0] < _written(state) or X.shape[3] != self.decoder.channels:
+        else:
+            # Rows past those written are the chunk that was cut short (overwritten), and
+            # a run stopped while growing the two (or out of disk) left one longer.
+            rows = min(len(X), len(y))
+            if rows < _written(state) or X.shape[3] != self.decoder.channels:
                 return False
             if self.image_shape is not None and X.shape[1:] != self.image_shape:
                 return False
-            self.image_shape, self.rows = X.shape[1:], X.shape[0]
+            self.image_shape, self.rows = X.shape[1:], rows
         self.X, self.y = X, y
         return True
 

@@ -164,4 +164,4 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
