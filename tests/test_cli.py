@@ -855,6 +855,74 @@ def test_a_corrupt_image_in_a_numpy_download_exits_8_naming_it(
     assert not list((cli.cwd / "datasets").rglob("X.npy"))
 
 
+@pytest.mark.parametrize("counts", ["listed", "not listed"])
+def test_on_error_skip_leaves_corrupt_images_out_of_a_numpy_download(
+    cli: Cli,
+    live_server: LiveServer,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    counts: str,
+) -> None:
+    """One bad image must not cost a long download: --on-error skip writes every other
+    image, in order, names the ones left out, and a rerun resumes with the same layout."""
+    bad = (3, 16, 17, UNIFORM_TOTAL - 1)  # one mid-chunk, a chunk's first two, the last
+    store = corrupt_copy(live_server.store, tmp_path / "corrupt", bad)
+    if counts == "not listed":
+        store = copy_without_counts(store, tmp_path / "uncounted")
+    url = server_factory(store)
+    key = next(iter(TEST_KEYS))
+    args = ["download", JOB_UNIFORM, "--on-error", "skip", "--no-progress", *api(url, key)]
+    reference = load_dataset(JOB_UNIFORM, key, url, on_error="skip")
+    good = [(image.copy(), label) for image, label in reference]
+    skipped_ids = list(reference.stats.skipped_ids)
+    assert len(good) == UNIFORM_TOTAL - len(bad)
+
+    result = cli.run(*args)
+    assert result.returncode == 0, result
+    root = cli.cwd / "datasets" / JOB_UNIFORM
+    assert f"{len(bad)} that could not be decoded left out" in result.stdout
+    for sample_id in skipped_ids:
+        assert f"image {sample_id!r}: cannot decode image" in result.stderr
+    X, y = np.load(root / "X.npy"), np.load(root / "y.npy")
+    labels = json.loads((root / "labels.json").read_text())
+    assert X.shape == (len(good), *UNIFORM_SIZE, 3) and y.shape == (len(good),)
+    for row, (image, label) in enumerate(good):
+        np.testing.assert_array_equal(X[row], image)
+        assert labels[y[row]] == label
+
+    if counts == "listed":  # as a run stopped after chunk 1 leaves it: rerun resumes
+        done = {"0": UNIFORM_CHUNK_SIZE - 1, "1": UNIFORM_CHUNK_SIZE - 2}
+        state = json.loads((root / ".progress.json").read_text())
+        state["numpy"].update(done=[0, 1], counts=done, skipped={"0": 1, "1": 2}, complete=False)
+        (root / ".progress.json").write_text(json.dumps(state))
+        rows = sum(done.values())
+        for name, array in (("X", X), ("y", y)):
+            part = np.lib.format.open_memmap(
+                root / f"{name}.npy.part", "w+", array.dtype, (UNIFORM_TOTAL, *array.shape[1:])
+            )
+            part[:rows] = array[:rows]
+            part.flush()
+            del part
+            (root / f"{name}.npy").unlink()
+        with FaultProxy(url) as proxy:
+            assert cli.run(*args[:-4], *api(proxy.base_url, key)).returncode == 0
+            requested = proxy.stats.requests_by_path
+            assert requested[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/1"] == 0
+            assert requested[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/2"] == 1
+        np.testing.assert_array_equal(np.load(root / "X.npy"), X)
+        np.testing.assert_array_equal(np.load(root / "y.npy"), y)
+
+    # Without --on-error skip the same folder is another layout: started over, exit 8.
+    assert cli.run("download", JOB_UNIFORM, *api(url, key)).returncode == 8
+    assert cli.run(*args).returncode == 0
+    np.testing.assert_array_equal(np.load(root / "X.npy"), X)
+
+
+def test_on_error_is_for_numpy_only(cli: Cli, live_server: LiveServer) -> None:
+    result = cli.run("download", JOB_UNIFORM, "--format", "zip", "--on-error", "skip")
+    assert result.returncode == 2 and "--on-error applies to --format numpy only" in result.stderr
+
+
 def test_debug_adds_a_traceback(cli: Cli, live_server: LiveServer) -> None:
     plain = cli.run("info", "job_nope", *api(live_server))
     debug = cli.run("--debug", "info", "job_nope", *api(live_server))

@@ -401,6 +401,14 @@ def cli(debug: bool) -> None:
     metavar="H W",
     help="Resize every image to H x W (numpy only; needed when the job's sizes differ).",
 )
+@click.option(
+    "--on-error",
+    type=click.Choice(["raise", "skip"]),
+    default="raise",
+    show_default=True,
+    help="An image that cannot be decoded (numpy only): stop with exit 8, or leave it out "
+    "(named on stderr; X.npy then holds fewer rows).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (none off a terminal anyway).")
 def download(
     job_id: str,
@@ -410,6 +418,7 @@ def download(
     fmt: str,
     max_workers: int,
     image_size: tuple[int, int] | None,
+    on_error: str,
     no_progress: bool,
 ) -> None:
     """Download a completed job to OUTPUT_DIR/JOB_ID/.
@@ -431,16 +440,20 @@ def download(
       pixcrawler download job_123 --format images --output-dir ./my_dataset
       pixcrawler download job_123 --max-workers 8
       pixcrawler download job_123 --image-size 224 224
+      pixcrawler download job_123 --on-error skip
     """
     if image_size is not None and fmt != "numpy":
         raise CliError("--image-size applies to --format numpy only", EXIT_USAGE)
+    if on_error != "raise" and fmt != "numpy":
+        # images and zip write the bytes as packed: they decode nothing to fail on.
+        raise CliError("--on-error applies to --format numpy only", EXIT_USAGE)
     key, url = _resolve_key(api_key), _resolve_url(base_url)
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
         root = output_dir / job_id
         try:
             stack.enter_context(export.exclusive(root))  # one download into a folder at once
-            writer = export.make_writer(fmt, dataset, root, image_size)  # numpy checks the size
+            writer = export.make_writer(fmt, dataset, root, image_size, on_error)
         except export.ExportUsageError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
         stats = dataset.stats.transfer
@@ -459,9 +472,15 @@ def download(
             ) from None
         finally:
             writer.close()
+        left_out = (
+            f"; {writer.skipped_total:,} that could not be decoded left out"
+            if writer.skipped_total
+            else ""
+        )
         _echo(
             f"Downloaded {job_id}: {writer.total_images:,} images in {len(dataset.job.chunks):,} "
-            f"chunks to {root} ({writer.describe()}); received {human_size(stats.bytes_received)}."
+            f"chunks to {root} ({writer.describe()}){left_out}; "
+            f"received {human_size(stats.bytes_received)}."
         )
 
 

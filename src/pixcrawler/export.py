@@ -233,6 +233,7 @@ class Writer:
         self.counted = counts_listed(self.job)
         self.total_images = num_images_of(self.job)  # an uncounted job's: set by finish()
         self.done_images = 0
+        self.skipped_total = 0  # images left out (numpy, on_error="skip"), every run's
         self.complete = False
 
     def prepare(self) -> list[Chunk]:
@@ -495,13 +496,15 @@ class _StagedWriter(Writer):
         if missing:  # pragma: no cover - the transfer loop processes every chunk
             raise RuntimeError(f"chunks {missing} were not written")
         written = self.written()
+        self.skipped_total = sum(int(n) for n in self.state.get("skipped", {}).values())
         if not self.counted:
             self.total_images = written
-        elif written != self.total_images:
+        elif written + self.skipped_total != self.total_images:
             raise DecompressionError(
                 f"job {self.job.id} lists {self.total_images:,} images but its chunks hold "
-                f"{written:,}"
+                f"{written + self.skipped_total:,}"
             )
+        self.total_images = written  # what the outputs hold
 
     def written(self) -> int:
         """Images of the chunks written so far."""
@@ -544,13 +547,24 @@ class _NumpyWriter(_StagedWriter):
 
     A job that lists no counts (other producers may omit them) cannot size the arrays up
     front: they grow by each chunk's rows as it is written, and where the job lists no
-    image size either, the first image sets it (to_arrays() does the same in memory)."""
+    image size either, the first image sets it (to_arrays() does the same in memory).
+
+    With ``on_error="skip"`` an image that cannot be decoded is left out: its chunk's rows
+    close up behind it, the arrays are cut to the rows written, and ``skipped`` names it."""
 
     name = "numpy"
     mode = "RGB"
 
-    def __init__(self, dataset: Dataset, root: Path, image_size: tuple[int, int] | None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        root: Path,
+        image_size: tuple[int, int] | None,
+        on_error: str = "raise",
+    ) -> None:
         super().__init__(dataset, root)
+        self.skip = on_error == "skip"
+        self.skipped: list[str] = []  # ids left out by this run
         size = image_size or self.job.image_size
         # The packer's null size: the images differ (a job of no images has none to differ).
         if size is None and self.counted and self.total_images:
@@ -587,7 +601,8 @@ class _NumpyWriter(_StagedWriter):
         else:  # the rows are not known ahead, nor (without a size) the image shape
             height, width = self.size or (None, None)
             shape = [None, height, width, self.decoder.channels]
-        return {**super().fingerprint(), "shape": shape, "mode": self.mode}
+        skipping = {"on_error": "skip"} if self.skip else {}  # rows laid out another way
+        return {**super().fingerprint(), "shape": shape, "mode": self.mode, **skipping}
 
     def outputs_present(self) -> bool:
         return all(p.exists() for p in (self.x_path, self.y_path, self.labels_path))
@@ -661,17 +676,26 @@ class _NumpyWriter(_StagedWriter):
             self.pool.submit(self._decode_rows, self.X, archive, samples, rows, offset)
             for rows in groups
         ]
+        bad: dict[int, DecompressionError] = {}
         try:
             for rows, future in zip(groups, futures, strict=True):
-                future.result()
+                bad.update(future.result())
                 advance(len(rows))
         finally:
             for future in futures:
                 future.cancel()
-        self.y[offset : offset + len(samples)] = ids
+        good = [row for row in range(len(samples)) if row not in bad]
+        for to, row in enumerate(good):  # close up behind the images left out
+            if to != row:
+                self.X[offset + to] = self.X[offset + row]
+        self.y[offset : offset + len(good)] = [ids[row] for row in good]
         self.X.flush()
         self.y.flush()
-        self.mark_done(chunk, len(samples))
+        for row in sorted(bad):
+            log.warning("skipped %s", bad[row].message)
+            self.skipped.append(samples[row].id)
+        skipped = dict(self.state.get("skipped", {}), **{str(chunk.index): len(bad)})
+        self.mark_done(chunk, len(good), **({"skipped": skipped} if bad else {}))
 
     def _label_id(self, sample: Sample) -> int:
         try:
@@ -691,12 +715,17 @@ class _NumpyWriter(_StagedWriter):
         samples: list[Sample],
         rows: range,
         offset: int,
-    ) -> None:
+    ) -> dict[int, DecompressionError]:
+        """Decode ``rows`` of the chunk into ``X``; return the rows skipped and why."""
         want = self.shape[1:]
+        bad: dict[int, DecompressionError] = {}
         for row in rows:
             sample = samples[row]
             image = decode_sample(archive, sample, self.decoder)
             if not isinstance(image, np.ndarray):
+                if self.skip:
+                    bad[row] = image
+                    continue
                 raise image  # names the chunk and the image
             if image.shape != want and self.size is None:  # the first image set the size
                 raise MixedImageSizesError(
@@ -714,10 +743,12 @@ class _NumpyWriter(_StagedWriter):
                     sample_id=sample.id,
                 )
             X[offset + row] = image
+        return bad
 
     def _resize(self, rows: int) -> None:
-        """An uncounted job's arrays: make ``X.npy.part`` and ``y.npy.part`` hold ``rows``
-        rows (created at the first image), remapped; rows written before stay as they are."""
+        """Make ``X.npy.part`` and ``y.npy.part`` hold ``rows`` rows (an uncounted job's, at
+        its first image and each chunk; cut to the rows written where images were skipped),
+        remapped; rows written before stay as they are."""
         image_shape = self.image_shape or (0, 0, self.decoder.channels)  # a job of no images
         self.X = self.y = None  # unmapped while the files change
         _resize_npy(self.x_part, (rows, *image_shape), np.uint8)
@@ -727,8 +758,9 @@ class _NumpyWriter(_StagedWriter):
         self.image_shape, self.rows = image_shape, rows
 
     def finish(self) -> None:
-        if not self.counted:
-            self._resize(self.written())  # exact, and made where no chunk held an image
+        if not self.counted or self.written() != self.rows:
+            # Exact: made where no chunk held an image, cut where images were skipped.
+            self._resize(self.written())
         if self.X is not None and self.y is not None:
             self.X.flush()
             self.y.flush()
@@ -896,10 +928,14 @@ def _safe_relative(text: str, sample: Sample) -> str:
 
 
 def make_writer(
-    fmt: str, dataset: Dataset, root: Path, image_size: tuple[int, int] | None
+    fmt: str,
+    dataset: Dataset,
+    root: Path,
+    image_size: tuple[int, int] | None,
+    on_error: str = "raise",
 ) -> Writer:
     if fmt == "numpy":
-        return _NumpyWriter(dataset, root, image_size)
+        return _NumpyWriter(dataset, root, image_size, on_error)
     if fmt == "images":
         return _ImagesWriter(dataset, root)
     return _ZipWriter(dataset, root)
