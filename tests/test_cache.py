@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -319,6 +320,50 @@ def test_a_failed_write_leaves_no_file_and_still_serves_the_chunk(
     assert final is not None and not final.exists()
     assert not list(final.parent.glob("*.tmp"))
     assert chunks.stats.write_failures == 1
+
+
+def test_a_write_that_reads_back_other_bytes_is_never_renamed_into_place(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temp file is read back before the rename: one byte changed on its way to the
+    disk (same size: only the sha256 can tell) leaves no cached file, and no stamp that a
+    later process would trust."""
+
+    class Flipping:
+        """The temp file, written with one byte changed."""
+
+        def __init__(self, handle: Any) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Flipping:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+        def write(self, data: cache_module.Buffer) -> int:
+            damaged = bytearray(data)
+            damaged[len(damaged) // 2] ^= 0xFF
+            return int(self.handle.write(damaged))
+
+    real_open = open
+
+    def flipping_open(file: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        handle = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        return Flipping(handle) if "x" in mode else handle
+
+    chunks = remote.store(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr("builtins.open", flipping_open)
+        assert bytes(chunks.get(0)) == remote.bytes_of(0)  # served from memory all the same
+    final = chunks.path(0)
+    assert final is not None and not final.exists()
+    assert not final.with_name(final.name + ".verified").exists()
+    assert not list(final.parent.glob("*.tmp"))
+    assert chunks.stats.write_failures == 1
+    again = remote.store(tmp_path)  # another worker: nothing cached, so a good download
+    assert bytes(again.get(0)) == remote.bytes_of(0)
+    assert remote.calls == {0: 2} and again.stats.disk_hits == 0
 
 
 def test_temp_files_left_by_a_dead_process_are_swept(remote: Remote, tmp_path: Path) -> None:

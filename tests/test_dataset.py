@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from pixcrawler.archive import ChunkArchive, Sample
 from pixcrawler.dataset import group_bounds
 from pixcrawler.decode import ImageDecoder
 from pixcrawler.exceptions import MixedImageSizesError, PixCrawlerError
+from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -133,6 +136,27 @@ def test_iter_batches_stacks_preallocated_batches_and_keeps_the_remainder(
 
 def test_iter_batches_default_batch_size_is_32(uniform: Dataset) -> None:
     assert [len(labels) for _, labels in uniform.iter_batches()] == [32, 28]
+
+
+def test_iter_batches_trims_the_last_batch_to_the_images_left_after_skips(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """The last batch is allocated for the images the job lists as left; images skipped
+    on the way leave it part empty, and only the filled rows are yielded."""
+    bad = (3, 40, 41)  # one in the first batch, two in the last: 57 images decode
+    store = corrupt_copy(live_server.store, tmp_path, bad)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store), on_error="skip")
+    batches = list(dataset.iter_batches(batch_size=32))
+    assert [len(labels) for _, labels in batches] == [32, UNIFORM_TOTAL - len(bad) - 32]
+    for images, labels in batches:
+        assert len(images) == len(labels)
+        assert images.shape == (len(labels), *UNIFORM_SIZE, 3)
+    flat = [
+        (image, label)
+        for images, labels in batches
+        for image, label in zip(images, labels, strict=True)
+    ]
+    assert digest(flat) == digest(dataset)
 
 
 def test_to_arrays_returns_all_images_and_label_names(uniform: Dataset) -> None:
@@ -277,6 +301,37 @@ def test_stats_explain_where_time_went(uniform: Dataset) -> None:
     assert stats.transfer.bytes_received == uniform.info.size_bytes
     assert stats.first_image_seconds is not None and stats.first_image_seconds >= 0
     assert "first image after" in str(stats)
+
+
+def test_stats_time_the_first_image_once_and_add_up_every_wait(
+    live_server: LiveServer,
+) -> None:
+    """Chunk 0 stalls for a second: the first image comes after it, not at the last image,
+    and the time the consumer spent waiting adds up the stall with every later wait."""
+    stall = Fault("stall", after_bytes=2_000, seconds=1.0)
+    schedule = FaultSchedule.script([stall], match=r"/chunks/0$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(
+            JOB_UNIFORM,
+            live_server.api_key,
+            proxy.base_url,
+            max_workers=1,
+            timeout=5.0,
+            retries=1,
+            backoff=0.01,
+        )
+        started = time.perf_counter()
+        for _ in dataset:
+            time.sleep(0.02)  # a consumer slower than the decoders: 1.2 s over the job
+        elapsed = time.perf_counter() - started
+        assert proxy.stats.faults["stall"] == 1
+    stats = dataset.stats
+    assert stats.images == UNIFORM_TOTAL
+    assert stats.first_image_seconds is not None
+    assert 0.9 <= stats.first_image_seconds < elapsed - 0.6, (stats.first_image_seconds, elapsed)
+    assert 0.9 <= stats.wait_seconds < elapsed
+    waited = re.search(r"waited (\d+\.\d+) s", str(stats))
+    assert waited is not None and float(waited.group(1)) >= 0.9, str(stats)
 
 
 def test_progress_bar_is_opt_in(

@@ -153,6 +153,35 @@ def test_a_consumer_served_in_time_logs_nothing(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_a_chunk_answered_429_with_a_long_retry_after_is_raised_not_slept(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+) -> None:
+    """An hour's Retry-After is past what a download waits (config.MAX_RETRY_AFTER): the
+    iteration raises at once, saying when to retry, instead of sleeping the hour."""
+    dataset, proxy = through_proxy([Fault("rate_limit", retry_after=3600)], prefetch=1)
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(dataset)
+        except BaseException as exc:  # what escapes is the point
+            errors.append(exc)
+
+    worker = threading.Thread(target=consume)
+    started = time.monotonic()
+    worker.start()
+    worker.join(10)
+    slept = worker.is_alive()
+    dataset.close()  # wakes a consumer left sleeping on the hour
+    worker.join(10)
+    assert not slept, f"still waiting after {time.monotonic() - started:.1f} s"
+    assert len(errors) == 1 and isinstance(errors[0], DownloadError), errors
+    error = errors[0]
+    assert (error.chunk_id, error.status_code) == (0, 429)
+    assert "retry in 3600 s" in str(error)
+    assert proxy.stats.faults["rate_limit"] == 1  # asked once, not retried
+
+
 def test_corrupted_bytes_are_detected_and_downloaded_again(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]], clean_digest: tuple[int, str]
 ) -> None:
@@ -594,6 +623,41 @@ def test_the_chunks_being_decoded_count_in_the_window(
         assert sum(1 for _ in dataset.iter_batches(batch_size=7)) == -(-UNIFORM_TOTAL // 7)
     assert state["fetched"] == 2 * dataset.num_chunks and state["out"] == 0
     assert state["peak"] <= prefetch + 1
+
+
+def test_chunks_a_consumer_still_holds_count_in_the_window(live_server: LiveServer) -> None:
+    """A consumer that takes chunks without recycling them holds them all: no fetch
+    starts past prefetch + 1 chunks out, however long it keeps them."""
+    from pixcrawler.downloader import ChunkDownloader
+
+    prefetch = 2
+    lock = threading.Lock()
+    started: list[int] = []
+    fetch = ChunkDownloader.fetch
+
+    def counting_fetch(
+        self: ChunkDownloader, index: int, cancel: object = None, **options: bool
+    ) -> bytearray:
+        with lock:
+            started.append(index)
+        return fetch(self, index, cancel, **options)  # type: ignore[arg-type]
+
+    dataset = load_dataset(
+        JOB_UNIFORM, live_server.api_key, live_server.base_url, prefetch=prefetch
+    )
+    assert dataset.num_chunks > prefetch + 1  # a chunk left that must not be fetched
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ChunkDownloader, "fetch", counting_fetch)
+        downloader = dataset.downloader()
+        chunks = downloader.iter_chunks(recycles=True)
+        held = [next(chunks) for _ in range(prefetch + 1)]  # none recycled
+        time.sleep(0.5)  # a fetch started by mistake would have begun by now
+        with lock:
+            fetched = sorted(started)
+        chunks.close()
+        dataset.release_downloader(downloader)
+    assert [chunk.index for chunk, _ in held] == [0, 1, 2]
+    assert fetched == [0, 1, 2]  # prefetch + 1 at most
 
 
 def test_a_content_length_other_than_the_listed_size_is_refused(

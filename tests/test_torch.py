@@ -35,7 +35,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import corrupt_copy
+from helpers import copy_without_counts, corrupt_copy
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
@@ -457,6 +457,23 @@ def test_warnings_about_skipped_images_point_at_the_caller_not_the_sdk(
     assert {w.filename for w in record} == {__file__}
 
 
+def test_map_style_warn_serves_a_remembered_bad_index_by_the_next_valid_one_each_time(
+    corrupt_server: str,
+) -> None:
+    """Asked again (a loop that caught nothing, the next epoch), a bad index already
+    remembered is still served by the next valid one under "warn", as under "skip"."""
+    dataset = open_uniform(corrupt_server, "test-key", on_error="warn")
+    torch_dataset = dataset.to_torch(cache_dir=False)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        first = torch_dataset[5]
+        second = torch_dataset[5]  # remembered as bad: not decoded again
+    expected, label = torch_dataset[6]
+    for image, got_label in (first, second):
+        np.testing.assert_array_equal(image, expected)
+        assert got_label == label
+    assert dataset.stats.skipped == 1
+
+
 def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:
     dataset = open_uniform(corrupt_server, "test-key")
     torch_dataset = dataset.to_torch(cache_dir=False)
@@ -606,6 +623,23 @@ def test_streaming_skip_pads_past_more_bad_images_than_the_job_has_good_ones(
     keys = [key(image) for image, _ in stream]
     assert len(keys) == len(stream) == UNIFORM_TOTAL
     assert len(set(keys)) == valid
+
+
+def test_a_job_listing_no_image_counts_splits_ranks_evenly_and_has_its_length(
+    live_server: LiveServer,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    reference: Reference,
+) -> None:
+    """Chunks listed without image_count are opened to count them: each rank gets its
+    half, and the map-style dataset its full length."""
+    base_url = server_factory(copy_without_counts(live_server.store, tmp_path))
+    per_rank = stream_keys(base_url, world_size=2, api_key=live_server.api_key, num_workers=0)
+    assert [len(keys) for keys in per_rank] == [UNIFORM_TOTAL // 2] * 2
+    assert sorted(k for keys in per_rank for k in keys) == sorted(reference.keys)
+    torch_dataset = open_uniform(base_url, live_server.api_key).to_torch(cache_dir=False)
+    assert len(torch_dataset) == UNIFORM_TOTAL
+    np.testing.assert_array_equal(torch_dataset[UNIFORM_TOTAL - 1][0], reference.images[-1])
 
 
 def test_streaming_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:
