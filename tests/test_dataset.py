@@ -334,6 +334,32 @@ def test_stats_time_the_first_image_once_and_add_up_every_wait(
     assert waited is not None and float(waited.group(1)) >= 0.9, str(stats)
 
 
+def test_memory_does_not_grow_pass_after_pass(uniform: Dataset) -> None:
+    """What a pass allocates, it gives back: eight more passes over the job leave less than
+    two chunks of Python and numpy memory behind. Keeping one chunk's bytes per chunk would
+    leave 32, one decoded image per chunk 6; Pillow's and the threads' own bookkeeping
+    measured ~12-16 KB."""
+    import tracemalloc
+
+    def passes(count: int) -> None:
+        for _ in range(count):
+            for _ in uniform:
+                pass
+        gc.collect()
+
+    passes(4)  # buffers, pools, Pillow's lazy imports: made once
+    tracemalloc.start()
+    try:
+        passes(4)
+        before = tracemalloc.get_traced_memory()[0]
+        passes(8)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    chunk = min(c.size_bytes or 0 for c in uniform.job.chunks)
+    assert grown < 2 * chunk, (grown, chunk)
+
+
 def test_progress_bar_is_opt_in(
     live_server: LiveServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
