@@ -43,3 +43,6 @@ UNFINISHED_JOBS = (
 # A completed job of OTHER_OWNER: invisible (404, unlisted) to TEST_KEY.
 JOB_OTHER = "job_other"
 OTHER_TOTAL = 4
+
+# The lines of `pixcrawler info`, as the spec shows them.
+INFO_FIELDS = ("Dataset", "Status", "Images", "Chunks", "Size", "Created", "Labels")

@@ -33,6 +33,7 @@ from conftest import LiveServer, PackedStore
 from constants import (
     EXIF_ROTATED_DISPLAY_SIZE,
     EXIF_ROTATED_ID,
+    INFO_FIELDS,
     JOB_MIXED,
     JOB_OTHER,
     JOB_UNIFORM,
@@ -676,15 +677,7 @@ def test_info_of_an_unfinished_job_shows_its_progress(
     lines = result.stdout.splitlines()
     assert lines[0] == f"Dataset: {job_id}"
     assert lines[1] == f"Status: {status} ({progress:g}%)"
-    assert [line.split(":")[0] for line in lines] == [
-        "Dataset",
-        "Status",
-        "Images",
-        "Chunks",
-        "Size",
-        "Created",
-        "Labels",
-    ]
+    assert [line.split(":")[0] for line in lines] == list(INFO_FIELDS)
 
 
 def test_list_shows_a_table_of_my_jobs(cli: Cli, live_server: LiveServer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from constants import JOB_UNIFORM, UNIFORM_TOTAL
+from constants import INFO_FIELDS, JOB_UNIFORM, UNIFORM_TOTAL
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -293,13 +293,5 @@ def test_cli_examples(
     assert all(job_id in listed for job_id in SPEC_JOBS)
     assert pixcrawler("pixcrawler info job_123 --api-key mykey") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        "Dataset",
-        "Status",
-        "Images",
-        "Chunks",
-        "Size",
-        "Created",
-        "Labels",
-    ]
+    assert [line.split(":")[0] for line in lines] == list(INFO_FIELDS)
     assert lines[0] == "Dataset: job_123" and lines[2] == f"Images: {UNIFORM_TOTAL}"
