@@ -179,6 +179,7 @@ def test_a_job_listing_no_image_counts_still_loads_whole(
     # Its length is unknown, not 0: len() says so, and the dataset is still true.
     with pytest.raises(TypeError, match="no image counts"):
         len(dataset)
+    assert not dataset.info.counts_listed and "Images: unknown" in str(dataset.info).splitlines()
     assert dataset and len(list(dataset)) == UNIFORM_TOTAL
     # A batch grows as it fills instead of allocating batch_size rows up front.
     (images, labels), *rest = list(dataset.iter_batches(batch_size=10**7))

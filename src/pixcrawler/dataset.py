@@ -65,6 +65,9 @@ class DatasetInfo:
     completed_at: datetime | None
     image_size: ImageSize | None
     version: int
+    # False for a job that lists no image counts (other producers may omit them):
+    # num_images is then 0 and printed as unknown.
+    counts_listed: bool = True
 
     @classmethod
     def from_job(cls, job: Job) -> DatasetInfo:
@@ -82,6 +85,7 @@ class DatasetInfo:
             completed_at=parse_time(job.completed_at),
             image_size=job.image_size,
             version=job.version,
+            counts_listed=counts_listed(job),
         )
 
     @property
@@ -95,7 +99,7 @@ class DatasetInfo:
             [
                 f"Dataset: {self.id}",
                 f"Status: {self.status}",
-                f"Images: {self.num_images:,}",
+                f"Images: {self.num_images:,}" if self.counts_listed else "Images: unknown",
                 f"Chunks: {self.num_chunks:,}",
                 f"Size: {human_size(self.size_bytes)}",
                 f"Created: {created}",
