@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +20,7 @@ from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_TOTAL
 from helpers import close_while_consuming, digest
 from pixcrawler import Dataset, config, load_dataset
-from pixcrawler.exceptions import DownloadError
+from pixcrawler.exceptions import DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 from pixcrawler.testing.static import StaticServer
@@ -224,6 +227,46 @@ def test_expired_presigned_url_refreshes_the_job_once(
         dataset = load_dataset(JOB_UNIFORM, live_server.api_key, api, backoff=0.01)
         assert digest(dataset) == clean_digest
         assert dataset.stats.transfer.url_refreshes == 1
+
+
+def test_close_while_the_jobs_urls_are_re_read_returns_at_once(
+    live_server: LiveServer, server_factory: Callable[..., str]
+) -> None:
+    """Chunk 0's presigned URL has expired and the API stalls on the re-read: closing the
+    dataset ends the waiting consumer at once, not after the API's timeout."""
+    with (
+        StaticServer(live_server.store) as blob,
+        FaultProxy(
+            blob.base_url,
+            host="127.0.0.2",
+            schedule=FaultSchedule.script([Fault("expired")], match=CHUNKS),
+        ) as cdn,
+    ):
+        api = server_factory(live_server.store, chunk_base_url=cdn.base_url)
+        stalled = FaultSchedule.script([None, Fault("hang")], match=rf"/jobs/{JOB_UNIFORM}$")
+        with FaultProxy(api, schedule=stalled) as slow_api:
+            dataset = load_dataset(
+                JOB_UNIFORM, live_server.api_key, slow_api.base_url, timeout=30, retries=0
+            )
+            errors: list[BaseException] = []
+
+            def consume() -> None:
+                try:
+                    list(dataset)
+                except BaseException as exc:  # what escapes is the point
+                    errors.append(exc)
+
+            worker = threading.Thread(target=consume)
+            worker.start()
+            deadline = time.monotonic() + 10
+            while slow_api.stats.faults["hang"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert slow_api.stats.faults["hang"] == 1  # the re-read is under way
+            started = time.monotonic()
+            dataset.close()
+            worker.join(10)
+            assert not worker.is_alive() and time.monotonic() - started < 3
+            assert len(errors) == 1 and isinstance(errors[0], PixCrawlerError), errors
 
 
 def test_a_403_from_the_api_host_itself_is_not_a_refresh(
@@ -660,6 +703,37 @@ def test_chunks_a_consumer_still_holds_count_in_the_window(live_server: LiveServ
     assert fetched == [0, 1, 2]  # prefetch + 1 at most
 
 
+def test_max_workers_bounds_the_chunks_downloaded_at_once(live_server: LiveServer) -> None:
+    """DESIGN.md: max_workers bounds concurrent transfers, whatever the window holds."""
+    from pixcrawler.downloader import ChunkDownloader
+
+    lock = threading.Lock()
+    running = peak = 0
+    fetch = ChunkDownloader.fetch
+
+    def slow_fetch(
+        self: ChunkDownloader, index: int, cancel: object = None, **options: bool
+    ) -> bytearray:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.1)  # long enough for a second transfer to overlap
+            return fetch(self, index, cancel, **options)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                running -= 1
+
+    dataset = load_dataset(
+        JOB_UNIFORM, live_server.api_key, live_server.base_url, max_workers=1, prefetch=3
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ChunkDownloader, "fetch", slow_fetch)
+        assert sum(1 for _ in dataset) == UNIFORM_TOTAL
+    assert peak == 1
+
+
 def test_a_content_length_other_than_the_listed_size_is_refused(
     live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -879,3 +953,94 @@ def test_a_chunk_the_job_does_not_list_is_a_typed_error(live_server: LiveServer)
         list(dataset.iter_samples(chunks=[99]))
     with pytest.raises(PixCrawlerError, match="lists no chunk 99"):
         dataset.downloader().fetch(99)
+
+
+class _ReplacedFileHost:
+    """A blob host whose file is replaced while a download of it is cut off after 3,000
+    bytes: it honours ``If-Range`` as RFC 9110 says (a 200 with the whole new file when
+    the tag is not the current one), and can answer a range shorter than asked."""
+
+    def __init__(self, first: bytes, second: bytes, short_ranges: bool = False) -> None:
+        self.current = first
+        self.requests: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(dict(self.headers.items()))
+                data = outer.current
+                etag = f'"{hashlib.sha256(data).hexdigest()}"'
+                asked = self.headers.get("Range")
+                if asked is None or self.headers.get("If-Range", etag) != etag:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("ETag", etag)
+                    self.end_headers()
+                    if len(outer.requests) == 1:  # cut off, and the file replaced
+                        self.wfile.write(data[:3000])
+                        outer.current = second
+                        self.close_connection = True
+                        return
+                    self.wfile.write(data)
+                    return
+                start = int(asked.removeprefix("bytes=").split("-")[0])
+                stop = min(start + 1000, len(data)) if short_ranges else len(data)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+                self.send_header("Content-Length", str(stop - start))
+                self.send_header("ETag", etag)
+                self.end_headers()
+                self.wfile.write(data[start:stop])
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _fetch_unverified(host: _ReplacedFileHost, size: int | None) -> bytearray:
+    """Chunk 0 from ``host``, listed without a sha256 (other producers may omit it)."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    client = ApiClient("key", host.url, timeout=5, retry=RetryPolicy(retries=2, backoff_base=0.01))
+    try:
+        chunks = [Chunk(index=0, url=host.url + "/c/0", size_bytes=size)]
+        downloader = ChunkDownloader(client, chunks, max_workers=1, prefetch=1)
+        try:
+            return downloader.fetch(0)
+        finally:
+            downloader.close()
+    finally:
+        client.close()
+
+
+def test_a_resume_never_stitches_two_versions_of_a_file() -> None:
+    first, second = os.urandom(10_000), os.urandom(10_000)
+    host = _ReplacedFileHost(first, second)
+    try:
+        assert bytes(_fetch_unverified(host, size=10_000)) == second  # whole, not mixed
+        assert host.requests[1]["If-Range"] == f'"{hashlib.sha256(first).hexdigest()}"'
+    finally:
+        host.close()
+
+
+def test_a_range_shorter_than_asked_is_never_handed_out_as_the_chunk() -> None:
+    data = os.urandom(10_000)
+    host = _ReplacedFileHost(data, data, short_ranges=True)
+    try:
+        # Unsized, 4,000 bytes looked complete; refused, the chunk is fetched whole again.
+        assert bytes(_fetch_unverified(host, size=None)) == data
+        assert "Range" not in host.requests[-1]
+    finally:
+        host.close()

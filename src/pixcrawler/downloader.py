@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -133,6 +134,8 @@ class BufferPool:
 
 
 _BYTEARRAY_OVERHEAD = sys.getsizeof(bytearray())
+_CANCEL_POLL = 0.05  # seconds between looks at a cancel while the job's URLs are re-read
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
 
 
 @functools.cache
@@ -273,6 +276,9 @@ class ChunkDownloader:
         self.prefetch = prefetch
         self.stats = stats or TransferStats()
         self._refresh = refresh
+        # A chunk's strong ETag, as its server last gave it: sent as If-Range with every
+        # resume, so bytes of a file replaced meanwhile are never stitched to the old ones.
+        self._etags: dict[int, str] = {}
         self._lock = threading.Lock()
         self._chunks = {c.index: c for c in chunks}
         # Per transfer: its response, or its connection while it waits for the headers.
@@ -371,7 +377,9 @@ class ChunkDownloader:
         """
         todo = iter(self.indexes if order is None else list(order))
         cancel = threading.Event()
-        pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="pixcrawler-download")
+        # max_workers bounds the transfers at once, however many chunks the window holds.
+        workers = min(self.prefetch, self.max_workers)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="pixcrawler-download")
         window: deque[tuple[int, Future[bytearray]]] = deque()
         held = 0  # chunks handed out and not recycled yet (counted when recycles=True)
         starved = False  # the consumer found the last chunk it asked for not ready
@@ -570,11 +578,17 @@ class ChunkDownloader:
             self._children.setdefault(cancel, []).append(parts_cancel)
         if cancel.is_set():
             parts_cancel.set()
-        futures = [
-            pool.submit(self._stream, chunk.index, sink, lo, hi, None, parts_cancel, part=True)
-            for lo, hi in parts[1:]
-        ]
+        futures: list[Future[Any]] = []
         try:
+            try:
+                for lo, hi in parts[1:]:
+                    futures.append(
+                        pool.submit(
+                            self._stream, chunk.index, sink, lo, hi, None, parts_cancel, part=True
+                        )
+                    )
+            except RuntimeError:  # close() shut the pool down since the check above
+                raise _Cancelled() from None
             # The first part is hashed as it arrives, each later one once it is complete
             # (most of it arrived meanwhile): only the last part's hash waits on the wire.
             hasher = self._stream(chunk.index, sink, *parts[0], hashlib.sha256(), cancel, part=True)
@@ -640,6 +654,8 @@ class ChunkDownloader:
             if ranged:
                 last = "" if end is None else str(end - 1)
                 headers["Range"] = f"bytes={pos}-{last}"
+                if (etag := self._etags.get(index)) is not None:
+                    headers["If-Range"] = etag
             retry_after: float | None = None
             response: urllib3.BaseHTTPResponse | None = None
             connections: list[HTTPConnection] = []  # tracked while the headers are due
@@ -655,6 +671,9 @@ class ChunkDownloader:
                 )
                 self._track(cancel, response)
                 status = response.status
+                etag = response.headers.get("ETag")
+                if status in (200, 206) and etag and not etag.startswith("W/"):
+                    self._etags[index] = etag
                 if status == 200 and ranged:
                     if part:
                         raise _RangeIgnored()
@@ -662,7 +681,9 @@ class ChunkDownloader:
                     sink.restart()
                     hasher = _reset(hasher)
                 elif status == 206:
-                    _check_content_range(response, pos, index)
+                    total = _check_content_range(response, pos, end, chunk.size_bytes, index)
+                    if end is None and not part:
+                        end = total  # an unsized chunk: the rest ends where its file does
                 elif status == 416 and not part and pos > 0:
                     total = _unsatisfied_length(response)
                     if (end is not None and pos >= end) or (end is None and total == pos):
@@ -695,7 +716,7 @@ class ChunkDownloader:
                     and not refreshed
                 ):
                     refreshed = True
-                    self._refresh_urls()
+                    self._refresh_urls(cancel)
                     continue
                 if status not in config.RETRY_STATUSES:
                     cause = map_status(response, f"GET chunk {index}")
@@ -765,10 +786,31 @@ class ChunkDownloader:
             progress.received.clear()
             progress.failed(f"corrupt ({why})", 0.0)
 
-    def _refresh_urls(self) -> None:
+    def _refresh_urls(self, cancel: threading.Event) -> None:
+        """Re-read the job's chunk URLs. The API request runs on a thread of its own, so
+        a close() or a cancel (an early break) returns at once instead of waiting out its
+        timeout and retries; the abandoned request ends by itself."""
         if self._refresh is None:
             return
-        fresh = self._refresh()
+        refresh = self._refresh
+        outcome: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome.append(refresh())
+            except BaseException as exc:  # handed to the fetch that asked
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="pixcrawler-refresh", daemon=True).start()
+        while not done.wait(_CANCEL_POLL):
+            if cancel.is_set() or self._closed.is_set():
+                raise _Cancelled()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        fresh = outcome[0]
         self.stats.add(url_refreshes=1)
         with self._lock:
             self._chunks.update({c.index: c for c in fresh})
@@ -842,30 +884,49 @@ def _receive_block(
     return block
 
 
+def _digits(value: str) -> bool:
+    """``str.isdigit()`` takes "²" and Arabic-Indic digits, which ``int()`` refuses."""
+    return value.isascii() and value.isdigit()
+
+
 def _check_length(response: urllib3.BaseHTTPResponse, pos: int, end: int | None) -> None:
     """A body whose announced length disagrees with the chunk's listed size is wrong."""
     length = response.headers.get("Content-Length")
-    if end is None or length is None or not length.isdigit():
+    if end is None or length is None or not _digits(length):
         return
     if int(length) != end - pos:
         raise _IntegrityError(f"the server announced {length} bytes where {end - pos} were due")
 
 
-def _check_content_range(response: urllib3.BaseHTTPResponse, pos: int, index: int) -> None:
+def _check_content_range(
+    response: urllib3.BaseHTTPResponse, pos: int, end: int | None, size: int | None, index: int
+) -> int | None:
+    """A 206 must be the range asked for (to ``end``, or to the end of the file when the
+    chunk's size is not listed) of a file of the chunk's listed size; returns that file's
+    length when the server says it. Blob stores answer a range whole; anything else (a
+    part of it, a range of a file of another length) is not stitched into the chunk."""
     value = response.headers.get("Content-Range", "")
-    try:
-        first = int(value.split()[1].split("-")[0])
-    except (IndexError, ValueError):
-        first = -1
-    if first != pos:
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None or int(match[1]) != pos:
         raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value!r}")
+    last = int(match[2])
+    total = None if match[3] == "*" else int(match[3])
+    due = end if end is not None else total
+    if due is None or last != due - 1:
+        asked = f"{pos}-{'' if end is None else end - 1}"
+        raise _IntegrityError(f"chunk {index}: asked for bytes {asked}, got range {value!r}")
+    if size is not None and total is not None and total != size:
+        raise _IntegrityError(
+            f"chunk {index}: the server's file is {total} bytes, not the {size} listed"
+        )
+    return total
 
 
 def _unsatisfied_length(response: urllib3.BaseHTTPResponse) -> int | None:
     """The complete length a 416 names (``Content-Range: bytes */<length>``), if any."""
     value = response.headers.get("Content-Range", "")
     unit, _, length = value.partition(" */")
-    return int(length) if unit.strip() == "bytes" and length.strip().isdigit() else None
+    return int(length) if unit.strip() == "bytes" and _digits(length.strip()) else None
 
 
 def _hash_file(fh: Any, length: int) -> Any:
