@@ -498,3 +498,40 @@ def test_a_folder_without_file_locks_still_caches(
     again = remote.store(tmp_path)
     assert bytes(again.get(2)) == remote.bytes_of(2)
     assert remote.calls == {2: 1} and again.stats.disk_hits == 1
+
+
+def _take_lock(path: str) -> None:
+    """In a forked child: the chunk's lock, as a DataLoader worker's ChunkStore takes it."""
+    with cache_module._exclusive(Path(path)):
+        pass
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and flock are POSIX")
+def test_a_worker_forked_while_the_parent_holds_a_chunk_lock_gets_it_once_released(
+    tmp_path: Path,
+) -> None:
+    """The parent is fetching chunk 0 (holding its lock) when DataLoader forks a worker.
+    The worker inherits the lock's descriptor; unless it lets go of that copy, the flock
+    outlives the parent's release and the worker waits on it forever."""
+    chunk = tmp_path / "00000.zip"
+    holding, release = threading.Event(), threading.Event()
+
+    def parent_fetch() -> None:
+        with cache_module._exclusive(chunk):
+            holding.set()
+            release.wait(10)
+
+    fetcher = threading.Thread(target=parent_fetch)
+    fetcher.start()
+    assert holding.wait(5)
+    worker = multiprocessing.get_context("fork").Process(target=_take_lock, args=(str(chunk),))
+    worker.start()
+    time.sleep(0.3)
+    release.set()  # the parent's fetch ends
+    fetcher.join(5)
+    worker.join(10)
+    try:
+        assert worker.exitcode == 0  # it got the lock, not a hang
+    finally:
+        if worker.is_alive():
+            worker.kill()

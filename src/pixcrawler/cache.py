@@ -72,6 +72,23 @@ else:
         fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+# Chunk lock files this process holds open. A forked child (a DataLoader worker) inherits
+# them, and a flock lives as long as any copy of its descriptor: the child closes its
+# copies at once, or it would wait forever on a lock only it still keeps alive.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)  # not LOCK_UN: that would release the parent's lock too
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 def default_cache_root() -> Path:
     """``$PIXCRAWLER_CACHE_DIR``, else the platform's user cache dir for ``pixcrawler``."""
     env = os.environ.get(config.ENV_CACHE_DIR)
@@ -392,6 +409,7 @@ def _exclusive(path: Path) -> Iterator[None]:
     except OSError:
         yield
         return
+    _HELD_LOCKS.add(fd)
     try:
         try:
             _lock_fd(fd)
@@ -399,6 +417,7 @@ def _exclusive(path: Path) -> Iterator[None]:
             log.debug("no lock on %s (%s); atomic renames still keep the cache whole", path, exc)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # releases the lock
 
 
