@@ -325,11 +325,13 @@ def test_an_item_over_the_memory_budget_is_downloaded_once(
     assert chunk_requests(blobs) == Counter({f"/{JOB_UNIFORM}/chunks/00000.zip": 1})
 
 
+@pytest.mark.parametrize("where", ["an image", "the zip directory"])
 def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(
-    live_server: LiveServer, reference: Reference
+    live_server: LiveServer, reference: Reference, where: str
 ) -> None:
     """Bit rot in a cached chunk moves no timestamp, so its stamp still matches: the first
-    image that fails its sha256 makes the file be hashed, replaced, and the image served."""
+    image that fails its sha256, or an archive that no longer opens (a torn end, where the
+    zip keeps its directory), makes the file be hashed, replaced, and the image served."""
     from pixcrawler import cache as cache_module
 
     first = open_uniform(live_server).to_torch()
@@ -338,7 +340,10 @@ def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(
     assert path is not None
     member = first.store.archive(0).samples[0].member
     data = bytearray(path.read_bytes())
-    data[member.offset + 100] ^= 0xFF
+    if where == "an image":
+        data[member.offset + 100] ^= 0xFF
+    else:
+        data[-22:] = bytes(22)  # the end-of-central-directory record, zeroed
     path.write_bytes(bytes(data))
     cache_module._write_stamp(path, path.stat(), path.name.split("-")[1][:-4])  # as if rotted
 
@@ -346,6 +351,33 @@ def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(
     image, label = fresh[0]
     np.testing.assert_array_equal(image, reference.images[0])
     assert label == reference.label_ids[0]
+    assert fresh.store.stats.corrupt_files == 1 and fresh.store.stats.downloads == 1
+
+
+def test_a_rotted_cache_file_is_replaced_once_for_a_batch_of_decode_threads(
+    live_server: LiveServer, reference: Reference
+) -> None:
+    """Every image of a cached chunk rotted, read as one batch by 4 decode threads: the
+    first to fail rechecks the file; the others, failing on the same bytes, decode again
+    from the replaced chunk instead of marking good images bad for the whole process."""
+    from pixcrawler import cache as cache_module
+
+    first = open_uniform(live_server).to_torch()
+    first[0]
+    path = first.store.path(0)
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    for sample in first.store.archive(0).samples:
+        data[sample.member.offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cache_module._write_stamp(path, path.stat(), path.name.split("-")[1][:-4])
+
+    fresh = open_uniform(live_server, decode_threads=4, on_error="skip").to_torch()
+    for _ in range(2):  # and the next epoch
+        batch = fresh.__getitems__(list(range(UNIFORM_CHUNK_SIZE)))
+        for position, (image, label) in enumerate(batch):
+            np.testing.assert_array_equal(image, reference.images[position])
+            assert label == reference.label_ids[position]
     assert fresh.store.stats.corrupt_files == 1 and fresh.store.stats.downloads == 1
 
 

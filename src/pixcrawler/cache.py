@@ -47,6 +47,7 @@ from pathlib import Path
 
 from . import config
 from .archive import ChunkArchive
+from .exceptions import DecompressionError
 from .models import Chunk
 
 log = logging.getLogger("pixcrawler")
@@ -193,7 +194,15 @@ class ChunkStore:
         entry = self._entry(index)
         archive = entry.archive
         if archive is None:
-            archive = ChunkArchive(memoryview(entry.buffer), chunk_id=index)
+            try:
+                archive = ChunkArchive(memoryview(entry.buffer), chunk_id=index)
+            except DecompressionError:
+                # A file taken on another process's stamp may be torn where the zip keeps
+                # its directory: hashed now (downloaded again if corrupt), then opened.
+                if not self.recheck(index):
+                    raise
+                entry = self._entry(index)
+                archive = ChunkArchive(memoryview(entry.buffer), chunk_id=index)
             entry.archive = archive
         return archive
 
@@ -214,16 +223,19 @@ class ChunkStore:
         stamp, forget the stamp and the bytes, so that the next read hashes the file (and
         downloads the chunk again if the file is corrupt): True, read it again. False when
         this process verified the bytes itself (the image is bad at its source)."""
+        path = self.path(index)
         with self._lock:
             if index not in self._trusted:
                 return False
             self._trusted.discard(index)  # one caller reloads it
+            if path is not None:
+                # Forgotten before the bytes go, so no thread reloads them as verified.
+                self._verified.pop(path, None)
+                with contextlib.suppress(OSError):
+                    _stamp_path(path).unlink()
             entry = self._memory.pop(index, None)
             if entry is not None:
                 self._memory_bytes -= entry.size
-        path = self.path(index)
-        if path is not None:
-            self._unstamp(index, path)
         return True
 
     def in_memory(self, index: int) -> bool:

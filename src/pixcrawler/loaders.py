@@ -461,11 +461,14 @@ class _MapStyle(_TorchBridge):
                 raise count_mismatch(self.dataset.job.id, chunk, self._counts[chunk], archive)
             sample = archive.samples[offset]
             result = decode_sample(archive, sample, local.decoder)
-            if not isinstance(result, np.ndarray) and store.recheck(chunk):
+            if not isinstance(result, np.ndarray):
                 # Read on another process's stamp: hashed now, downloaded again if corrupt.
-                archive = self._archive(local, store, chunk)
-                sample = archive.samples[offset]
-                result = decode_sample(archive, sample, local.decoder)
+                # Another decode thread may have rechecked it first: then it is reloaded.
+                rechecked = store.recheck(chunk)
+                fresh = self._archive(local, store, chunk)
+                if rechecked or fresh is not archive:
+                    archive, sample = fresh, fresh.samples[offset]
+                    result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray):
                 local.bad[current] = result  # before on_error may raise
             image = local.handle.accept(sample, result)
