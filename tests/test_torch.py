@@ -612,6 +612,8 @@ def test_streaming_shuffle_is_a_pure_function_of_seed_and_epoch(
     assert order(seed=0, epoch=1) != first
     assert order(seed=1, epoch=0) != first
     assert order(seed=0, epoch=0, num_workers=2) == order(seed=0, epoch=0, num_workers=2)
+    # Any int is an epoch, as DistributedSampler takes it (numpy's seeds are not negative).
+    assert sorted(order(seed=0, epoch=-1)) == sorted(reference.keys)
 
     shuffled = stream_keys(live_server, world_size=2, shuffle=True, seed=5)
     assert sorted(k for keys in shuffled for k in keys) == sorted(reference.keys)

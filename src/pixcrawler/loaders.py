@@ -550,7 +550,13 @@ class _Streaming(_TorchBridge):
         samples = self._samples(local, _Sequence(self, self.epoch), lo, hi)
         if self.shuffle:
             rng = np.random.default_rng(
-                [_seed_word(self.seed), self.epoch, _BUFFER_STREAM, self.rank, worker_id]
+                [
+                    _seed_word(self.seed),
+                    _seed_word(self.epoch),
+                    _BUFFER_STREAM,
+                    self.rank,
+                    worker_id,
+                ]
             )
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for image, sample in samples:
@@ -609,7 +615,7 @@ class _Sequence:
         counts = owner._counts
         order = [index for index in sorted(counts) if counts[index] > 0]
         self.shuffle = owner.shuffle
-        self.seed_words = [_seed_word(owner.seed), epoch]
+        self.seed_words = [_seed_word(owner.seed), _seed_word(epoch)]  # any int, as torch
         if self.shuffle:
             rng = np.random.default_rng([*self.seed_words, _SEQUENCE_STREAM])
             order = [order[i] for i in rng.permutation(len(order))]
