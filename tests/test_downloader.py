@@ -53,6 +53,21 @@ def through_proxy(live_server: LiveServer) -> Iterator[Callable[..., tuple[Datas
         proxy.stop()
 
 
+def consume_on_a_thread(dataset: Dataset) -> tuple[threading.Thread, list[BaseException]]:
+    """Iterate ``dataset`` to the end on a started thread; what escapes lands in the list."""
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(dataset)
+        except BaseException as exc:  # what escapes is the point
+            errors.append(exc)
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    return worker, errors
+
+
 def chunk_bytes(live_server: LiveServer, index: int = 0) -> bytes:
     return (live_server.store / JOB_UNIFORM / "chunks" / f"{index:05d}.zip").read_bytes()
 
@@ -162,17 +177,8 @@ def test_a_chunk_answered_429_with_a_long_retry_after_is_raised_not_slept(
     """An hour's Retry-After is past what a download waits (config.MAX_RETRY_AFTER): the
     iteration raises at once, saying when to retry, instead of sleeping the hour."""
     dataset, proxy = through_proxy([Fault("rate_limit", retry_after=3600)], prefetch=1)
-    errors: list[BaseException] = []
-
-    def consume() -> None:
-        try:
-            list(dataset)
-        except BaseException as exc:  # what escapes is the point
-            errors.append(exc)
-
-    worker = threading.Thread(target=consume)
     started = time.monotonic()
-    worker.start()
+    worker, errors = consume_on_a_thread(dataset)
     worker.join(10)
     slept = worker.is_alive()
     dataset.close()  # wakes a consumer left sleeping on the hour
@@ -212,9 +218,10 @@ def test_server_errors_on_chunks_exhaust_retries_into_download_error(
     assert proxy.stats.faults["status"] == 3
 
 
-def test_expired_presigned_url_refreshes_the_job_once(
-    live_server: LiveServer, server_factory: Callable[..., str], clean_digest: tuple[int, str]
-) -> None:
+@pytest.fixture
+def expiring_cdn(live_server: LiveServer, server_factory: Callable[..., str]) -> Iterator[str]:
+    """An API whose chunk URLs point at a blob host on another address; the first chunk
+    request there is answered as an expired presigned URL."""
     with (
         StaticServer(live_server.store) as blob,
         FaultProxy(
@@ -223,50 +230,37 @@ def test_expired_presigned_url_refreshes_the_job_once(
             schedule=FaultSchedule.script([Fault("expired")], match=CHUNKS),
         ) as cdn,
     ):
-        api = server_factory(live_server.store, chunk_base_url=cdn.base_url)
-        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, api, backoff=0.01)
-        assert digest(dataset) == clean_digest
-        assert dataset.stats.transfer.url_refreshes == 1
+        yield server_factory(live_server.store, chunk_base_url=cdn.base_url)
+
+
+def test_expired_presigned_url_refreshes_the_job_once(
+    live_server: LiveServer, expiring_cdn: str, clean_digest: tuple[int, str]
+) -> None:
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, expiring_cdn, backoff=0.01)
+    assert digest(dataset) == clean_digest
+    assert dataset.stats.transfer.url_refreshes == 1
 
 
 def test_close_while_the_jobs_urls_are_re_read_returns_at_once(
-    live_server: LiveServer, server_factory: Callable[..., str]
+    live_server: LiveServer, expiring_cdn: str
 ) -> None:
     """Chunk 0's presigned URL has expired and the API stalls on the re-read: closing the
     dataset ends the waiting consumer at once, not after the API's timeout."""
-    with (
-        StaticServer(live_server.store) as blob,
-        FaultProxy(
-            blob.base_url,
-            host="127.0.0.2",
-            schedule=FaultSchedule.script([Fault("expired")], match=CHUNKS),
-        ) as cdn,
-    ):
-        api = server_factory(live_server.store, chunk_base_url=cdn.base_url)
-        stalled = FaultSchedule.script([None, Fault("hang")], match=rf"/jobs/{JOB_UNIFORM}$")
-        with FaultProxy(api, schedule=stalled) as slow_api:
-            dataset = load_dataset(
-                JOB_UNIFORM, live_server.api_key, slow_api.base_url, timeout=30, retries=0
-            )
-            errors: list[BaseException] = []
-
-            def consume() -> None:
-                try:
-                    list(dataset)
-                except BaseException as exc:  # what escapes is the point
-                    errors.append(exc)
-
-            worker = threading.Thread(target=consume)
-            worker.start()
-            deadline = time.monotonic() + 10
-            while slow_api.stats.faults["hang"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert slow_api.stats.faults["hang"] == 1  # the re-read is under way
-            started = time.monotonic()
-            dataset.close()
-            worker.join(10)
-            assert not worker.is_alive() and time.monotonic() - started < 3
-            assert len(errors) == 1 and isinstance(errors[0], PixCrawlerError), errors
+    stalled = FaultSchedule.script([None, Fault("hang")], match=rf"/jobs/{JOB_UNIFORM}$")
+    with FaultProxy(expiring_cdn, schedule=stalled) as slow_api:
+        dataset = load_dataset(
+            JOB_UNIFORM, live_server.api_key, slow_api.base_url, timeout=30, retries=0
+        )
+        worker, errors = consume_on_a_thread(dataset)
+        deadline = time.monotonic() + 10
+        while slow_api.stats.faults["hang"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slow_api.stats.faults["hang"] == 1  # the re-read is under way
+        started = time.monotonic()
+        dataset.close()
+        worker.join(10)
+        assert not worker.is_alive() and time.monotonic() - started < 3
+        assert len(errors) == 1 and isinstance(errors[0], PixCrawlerError), errors
 
 
 def test_a_403_from_the_api_host_itself_is_not_a_refresh(
