@@ -1038,3 +1038,14 @@ def test_a_range_shorter_than_asked_is_never_handed_out_as_the_chunk() -> None:
         assert "Range" not in host.requests[-1]
     finally:
         host.close()
+
+
+def test_a_length_header_with_a_digit_int_refuses_is_no_length() -> None:
+    """ "²" passes str.isdigit() and fails int(): taken as no length, never a ValueError."""
+    from types import SimpleNamespace
+
+    from pixcrawler.downloader import _check_length, _unsatisfied_length
+
+    _check_length(SimpleNamespace(headers={"Content-Length": "\xb2"}), 0, 10)  # type: ignore[arg-type]
+    unsatisfied = SimpleNamespace(headers={"Content-Range": "bytes */\xb2"})
+    assert _unsatisfied_length(unsatisfied) is None  # type: ignore[arg-type]

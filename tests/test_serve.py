@@ -193,3 +193,10 @@ def test_ctrl_c_right_after_the_announcement_stops_serve_quietly(
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=STOP_BOUND)
         assert (process.returncode, err) == (0, "")
+
+
+def test_an_ipv6_host_is_bracketed_once_in_messages() -> None:
+    from pixcrawler.server.runner import _url_host
+
+    assert _url_host("::1") == _url_host("[::1]") == "[::1]"
+    assert _url_host("127.0.0.1") == "127.0.0.1"
