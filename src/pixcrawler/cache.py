@@ -230,9 +230,7 @@ class ChunkStore:
             self._trusted.discard(index)  # one caller reloads it
             if path is not None:
                 # Forgotten before the bytes go, so no thread reloads them as verified.
-                self._verified.pop(path, None)
-                with contextlib.suppress(OSError):
-                    _stamp_path(path).unlink()
+                self._forget_verified(path)
             entry = self._memory.pop(index, None)
             if entry is not None:
                 self._memory_bytes -= entry.size
@@ -364,11 +362,15 @@ class ChunkStore:
 
     def _unstamp(self, index: int, path: Path) -> None:
         """Forget that ``path`` was verified, here and for other processes."""
+        self._forget_verified(path)
+        with self._lock:
+            self._trusted.discard(index)
+
+    def _forget_verified(self, path: Path) -> None:
+        """Drop this process's record of ``path`` and its stamp (takes no lock)."""
         with contextlib.suppress(OSError):
             _stamp_path(path).unlink()
         self._verified.pop(path, None)
-        with self._lock:
-            self._trusted.discard(index)
 
     def _write(self, index: int, path: Path, data: Buffer) -> None:
         """Temp file in the same folder, verify, rename. A failure costs only the cache.

@@ -186,10 +186,7 @@ class ApiClient:
 
     def resolve(self, url: str) -> str:
         """A chunk URL resolved against the API URL as RFC 3986 does."""
-        try:
-            return urljoin(self.api_url + "/", url)
-        except ValueError as exc:  # e.g. "Invalid IPv6 URL"
-            raise NetworkError(f"a URL no request can take ({exc})") from None
+        return _join(self.api_url + "/", url, "a URL")
 
     def sends_key_to(self, url: str) -> bool:
         return origin_of(url) == self.origin
@@ -228,10 +225,7 @@ class ApiClient:
                 return response
             response.drain_conn()
             response.release_conn()
-            try:
-                url = urljoin(url, location)
-            except ValueError as exc:  # e.g. "Invalid IPv6 URL"
-                raise NetworkError(f"a redirect to a URL no request can take ({exc})") from None
+            url = _join(url, location, "a redirect to a URL")
         raise NetworkError(f"too many redirects fetching {_safe_url(url)}")
 
     # -- the API, with retries ------------------------------------------------------------
@@ -356,6 +350,15 @@ def _safe_exc(exc: BaseException) -> str:
 
 
 __all__ = ["ApiClient", "api_root", "map_status", "not_complete_error", "origin_of"]
+
+
+def _join(base: str, url: str, what: str) -> str:
+    """``url`` resolved against ``base`` (RFC 3986); a NetworkError for one that urljoin
+    cannot parse (e.g. "Invalid IPv6 URL"), ``what`` saying where it came from."""
+    try:
+        return urljoin(base, url)
+    except ValueError as exc:
+        raise NetworkError(f"{what} no request can take ({exc})") from None
 
 
 def _attempts(count: int) -> str:

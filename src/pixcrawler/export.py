@@ -497,9 +497,7 @@ class _StagedWriter(Writer):
             raise RuntimeError(f"chunks {missing} were not written")
         written = self.written()
         self.skipped_total = sum(int(n) for n in self.state.get("skipped", {}).values())
-        if not self.counted:
-            self.total_images = written
-        elif written + self.skipped_total != self.total_images:
+        if self.counted and written + self.skipped_total != self.total_images:
             raise DecompressionError(
                 f"job {self.job.id} lists {self.total_images:,} images but its chunks hold "
                 f"{written + self.skipped_total:,}"
@@ -550,7 +548,7 @@ class _NumpyWriter(_StagedWriter):
     image size either, the first image sets it (to_arrays() does the same in memory).
 
     With ``on_error="skip"`` an image that cannot be decoded is left out: its chunk's rows
-    close up behind it, the arrays are cut to the rows written, and ``skipped`` names it."""
+    close up behind it, the arrays are cut to the rows written, and a warning names it."""
 
     name = "numpy"
     mode = "RGB"
@@ -564,7 +562,6 @@ class _NumpyWriter(_StagedWriter):
     ) -> None:
         super().__init__(dataset, root)
         self.skip = on_error == "skip"
-        self.skipped: list[str] = []  # ids left out by this run
         size = image_size or self.job.image_size
         # The packer's null size: the images differ (a job of no images has none to differ).
         if size is None and self.counted and self.total_images:
@@ -693,9 +690,9 @@ class _NumpyWriter(_StagedWriter):
         self.y.flush()
         for row in sorted(bad):
             log.warning("skipped %s", bad[row].message)
-            self.skipped.append(samples[row].id)
-        skipped = dict(self.state.get("skipped", {}), **{str(chunk.index): len(bad)})
-        self.mark_done(chunk, len(good), **({"skipped": skipped} if bad else {}))
+        if bad:  # saved with the chunk by mark_done
+            self.state["skipped"] = {**self.state.get("skipped", {}), str(chunk.index): len(bad)}
+        self.mark_done(chunk, len(good))
 
     def _label_id(self, sample: Sample) -> int:
         try:

@@ -547,16 +547,11 @@ class _Streaming(_TorchBridge):
         lo = start + per_rank * worker_id // workers
         hi = start + per_rank * (worker_id + 1) // workers
         local = self._process()
-        samples = self._samples(local, _Sequence(self, self.epoch), lo, hi)
+        sequence = _Sequence(self, self.epoch)
+        samples = self._samples(local, sequence, lo, hi)
         if self.shuffle:
             rng = np.random.default_rng(
-                [
-                    _seed_word(self.seed),
-                    _seed_word(self.epoch),
-                    _BUFFER_STREAM,
-                    self.rank,
-                    worker_id,
-                ]
+                [*sequence.seed_words, _BUFFER_STREAM, self.rank, worker_id]
             )
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for image, sample in samples:

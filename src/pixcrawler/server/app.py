@@ -30,7 +30,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import API_PREFIX, DEFAULT_OWNER, DEFAULT_PAGE_SIZE
-from .store import JobStore, KeyRing, load_server_keys
+from .store import JobStore, KeyRing, existing_store, load_server_keys
 
 __all__ = ["MAX_PAGE_SIZE", "create_app"]
 
@@ -188,9 +188,7 @@ def create_app(
         app = create_app(Path("store"), {"my-key": "default"})
         uvicorn.run(app, port=8000)
     """
-    store = Path(store)
-    if not store.is_dir():
-        raise ValueError(f"store {str(store)!r} does not exist or is not a folder")
+    store = existing_store(store)
     jobs = JobStore(store)
     ring = KeyRing(load_server_keys(store) if keys is None else keys)
     base_url = chunk_base_url.rstrip("/") if chunk_base_url else None

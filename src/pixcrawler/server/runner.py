@@ -15,7 +15,7 @@ from typing import Any
 import uvicorn
 
 from .app import create_app
-from .store import KEYS_FILE, ensure_server_keys
+from .store import KEYS_FILE, ensure_server_keys, existing_store
 
 __all__ = ["run_in_thread", "serve"]
 
@@ -39,10 +39,7 @@ def serve(store: Path, host: str = "127.0.0.1", port: int = 8000, *, debug: bool
 
         serve(Path("store"), port=8000)
     """
-    store = Path(store)
-    # Checked before a key is minted: a typo in the path must not become an empty store.
-    if not store.is_dir():
-        raise ValueError(f"store {str(store)!r} does not exist or is not a folder")
+    store = existing_store(store)  # before a key is minted for it
     try:
         sock = _listen(host, port)
     except OSError as exc:

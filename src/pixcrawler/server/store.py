@@ -39,6 +39,15 @@ _JOB_FILE = "job.json"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
+def existing_store(store: Path) -> Path:
+    """``store`` as a Path, or a ValueError when it is not a folder (a typo must not
+    become a fresh, empty store)."""
+    store = Path(store)
+    if not store.is_dir():
+        raise ValueError(f"store {str(store)!r} does not exist or is not a folder")
+    return store
+
+
 def valid_job_id(job_id: str) -> bool:
     """Whether ``job_id`` is a well-formed job id (and so a safe folder name)."""
     return _JOB_ID_RE.fullmatch(job_id) is not None
