@@ -619,6 +619,49 @@ def test_streaming_shuffle_is_a_pure_function_of_seed_and_epoch(
     assert sorted(k for keys in shuffled for k in keys) == sorted(reference.keys)
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers_already_running(
+    live_server: LiveServer, reference: Reference, context: str
+) -> None:
+    def stream_at(epoch: int) -> Any:
+        stream = open_uniform(live_server).to_torch(
+            streaming=True, shuffle=True, seed=3, shuffle_buffer=8
+        )
+        stream.set_epoch(epoch)
+        return stream
+
+    def keys(loader: DataLoader[Any]) -> list[str]:
+        return [key(image) for image, _ in loader]
+
+    stream = stream_at(0)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context=context,
+    )
+    orders = []
+    for epoch in range(3):
+        stream.set_epoch(epoch)
+        orders.append(keys(loader))  # the same two workers every epoch
+        assert stream.epoch == epoch
+    for epoch, order in enumerate(orders):
+        fresh = DataLoader(stream_at(epoch), batch_size=None, num_workers=2)
+        assert order == keys(fresh), epoch
+    assert orders[0] != orders[1] != orders[2]
+    assert all(sorted(order) == sorted(reference.keys) for order in orders)
+
+
+def test_a_pickled_stream_keeps_its_epoch_and_sets_its_own(live_server: LiveServer) -> None:
+    stream = open_uniform(live_server).to_torch(streaming=True, shuffle=True)
+    stream.set_epoch(-7)
+    clone = pickle.loads(pickle.dumps(stream))
+    assert clone.epoch == -7
+    clone.set_epoch(2)
+    assert (clone.epoch, stream.epoch) == (2, -7)
+
+
 def test_streaming_rank_downloads_only_the_chunks_of_its_slice(
     live_server: LiveServer, through_blobs: tuple[str, StaticServer]
 ) -> None:

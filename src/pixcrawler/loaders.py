@@ -21,6 +21,7 @@ import functools
 import importlib
 import logging
 import math
+import multiprocessing
 import operator
 import os
 import threading
@@ -40,6 +41,8 @@ from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
 if TYPE_CHECKING:
+    from ctypes import c_uint64
+
     from .dataset import Dataset
     from .downloader import ChunkDownloader
 
@@ -513,20 +516,45 @@ class _Streaming(_TorchBridge):
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
         self.rank, self.world_size = _distributed(rank, world_size)
-        self.epoch = 0
+        self._epoch = 0
+        # The epoch's seed word in shared memory: DataLoader workers started once
+        # (``persistent_workers=True``) read there what ``set_epoch`` wrote after they began.
+        self._epoch_word = _shared_word()
         self._total = sum(self._counts.values())
 
     @property
     def _reuses_images(self) -> bool:
         return not self.shuffle
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration yields (see :meth:`set_epoch`)."""
+        word = self._epoch_word.value
+        if word == _seed_word(self._epoch):
+            return self._epoch
+        return word - (1 << 64) if word >= 1 << 63 else word  # set in another process
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order to yield (as ``DistributedSampler.set_epoch``).
 
-        Call it before each epoch's DataLoader iteration; with ``persistent_workers=True``
-        the workers keep the epoch they started with, so leave that off when shuffling.
+        Call it before each epoch's DataLoader iteration. It reaches DataLoader workers
+        already running (``persistent_workers=True``) as well as those started afterwards.
         """
-        self.epoch = int(epoch)
+        self._epoch = int(epoch)
+        self._epoch_word.value = _seed_word(self._epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        if multiprocessing.context.get_spawning_popen() is None:
+            # Pickled for anything but starting a process (which shares the word): a copy
+            # with its own word, at this epoch.
+            state["_epoch_word"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._epoch_word is None:
+            self._epoch_word = _shared_word(_seed_word(self._epoch))
 
     @property
     def num_samples(self) -> int:
@@ -547,7 +575,7 @@ class _Streaming(_TorchBridge):
         lo = start + per_rank * worker_id // workers
         hi = start + per_rank * (worker_id + 1) // workers
         local = self._process()
-        sequence = _Sequence(self, self.epoch)
+        sequence = _Sequence(self, self._epoch_word.value)
         samples = self._samples(local, sequence, lo, hi)
         if self.shuffle:
             rng = np.random.default_rng(
@@ -666,6 +694,12 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def _seed_word(seed: int) -> int:
     return seed % (1 << 64)  # SeedSequence takes non-negative words
+
+
+def _shared_word(value: int = 0) -> c_uint64:
+    """A 64-bit word in memory shared with the processes started (forked or spawned) after."""
+    word: c_uint64 = multiprocessing.RawValue("Q", value)
+    return word
 
 
 def _shuffled(
