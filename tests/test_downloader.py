@@ -272,6 +272,106 @@ def test_a_403_from_the_api_host_itself_is_not_a_refresh(
     assert info.value.status_code == 403
 
 
+@pytest.fixture
+def expiring_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Callable[..., Any], dict[int, bytes]]]:
+    """Two 1 MiB chunks fetched as 4 ranges each, 2 at a time, through a blob host that
+    answers every URL under /old/ as an expired presigned URL: a factory for the downloader,
+    given the refresh it calls, and the chunks' bytes."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    blobs = {0: bytes(range(256)) * 4096, 1: bytes(reversed(range(256))) * 4096}
+    (tmp_path / "new").mkdir()
+    for index, blob in blobs.items():
+        (tmp_path / "new" / f"c{index}.bin").write_bytes(blob)
+    expired = FaultSchedule.random(1.0, [Fault("expired")], match=r"/old/")
+    with StaticServer(tmp_path) as host, FaultProxy(host.base_url, schedule=expired) as cdn:
+
+        def chunks(folder: str) -> list[Chunk]:
+            return [
+                Chunk(i, f"{cdn.base_url}/{folder}/c{i}.bin", len(b), hashlib.sha256(b).hexdigest())
+                for i, b in blobs.items()
+            ]
+
+        def make(refresh: Callable[[Callable[[str], list[Chunk]]], list[Chunk]]) -> Any:
+            def slow_refresh() -> list[Chunk]:
+                time.sleep(0.2)  # long enough for all 8 ranges to meet the expiry
+                return refresh(chunks)
+
+            return ChunkDownloader(
+                ApiClient("k", "http://127.0.0.1:9"),
+                chunks("old"),
+                max_workers=8,
+                prefetch=2,
+                refresh=slow_refresh,
+            )
+
+        yield make, blobs
+
+
+def test_an_expired_url_met_by_every_range_of_two_chunks_is_read_again_once(
+    expiring_ranges: tuple[Callable[..., Any], dict[int, bytes]],
+) -> None:
+    make, blobs = expiring_ranges
+    calls = []
+
+    def refresh(chunks: Callable[[str], list[Chunk]]) -> list[Chunk]:
+        calls.append(1)
+        return chunks("new")
+
+    downloader = make(refresh)
+    try:
+        got = {chunk.index: bytes(buffer) for chunk, buffer in downloader.iter_chunks()}
+    finally:
+        downloader.close()
+    assert got == blobs
+    assert len(calls) == downloader.stats.url_refreshes == 1, (calls, downloader.stats)
+
+
+def test_an_url_still_refused_after_the_re_read_says_so_not_that_the_key_was_rejected(
+    expiring_ranges: tuple[Callable[..., Any], dict[int, bytes]],
+) -> None:
+    make, _ = expiring_ranges
+    calls = []
+
+    def refresh(chunks: Callable[[str], list[Chunk]]) -> list[Chunk]:
+        calls.append(1)
+        return chunks("old")  # still expired
+
+    downloader = make(refresh)
+    try:
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+    finally:
+        downloader.close()
+    message = str(info.value)
+    assert "refused the URL (HTTP 403" in message and "even after" in message
+    assert "API key" not in message
+    assert (info.value.chunk_id, info.value.status_code, len(calls)) == (0, 403, 1)
+
+
+def test_a_failed_re_read_is_every_waiting_ranges_error_and_asked_once(
+    expiring_ranges: tuple[Callable[..., Any], dict[int, bytes]],
+) -> None:
+    make, _ = expiring_ranges
+    calls = []
+
+    def refuse(chunks: Callable[[str], list[Chunk]]) -> list[Chunk]:
+        calls.append(1)
+        raise PixCrawlerError("the API is down (injected)")
+
+    downloader = make(refuse)
+    try:
+        with pytest.raises(PixCrawlerError, match="the API is down"):
+            downloader.fetch(0)
+    finally:
+        downloader.close()
+    assert len(calls) == 1 and downloader.stats.url_refreshes == 0
+
+
 def test_large_chunk_is_fetched_as_parallel_ranges(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -51,7 +51,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import config
-from .client import ApiClient, map_status, shutdown_connection
+from .client import ApiClient, error_message, map_status, shutdown_connection
 from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after, status_cause
@@ -254,6 +254,14 @@ class _Progress:
         return text
 
 
+@dataclass
+class _Refreshing:
+    """A re-read of the job's URLs: done when it has ended, ``error`` if it failed."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
 class ChunkDownloader:
     """Downloads a job's chunks for one consumer; see the module docstring for guarantees."""
 
@@ -291,6 +299,9 @@ class ChunkDownloader:
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
         self._released: list[Callable[[], None]] = []  # the recycling iteration's hook
         self._progress: dict[int, _Progress] = {}  # chunks being fetched
+        # The re-read of the job's URLs under way, if any: every transfer whose URL expires
+        # meanwhile waits for it instead of asking the API again.
+        self._refreshing: _Refreshing | None = None
 
     # -- public ----------------------------------------------------------------------------
 
@@ -716,8 +727,16 @@ class ChunkDownloader:
                     and not refreshed
                 ):
                     refreshed = True
-                    self._refresh_urls(cancel)
+                    self._refresh_urls(cancel, chunk)
                     continue
+                if status in config.URL_EXPIRED_STATUSES and not self.client.sends_key_to(url):
+                    raise DownloadError(
+                        f"Chunk {index} could not be downloaded: its host refused the URL "
+                        f"(HTTP {status}: {error_message(response)})"
+                        + (" even after the job's URLs were read again" if refreshed else ""),
+                        chunk_id=index,
+                        status_code=status,
+                    )
                 if status not in config.RETRY_STATUSES:
                     cause = map_status(response, f"GET chunk {index}")
                     raise DownloadError(
@@ -786,34 +805,47 @@ class ChunkDownloader:
             progress.received.clear()
             progress.failed(f"corrupt ({why})", 0.0)
 
-    def _refresh_urls(self, cancel: threading.Event) -> None:
-        """Re-read the job's chunk URLs. The API request runs on a thread of its own, so
-        a close() or a cancel (an early break) returns at once instead of waiting out its
-        timeout and retries; the abandoned request ends by itself."""
-        if self._refresh is None:
-            return
+    def _refresh_urls(self, cancel: threading.Event, stale: Chunk) -> None:
+        """Re-read the job's chunk URLs, ``stale`` (the chunk as last requested) having
+        expired. Once per expiry, however many transfers meet it: a transfer whose chunk was
+        refreshed since it read ``stale`` just retries, and one that meets a re-read under
+        way waits for it. The API request runs on a thread of its own, so a close() or a
+        cancel (an early break) returns at once instead of waiting out its timeout and
+        retries; the abandoned request ends by itself."""
         refresh = self._refresh
-        outcome: list[Any] = []
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                outcome.append(refresh())
-            except BaseException as exc:  # handed to the fetch that asked
-                outcome.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name="pixcrawler-refresh", daemon=True).start()
-        while not done.wait(_CANCEL_POLL):
+        if refresh is None:
+            return
+        with self._lock:
+            if self._chunks.get(stale.index) is not stale:
+                return  # another transfer's re-read has replaced it
+            flight = self._refreshing
+            if flight is None:
+                flight = self._refreshing = _Refreshing()
+                threading.Thread(
+                    target=self._reread,
+                    args=(refresh, flight),
+                    name="pixcrawler-refresh",
+                    daemon=True,
+                ).start()
+        while not flight.done.wait(_CANCEL_POLL):
             if cancel.is_set() or self._closed.is_set():
                 raise _Cancelled()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        fresh = outcome[0]
-        self.stats.add(url_refreshes=1)
-        with self._lock:
-            self._chunks.update({c.index: c for c in fresh})
+        if flight.error is not None:
+            raise flight.error.with_traceback(None)  # each waiter raises it afresh
+
+    def _reread(self, refresh: Refresh, flight: _Refreshing) -> None:
+        try:
+            fresh = refresh()
+        except BaseException as exc:  # handed to the transfers that wait
+            flight.error = exc
+        else:
+            self.stats.add(url_refreshes=1)
+            with self._lock:
+                self._chunks.update({c.index: c for c in fresh})
+        finally:
+            with self._lock:
+                self._refreshing = None
+            flight.done.set()
 
     # -- cancellation: a blocked socket read is unblocked by shutting its socket down ------
 
