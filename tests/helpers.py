@@ -180,3 +180,15 @@ def copy_without_counts(store: Path, dest: Path) -> Path:
         del chunk["image_count"]
     job_path.write_text(json.dumps(job))
     return dest
+
+
+def sdk_threads_left(before: set[threading.Thread], timeout: float = 5.0) -> list[str]:
+    """Names of the SDK's threads started since ``before`` still running after up to
+    ``timeout`` seconds (idle pool threads end a moment after their pool is shut or freed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = set(threading.enumerate()) - before
+        names = [t.name for t in new if t.name.startswith("pixcrawler-")]
+        if not names or time.monotonic() >= deadline:
+            return names
+        time.sleep(0.02)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy
+from helpers import copy_without_counts, corrupt_copy, sdk_threads_left
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
@@ -419,17 +420,32 @@ def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveSe
     torch_dataset.__getitems__(list(range(0, UNIFORM_TOTAL, 7)))  # fetch and decode threads
     assert torch_dataset.store.memory_bytes > 0
 
-    def sdk_threads() -> list[str]:
-        new = set(threading.enumerate()) - before
-        return [t.name for t in new if t.name.startswith("pixcrawler-")]
-
-    assert sdk_threads()
+    assert sdk_threads_left(before, timeout=0)
     dataset.close()
-    deadline = time.monotonic() + 5
-    while sdk_threads() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sdk_threads() == []
+    assert sdk_threads_left(before) == []
     assert torch_dataset._local is None  # its cached chunks are let go
+
+
+def test_a_torch_dataset_dropped_unclosed_frees_its_downloader_and_buffers(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    """A training script that builds a fresh ``to_torch()`` every epoch (as a Lightning
+    ``train_dataloader`` may) and never closes it: each one's downloader, chunk buffers
+    and cached chunks go with it, not when the ``Dataset`` is closed."""
+    before = set(threading.enumerate())
+    dataset = open_uniform(live_server)
+    gone = []
+    for _ in range(3):
+        torch_dataset = dataset.to_torch(cache_dir=tmp_path)
+        torch_dataset[0]
+        local = torch_dataset._local
+        assert local is not None and local.downloader is not None
+        gone.append((weakref.ref(local.downloader), weakref.ref(local.store)))
+        del torch_dataset, local
+    gc.collect()
+    assert [(d(), s()) for d, s in gone] == [(None, None)] * 3
+    assert sdk_threads_left(before) == []
+    dataset.close()
 
 
 def test_closing_the_dataset_during_map_style_batches_raises_the_sdks_error(

@@ -213,7 +213,9 @@ class Dataset:
         self._client = client
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._downloaders: set[ChunkDownloader] = set()
+        # Weak, as _views: a downloader dropped unclosed (a map-style torch dataset's, say)
+        # is freed with its chunk buffers instead of living as long as this dataset.
+        self._downloaders: weakref.WeakSet[ChunkDownloader] = weakref.WeakSet()
         self._views: weakref.WeakSet[Any] = weakref.WeakSet()  # to_torch()'s datasets
         self._closed = False
 
@@ -479,7 +481,7 @@ class Dataset:
         self._client = None
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
-        self._downloaders = set()
+        self._downloaders = weakref.WeakSet()
         self._views = weakref.WeakSet()
         self.stats = DatasetStats()
 
