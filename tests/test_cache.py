@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import multiprocessing
 import os
 import sys
@@ -500,8 +501,10 @@ def test_a_folder_without_file_locks_still_caches(
     assert remote.calls == {2: 1} and again.stats.disk_hits == 1
 
 
-def _take_lock(path: str) -> None:
-    """In a forked child: the chunk's lock, as a DataLoader worker's ChunkStore takes it."""
+def _take_lock(path: str, after: float = 0.0) -> None:
+    """In a forked child: the chunk's lock, as a DataLoader worker's ChunkStore takes it
+    (``after`` seconds from now)."""
+    time.sleep(after)
     with cache_module._exclusive(Path(path)):
         pass
 
@@ -535,3 +538,122 @@ def test_a_worker_forked_while_the_parent_holds_a_chunk_lock_gets_it_once_releas
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and flock are POSIX")
+def test_a_fork_while_a_lock_file_is_being_opened_leaves_the_child_no_copy_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``os.open`` of a chunk's lock file releases the GIL: a DataLoader forking a worker
+    just then used to leave the worker a descriptor it did not know it held, so the flock
+    outlived the parent's release and the worker (or any process after) waited forever."""
+    chunk = tmp_path / "00000.zip"
+    opened, resume = threading.Event(), threading.Event()
+    real_open = os.open
+
+    def slow_open(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        if str(path).endswith(".lock"):
+            opened.set()
+            resume.wait(5)  # the window between the open and the registration
+        return fd
+
+    monkeypatch.setattr(cache_module.os, "open", slow_open)
+    fetcher = threading.Thread(target=_take_lock, args=(str(chunk),))
+    fetcher.start()
+    assert opened.wait(5)
+    monkeypatch.setattr(cache_module.os, "open", real_open)
+    # The worker asks for the lock once the parent has taken and released it.
+    worker = multiprocessing.get_context("fork").Process(target=_take_lock, args=(str(chunk), 1.0))
+    starter = threading.Thread(target=worker.start)  # forks now, or once the window closes
+    starter.start()
+    time.sleep(0.3)
+    resume.set()
+    for thread in (starter, fetcher):
+        thread.join(5)
+    worker.join(10)
+    try:
+        assert worker.exitcode == 0  # it got the lock, not a hang
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
+def _read_cached_chunks_with_few_descriptors(cache_dir: str, count: int, headroom: int) -> None:
+    """In a child: a store reads ``count`` tiny chunks from the disk cache with only
+    ``headroom`` descriptors to spare under its limit; exits 0 if all came back right."""
+    import resource
+
+    blobs, chunks = _tiny_chunks(count)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + headroom, in_use + headroom))
+
+    def no_download(index: int) -> bytearray:
+        raise AssertionError(f"chunk {index} was downloaded, not read from the cache")
+
+    store = ChunkStore(chunks, no_download, job_id="tiny", cache_dir=cache_dir)
+    for index in range(count):
+        assert bytes(store.get(index)) == blobs[index]
+    assert len(os.listdir("/proc/self/fd")) <= in_use + headroom // 2
+
+
+def _tiny_chunks(count: int) -> tuple[list[bytes], list[Chunk]]:
+    blobs = [index.to_bytes(4, "big") * 256 for index in range(count)]
+    chunks = [
+        Chunk(index, f"/c/{index}", len(blob), hashlib.sha256(blob).hexdigest())
+        for index, blob in enumerate(blobs)
+    ]
+    return blobs, chunks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_many_small_cached_chunks_never_use_up_the_descriptor_limit(tmp_path: Path) -> None:
+    """Each mapping of a cached file holds a descriptor (before Python 3.13): a memory budget
+    that holds 300 tiny chunks must not hold 300 descriptors under a limit of ~100."""
+    blobs, chunks = _tiny_chunks(300)
+    writer = ChunkStore(chunks, lambda i: bytearray(blobs[i]), job_id="tiny", cache_dir=tmp_path)
+    for index in range(len(chunks)):
+        writer.get(index)
+    reader = multiprocessing.get_context("fork").Process(
+        target=_read_cached_chunks_with_few_descriptors, args=(str(tmp_path), 300, 100)
+    )
+    reader.start()
+    reader.join(30)
+    assert reader.exitcode == 0
+
+
+def test_a_cached_file_that_cannot_be_mapped_is_read_instead(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    remote.store(tmp_path).get(1)
+
+    class Refused(mmap.mmap):
+        def __new__(cls, *args: Any, **kwargs: Any) -> Refused:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(cache_module.mmap, "mmap", Refused)
+    again = remote.store(tmp_path)
+    assert bytes(again.get(1)) == remote.bytes_of(1)
+    assert remote.calls == {1: 1} and again.stats.disk_hits == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
+@pytest.mark.parametrize("foreign", ["fifo", "folder"])
+def test_something_not_a_file_where_a_chunk_belongs_is_passed_over(
+    remote: Remote, tmp_path: Path, foreign: str
+) -> None:
+    """A FIFO used to hang the open forever; a folder, on a chunk listed without a size,
+    raised a bare OSError from mmap. Each is now left alone and the chunk downloaded."""
+    unsized = remote.store(tmp_path)
+    unsized._chunks[0] = replace(remote.chunks[0], size_bytes=None)
+    path = unsized.path(0)
+    assert path is not None
+    path.parent.mkdir(parents=True)
+    if foreign == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    assert bytes(unsized.get(0)) == remote.bytes_of(0)
+    assert remote.calls == {0: 1}

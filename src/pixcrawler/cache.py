@@ -37,6 +37,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -58,6 +59,7 @@ CacheDir = str | os.PathLike[str] | bool | None
 TEMP_SUFFIX = ".tmp"
 STAMP_SUFFIX = ".verified"
 _HASH_BLOCK = 8 << 20
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 if sys.platform == "win32":  # pragma: no cover - no flock; atomic rename still keeps it safe
 
@@ -77,6 +79,10 @@ else:
 # them, and a flock lives as long as any copy of its descriptor: the child closes its
 # copies at once, or it would wait forever on a lock only it still keeps alive.
 _HELD_LOCKS: set[int] = set()
+# Held while a lock file is opened and registered, or unregistered and closed, and across
+# every fork: a fork can then never land between ``os.open`` and the registration (which
+# release the GIL), where the child would inherit a descriptor it does not know to close.
+_HELD_LOCKS_GUARD = threading.Lock()
 
 
 def _close_inherited_locks() -> None:
@@ -84,10 +90,31 @@ def _close_inherited_locks() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)  # not LOCK_UN: that would release the parent's lock too
     _HELD_LOCKS.clear()
+    _HELD_LOCKS_GUARD.release()  # taken by the forking thread, which this one is
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_close_inherited_locks)
+    os.register_at_fork(
+        before=_HELD_LOCKS_GUARD.acquire,
+        after_in_parent=_HELD_LOCKS_GUARD.release,
+        after_in_child=_close_inherited_locks,
+    )
+
+
+def _mapped_limit() -> int:
+    """How many cached files a store keeps mapped at once. Before Python 3.13 each mapping
+    holds a descriptor open: a quarter of the process's limit, so that many small chunks
+    never leave the sockets and files around them short of descriptors."""
+    if sys.version_info >= (3, 13):
+        return sys.maxsize  # mapped with trackfd=False: no descriptor kept
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        unlimited = soft == resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+        soft, unlimited = 512, False
+    return 4096 if unlimited else max(4, soft // 4)
 
 
 def default_cache_root() -> Path:
@@ -178,6 +205,8 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._memory: OrderedDict[int, _Entry] = OrderedDict()
         self._memory_bytes = 0
+        self._mapped = 0  # entries in memory that are file mappings
+        self._mapped_limit = _mapped_limit()
         self._loading: dict[int, threading.Lock] = {}
         self._verified: dict[Path, tuple[int, ...]] = {}
         self._trusted: set[int] = set()  # chunks opened on another process's stamp
@@ -233,7 +262,7 @@ class ChunkStore:
                 self._forget_verified(path)
             entry = self._memory.pop(index, None)
             if entry is not None:
-                self._memory_bytes -= entry.size
+                self._forget(entry)
         return True
 
     def in_memory(self, index: int) -> bool:
@@ -250,7 +279,7 @@ class ChunkStore:
         """Drop every chunk held in memory (the disk cache stays)."""
         with self._lock:
             self._memory.clear()
-            self._memory_bytes = 0
+            self._memory_bytes = self._mapped = 0
 
     # -- memory ------------------------------------------------------------------------
 
@@ -275,6 +304,7 @@ class ChunkStore:
             with self._lock:
                 self._memory[index] = entry
                 self._memory_bytes += entry.size
+                self._mapped += isinstance(entry.buffer, mmap.mmap)
                 self._evict()
         return entry
 
@@ -287,10 +317,18 @@ class ChunkStore:
         return entry
 
     def _evict(self) -> None:
-        while self._memory_bytes > self.memory_budget and len(self._memory) > 1:
+        """Least recently used first, down to the budget and the limit on mappings."""
+        while len(self._memory) > 1 and (
+            self._memory_bytes > self.memory_budget or self._mapped > self._mapped_limit
+        ):
             _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= old.size
+            self._forget(old)
             self.stats.evictions += 1
+
+    def _forget(self, entry: _Entry) -> None:
+        """Uncount an entry taken out of memory (call with the lock)."""
+        self._memory_bytes -= entry.size
+        self._mapped -= isinstance(entry.buffer, mmap.mmap)
 
     # -- disk --------------------------------------------------------------------------
 
@@ -318,7 +356,8 @@ class ChunkStore:
         """The verified file mapped into memory, or None (absent, or corrupt and deleted)."""
         chunk = self._chunks[index]
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            # Non-blocking: a FIFO put where a chunk belongs must not hang the open.
+            fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -326,10 +365,13 @@ class ChunkStore:
             return None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("chunk %d: %s is not a regular file; not using it", index, path)
+                return None
             if st.st_size == 0 or (chunk.size_bytes is not None and st.st_size != chunk.size_bytes):
                 self._discard(index, path, st, f"{st.st_size} bytes, expected {chunk.size_bytes}")
                 return None
-            buffer = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            buffer = _map(fd, path)
         finally:
             os.close(fd)
         seen = _identity(st)
@@ -340,7 +382,8 @@ class ChunkStore:
                     with self._lock:
                         self._trusted.add(index)
                 elif _sha256(buffer) != expected:
-                    buffer.close()
+                    if isinstance(buffer, mmap.mmap):
+                        buffer.close()
                     self._discard(index, path, st, "sha256 does not match")
                     return None
                 else:
@@ -419,20 +462,37 @@ def _exclusive(path: Path) -> Iterator[None]:
     lock_path = path.with_name(path.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        with _HELD_LOCKS_GUARD:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            _HELD_LOCKS.add(fd)
     except OSError:
         yield
         return
-    _HELD_LOCKS.add(fd)
     try:
         try:
-            _lock_fd(fd)
+            _lock_fd(fd)  # the wait, outside the guard: a fork meanwhile closes the copy
         except OSError as exc:  # flock unsupported (ENOLCK, ENOSYS on some network mounts)
             log.debug("no lock on %s (%s); atomic renames still keep the cache whole", path, exc)
         yield
     finally:
-        _HELD_LOCKS.discard(fd)
-        os.close(fd)  # releases the lock
+        with _HELD_LOCKS_GUARD:
+            _HELD_LOCKS.discard(fd)
+            os.close(fd)  # releases the lock
+
+
+def _map(fd: int, path: Path) -> Buffer:
+    """The open file, mapped read-only (with no descriptor kept on Python 3.13+). Where it
+    cannot be mapped (descriptors or mappings used up, a file system without mmap): read."""
+    try:
+        if sys.version_info >= (3, 13):
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ, trackfd=False)
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        log.debug("cannot map %s (%s); reading it", path, exc)
+    blocks = []
+    while block := os.read(fd, _HASH_BLOCK):
+        blocks.append(block)
+    return b"".join(blocks)
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
