@@ -279,6 +279,29 @@ def test_a_bad_image_in_a_chunk_taken_on_its_stamp_gets_the_file_hashed_and_repl
     assert rotted.recheck(1) is False  # verified here now: a bad image would be bad at source
 
 
+def test_bit_rot_in_a_file_this_store_wrote_is_repaired_once_read_back_from_disk(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """The writer itself reads the file back once the chunk has left its memory, without
+    hashing it again: a bad image there gets it hashed and replaced, as on a stamp."""
+    from pixcrawler.dataset import decode_sample
+    from pixcrawler.decode import ImageDecoder
+
+    chunks = remote.store(tmp_path, memory_budget=0)
+    path = chunks.path(1)
+    assert path is not None
+    _flip_member_byte(path, chunks.archive(1))
+    chunks.get(2)  # chunk 1 leaves memory
+    chunks._verified[path] = cache_module._identity(path.stat())  # rot moves no timestamp
+
+    archive = chunks.archive(1)
+    assert not isinstance(decode_sample(archive, archive.samples[0], ImageDecoder()), np.ndarray)
+    assert chunks.recheck(1) is True
+    archive = chunks.archive(1)
+    assert isinstance(decode_sample(archive, archive.samples[0], ImageDecoder()), np.ndarray)
+    assert chunks.stats.corrupt_files == 1 and remote.calls == {1: 2, 2: 1}
+
+
 def test_writes_are_atomic_no_file_under_the_final_name_until_verified(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

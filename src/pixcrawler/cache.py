@@ -209,7 +209,7 @@ class ChunkStore:
         self._mapped_limit = _mapped_limit()
         self._loading: dict[int, threading.Lock] = {}
         self._verified: dict[Path, tuple[int, ...]] = {}
-        self._trusted: set[int] = set()  # chunks opened on another process's stamp
+        self._trusted: set[int] = set()  # chunks read from disk without hashing them
         self._swept = False
 
     # -- public ------------------------------------------------------------------------
@@ -248,10 +248,11 @@ class ChunkStore:
         return None  # nothing to tell a stale file from a current one: memory only
 
     def recheck(self, index: int) -> bool:
-        """Chunk ``index`` gave a bad image. If its file was taken on another process's
-        stamp, forget the stamp and the bytes, so that the next read hashes the file (and
-        downloads the chunk again if the file is corrupt): True, read it again. False when
-        this process verified the bytes itself (the image is bad at its source)."""
+        """Chunk ``index`` gave a bad image. If its bytes were read from disk without being
+        hashed (on a stamp, or as verified earlier by this store), forget the stamp and the
+        bytes, so that the next read hashes the file (and downloads the chunk again if the
+        file is corrupt): True, read it again. False when the bytes were hashed as they were
+        read or downloaded (the image is bad at its source)."""
         path = self.path(index)
         with self._lock:
             if index not in self._trusted:
@@ -389,6 +390,9 @@ class ChunkStore:
                 else:
                     _write_stamp(path, st, expected)
             self._verified[path] = seen
+        elif chunk.sha256:  # verified here before, not hashed now: rot would go unseen
+            with self._lock:
+                self._trusted.add(index)
         self._count("disk_hits")
         return _Entry(buffer, st.st_size)
 
