@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from constants import TEST_KEY
 from imagegen import make_image
-from pixcrawler import load_dataset
+from pixcrawler import config, load_dataset
 from pixcrawler.archive import MANIFEST, ChunkArchive
 from pixcrawler.decode import ImageDecoder
 from pixcrawler.exceptions import DecompressionError, PixCrawlerError
@@ -215,8 +215,16 @@ def test_members_that_share_bytes_are_refused() -> None:
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         first = zf.getinfo("cat/0.jpg").header_offset
     error = refused(patch_central(data, "cat/1.jpg", header_offset=first))
-    assert "members 'cat/0.jpg' and 'cat/1.jpg' overlap" in str(error)
+    assert "its local header names another file" in str(error)  # cat/0.jpg's header
     ChunkArchive(data, chunk_id=7)  # the same members, each in its own bytes
+
+
+def test_a_member_whose_data_runs_over_the_next_header_is_refused() -> None:
+    jpeg = encode("JPEG")
+    data = build_chunk([("cat/0.jpg", jpeg), ("cat/1.jpg", jpeg)])
+    longer = len(jpeg) + 5  # into cat/1.jpg's local header: its first 5 bytes
+    error = refused(patch_central(data, "cat/0.jpg", file_size=longer, compress_size=longer))
+    assert "members 'cat/0.jpg' and 'cat/1.jpg' overlap" in str(error)
 
 
 def test_a_declared_size_over_the_default_limit_is_refused() -> None:
@@ -318,6 +326,33 @@ def test_duplicate_ids_are_refused() -> None:
     assert "lists id 'same' twice" in str(error)
 
 
+def test_a_manifest_naming_one_member_twice_is_refused() -> None:
+    """Under two ids, one deflated member would be inflated once per entry (and checked
+    against whichever sha256 came first): a bomb the directory checks cannot see."""
+    images = [("cat/bomb.bmp", b"\0" * 4096)]
+    entries = [{"path": "cat/bomb.bmp", "label": "cat", "id": f"copy-{i}"} for i in range(3)]
+    data = build_chunk(images, entries=entries, compression=zipfile.ZIP_DEFLATED)
+    assert "manifest names 'cat/bomb.bmp' twice" in str(refused(data))
+
+
+def test_a_manifest_larger_than_its_images_can_need_is_refused_before_parsing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A few KB of deflated ``[{}, {}, ...]`` parse into millions of objects: the
+    manifest is bounded by the members it can name, before json.loads runs."""
+    monkeypatch.setattr(config, "MANIFEST_BASE_BYTES", 1000)
+    monkeypatch.setattr(config, "MANIFEST_BYTES_PER_MEMBER", 100)
+    images = [("cat/0.jpg", encode("JPEG"))]  # two members: room for 1200 bytes
+    padding = [{} for _ in range(400)]
+    manifest = json.dumps({"images": [{"path": "cat/0.jpg"}], "padding": padding}).encode()
+    error = refused(build_chunk(images, manifest=manifest, compression=zipfile.ZIP_DEFLATED))
+    assert f"manifest.json is {len(manifest)} bytes, over the limit of 1200 for 1 images" in str(
+        error
+    )
+    small = json.dumps({"images": [{"path": "cat/0.jpg"}], "padding": padding[:100]}).encode()
+    ChunkArchive(build_chunk(images, manifest=small))
+
+
 def test_duplicate_member_names_are_refused() -> None:
     images = standard_images()
     with pytest.warns(UserWarning, match="Duplicate name"):
@@ -333,8 +368,22 @@ def test_a_name_flagged_utf8_that_is_not_utf8_is_refused() -> None:
 
 def test_a_non_utf8_name_without_the_flag_is_just_another_name() -> None:
     # cp437 decodes any byte, so such a name is a member the manifest does not list.
-    data = patch_central(build_chunk(standard_images()), "cat/0.jpg", name_bytes=b"cat/\xff.jpg")
+    data = build_chunk(standard_images())
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        name_at = zf.getinfo("cat/0.jpg").header_offset + 30
+    data = data[:name_at] + b"cat/\xff.jpg" + data[name_at + 9 :]  # the local header's name
+    data = patch_central(data, "cat/0.jpg", name_bytes=b"cat/\xff.jpg")  # and the directory's
     assert "not in the archive" in str(refused(data))
+
+
+def test_a_local_header_naming_another_file_than_the_directory_is_refused() -> None:
+    """Other unzip tools (and anyone unpacking a zip export) go by the local header: it
+    must name the file the directory names, which the path checks were made on."""
+    data = build_chunk(standard_images())
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        name_at = zf.getinfo("cat/0.jpg").header_offset + 30
+    data = data[:name_at] + b"../../0.jpg"[:9] + data[name_at + 9 :]
+    assert "its local header names another file" in str(refused(data))
 
 
 @pytest.mark.parametrize("keep", [0, 1, 21, 100, 0.5, -1, -22])

@@ -15,7 +15,7 @@ import json
 import struct
 import zlib
 from collections.abc import Callable, Mapping
-from operator import attrgetter
+from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
 
 from . import config
@@ -127,18 +127,19 @@ class ChunkArchive:
         except _BadZip as exc:
             raise self._error(f"not a valid zip archive ({exc})") from None
         members: dict[str, Member] = {}
+        headers: list[tuple[int, Member]] = []  # where each member's local header starts
         for entry in entries:
             member = self._check_member(entry)
             if member.name in members:
                 raise self._error(f"member {member.name!r} appears twice")
             members[member.name] = member
-        # No two members may share bytes: entries pointing at one deflated stream would
-        # inflate it again for each (a bomb the per-member limit alone does not bound).
+            headers.append((entry[7], member))
+        # No two members may share bytes, headers included: entries pointing at one
+        # deflated stream would inflate it again for each (a bomb the per-member limit
+        # alone does not bound), and a member's data must end before the next one begins.
         previous: Member | None = None
-        for member in sorted(members.values(), key=attrgetter("offset")):
-            if previous is not None and (
-                previous.offset + previous.compress_size > member.offset - _LOCAL_HEADER.size
-            ):
+        for start, member in sorted(headers, key=itemgetter(0)):
+            if previous is not None and previous.offset + previous.compress_size > start:
                 raise self._error(f"members {previous.name!r} and {member.name!r} overlap")
             previous = member
         return members
@@ -167,7 +168,14 @@ class ChunkArchive:
         if fields[0] != _LOCAL_MAGIC:
             raise self._error(f"member {name!r}: bad local header")
         name_len, extra_len = fields[-2], fields[-1]
-        offset = start + _LOCAL_HEADER.size + name_len + extra_len
+        name_at = start + _LOCAL_HEADER.size
+        # The name a reader of local headers sees (another unzip tool, a zip export) must be
+        # the one checked above: zipfile refuses the two differing, and so does this.
+        if self.view[name_at : name_at + name_len] != name.encode(
+            "utf-8" if flags & _UTF8_FLAG else "cp437"
+        ):
+            raise self._error(f"member {name!r}: its local header names another file")
+        offset = name_at + name_len + extra_len
         if offset + compress_size > len(self.view):
             raise self._error(f"member {name!r} runs past the end of the archive (truncated?)")
         return Member(name, offset, compress_size, file_size, crc, deflated)
@@ -176,8 +184,17 @@ class ChunkArchive:
         member = self.members.get(MANIFEST)
         if member is None:
             raise self._error(f"no {MANIFEST}")
-        if member.file_size > config.MAX_MANIFEST_BYTES:
-            raise self._error(f"{MANIFEST} is larger than {config.MAX_MANIFEST_BYTES} bytes")
+        # Bounded by the members it can name: a small deflated manifest can hold millions
+        # of tiny JSON values, each a Python object once parsed (~700x its bytes).
+        limit = min(
+            config.MAX_MANIFEST_BYTES,
+            config.MANIFEST_BASE_BYTES + config.MANIFEST_BYTES_PER_MEMBER * len(self.members),
+        )
+        if member.file_size > limit:
+            raise self._error(
+                f"{MANIFEST} is {member.file_size} bytes, over the limit of {limit} for "
+                f"{len(self.members) - 1} images"
+            )
         data = self.read(member)
         # Labels and ids come from here: a changed byte must not pass unnoticed even when
         # the API listed no chunk sha256 (read() checks a deflated manifest itself).
@@ -194,6 +211,7 @@ class ChunkArchive:
     def _read_samples(self) -> list[Sample]:
         samples: list[Sample] = []
         seen: set[str] = set()
+        paths: set[str] = set()
         for position, entry in enumerate(self.manifest["images"]):
             if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
                 raise self._error(f"manifest entry {position} has no 'path'")
@@ -201,6 +219,9 @@ class ChunkArchive:
             member = self.members.get(path)
             if member is None or path == MANIFEST:
                 raise self._error(f"manifest names {path!r}, which is not in the archive", path)
+            if path in paths:  # one member read as many images: inflated again for each
+                raise self._error(f"manifest names {path!r} twice", path)
+            paths.add(path)
             label = entry.get("label")
             if label is None:
                 label = path.rpartition("/")[0]

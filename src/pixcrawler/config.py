@@ -39,6 +39,8 @@ SLOW_WAIT_SECONDS = 10.0
 MAX_MEMBERS = 100_000
 MAX_MEMBER_BYTES = 512 << 20
 MAX_MANIFEST_BYTES = 64 << 20
+MANIFEST_BASE_BYTES = 1 << 20  # and a manifest at most this plus so much per member
+MANIFEST_BYTES_PER_MEMBER = 16 << 10
 MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
 
 # Decoding.
