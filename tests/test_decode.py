@@ -25,7 +25,13 @@ from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
 from imagegen import make_image
-from pixcrawler.decode import ImageBuffers, ImageDecoder, jpeg_orientation
+from pixcrawler.decode import (
+    UNKNOWN_ORIENTATION,
+    ImageBuffers,
+    ImageDecoder,
+    _pillow_orientation,
+    jpeg_orientation,
+)
 from pixcrawler.exceptions import DecompressionError
 
 pytestmark = pytest.mark.timeout(60)
@@ -353,8 +359,8 @@ def test_jpeg_orientation_reads_both_byte_orders(order: str) -> None:
         "exif-after-scan",
     ],
 )
-def test_malformed_exif_means_orientation_1(data: bytes) -> None:
-    assert jpeg_orientation(data) == 1
+def test_malformed_exif_means_orientation_1_or_leaves_it_to_pillow(data: bytes) -> None:
+    assert jpeg_orientation(data) in (1, UNKNOWN_ORIENTATION)
 
 
 @pytest.mark.parametrize("order", ["<", ">"])
@@ -374,7 +380,7 @@ def test_orientation_of_any_integer_type_and_after_fill_bytes_is_what_pillow_app
         assert ImageOps.exif_transpose(image).size == (
             image.size[::-1] if applied == 6 else image.size
         )
-    assert jpeg_orientation(data) == applied
+    assert jpeg_orientation(data) == (UNKNOWN_ORIENTATION if kind == 1 else applied)
     decoded = ImageDecoder("RGB").decode(data)
     expected = reference(data, "RGB")
     assert decoded.shape == expected.shape
@@ -391,8 +397,144 @@ def test_xmp_before_exif_is_skipped() -> None:
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=300))
 def test_jpeg_orientation_never_raises(tail: bytes) -> None:
-    assert 1 <= jpeg_orientation(b"\xff\xd8" + tail) <= 8
-    assert 1 <= jpeg_orientation(b"\xff\xd8" + app1(tail)) <= 8
+    assert 0 <= jpeg_orientation(b"\xff\xd8" + tail) <= 8
+    assert 0 <= jpeg_orientation(b"\xff\xd8" + app1(tail)) <= 8
+
+
+_EXIF_ENTRIES = st.lists(
+    st.tuples(
+        st.sampled_from([0x0112, 0x0112, 0x010F]),  # Orientation, mostly; Make
+        st.integers(0, 17),  # every TIFF field type, and one past them
+        st.integers(0, 3),
+        st.binary(min_size=4, max_size=4),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.sampled_from(["<", ">"]), _EXIF_ENTRIES)
+def test_the_fast_path_reads_an_orientation_only_where_pillow_reads_the_same(
+    order: str, entries: list[tuple[int, int, int, bytes]]
+) -> None:
+    """Whatever types, counts, values and repeats the Orientation field comes in, the
+    fast path either reads what Pillow applies or leaves the image to Pillow."""
+    data = b"\xff\xd8" + app1(tiff_ifd(order, entries)) + SOURCES["jpeg-rgb"]()[2:]
+    fast = jpeg_orientation(data)
+    if fast != UNKNOWN_ORIENTATION:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                assert fast == _pillow_orientation(image)
+
+
+def _jpeg_with(segment: bytes, orientation: int | None = None) -> bytes:
+    """A JPEG (with no EXIF, or EXIF ``orientation``) with ``segment`` put straight after
+    its SOI marker."""
+    data = SOURCES["jpeg-rgb"]() if orientation is None else with_orientation("JPEG", orientation)
+    return data[:2] + segment + data[2:]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _jpeg_with(b"\xff\xd0", orientation=6),  # RST0: a marker without a length
+        _jpeg_with(
+            b"\xff\xe1"
+            + struct.pack(">H", 2 + 29 + 60)
+            + b"http://ns.adobe.com/xap/1.0/\x00"
+            + b'<rdf:Description tiff:Orientation="6"/>'.ljust(60)
+        ),  # orientation only in XMP, which Pillow applies
+        _jpeg_with(app1(tiff_ifd("<", [(0x0112, 6, 1, bytes([6]))]))),  # SBYTE
+        _jpeg_with(
+            app1(tiff_ifd("<", [(0x0112, 0, 1, b"\6"), (0x0112, 3, 1, b"\6\0")]))
+        ),  # an entry of an unknown type, then a SHORT one
+    ],
+    ids=["rst-marker", "xmp-orientation", "sbyte", "unknown-type-then-short"],
+)
+def test_jpegs_the_fast_path_cannot_read_surely_are_rotated_as_pillow_rotates(
+    data: bytes,
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = reference(data, "RGB")
+        fast = ImageDecoder("RGB").decode(data)
+    assert fast.shape == expected.shape
+    assert max_diff(fast, expected) <= 2
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_a_float_orientation_rotates_as_exif_transpose_does(backend: str) -> None:
+    """exif_transpose looks the value up in a dict, where 6.0 finds 6: so do we."""
+    entry = (0x0112, 11, 1, struct.pack("<f", 6.0))  # FLOAT
+    data = _jpeg_with(app1(tiff_ifd("<", [entry])))
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.getexif().get(0x0112) == 6.0
+        upright = ImageOps.exif_transpose(image)
+    decoded = ImageDecoder("RGB", backend=backend).decode(data)
+    assert decoded.shape[:2] == upright.size[::-1] != image.size[::-1]
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _tiff_with_strip_offsets_typed(kind: int) -> bytes:
+    data = bytearray(encode(photo((8, 6)), "TIFF"))
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 273:  # StripOffsets
+            struct.pack_into("<HI", data, entry + 2, kind, 1)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _tiff_with_strip_offsets_typed(2),  # ASCII: a TypeError inside Pillow
+        _tiff_with_strip_offsets_typed(16),  # LONG8: an OverflowError
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0))
+        + _png_chunk(b"tRNS", b"\xff\xff\xff\x00")
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 20))
+        + _png_chunk(b"IEND", b""),  # a palette image without a palette: AssertionError
+    ],
+    ids=["tiff-ascii-offsets", "tiff-long8-offsets", "png-no-palette"],
+)
+def test_whatever_pillow_raises_on_hostile_bytes_is_a_decompression_error(data: bytes) -> None:
+    """on_error can only skip what comes as DecompressionError: a TypeError from a TIFF
+    tag typed oddly used to end the whole iteration."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DecompressionError, match="cannot decode image"):
+            ImageDecoder("RGB").decode(data)
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_gray_from_a_colour_jpeg_is_pillows_convert_l_even_on_saturated_colours(
+    backend: str,
+) -> None:
+    """libjpeg's own gray output is the Y channel: up to ~27 levels from Pillow's L on
+    pure reds and blues. Both backends give exactly what Pillow's convert("L") gives."""
+    rng = np.random.default_rng(1)
+    primaries = np.array(
+        [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]],
+        np.uint8,
+    )
+    blocks = primaries[rng.integers(0, 6, (16, 16))].repeat(4, 0).repeat(4, 1)
+    data = encode(Image.fromarray(blocks), "JPEG", quality=90)
+    for size in (None, (16, 16), (50, 40)):
+        decoder = ImageDecoder("L", size, backend=backend)
+        with Image.open(io.BytesIO(data)) as image:
+            expected = image.convert("L")
+            if size is not None:
+                expected = expected.resize(size[::-1], Image.Resampling.BILINEAR)
+        decoded = decoder.decode(data)
+        assert decoded.shape == (*np.asarray(expected).shape, 1)
+        if size is None:
+            assert max_diff(decoded[:, :, 0], np.asarray(expected)) == 0
 
 
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

@@ -171,19 +171,18 @@ class ImageDecoder:
                 if array is not None:
                     return array
             return self._decode_pillow(data)
-        except DecompressionError:
+        except (DecompressionError, MemoryError):
             raise
-        except (
-            OSError,
-            ValueError,
-            SyntaxError,
-            struct.error,
-            Image.DecompressionBombError,
-        ) as exc:
+        except Exception as exc:
+            # Pillow's parsers raise more than OSError and ValueError on hostile bytes
+            # (TypeError, OverflowError, IndexError, AssertionError from TIFF tags typed
+            # oddly or a PNG's stray chunks): every one is this image's fault, and on_error
+            # must be able to skip it.
             if isinstance(exc, UnidentifiedImageError):  # its text names a BytesIO object
                 known = ", ".join(_FORMATS)
                 raise DecompressionError(f"cannot decode image: not a {known} image") from exc
-            raise DecompressionError(f"cannot decode image: {exc}") from exc
+            why = str(exc) or type(exc).__name__
+            raise DecompressionError(f"cannot decode image: {why}") from exc
 
     def _check_pixels(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
@@ -196,8 +195,12 @@ class ImageDecoder:
         sj: Any = self._simplejpeg
         height, width, space, _ = sj.decode_jpeg_header(data)
         if space not in ("RGB", "YCbCr", "Gray") or jpeg_orientation(data) != 1:
-            return None  # CMYK/YCCK or rotated: Pillow handles those
+            return None  # CMYK/YCCK, rotated or possibly so: Pillow handles those
         self._check_pixels(width, height)
+        if self.mode == "L" and space != "Gray":
+            # libjpeg's gray is the Y channel, off by up to ~27 levels from Pillow's
+            # convert("L") on saturated colours: decode RGB and convert it as Pillow does.
+            return self._decode_jpeg_as_gray(data)
         if self.image_size is None:
             out = None
             if self.buffers is not None:
@@ -209,6 +212,18 @@ class ImageDecoder:
         if array.shape[:2] == (th, tw):
             return array
         return self._resize_array(array)
+
+    def _decode_jpeg_as_gray(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        sj: Any = self._simplejpeg
+        if self.image_size is None:
+            rgb = sj.decode_jpeg(data, colorspace="RGB")
+        else:
+            th, tw = self.image_size
+            rgb = sj.decode_jpeg(data, colorspace="RGB", min_height=th, min_width=tw)
+        gray = np.array(Image.fromarray(rgb).convert("L"))[:, :, np.newaxis]
+        if self.image_size is None or gray.shape[:2] == self.image_size:
+            return gray
+        return self._resize_array(gray)
 
     def _resize_array(self, array: np.ndarray) -> np.ndarray:
         th, tw = self.image_size or array.shape[:2]
@@ -270,55 +285,84 @@ def _pillow_orientation(image: Image.Image) -> int:
         value = image.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # a malformed EXIF block must not cost the image
         return 1
-    return value if isinstance(value, int) else 1
+    # As ImageOps.exif_transpose looks it up: any number equal to 1–8 (a FLOAT or
+    # RATIONAL 6 rotates as 6 does); anything else is no orientation.
+    try:
+        return next(code for code in range(1, 9) if value == code)
+    except (StopIteration, TypeError, ValueError):
+        return 1
+
+
+UNKNOWN_ORIENTATION = 0
+_XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 
 
 def jpeg_orientation(data: bytes | bytearray | memoryview) -> int:
-    """The EXIF orientation (1–8) of a JPEG, read from its APP1 segment; 1 if none."""
+    """The EXIF orientation (1–8) of a JPEG, read from its APP1 segment; 1 if it has none.
+
+    :data:`UNKNOWN_ORIENTATION` (0) wherever this reading might differ from Pillow's: a
+    segment it does not walk as Pillow does, an Orientation field of a type or in a place
+    it does not read, an XMP packet that mentions an orientation. Pillow decides those.
+    """
     view = memoryview(data)
     pos = 2
     end = len(view)
+    orientation = 1
     while pos + 4 <= end:
         if view[pos] != 0xFF:
-            return 1
+            return UNKNOWN_ORIENTATION
         marker = view[pos + 1]
         if marker == 0xFF:  # a fill byte before the marker (ITU T.81 B.1.1.2)
             pos += 1
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
-            return 1
+            return orientation
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            return UNKNOWN_ORIENTATION
         length = (view[pos + 2] << 8) | view[pos + 3]
+        if length < 2:
+            return UNKNOWN_ORIENTATION
         segment = view[pos + 4 : pos + 2 + length]
-        if marker == 0xE1 and bytes(segment[:6]) == b"Exif\x00\x00":
-            return _tiff_orientation(bytes(segment[6:]))
+        if marker == 0xE1:
+            head = bytes(segment[:29])
+            if head.startswith(b"Exif\x00\x00"):
+                if orientation != 1:  # a second EXIF block: which one counts is Pillow's
+                    return UNKNOWN_ORIENTATION
+                orientation = _tiff_orientation(bytes(segment[6:]))
+                if orientation == UNKNOWN_ORIENTATION:
+                    return orientation
+            elif head == _XMP and b"Orientation" in bytes(segment):  # Pillow applies XMP's
+                return UNKNOWN_ORIENTATION
         pos += 2 + length
-    return 1
+    return orientation
 
 
-# The TIFF field types Pillow reads the tag as an integer from (and so rotates by): SHORT,
-# LONG, SSHORT, SLONG. A BYTE value comes back as bytes, which Pillow does not apply.
+# The TIFF field types read here, as Pillow reads them (as integers, so it rotates by
+# them): SHORT, LONG, SSHORT, SLONG. Any other type is left to Pillow.
 _EXIF_INTEGER_TYPES = {3: "H", 4: "I", 8: "h", 9: "i"}
 
 
 def _tiff_orientation(tiff: bytes) -> int:
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return 1
+    """The Orientation an EXIF block's first IFD holds; unknown for anything malformed."""
+    if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return UNKNOWN_ORIENTATION
     order = "<" if tiff[:2] == b"II" else ">"
     (ifd,) = struct.unpack_from(order + "I", tiff, 4)
     if ifd + 2 > len(tiff):
-        return 1
+        return UNKNOWN_ORIENTATION
     (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    found = 1
+    seen = False
     for i in range(count):
         entry = ifd + 2 + 12 * i
         if entry + 12 > len(tiff):
-            return 1
+            return UNKNOWN_ORIENTATION
         tag, kind, _count = struct.unpack_from(order + "HHI", tiff, entry)
         if tag == _ORIENTATION_TAG:
-            # Read as its type says, as Pillow does: SHORT by the standard, LONG and the
-            # others in files written by other tools.
             code = _EXIF_INTEGER_TYPES.get(kind)
-            if code is None:
-                return 1
+            if code is None or seen:  # a type Pillow may read otherwise; a second entry
+                return UNKNOWN_ORIENTATION
             (value,) = struct.unpack_from(order + code, tiff, entry + 8)
-            return value if 1 <= value <= 8 else 1
-    return 1
+            found = value if 1 <= value <= 8 else 1
+            seen = True
+    return found
