@@ -7,6 +7,7 @@ config dir, and no ``PIXCRAWLER_*`` variables from the caller's environment.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ from constants import (
 from helpers import copy_without_counts, corrupt_copy
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
-from pixcrawler.config import READ_BLOCK
+from pixcrawler.config import MAX_MEMBERS, READ_BLOCK
 from pixcrawler.exceptions import AuthenticationError
 from pixcrawler.packer import pack, write_job
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
@@ -311,6 +312,61 @@ def test_images_export_never_lets_one_image_overwrite_another_or_its_own_files(
     )
     assert result.returncode == 8, result
     assert "'.partial', a name this folder keeps for the export itself" in result.stderr
+
+
+def metadata_records(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_images_export_writes_names_up_to_the_file_system_limit_and_renames_within_it(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """A file name of 255 bytes, the most a name may have, packed (the file system took it)
+    is exported as it is: the temp file an image goes through is not named after it. Two
+    such names under one label: the second is renamed within the limit, keeping its
+    extension."""
+    from test_archive import build_chunk, encode, write_crafted_job
+
+    long = "a" * 251 + ".png"
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    (src / "cat" / long).write_bytes(encode("PNG"))
+    (src / "cat" / "ok.png").write_bytes(encode("PNG", index=1))
+    store = tmp_path / "store"
+    pack(src, store, job_id="job_long")
+    images = [(f"cat/{long}", encode("PNG", index=2)), (f"o/{long}", encode("PNG", index=3))]
+    entries = [
+        {"path": p, "label": "cat", "id": p, "sha256": hashlib.sha256(d).hexdigest()}
+        for p, d in images
+    ]
+    write_crafted_job(store, "job_twice", [build_chunk(images, entries=entries)])
+    url = server_factory(store)
+
+    root, _ = download(cli, url, "job_long", "--format", "images")
+    assert image_files(root) == image_files(src)
+    root, _ = download(cli, url, "job_twice", "--format", "images")
+    records = metadata_records(root)
+    assert records[0]["file"] == f"cat/{long}"
+    renamed = records[1]["file"].removeprefix("cat/")
+    assert len(renamed.encode()) <= 255 and renamed.endswith("~0-1.png"), renamed
+    for record in records:
+        assert hashlib.sha256((root / record["file"]).read_bytes()).hexdigest() == record["sha256"]
+
+
+def test_images_export_keeps_an_image_named_like_another_ones_temp_file(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Another producer's ``cat/.a.png.part`` and ``cat/a.png`` are two images: each ends
+    up in its own file, neither written through a temp file named like the other."""
+    from test_archive import build_chunk, encode, write_crafted_job
+
+    images = [("cat/.a.png.part", encode("PNG")), ("cat/a.png", encode("PNG", index=1))]
+    write_crafted_job(tmp_path / "store", "job_part", [build_chunk(images)])
+    root, _ = download(cli, server_factory(tmp_path / "store"), "job_part", "--format", "images")
+    records = metadata_records(root)
+    assert [r["file"] for r in records] == ["cat/.a.png.part", "cat/a.png"]
+    for record, (_, data) in zip(records, images, strict=True):
+        assert (root / record["file"]).read_bytes() == data
 
 
 def test_numpy_download_equals_the_sdk_iteration(cli: Cli, live_server: LiveServer) -> None:
@@ -1038,6 +1094,18 @@ def test_pack_reports_the_job_and_every_skipped_file(cli: Cli, tmp_path: Path) -
     assert result.stderr.startswith("Error: no valid image")
 
 
+def test_pack_refuses_a_chunk_size_no_reader_would_take(cli: Cli, tmp_path: Path) -> None:
+    """A reader takes at most MAX_MEMBERS members in a chunk, its manifest among them."""
+    src = make_image_folder(tmp_path / "crawl", {"cat": 2})
+    store = tmp_path / "store"
+    result = cli.run("pack", str(src), "--store", str(store), "--chunk-size", str(MAX_MEMBERS))
+    assert result.returncode == 2, result
+    assert "--chunk-size" in result.stderr and f"1<=x<={MAX_MEMBERS - 1}" in result.stderr
+    assert not store.exists()
+    args = ["pack", str(src), "--store", str(store), "--chunk-size", str(MAX_MEMBERS - 1)]
+    assert cli.run(*args).returncode == 0
+
+
 @pytest.mark.timeout(150)
 def test_serve_creates_and_announces_a_key_once_then_serves(
     cli: Cli, tmp_path: Path, packed: PackedStore
@@ -1165,6 +1233,116 @@ def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
     assert run().complete
     expected, _ = load_dataset("job_v", TEST_KEY, base_url).to_arrays()
     np.testing.assert_array_equal(np.load(root / "X.npy"), expected)
+
+
+@pytest.mark.parametrize("stop", ["between the renames", "after the renames"])
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+def test_a_download_stopped_while_its_outputs_take_their_names_is_finished_not_redone(
+    live_server: LiveServer,
+    packed: PackedStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    stop: str,
+) -> None:
+    """Every chunk written, stopped before the last output took its name (numpy: y.npy
+    renamed, X.npy not) or after, before the folder was recorded complete: the next run
+    finishes the renames and transfers no chunk."""
+    from pixcrawler import export
+
+    root = tmp_path / "out" / JOB_UNIFORM
+    last = {"numpy": "X.npy", "images": "metadata.jsonl"}[fmt]
+    real = os.replace
+
+    def stop_at_last(src: Any, dst: Any) -> None:
+        if Path(dst).name == last:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    def stop_now() -> None:
+        raise KeyboardInterrupt
+
+    with load_dataset(JOB_UNIFORM, TEST_KEY, live_server.base_url) as dataset:
+        writer = export.make_writer(fmt, dataset, root, None)
+        todo = writer.prepare()
+        with export.Progress(False, JOB_UNIFORM, writer, todo, dataset.stats.transfer) as bar:
+            export.transfer(dataset, writer, todo, 2, bar)
+        if stop == "between the renames":
+            monkeypatch.setattr(export.os, "replace", stop_at_last)
+        else:
+            monkeypatch.setattr(writer, "mark_complete", stop_now)
+        with pytest.raises(KeyboardInterrupt):
+            writer.finish()
+        monkeypatch.undo()
+        writer.close()
+
+    with FaultProxy(live_server.base_url) as proxy:
+        with load_dataset(JOB_UNIFORM, TEST_KEY, proxy.base_url) as dataset:
+            writer = export.make_writer(fmt, dataset, root, None)
+            assert writer.prepare() == [] and writer.complete
+            writer.close()
+        assert proxy.stats.requests == 1  # the job's metadata only
+    if fmt == "numpy":
+        samples = sdk_samples(live_server, JOB_UNIFORM, TEST_KEY)
+        np.testing.assert_array_equal(np.load(root / "X.npy"), np.stack([i for _, i in samples]))
+        assert len(np.load(root / "y.npy")) == UNIFORM_TOTAL
+    else:
+        assert image_files(root) == image_files(packed.sources[JOB_UNIFORM])
+        assert len(metadata_records(root)) == UNIFORM_TOTAL
+    assert not list(root.rglob("*.part")) and not (root / ".partial").exists()
+
+
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+def test_a_rerun_that_starts_over_keeps_the_complete_download_until_it_replaces_it(
+    cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str], fmt: str
+) -> None:
+    """A new version of the job (or, for numpy, another --image-size or --on-error) starts
+    the download over, but the earlier complete files stay until the new ones take their
+    names: a rerun that stops (here at a chunk that is not a zip) leaves what was there."""
+    copy = tmp_path / "served"
+    shutil.copytree(store / JOB_UNIFORM, copy / JOB_UNIFORM)
+    url = server_factory(copy)
+    root, _ = download(cli, url, JOB_UNIFORM, "--format", fmt)
+    before = {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
+    assert len(before) == (3 if fmt == "numpy" else UNIFORM_TOTAL + 1)
+
+    job_path = copy / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    data = b"this is not a zip archive" * 10
+    (copy / JOB_UNIFORM / "chunks" / "00000.zip").write_bytes(data)
+    job["chunks"][0].update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+    job_path.write_text(json.dumps({**job, "version": 2}))
+    result = cli.run("download", JOB_UNIFORM, "--format", fmt, "-o", "out", *api(url, TEST_KEY))
+    assert result.returncode == 8, result
+    assert {name: (root / name).read_bytes() for name in before} == before
+
+
+def test_a_file_written_atomically_leaves_no_temp_file_when_it_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or a Ctrl-C) while a sidecar or an image is written: its temp file goes."""
+    from pixcrawler import export
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        export._write_atomic(tmp_path / ".progress.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def interrupt(src: Any, dst: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export._write_atomic(tmp_path / "a.png", b"png", tmp_path / "image.tmp", sync=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_second_download_into_a_folder_in_use_is_refused(
@@ -1355,6 +1533,47 @@ def test_numpy_download_of_a_job_of_no_images_and_no_size_is_empty_arrays(
     url = server_factory(edited_copy(store, tmp_path / "empty", JOB_UNIFORM, empty))
     root, _ = download(cli, url, JOB_UNIFORM)
     assert np.load(root / "X.npy").shape == (0, 0, 0, 3) and np.load(root / "y.npy").shape == (0,)
+
+
+def test_on_error_skip_takes_the_size_from_the_first_image_that_decodes(
+    cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """Neither counts nor size listed: the first image sets the size, so one that cannot be
+    decoded must not stop a --on-error skip download. Here chunk 0 holds no good image
+    and chunk 1's first is bad too; a run stopped after chunk 0 resumes all the same."""
+    bad = (*range(UNIFORM_CHUNK_SIZE), UNIFORM_CHUNK_SIZE)
+    corrupt = corrupt_copy(store, tmp_path / "corrupt", bad)
+    url = server_factory(edited_copy(corrupt, tmp_path / "bare", JOB_UNIFORM, drop_counts_and_size))
+    with load_dataset(JOB_UNIFORM, TEST_KEY, url, on_error="skip") as reference:
+        good = [(image.copy(), label) for image, label in reference]
+    assert len(good) == UNIFORM_TOTAL - len(bad)
+
+    def check(root: Path) -> None:
+        X, y = np.load(root / "X.npy"), np.load(root / "y.npy")
+        labels = json.loads((root / "labels.json").read_text())
+        assert X.shape == (len(good), *UNIFORM_SIZE, 3) and y.shape == (len(good),)
+        for row, (image, label) in enumerate(good):
+            np.testing.assert_array_equal(X[row], image)
+            assert labels[y[row]] == label
+
+    root, stdout = download(cli, url, JOB_UNIFORM, "--on-error", "skip")
+    assert f"{len(bad)} that could not be decoded left out" in stdout
+    check(root)
+
+    # As a run stopped after chunk 0 leaves it: no image yet to give the arrays a size.
+    state = json.loads((root / ".progress.json").read_text())
+    skipped = {"0": UNIFORM_CHUNK_SIZE}
+    state["numpy"].update(done=[0], counts={"0": 0}, skipped=skipped, complete=False)
+    (root / ".progress.json").write_text(json.dumps(state))
+    for name, shape in (("X", (UNIFORM_CHUNK_SIZE, 0, 0, 3)), ("y", (UNIFORM_CHUNK_SIZE,))):
+        dtype = np.uint8 if name == "X" else np.int64
+        np.save(root / f"{name}.npy.part", np.zeros(shape, dtype))
+        os.replace(root / f"{name}.npy.part.npy", root / f"{name}.npy.part")
+    with FaultProxy(url) as proxy:
+        root, stdout = download(cli, proxy.base_url, JOB_UNIFORM, "--on-error", "skip")
+        assert proxy.stats.requests_by_path[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/0"] == 0
+    assert "already complete" not in stdout
+    check(root)
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "images"])

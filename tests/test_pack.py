@@ -30,6 +30,7 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from imagegen import make_image, make_image_folder, save_image
+from pixcrawler import config, export
 from pixcrawler import packer as packer_module
 from pixcrawler.archive import ChunkArchive
 from pixcrawler.config import JOB_ID_PATTERN
@@ -94,6 +95,20 @@ def test_repacking_into_fewer_chunks_removes_the_stale_ones(
     assert result.num_chunks == 2
     assert [p.name for p in chunk_files(tmp_path, "job_x")] == ["00000.zip", "00001.zip"]
     assert not list((tmp_path / "job_x" / "chunks").glob(".*"))  # no temp files left
+
+
+def test_packing_again_removes_the_temp_chunks_of_a_killed_pack(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    """A pack killed mid-chunk leaves ``.00001.zip.<random>.tmp``: the next pack of the job
+    removes it (and nothing else it did not write)."""
+    chunks = tmp_path / "job_x" / "chunks"
+    chunks.mkdir(parents=True)
+    (chunks / ".00001.zip.k3j_x9q.tmp").write_bytes(b"half a chunk")
+    (chunks / ".00123.zip.abc.tmp").write_bytes(b"")
+    (chunks / "notes.txt").write_text("the operator's")
+    pack(packed.sources[JOB_UNIFORM], tmp_path, job_id="job_x", chunk_size=30)
+    assert sorted(p.name for p in chunks.iterdir()) == ["00000.zip", "00001.zip", "notes.txt"]
 
 
 # -- archives ----------------------------------------------------------------------------
@@ -291,6 +306,59 @@ def test_files_no_reader_could_take_are_skipped_and_reported(tmp_path: Path) -> 
     store = tmp_path / "store"
     for chunk in chunk_files(store, "job_odd"):
         assert len(ChunkArchive(chunk.read_bytes())) == 2  # what was packed reads back
+
+
+def test_a_file_larger_than_a_reader_accepts_is_skipped_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers refuse a member over ``MAX_MEMBER_BYTES`` (512 MiB), so the packer leaves
+    such a file out rather than write a chunk no one can read. (The limit is lowered here:
+    the test need not write half a gigabyte.)"""
+    src = make_image_folder(tmp_path / "src", {"cat": 2}, size=(16, 16))
+    save_image(make_image("cat", (64, 64), index=5), src / "cat" / "big.bmp")
+    limit = (src / "cat" / "0000.jpg").stat().st_size
+    assert (src / "cat" / "big.bmp").stat().st_size > limit
+    monkeypatch.setattr(config, "MAX_MEMBER_BYTES", limit)
+    result = pack(src, tmp_path / "store", job_id="job_big")
+    reasons = dict(result.skipped)
+    assert set(reasons) == {"cat/big.bmp"}
+    assert "a reader accepts" in reasons["cat/big.bmp"]
+    for chunk in chunk_files(tmp_path / "store", "job_big"):
+        ChunkArchive(chunk.read_bytes(), max_member_bytes=limit)  # what was packed reads back
+
+
+def test_chunk_size_is_capped_by_the_members_a_reader_accepts(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk holds its manifest and its images: at most ``MAX_MEMBERS - 1`` images, or
+    readers refuse it. (The limit is lowered here: 100,000 images would take minutes.)"""
+    monkeypatch.setattr(config, "MAX_MEMBERS", 8)
+    src = packed.sources[JOB_UNIFORM]
+    with pytest.raises(ValueError, match="chunk_size must be at most 7"):
+        pack(src, tmp_path / "store", chunk_size=8)
+    result = pack(src, tmp_path / "store", job_id="job_cap", chunk_size=7)
+    chunks = chunk_files(tmp_path / "store", "job_cap")
+    assert result.num_chunks == len(chunks) == -(-UNIFORM_TOTAL // 7)
+    assert sum(len(ChunkArchive(c.read_bytes(), max_members=8)) for c in chunks) == UNIFORM_TOTAL
+
+
+def test_a_label_folder_named_like_an_images_export_file_is_skipped_and_reported(
+    tmp_path: Path,
+) -> None:
+    """``download --format images`` writes ``metadata.jsonl`` (and its ``.part``) at the top
+    of its folder and refuses a label of that name: such a folder is left out at pack time,
+    while it can still be renamed, not found out at download time. A nested folder of that
+    name is a label's inner part, no clash."""
+    src = make_image_folder(tmp_path / "src", {"cat": 1, "cat/metadata.jsonl": 1})
+    visible = sorted(name for name in export.RESERVED_NAMES if not name.startswith("."))
+    assert visible == ["metadata.jsonl", "metadata.jsonl.part"]  # hidden ones: never labels
+    for name in ("metadata.jsonl", "Metadata.JSONL.part"):  # compared casefolded, as there
+        make_image_folder(src, {name: 2})
+    result = pack(src, tmp_path / "store")
+    assert result.labels == ("cat", "cat/metadata.jsonl")
+    reasons = dict(result.skipped)
+    assert set(reasons) == {"metadata.jsonl/", "Metadata.JSONL.part/"}
+    assert all("--format images" in reason for reason in reasons.values())
 
 
 def test_packing_again_marks_the_job_unfinished_until_the_new_one_is_whole(

@@ -655,10 +655,11 @@ def login(api_key: str | None) -> None:
 @click.option("--owner", default=config.DEFAULT_OWNER, show_default=True, help="Owner of the job.")
 @click.option(
     "--chunk-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, config.MAX_MEMBERS - 1),
     default=config.DEFAULT_CHUNK_SIZE,
     show_default=True,
-    help="Images per chunk archive.",
+    help=f"Images per chunk archive (readers take at most {config.MAX_MEMBERS:,} members in "
+    "a chunk, its manifest among them).",
 )
 def pack(
     src: Path,

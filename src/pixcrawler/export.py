@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -41,6 +42,15 @@ log = logging.getLogger("pixcrawler")
 FORMATS = ("numpy", "images", "zip")
 SIDECAR = ".progress.json"
 STAGING_DIR = ".partial"  # chunk archives in transit for the numpy and images formats
+METADATA = "metadata.jsonl"  # the images format's listing
+# Names at the top of an images export that are the export's own: a label (the first
+# folder of its images' paths) named like one is refused, and the packer packs none.
+RESERVED_NAMES = frozenset({STAGING_DIR, SIDECAR, METADATA, METADATA + ".part"})
+# An image on its way to its file: in the staging folder, where no image's own name can
+# be (a label named like it is refused), and short, whatever the length of that name.
+_IMAGE_TEMP = "image.tmp"
+# Bytes in a file name on the common file systems (ext4, XFS, APFS, NTFS's 255 UTF-16 units).
+_NAME_MAX = 255
 _HASH_BLOCK = 1 << 20
 _PROGRESS_REFRESH = 0.2  # seconds between refreshes of the bytes bar
 
@@ -431,13 +441,23 @@ def _resize_npy(path: Path, shape: tuple[int, ...], dtype: type[np.generic]) -> 
     _reserve(path, old_size)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _write_atomic(
+    path: Path, data: bytes | memoryview, tmp: Path | None = None, *, sync: bool = True
+) -> None:
+    """Write ``data`` to ``tmp`` (by default a hidden name beside ``path``), then rename it
+    to ``path``; ``tmp`` does not outlive the call, even on a full disk or a Ctrl-C."""
+    if tmp is None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class _StagedWriter(Writer):
@@ -461,6 +481,15 @@ class _StagedWriter(Writer):
         fingerprint = self.fingerprint()
         state = self.sidecar.load()
         if _valid_state(state) and state is not None and state["fingerprint"] == fingerprint:
+            done = set(state["done"])
+            if state.get("renaming") and not state.get("complete") and self.all_in(done):
+                # Stopped inside finish(): every chunk is written, the outputs were taking
+                # their final names. Finish the renames rather than download it all again.
+                self.state = state
+                self.rename_outputs()
+                if self.outputs_present():
+                    self.mark_complete()
+                    return []
             if state.get("complete") and self.outputs_present():
                 self.complete = True
                 return []
@@ -477,7 +506,14 @@ class _StagedWriter(Writer):
         # Index order, as the SDK iterates: X's rows and metadata.jsonl's lines follow it.
         return sorted((c for c in self.job.chunks if c.index not in done), key=_index)
 
+    def all_in(self, done: set[int]) -> bool:
+        """Whether ``done`` holds every chunk of the job."""
+        return all(chunk.index in done for chunk in self.job.chunks)
+
     def start_over(self, fingerprint: dict[str, Any]) -> None:
+        """Discard the partial outputs and begin anew. The final outputs of an earlier run
+        (another version of the job, other options) stay until the new ones replace them:
+        a rerun that stops leaves the user what they had."""
         self.state = {"fingerprint": fingerprint, "done": [], "counts": {}, "complete": False}
         shutil.rmtree(self.staging, ignore_errors=True)
         self.reset()
@@ -508,6 +544,14 @@ class _StagedWriter(Writer):
         """Images of the chunks written so far."""
         return _written(self.state)
 
+    def finish_outputs(self) -> None:
+        """Give the outputs their final names, recording first that they are being given
+        them: a run stopped in between is finished by the next one's prepare()."""
+        self.state["renaming"] = True
+        self.sidecar.save(self.state)
+        self.rename_outputs()
+        self.mark_complete()
+
     def mark_complete(self) -> None:
         """Record the export complete: only once its outputs have their final names, so
         a run stopped before that finishes them instead of calling old ones complete."""
@@ -535,7 +579,12 @@ class _StagedWriter(Writer):
         raise NotImplementedError
 
     def reset(self) -> None:
-        """Discard partial outputs and start them afresh."""
+        """Discard partial outputs and start them afresh (never the final ones)."""
+        raise NotImplementedError
+
+    def rename_outputs(self) -> None:
+        """Move the complete partial outputs to their final names, over any earlier ones.
+        Idempotent: what a stopped run already moved is passed over."""
         raise NotImplementedError
 
 
@@ -623,13 +672,14 @@ class _NumpyWriter(_StagedWriter):
                 return False
             if self.image_shape is not None and X.shape[1:] != self.image_shape:
                 return False
-            self.image_shape, self.rows = X.shape[1:], rows
+            if X.shape[1]:  # else (0, 0, C): no image was decoded yet to set the size
+                self.image_shape = X.shape[1:]
+            self.rows = rows
         self.X, self.y = X, y
         return True
 
     def reset(self) -> None:
-        for old in (self.x_path, self.y_path, self.labels_path):  # another version's
-            old.unlink(missing_ok=True)
+        # X.npy, y.npy and labels.json of an earlier run stay until finish() replaces them.
         if not self.counted:  # created with the first image, grown chunk by chunk
             self.x_part.unlink(missing_ok=True)
             self.y_part.unlink(missing_ok=True)
@@ -661,10 +711,7 @@ class _NumpyWriter(_StagedWriter):
             return
         if not self.counted:
             if self.image_shape is None:  # no size given or listed: the first image's
-                image = decode_sample(archive, samples[0], self.decoder)
-                if not isinstance(image, np.ndarray):
-                    raise image  # names the chunk and the image
-                self.image_shape = image.shape
+                self.image_shape = self._first_shape(archive, samples)
             self._resize(offset + len(samples))
         if self.X is None or self.y is None:  # pragma: no cover - prepare() opened them
             raise RuntimeError("prepare() was not called")
@@ -693,6 +740,18 @@ class _NumpyWriter(_StagedWriter):
         if bad:  # saved with the chunk by mark_done
             self.state["skipped"] = {**self.state.get("skipped", {}), str(chunk.index): len(bad)}
         self.mark_done(chunk, len(good))
+
+    def _first_shape(self, archive: ChunkArchive, samples: list[Sample]) -> tuple[int, ...] | None:
+        """The shape of the chunk's first image that decodes; None where (skipping) none
+        does, so a later chunk's sets it. The undecodable ones are recorded as skipped by
+        _decode_rows, as anywhere else."""
+        for sample in samples:
+            image = decode_sample(archive, sample, self.decoder)
+            if isinstance(image, np.ndarray):
+                return image.shape
+            if not self.skip:
+                raise image  # names the chunk and the image
+        return None
 
     def _label_id(self, sample: Sample) -> int:
         try:
@@ -746,13 +805,15 @@ class _NumpyWriter(_StagedWriter):
         """Make ``X.npy.part`` and ``y.npy.part`` hold ``rows`` rows (an uncounted job's, at
         its first image and each chunk; cut to the rows written where images were skipped),
         remapped; rows written before stay as they are."""
-        image_shape = self.image_shape or (0, 0, self.decoder.channels)  # a job of no images
+        # (0, 0, C) while no image has set the size: a job of no images, or (skipping) of
+        # none decoded yet; image_shape stays None so that the first that decodes sets it.
+        image_shape = self.image_shape or (0, 0, self.decoder.channels)
         self.X = self.y = None  # unmapped while the files change
         _resize_npy(self.x_part, (rows, *image_shape), np.uint8)
         _resize_npy(self.y_part, (rows,), np.int64)
         self.X = np.lib.format.open_memmap(self.x_part, mode="r+")
         self.y = np.lib.format.open_memmap(self.y_part, mode="r+")
-        self.image_shape, self.rows = image_shape, rows
+        self.rows = rows
 
     def finish(self) -> None:
         if not self.counted or self.written() != self.rows:
@@ -763,11 +824,14 @@ class _NumpyWriter(_StagedWriter):
             self.y.flush()
         self.X = self.y = None  # unmapped before the rename
         self.check_complete()
+        self.finish_outputs()
+
+    def rename_outputs(self) -> None:
         labels = json.dumps(list(self.job.labels), indent=1, ensure_ascii=False) + "\n"
         _write_atomic(self.labels_path, labels.encode("utf-8"))
-        os.replace(self.y_part, self.y_path)
-        os.replace(self.x_part, self.x_path)
-        self.mark_complete()
+        for part, final in ((self.y_part, self.y_path), (self.x_part, self.x_path)):
+            with contextlib.suppress(FileNotFoundError):  # renamed by a run that stopped
+                os.replace(part, final)
 
     def describe(self) -> str:
         shape = ", ".join(str(n) for n in self.shape)
@@ -785,11 +849,10 @@ class _ImagesWriter(_StagedWriter):
 
     def __init__(self, dataset: Dataset, root: Path) -> None:
         super().__init__(dataset, root)
-        self.metadata_path = root / "metadata.jsonl"
-        self.metadata_part = root / "metadata.jsonl.part"
+        self.metadata_path = root / METADATA
+        self.metadata_part = root / f"{METADATA}.part"
         self.used: set[str] = set()  # file names given so far, casefolded
-        names = (STAGING_DIR, SIDECAR, self.metadata_path.name, self.metadata_part.name)
-        self.reserved = {name.casefold() for name in names}
+        self.reserved = {name.casefold() for name in RESERVED_NAMES}
 
     def outputs_present(self) -> bool:
         return self.metadata_path.exists()
@@ -809,30 +872,53 @@ class _ImagesWriter(_StagedWriter):
         return True
 
     def reset(self) -> None:
-        self._remove_listed(self.metadata_path)  # another version's images and listing
-        self._remove_listed(self.metadata_part)
+        # The images only an unfinished run's listing names belong to no complete export;
+        # those metadata.jsonl names stay until finish() replaces it (rename_outputs).
+        self._remove_listed(self.metadata_part, keep=self.metadata_path)
         self.metadata_part.write_bytes(b"")
         self.state["metadata_bytes"] = 0
         self.used = set()
 
-    def _remove_listed(self, listing: Path) -> None:
-        """Delete the image files a metadata.jsonl (or its .part) names, then it, then the
-        label folders left empty: what an earlier version of the job wrote here."""
+    def rename_outputs(self) -> None:
+        if not self.metadata_part.exists():  # renamed by a run that stopped
+            return
+        # An earlier version's images that this one does not list go first: a run stopped
+        # in between does it again, as the old listing is still there to say which.
+        self._remove_listed(self.metadata_path, keep=self.metadata_part)
+        os.replace(self.metadata_part, self.metadata_path)
+
+    def _listed(self, listing: Path) -> list[str]:
+        """The files a metadata.jsonl (or its .part) names; none if it cannot be read."""
         try:
             lines = listing.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
-            return
-        root = self.root.resolve()
-        folders: set[Path] = set()
+            return []
+        files: list[str] = []
         for line in lines:
             try:
-                file = (root / json.loads(line)["file"]).resolve()
-            except (ValueError, KeyError, TypeError, OSError):
+                file = json.loads(line)["file"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(file, str):
+                files.append(file)
+        return files
+
+    def _remove_listed(self, listing: Path, *, keep: Path) -> None:
+        """Delete the image files ``listing`` names and ``keep`` does not, then the label
+        folders left empty: what an earlier run wrote here that the outputs drop."""
+        kept = {file.casefold() for file in self._listed(keep)}  # one file if case-blind
+        root = self.root.resolve()
+        folders: set[Path] = set()
+        for name in self._listed(listing):
+            if name.casefold() in kept or name.split("/")[0].casefold() in self.reserved:
+                continue
+            try:
+                file = (root / name).resolve()
+            except (OSError, ValueError):
                 continue
             if file.is_relative_to(root) and file != root:
                 file.unlink(missing_ok=True)
                 folders.update(p for p in file.parents if p.is_relative_to(root) and p != root)
-        listing.unlink(missing_ok=True)
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty
@@ -845,10 +931,7 @@ class _ImagesWriter(_StagedWriter):
             rel = self._target(sample, position)
             dest = self.root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.part")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, dest)
+            _write_atomic(dest, data, self.staging / _IMAGE_TEMP, sync=False)
             record = {
                 "id": sample.id,
                 "label": sample.label,
@@ -886,22 +969,39 @@ class _ImagesWriter(_StagedWriter):
         else:
             name = PurePosixPath(_safe_relative(sample.path, sample)).name
         rel = f"{label}/{name}"
-        if rel.casefold() in self.used:  # two paths, one file name (or one but for case)
-            pure = PurePosixPath(name)
-            base = f"{label}/{pure.stem}~{sample.chunk_id}-{position}"
-            rel, n = f"{base}{pure.suffix}", 1
-            while rel.casefold() in self.used:  # a file of the job may bear that name too
-                rel, n = f"{base}-{n}{pure.suffix}", n + 1
+        folder, _, base = rel.rpartition("/")
+        # Two paths, one file name (or one but for case); or a name too long for a file
+        # system (another producer's: the packer packs only files that had their names).
+        if rel.casefold() in self.used or len(base.encode()) > _NAME_MAX:
+            for n in itertools.count():
+                tag = f"~{sample.chunk_id}-{position}" + (f"-{n}" if n else "")
+                rel = f"{folder}/{_tagged(base, tag)}"
+                if rel.casefold() not in self.used:  # a file of the job may bear it too
+                    break
         self.used.add(rel.casefold())
         return rel
 
     def finish(self) -> None:
         self.check_complete()
-        os.replace(self.metadata_part, self.metadata_path)
-        self.mark_complete()
+        self.finish_outputs()
 
     def describe(self) -> str:
         return "images: <label>/<file>, metadata.jsonl"
+
+
+def _tagged(name: str, tag: str) -> str:
+    """``name`` with ``tag`` before its extension (``a.png`` -> ``a~0-3.png``), the stem cut
+    so that the result fits in a file name (_NAME_MAX bytes), as ``name`` may have only
+    just fitted. An extension too long to keep is cut as part of the stem."""
+    pure = PurePosixPath(name)
+    stem, suffix = pure.stem, pure.suffix
+    room = _NAME_MAX - len(tag.encode()) - len(suffix.encode())
+    if room < 1:
+        stem, suffix = name, ""
+        room = _NAME_MAX - len(tag.encode())
+    # Cut on a character boundary: a UTF-8 sequence cut short would not decode.
+    stem = stem.encode()[:room].decode(errors="ignore")
+    return f"{stem}{tag}{suffix}"
 
 
 def _safe_relative(text: str, sample: Sample) -> str:

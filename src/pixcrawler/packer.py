@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from . import config
 from .archive import _safe_name
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
 from .models import JOB_STATUSES
@@ -55,6 +56,11 @@ _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # ImageOps.exif_transpose sw
 
 _HASH_BLOCK = 1 << 20
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_CHUNK_TEMP_RE = re.compile(r"\.\d+\.zip\..+\.tmp")  # _write_chunk's, of a pack that died
+# Names `pixcrawler download --format images` keeps for itself at the top of its folder
+# (export.RESERVED_NAMES, less the hidden ones, never labels here): it refuses a label
+# named like one, so a folder of that name is not packed. Not imported: export needs numpy.
+_RESERVED_LABELS = frozenset({"metadata.jsonl", "metadata.jsonl.part"})
 _NOT_COMPLETED_STATUSES = tuple(s for s in JOB_STATUSES if s != "completed")
 
 
@@ -96,8 +102,12 @@ def pack(
     """Pack the labelled image folder ``src`` into a completed job in ``store``.
 
     Every image under a sub-folder of ``src`` is packed, labelled with its folder's path
-    relative to ``src`` (``cat``, ``animals/cat``). Files in ``src`` itself, non-images
-    and images Pillow cannot decode are left out and listed in ``PackResult.skipped``.
+    relative to ``src`` (``cat``, ``animals/cat``). Files in ``src`` itself, non-images,
+    images Pillow cannot decode, files larger than a reader accepts
+    (``config.MAX_MEMBER_BYTES``) and folders named like the files ``pixcrawler download
+    --format images`` writes (``metadata.jsonl``) are left out and listed in
+    ``PackResult.skipped``. A chunk holds at most ``config.MAX_MEMBERS - 1`` images (the
+    manifest is a member too).
 
     Example::
 
@@ -115,6 +125,12 @@ def pack(
         raise ValueError(f"source folder {str(src)!r} does not exist or is not a folder")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size > config.MAX_MEMBERS - 1:  # read now: tests lower the limit
+        raise ValueError(
+            f"chunk_size must be at most {config.MAX_MEMBERS - 1:,}, got {chunk_size:,}: "
+            f"readers refuse a chunk of more than {config.MAX_MEMBERS:,} members, its "
+            "manifest included"
+        )
     _check_owner(owner)
     if job_id is not None:
         _check_job_id(job_id)
@@ -258,7 +274,22 @@ def _scan(src: Path) -> tuple[list[_Image], list[tuple[str, str]]]:
                 skipped.append(
                     (_join(rel_folder, d) + "/", "symbolic link to a folder, not followed")
                 )
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        reserved: set[str] = set()
+        if rel_folder == ".":  # a top-level folder is the first part of its images' labels
+            reserved = {
+                d
+                for d in dirnames
+                if d.casefold() in _RESERVED_LABELS and not (folder / d).is_symlink()
+            }
+        for d in sorted(reserved):
+            skipped.append(
+                (
+                    d + "/",
+                    "folder name kept by `pixcrawler download --format images` for its own "
+                    "file, which refuses it as a label; rename the folder",
+                )
+            )
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in reserved)
         for filename in sorted(filenames):
             rel = _join(rel_folder, filename)
             reason = _reject_reason(filename, at_root=rel_folder == ".") or _name_problem(rel)
@@ -304,8 +335,14 @@ def _name_problem(rel: str) -> str | None:
 def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
     """Open and fully decode one image; return its record, or why it is skipped."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would never end
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would never end
             return "not a regular file"
+        if info.st_size > config.MAX_MEMBER_BYTES:
+            return (
+                f"{info.st_size:,} bytes, over the {config.MAX_MEMBER_BYTES:,} a reader "
+                "accepts for one image"
+            )
         data = path.read_bytes()
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
@@ -432,11 +469,14 @@ def _file_digest(path: Path) -> tuple[int, str]:
 
 
 def _remove_stale_chunks(chunks_dir: Path, *, keep: int) -> None:
-    """Delete chunk files left by an earlier, larger packing of the same job id."""
+    """Delete chunk files left by an earlier, larger packing of the same job id, and the
+    temp files of a packing that was killed (its own are renamed or removed by now)."""
     for entry in chunks_dir.iterdir():
         stem = entry.name.removesuffix(".zip")
         if entry.name.endswith(".zip") and stem.isdigit() and int(stem) >= keep:
             entry.unlink()
+        elif _CHUNK_TEMP_RE.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
