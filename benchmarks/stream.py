@@ -281,7 +281,8 @@ def from_memory(base_url: str, chunks: list[bytearray], threads: int) -> float:
     """Images/s of the same ``for image, label in dataset`` with every chunk handed over
     from memory at once: the pipeline (chunk opens, each image's sha256 check, decode
     groups, the consumer) without the transfer. A diagnostic: it stands in for
-    ``ChunkDownloader.iter_chunks`` for the run (nothing writes into ``chunks``)."""
+    ``ChunkDownloader.iter_chunks`` for the run (nothing writes into ``chunks``), every
+    next chunk ready at once."""
     from pixcrawler.downloader import ChunkDownloader
 
     def iter_chunks(
@@ -290,7 +291,10 @@ def from_memory(base_url: str, chunks: list[bytearray], threads: int) -> float:
         for index in self.indexes if order is None else list(order):
             yield self.chunk(index), chunks[index]
 
-    with mock.patch.object(ChunkDownloader, "iter_chunks", iter_chunks):
+    with (
+        mock.patch.object(ChunkDownloader, "iter_chunks", iter_chunks),
+        mock.patch.object(ChunkDownloader, "next_chunk_ready", lambda self: True),
+    ):
         return end_to_end(base_url, JOB, threads, record=False)
 
 

@@ -645,6 +645,21 @@ def test_many_small_cached_chunks_never_use_up_the_descriptor_limit(tmp_path: Pa
     assert reader.exitcode == 0
 
 
+def test_the_limit_on_mappings_evicts_mappings_not_chunks_held_in_plain_memory(
+    remote: Remote, tmp_path: Path
+) -> None:
+    writer = remote.store(tmp_path)
+    for index in (1, 2, 3):
+        writer.get(index)
+    chunks = remote.store(tmp_path / "elsewhere")
+    chunks.directory = writer.directory  # 0 is downloaded here; 1-3 are mapped from disk
+    chunks._mapped_limit = 2
+    for index in range(NUM_CHUNKS):
+        chunks.get(index)
+    assert [chunks.in_memory(i) for i in range(NUM_CHUNKS)] == [True, False, True, True]
+    assert chunks.stats.evictions == 1
+
+
 def test_a_cached_file_that_cannot_be_mapped_is_read_instead(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import LiveServer
-from constants import JOB_UNIFORM, UNIFORM_TOTAL
+from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
 from helpers import close_while_consuming, digest
 from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DownloadError, PixCrawlerError
@@ -216,6 +217,45 @@ def test_server_errors_on_chunks_exhaust_retries_into_download_error(
         list(dataset)
     assert (info.value.chunk_id, info.value.status_code) == (0, 503)
     assert proxy.stats.faults["status"] == 3
+
+
+def test_a_chunk_still_on_its_way_holds_back_none_of_the_images_before_it(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+) -> None:
+    """Chunk 1 hangs: every image of chunk 0, downloaded and decoded, reaches the caller
+    now, not when chunk 1 arrives (a first batch waiting on the second chunk)."""
+    hang = Fault("hang", seconds=30)  # longer than the wait below, and than the timeout
+    dataset, proxy = through_proxy([None, hang], prefetch=2, timeout=20)
+    received: list[int] = []
+    whole_chunk = threading.Event()
+
+    def consume() -> None:
+        with contextlib.suppress(PixCrawlerError):  # closed below, mid-hang
+            for _, label in dataset:
+                received.append(label)
+                if len(received) == UNIFORM_CHUNK_SIZE:
+                    whole_chunk.set()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    try:
+        assert whole_chunk.wait(10), f"{len(received)} of chunk 0's images came"
+        assert proxy.stats.faults["hang"] == 1  # chunk 1 is still on its way
+    finally:
+        dataset.close()
+        worker.join(10)
+    assert not worker.is_alive()
+
+
+def test_a_chunk_that_fails_comes_after_every_image_before_it(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+) -> None:
+    dataset, _ = through_proxy([None] + [Fault("status", status=503)] * 5, retries=0)
+    received = []
+    with pytest.raises(DownloadError) as info:
+        for _, label in dataset:
+            received.append(label)
+    assert info.value.chunk_id == 1 and len(received) == UNIFORM_CHUNK_SIZE
 
 
 @pytest.fixture

@@ -972,3 +972,19 @@ def test_spec_pytorch_integration_with_torchvision_random_split_and_val_loss(
     printed = capsys.readouterr().out.splitlines()
     val_losses = [float(line.rsplit("=", 1)[1]) for line in printed]
     assert len(val_losses) == 4 and val_losses[-1] < val_losses[0]
+
+
+def test_streaming_works_where_no_shared_memory_can_be_made(
+    live_server: LiveServer, reference: Reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some sandboxes have no /dev/shm: the epoch is then this process's own (workers kept
+    between epochs do not see set_epoch), and streaming works as before."""
+
+    def no_shared_memory(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/dev/shm")
+
+    monkeypatch.setattr(multiprocessing, "RawValue", no_shared_memory)
+    stream = open_uniform(live_server).to_torch(streaming=True, shuffle=True)
+    stream.set_epoch(1)
+    keys = [key(image) for images, _ in DataLoader(stream, batch_size=8) for image in images]
+    assert sorted(keys) == sorted(reference.keys) and stream.epoch == 1

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import mmap
 import os
@@ -103,7 +104,7 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 def _mapped_limit() -> int:
     """How many cached files a store keeps mapped at once. Before Python 3.13 each mapping
-    holds a descriptor open: a quarter of the process's limit, so that many small chunks
+    holds a descriptor open: a share of the process's limit, so that many small chunks
     never leave the sockets and files around them short of descriptors."""
     if sys.version_info >= (3, 13):
         return sys.maxsize  # mapped with trackfd=False: no descriptor kept
@@ -111,10 +112,12 @@ def _mapped_limit() -> int:
         import resource
 
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        unlimited = soft == resource.RLIM_INFINITY
     except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
-        soft, unlimited = 512, False
-    return 4096 if unlimited else max(4, soft // 4)
+        soft = 512  # the C runtime's default on Windows
+    else:
+        if soft == resource.RLIM_INFINITY:
+            return config.MAPPED_FILES_UNLIMITED
+    return max(config.MIN_MAPPED_FILES, int(soft * config.MAPPED_FILES_SHARE))
 
 
 def default_cache_root() -> Path:
@@ -318,13 +321,17 @@ class ChunkStore:
         return entry
 
     def _evict(self) -> None:
-        """Least recently used first, down to the budget and the limit on mappings."""
-        while len(self._memory) > 1 and (
-            self._memory_bytes > self.memory_budget or self._mapped > self._mapped_limit
-        ):
+        """Least recently used first, down to the budget; then the least recently used
+        mappings down to their limit (a chunk in plain memory holds no descriptor)."""
+        while len(self._memory) > 1 and self._memory_bytes > self.memory_budget:
             _, old = self._memory.popitem(last=False)
             self._forget(old)
             self.stats.evictions += 1
+        if self._mapped > self._mapped_limit:
+            mapped = [i for i, e in self._memory.items() if isinstance(e.buffer, mmap.mmap)]
+            for index in mapped[: self._mapped - self._mapped_limit]:
+                self._forget(self._memory.pop(index))
+                self.stats.evictions += 1
 
     def _forget(self, entry: _Entry) -> None:
         """Uncount an entry taken out of memory (call with the lock)."""
@@ -372,7 +379,7 @@ class ChunkStore:
             if st.st_size == 0 or (chunk.size_bytes is not None and st.st_size != chunk.size_bytes):
                 self._discard(index, path, st, f"{st.st_size} bytes, expected {chunk.size_bytes}")
                 return None
-            buffer = _map(fd, path)
+            buffer = _map(fd, path, st.st_size)
         finally:
             os.close(fd)
         seen = _identity(st)
@@ -484,19 +491,22 @@ def _exclusive(path: Path) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
-def _map(fd: int, path: Path) -> Buffer:
+def _map(fd: int, path: Path, size: int) -> Buffer:
     """The open file, mapped read-only (with no descriptor kept on Python 3.13+). Where it
     cannot be mapped (descriptors or mappings used up, a file system without mmap): read."""
     try:
         if sys.version_info >= (3, 13):
             return mmap.mmap(fd, 0, access=mmap.ACCESS_READ, trackfd=False)
         return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: emptied since it was measured
         log.debug("cannot map %s (%s); reading it", path, exc)
-    blocks = []
-    while block := os.read(fd, _HASH_BLOCK):
-        blocks.append(block)
-    return b"".join(blocks)
+    buffer = bytearray(size)
+    with memoryview(buffer) as view, io.FileIO(fd, closefd=False) as fh:
+        filled = 0
+        while filled < size and (got := fh.readinto(view[filled:])):
+            filled += got
+    del buffer[filled:]  # a file cut short since: its check refuses it
+    return buffer
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

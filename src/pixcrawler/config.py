@@ -63,3 +63,8 @@ DEFAULT_SHUFFLE_BUFFER = 500  # decoded images a streaming worker holds to shuff
 DEFAULT_MEMORY_CACHE_BYTES = 1 << 30
 CACHE_SUBDIR = "chunks"  # <cache root>/chunks/<job id>/<index>-<sha256>.zip
 STALE_TEMP_SECONDS = 24 * 3600  # a temp file this old was left by a process that died
+# Before Python 3.13 each mapped cached chunk holds a descriptor: a store keeps at most this
+# share of the process's descriptor limit mapped (at least MIN; UNLIMITED where it has none).
+MAPPED_FILES_SHARE = 1 / 4
+MIN_MAPPED_FILES = 4
+MAPPED_FILES_UNLIMITED = 4096

@@ -552,16 +552,21 @@ class Dataset:
         pool, several in flight across a chunk edge (never into a third chunk), so decoders
         never wait on an edge; a chunk's buffer goes back to the downloader once its last
         group has decoded. ``expect`` (chunk → image count) refuses a chunk that disagrees.
+        Decoded images are never held back behind a chunk still on its way (or failed): the
+        next chunk is opened early only once it has arrived.
         """
         downloader = self.downloader()
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="pixcrawler-decode")
         inflight: deque[_Inflight] = deque()
         groups = self._groups(downloader, plan, expect)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
+        at_edge = False  # every group of the chunks opened so far is submitted
         try:
             while True:
                 waited = time.perf_counter()
                 while len(inflight) < config.DECODE_GROUPS_IN_FLIGHT and len(chunk_ends) < 2:
+                    if at_edge and inflight and not downloader.next_chunk_ready():
+                        break  # hand out what is decoded; ask again after the next group
                     item = next(groups, None)
                     if item is None:
                         break
@@ -570,6 +575,7 @@ class Dataset:
                     inflight.append(_Inflight(group, future, archive if last else None))
                     if last:
                         chunk_ends.append(len(inflight))
+                    at_edge = last
                 if not inflight:
                     return
                 chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)

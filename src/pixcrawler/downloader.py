@@ -298,6 +298,7 @@ class ChunkDownloader:
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
         self._released: list[Callable[[], None]] = []  # the recycling iteration's hook
+        self._upcoming: list[Callable[[], bool]] = []  # and whether its next chunk is here
         self._progress: dict[int, _Progress] = {}  # chunks being fetched
         # The re-read of the job's URLs under way, if any: every transfer whose URL expires
         # meanwhile waits for it instead of asking the API again.
@@ -441,8 +442,19 @@ class ChunkDownloader:
                 held -= 1
             fill()
 
+        def upcoming() -> bool:
+            with lock:
+                future = window[0][1] if window else None
+            return (
+                future is not None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            )
+
         if recycles:
             self._released.append(released)
+            self._upcoming.append(upcoming)
         try:
             while True:
                 fill(least=1)  # the consumer waits for a chunk: fetch one even when it holds many
@@ -468,6 +480,7 @@ class ChunkDownloader:
             first = None  # its callback refers back to fill(): a cycle that held a chunk
             if recycles:
                 self._released.remove(released)
+                self._upcoming.remove(upcoming)
             for _, future in window:
                 future.cancel()
             self._abort(cancel)
@@ -482,6 +495,13 @@ class ChunkDownloader:
             released = self._released[0] if self._released else None
         if released is not None:
             released()
+
+    def next_chunk_ready(self) -> bool:
+        """Whether the next chunk of the ``iter_chunks(recycles=True)`` iteration has
+        arrived whole, so that asking for it will not wait on the network (nor raise)."""
+        with self._lock:
+            upcoming = self._upcoming[0] if self._upcoming else None
+        return upcoming is not None and upcoming()
 
     def describe(self, index: int) -> str:
         """Where chunk ``index``'s transfer stands, in words (for a consumer kept waiting)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import ctypes
 import functools
 import importlib
 import logging
@@ -41,8 +42,6 @@ from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
 if TYPE_CHECKING:
-    from ctypes import c_uint64
-
     from .dataset import Dataset
     from .downloader import ChunkDownloader
 
@@ -696,9 +695,19 @@ def _seed_word(seed: int) -> int:
     return seed % (1 << 64)  # SeedSequence takes non-negative words
 
 
-def _shared_word(value: int = 0) -> c_uint64:
-    """A 64-bit word in memory shared with the processes started (forked or spawned) after."""
-    word: c_uint64 = multiprocessing.RawValue("Q", value)
+def _shared_word(value: int = 0) -> ctypes.c_uint64:
+    """A 64-bit word in memory shared with the processes started (forked or spawned) after;
+    where no shared memory can be made (no ``/dev/shm`` in some sandboxes), one of this
+    process's own, and workers already running keep the epoch they began with."""
+    try:
+        word: ctypes.c_uint64 = multiprocessing.RawValue("Q", value)
+    except OSError as exc:
+        log.warning(
+            "no shared memory for the epoch (%s): DataLoader workers kept between epochs "
+            "(persistent_workers=True) will not see set_epoch",
+            exc,
+        )
+        return ctypes.c_uint64(value)
     return word
 
 
