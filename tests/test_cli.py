@@ -1166,13 +1166,14 @@ def _versioned_job(tmp_path: Path, labels: dict[str, int], seed: int, chunk_size
 def test_a_new_version_of_the_job_leaves_nothing_of_the_old_one(
     cli: Cli, server_factory: Callable[..., str], tmp_path: Path
 ) -> None:
-    """Re-packed with fewer chunks and a label gone: the zip folder holds only the chunks
-    listed now, the images folder only the files its metadata.jsonl lists."""
+    """Re-packed with fewer chunks, a label gone and one renamed in case only (cat -> Cat):
+    the zip folder holds only the chunks listed now, the images folder only the files its
+    metadata.jsonl lists."""
     store = _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=1, chunk_size=2)
     url = api(server_factory(store), TEST_KEY)
     for fmt in ("zip", "images"):
         assert cli.run("download", "job_v", "--format", fmt, "-o", fmt, *url).returncode == 0
-    _versioned_job(tmp_path, {"cat": 3}, seed=2, chunk_size=3)
+    _versioned_job(tmp_path, {"Cat": 3}, seed=2, chunk_size=3)
     for fmt in ("zip", "images"):
         result = cli.run("download", "job_v", "--format", fmt, "-o", fmt, *url)
         assert result.returncode == 0, result
@@ -1231,6 +1232,49 @@ def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
     with pytest.raises(KeyboardInterrupt):
         run(crash=True)
     assert run().complete
+    expected, _ = load_dataset("job_v", TEST_KEY, base_url).to_arrays()
+    np.testing.assert_array_equal(np.load(root / "X.npy"), expected)
+
+
+def test_a_new_version_on_a_disk_without_room_for_both_replaces_the_old_arrays_early(
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The earlier arrays are kept until the new ones are complete, where the disk has room
+    for both; where it has not, they go first (with a warning) rather than the new download
+    failing on every rerun."""
+    from pixcrawler import export
+
+    store = _versioned_job(tmp_path, {"cat": 2, "dog": 2}, seed=1, chunk_size=2)
+    base_url = server_factory(store)
+    root = tmp_path / "out" / "job_v"
+
+    def run() -> None:
+        dataset = load_dataset("job_v", TEST_KEY, base_url)
+        writer = export.make_writer("numpy", dataset, root, None)
+        todo = writer.prepare()
+        progress = export.Progress(False, "job_v", writer, todo, dataset.stats.transfer)
+        with progress:
+            export.transfer(dataset, writer, todo, 2, progress)
+        writer.finish()
+        writer.close()
+        dataset.close()
+
+    run()
+    real = export._reserve
+
+    def room_for_one(path: Path, start: int = 0) -> None:
+        if path.name == "X.npy.part" and (root / "X.npy").exists():
+            raise OSError(errno.ENOSPC, f"no room for X in {path}")
+        real(path, start)
+
+    monkeypatch.setattr(export, "_reserve", room_for_one)
+    _versioned_job(tmp_path, {"cat": 2, "dog": 2}, seed=2, chunk_size=2)
+    with caplog.at_level(logging.WARNING, logger="pixcrawler"):
+        run()
+    assert "no room to keep the earlier X.npy and y.npy" in caplog.text
     expected, _ = load_dataset("job_v", TEST_KEY, base_url).to_arrays()
     np.testing.assert_array_equal(np.load(root / "X.npy"), expected)
 

@@ -52,6 +52,10 @@ IMAGE_BUFFERS = 96  # reusable decode outputs: the lookahead, or a batch of 64, 
 SUPPORTED_MODES = ("RGB", "L", "RGBA")
 ON_ERROR_POLICIES = ("raise", "skip", "warn")
 
+# `pixcrawler download`.
+IMAGES_LISTING = "metadata.jsonl"  # the images format's listing, atop the job's folder
+MAX_NAME_BYTES = 255  # a file name on the common file systems (ext4, XFS, APFS, NTFS)
+
 # The packer.
 DEFAULT_CHUNK_SIZE = 500
 DEFAULT_OWNER = "default"

@@ -42,16 +42,15 @@ log = logging.getLogger("pixcrawler")
 FORMATS = ("numpy", "images", "zip")
 SIDECAR = ".progress.json"
 STAGING_DIR = ".partial"  # chunk archives in transit for the numpy and images formats
-METADATA = "metadata.jsonl"  # the images format's listing
+METADATA = config.IMAGES_LISTING
 # Names at the top of an images export that are the export's own: a label (the first
 # folder of its images' paths) named like one is refused, and the packer packs none.
 RESERVED_NAMES = frozenset({STAGING_DIR, SIDECAR, METADATA, METADATA + ".part"})
 # An image on its way to its file: in the staging folder, where no image's own name can
 # be (a label named like it is refused), and short, whatever the length of that name.
 _IMAGE_TEMP = "image.tmp"
-# Bytes in a file name on the common file systems (ext4, XFS, APFS, NTFS's 255 UTF-16 units).
-_NAME_MAX = 255
 _HASH_BLOCK = 1 << 20
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # a full disk or quota
 _PROGRESS_REFRESH = 0.2  # seconds between refreshes of the bytes bar
 
 
@@ -395,7 +394,7 @@ def _reserve(path: Path, start: int = 0) -> None:
         try:
             allocate(fh.fileno(), start, size - start)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            if exc.errno in _NO_ROOM:
                 raise OSError(
                     exc.errno, f"no room for {human_size(size)} in {path}: {exc.strerror}"
                 ) from None
@@ -688,12 +687,34 @@ class _NumpyWriter(_StagedWriter):
             if self.size is None:
                 self.image_shape = None
             return
+        self._with_room(self._allocate)
+
+    def _allocate(self) -> None:
         self.X = np.lib.format.open_memmap(self.x_part, mode="w+", dtype=np.uint8, shape=self.shape)
         self.y = np.lib.format.open_memmap(
             self.y_part, mode="w+", dtype=np.int64, shape=self.shape[:1]
         )
         _reserve(self.x_part)
         _reserve(self.y_part)
+
+    def _with_room(self, make: Callable[[], None]) -> None:
+        """``make()`` the new arrays; if the disk is full and an earlier run's arrays are
+        still here (kept until the new ones replace them), remove those and make again."""
+        try:
+            make()
+            return
+        except OSError as exc:
+            earlier = [p for p in (self.x_path, self.y_path) if p.exists()]
+            if exc.errno not in _NO_ROOM or not earlier:
+                raise
+        self.X = self.y = None
+        log.warning(
+            "no room to keep the earlier %s until the new arrays are complete; removing it",
+            " and ".join(p.name for p in earlier),
+        )
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        make()
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
         archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
@@ -809,8 +830,12 @@ class _NumpyWriter(_StagedWriter):
         # none decoded yet; image_shape stays None so that the first that decodes sets it.
         image_shape = self.image_shape or (0, 0, self.decoder.channels)
         self.X = self.y = None  # unmapped while the files change
-        _resize_npy(self.x_part, (rows, *image_shape), np.uint8)
-        _resize_npy(self.y_part, (rows,), np.int64)
+
+        def grow() -> None:
+            _resize_npy(self.x_part, (rows, *image_shape), np.uint8)
+            _resize_npy(self.y_part, (rows,), np.int64)
+
+        self._with_room(grow)
         self.X = np.lib.format.open_memmap(self.x_part, mode="r+")
         self.y = np.lib.format.open_memmap(self.y_part, mode="r+")
         self.rows = rows
@@ -906,15 +931,19 @@ class _ImagesWriter(_StagedWriter):
     def _remove_listed(self, listing: Path, *, keep: Path) -> None:
         """Delete the image files ``listing`` names and ``keep`` does not, then the label
         folders left empty: what an earlier run wrote here that the outputs drop."""
-        kept = {file.casefold() for file in self._listed(keep)}  # one file if case-blind
+        kept = set(self._listed(keep))
+        by_case = {name.casefold(): name for name in kept}
         root = self.root.resolve()
         folders: set[Path] = set()
         for name in self._listed(listing):
-            if name.casefold() in kept or name.split("/")[0].casefold() in self.reserved:
+            if name in kept or name.split("/")[0].casefold() in self.reserved:
                 continue
             try:
                 file = (root / name).resolve()
             except (OSError, ValueError):
+                continue
+            twin = by_case.get(name.casefold())  # the same file where names ignore case
+            if twin is not None and _same_file(file, root / twin):
                 continue
             if file.is_relative_to(root) and file != root:
                 file.unlink(missing_ok=True)
@@ -972,7 +1001,7 @@ class _ImagesWriter(_StagedWriter):
         folder, _, base = rel.rpartition("/")
         # Two paths, one file name (or one but for case); or a name too long for a file
         # system (another producer's: the packer packs only files that had their names).
-        if rel.casefold() in self.used or len(base.encode()) > _NAME_MAX:
+        if rel.casefold() in self.used or len(base.encode()) > config.MAX_NAME_BYTES:
             for n in itertools.count():
                 tag = f"~{sample.chunk_id}-{position}" + (f"-{n}" if n else "")
                 rel = f"{folder}/{_tagged(base, tag)}"
@@ -989,16 +1018,23 @@ class _ImagesWriter(_StagedWriter):
         return "images: <label>/<file>, metadata.jsonl"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is gone
+        return False
+
+
 def _tagged(name: str, tag: str) -> str:
     """``name`` with ``tag`` before its extension (``a.png`` -> ``a~0-3.png``), the stem cut
-    so that the result fits in a file name (_NAME_MAX bytes), as ``name`` may have only
-    just fitted. An extension too long to keep is cut as part of the stem."""
+    so that the result fits in a file name (``config.MAX_NAME_BYTES``), as ``name`` may
+    have only just fitted. An extension too long to keep is cut as part of the stem."""
     pure = PurePosixPath(name)
     stem, suffix = pure.stem, pure.suffix
-    room = _NAME_MAX - len(tag.encode()) - len(suffix.encode())
+    room = config.MAX_NAME_BYTES - len(tag.encode()) - len(suffix.encode())
     if room < 1:
         stem, suffix = name, ""
-        room = _NAME_MAX - len(tag.encode())
+        room = config.MAX_NAME_BYTES - len(tag.encode())
     # Cut on a character boundary: a UTF-8 sequence cut short would not decode.
     stem = stem.encode()[:room].decode(errors="ignore")
     return f"{stem}{tag}{suffix}"

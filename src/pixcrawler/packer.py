@@ -58,9 +58,9 @@ _HASH_BLOCK = 1 << 20
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 _CHUNK_TEMP_RE = re.compile(r"\.\d+\.zip\..+\.tmp")  # _write_chunk's, of a pack that died
 # Names `pixcrawler download --format images` keeps for itself at the top of its folder
-# (export.RESERVED_NAMES, less the hidden ones, never labels here): it refuses a label
-# named like one, so a folder of that name is not packed. Not imported: export needs numpy.
-_RESERVED_LABELS = frozenset({"metadata.jsonl", "metadata.jsonl.part"})
+# (its hidden ones are never labels here): it refuses a label named like one, so a folder
+# of that name is not packed.
+_RESERVED_LABELS = frozenset({config.IMAGES_LISTING, config.IMAGES_LISTING + ".part"})
 _NOT_COMPLETED_STATUSES = tuple(s for s in JOB_STATUSES if s != "completed")
 
 
