@@ -611,6 +611,26 @@ def test_streaming_drop_last_drops_the_remainder(
     assert sorted(reference.index_of[k] for k in everything) == list(range(56))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_given_the_batch_size_workers_take_whole_batches_and_len_loader_holds(
+    live_server: LiveServer, reference: Reference, workers: int, drop_last: bool
+) -> None:
+    """Each DataLoader worker batches its own samples: split anyhow, every worker ends on a
+    short batch, so a loader yields more batches than len(loader) says (a scheduler sized
+    by it fails) and drop_last drops a batch per worker (60 samples in 4 x 15: all of
+    them, with batches of 16). Given batch_size, workers take whole batches."""
+    stream = open_uniform(live_server).to_torch(streaming=True, batch_size=16)
+    loader = DataLoader(stream, batch_size=16, num_workers=workers, drop_last=drop_last)
+    sizes = [len(labels) for _, labels in loader]
+    assert len(sizes) == len(loader)
+    assert sorted(sizes, reverse=True) == ([16] * 3 if drop_last else [16, 16, 16, 12])
+    if not drop_last:
+        keys = [key(image) for images, _ in loader for image in images]
+        assert sorted(keys) == sorted(reference.keys)
+
+
 def test_streaming_shuffle_is_a_pure_function_of_seed_and_epoch(
     live_server: LiveServer, reference: Reference
 ) -> None:
@@ -849,6 +869,11 @@ def test_options_are_checked(live_server: LiveServer) -> None:
         dataset.to_torch(memory_budget=-1)
     with pytest.raises(TypeError):
         dataset.to_torch(bogus=True)
+    with pytest.raises(ValueError, match="batch_size apply to streaming=True only"):
+        dataset.to_torch(batch_size=8)
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            dataset.to_torch(streaming=True, batch_size=bad)  # type: ignore[arg-type]
 
 
 # -- the spec's examples -------------------------------------------------------------------

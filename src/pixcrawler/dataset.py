@@ -410,6 +410,7 @@ class Dataset:
         cache_dir: CacheDir = None,
         memory_budget: int | None = None,
         shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
+        batch_size: int | None = None,
     ) -> TorchDataset[Any]:
         """A PyTorch dataset (map-style by default; ``streaming=True`` for an iterable one).
 
@@ -436,6 +437,7 @@ class Dataset:
                 cache_dir=cache_dir,
                 memory_budget=memory_budget,
                 shuffle_buffer=shuffle_buffer,
+                batch_size=batch_size,
             ),
         )
 

@@ -81,6 +81,7 @@ def to_torch(
     cache_dir: CacheDir = None,
     memory_budget: int | None = None,
     shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
+    batch_size: int | None = None,
 ) -> Any:
     """A PyTorch dataset of ``(image, label_id)``; see :meth:`Dataset.to_torch`.
 
@@ -92,7 +93,10 @@ def to_torch(
     ``streaming=True``: an ``IterableDataset`` that downloads each chunk once per epoch and
     keeps nothing; ``shuffle``/``seed``/``set_epoch`` order it, ``rank``/``world_size``
     (default: ``torch.distributed``'s) and the DataLoader's workers split it, every rank
-    yielding ``ceil(N / world_size)`` samples (``floor`` with ``drop_last=True``).
+    yielding ``ceil(N / world_size)`` samples (``floor`` with ``drop_last=True``). Give it
+    the DataLoader's ``batch_size`` too: each worker then takes whole batches, so that
+    ``len(loader)`` is the number of batches it yields (otherwise every worker ends on a
+    batch of its own leftovers, and ``drop_last`` in the DataLoader drops each of them).
     """
     require("torch", "torch")
     if streaming:
@@ -111,6 +115,7 @@ def to_torch(
             world_size=world_size,
             drop_last=drop_last,
             shuffle_buffer=shuffle_buffer,
+            batch_size=batch_size,
         )
     streaming_only = {
         "shuffle": shuffle,
@@ -119,6 +124,7 @@ def to_torch(
         "drop_last": drop_last,
         "seed": seed != 0,
         "shuffle_buffer": shuffle_buffer != config.DEFAULT_SHUFFLE_BUFFER,
+        "batch_size": batch_size is not None,
     }
     given = [name for name, used in streaming_only.items() if used]
     if given:
@@ -506,6 +512,7 @@ class _Streaming(_TorchBridge):
         world_size: int | None,
         drop_last: bool,
         shuffle_buffer: int,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__(dataset, transform, image_size=image_size)
         self.shuffle = bool(shuffle)
@@ -514,6 +521,13 @@ class _Streaming(_TorchBridge):
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
+        if batch_size is not None and (
+            isinstance(batch_size, bool)
+            or not hasattr(batch_size, "__index__")
+            or operator.index(batch_size) < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        self.batch_size = None if batch_size is None else operator.index(batch_size)
         self.rank, self.world_size = _distributed(rank, world_size)
         self._epoch = 0
         # The epoch's seed word in shared memory: DataLoader workers started once
@@ -569,10 +583,7 @@ class _Streaming(_TorchBridge):
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         worker = _worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        per_rank = len(self)
-        start = self.rank * per_rank
-        lo = start + per_rank * worker_id // workers
-        hi = start + per_rank * (worker_id + 1) // workers
+        lo, hi = self._worker_share(worker_id, workers)
         local = self._process()
         sequence = _Sequence(self, self._epoch_word.value)
         samples = self._samples(local, sequence, lo, hi)
@@ -583,6 +594,18 @@ class _Streaming(_TorchBridge):
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         for image, sample in samples:
             yield self._output(image, sample)
+
+    def _worker_share(self, worker_id: int, workers: int) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` of the sequence that this DataLoader worker yields: a
+        contiguous part of the rank's slice; whole batches with ``batch_size``, the last
+        worker's ending on the rank's one short batch."""
+        per_rank = len(self)
+        start = self.rank * per_rank
+        unit = self.batch_size or 1
+        units = -(-per_rank // unit)
+        lo = min(per_rank, unit * (units * worker_id // workers))
+        hi = min(per_rank, unit * (units * (worker_id + 1) // workers))
+        return start + lo, start + hi
 
     def _samples(
         self, local: _Local, sequence: _Sequence, lo: int, hi: int
