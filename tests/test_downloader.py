@@ -187,7 +187,7 @@ def test_a_chunk_answered_429_with_a_long_retry_after_is_raised_not_slept(
     assert not slept, f"still waiting after {time.monotonic() - started:.1f} s"
     assert len(errors) == 1 and isinstance(errors[0], DownloadError), errors
     error = errors[0]
-    assert (error.chunk_id, error.status_code) == (0, 429)
+    assert (error.chunk_id, error.status_code, error.retry_after) == (0, 429, 3600)
     assert "retry in 3600 s" in str(error)
     assert proxy.stats.faults["rate_limit"] == 1  # asked once, not retried
 

@@ -774,6 +774,7 @@ class ChunkDownloader:
                         + (f"; retry in {retry_after:.0f} s" if retry_after else ""),
                         chunk_id=index,
                         status_code=status,
+                        retry_after=retry_after,
                     )
             except NetworkError as exc:  # a URL no request can take, or a redirect loop
                 raise DownloadError(

@@ -7,14 +7,42 @@ message that says what to do. No message ever contains an API key.
 
 from __future__ import annotations
 
+import json
+from typing import Any, ClassVar
+
+# A note every error with fields carries (Python 3.11+): a DataLoader re-raises a worker's
+# error as ``type(error)(its traceback's text)``, and the fields come back from this line.
+_FIELDS_NOTE = "pixcrawler error fields: "
+
 
 class PixCrawlerError(Exception):
     """Base class of every error raised by the SDK."""
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ("status_code",)
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
+        if message.startswith("Caught ") and _FIELDS_NOTE in message:
+            self._restore_fields(message)
+        else:
+            fields = {name: getattr(self, name, None) for name in self._FIELDS}
+            if any(value is not None for value in fields.values()) and hasattr(self, "add_note"):
+                self.add_note(_FIELDS_NOTE + json.dumps(fields, ensure_ascii=False))
+
+    def _restore_fields(self, text: str) -> None:
+        """Fields from the note in ``text``, a worker's traceback as a DataLoader re-raises it
+        (``Caught DownloadError in DataLoader worker process 0. Original Traceback ...``)."""
+        line = text[text.rindex(_FIELDS_NOTE) + len(_FIELDS_NOTE) :].partition("\n")[0]
+        try:
+            fields: Any = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(fields, dict):
+            for name in self._FIELDS:
+                if name in fields:
+                    setattr(self, name, fields[name])
 
 
 class AuthenticationError(PixCrawlerError):
@@ -28,37 +56,52 @@ class NotFoundError(PixCrawlerError):
 class JobNotCompleteError(PixCrawlerError):
     """The job exists but is not ``completed``; ``status`` and ``progress`` say where it is."""
 
+    _FIELDS = ("status", "progress")
+
     # (Defaults only so that pickle, which calls __init__ with the message alone and then
     # restores the fields, can bring one back from a worker process.)
     def __init__(self, message: str, *, status: str = "unknown", progress: float = 0.0) -> None:
-        super().__init__(message)
-        self.status = status
+        self.status = status  # before the base class notes the fields
         self.progress = progress
+        super().__init__(message)
 
 
 class DownloadError(PixCrawlerError):
     """A chunk could not be downloaded intact after the retries."""
 
+    _FIELDS = ("chunk_id", "status_code", "retry_after")
+
     def __init__(
-        self, message: str, *, chunk_id: int | None = None, status_code: int | None = None
+        self,
+        message: str,
+        *,
+        chunk_id: int | None = None,
+        status_code: int | None = None,
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status_code=status_code)
         self.chunk_id = chunk_id
+        self.status_code = status_code
+        self.retry_after = retry_after
+        super().__init__(message, status_code=status_code)
 
 
 class DecompressionError(PixCrawlerError):
     """A chunk archive or an image in it is malformed, hostile or cannot be decoded."""
 
+    _FIELDS = ("chunk_id", "sample_id")
+
     def __init__(
         self, message: str, *, chunk_id: int | None = None, sample_id: str | None = None
     ) -> None:
-        super().__init__(message)
         self.chunk_id = chunk_id
         self.sample_id = sample_id
+        super().__init__(message)
 
 
 class NetworkError(PixCrawlerError):
     """The API could not be reached, timed out, or kept failing after the retries."""
+
+    _FIELDS = ("status_code", "retry_after")
 
     def __init__(
         self,
@@ -67,8 +110,9 @@ class NetworkError(PixCrawlerError):
         status_code: int | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, status_code=status_code)
+        self.status_code = status_code
         self.retry_after = retry_after
+        super().__init__(message, status_code=status_code)
 
 
 class MissingDependencyError(PixCrawlerError, ImportError):
