@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -1030,3 +1031,22 @@ def test_streaming_works_where_no_shared_memory_can_be_made(
     stream.set_epoch(1)
     keys = [key(image) for images, _ in DataLoader(stream, batch_size=8) for image in images]
     assert sorted(keys) == sorted(reference.keys) and stream.epoch == 1
+
+
+def test_a_stream_made_before_the_process_group_says_every_rank_reads_everything(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made before init_process_group, a stream is rank 0 of 1 on every rank: no hang, but
+    each rank trains on the whole dataset. Iterating it once the group exists warns."""
+    import torch.distributed as dist
+
+    stream = open_uniform(live_server).to_torch(streaming=True)
+    assert (stream.rank, stream.world_size) == (0, 1)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as after init_process_group
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    with pytest.warns(RuntimeWarning, match="each of the 4 ranks yields the whole dataset"):
+        assert len(list(stream)) == UNIFORM_TOTAL
+    explicit = open_uniform(live_server).to_torch(streaming=True, rank=0, world_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(explicit)  # asked for: no warning

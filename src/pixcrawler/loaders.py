@@ -27,6 +27,7 @@ import operator
 import os
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -529,6 +530,7 @@ class _Streaming(_TorchBridge):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         self.batch_size = None if batch_size is None else operator.index(batch_size)
         self.rank, self.world_size = _distributed(rank, world_size)
+        self._ranks_defaulted = world_size is None  # from torch.distributed's, or (0, 1)
         self._epoch = 0
         # The epoch's seed word in shared memory: DataLoader workers started once
         # (``persistent_workers=True``) read there what ``set_epoch`` wrote after they began.
@@ -583,6 +585,8 @@ class _Streaming(_TorchBridge):
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         worker = _worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if self._ranks_defaulted and self.world_size == 1 and worker_id == 0:
+            _warn_if_distributed_since()
         lo, hi = self._worker_share(worker_id, workers)
         local = self._process()
         sequence = _Sequence(self, self._epoch_word.value)
@@ -712,6 +716,21 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     return rank, world_size
+
+
+def _warn_if_distributed_since() -> None:
+    """A stream made before ``init_process_group`` took rank 0 of 1: every rank then yields
+    the whole dataset. Nothing hangs, so say it rather than let it pass unseen."""
+    dist = require("torch.distributed", "torch")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        warnings.warn(
+            f"this streaming dataset was made before torch.distributed was initialised, so "
+            f"it is rank 0 of 1 and each of the {dist.get_world_size()} ranks yields the "
+            "whole dataset; call to_torch(streaming=True) after init_process_group, or pass "
+            "rank= and world_size=",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _seed_word(seed: int) -> int:
