@@ -1279,6 +1279,37 @@ def test_a_new_version_on_a_disk_without_room_for_both_replaces_the_old_arrays_e
     np.testing.assert_array_equal(np.load(root / "X.npy"), expected)
 
 
+def test_growing_arrays_again_after_a_full_disk_reserves_all_their_growth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An uncounted job's arrays grow chunk by chunk. The try that found the disk full had
+    already extended X.npy.part: the retry, with the earlier arrays gone, must still
+    reserve from where the file was, or the new rows stay sparse (SIGBUS on a full disk)."""
+    from pixcrawler import export
+
+    writer = object.__new__(export._NumpyWriter)
+    writer.x_path, writer.y_path = tmp_path / "X.npy", tmp_path / "y.npy"
+    writer.x_part, writer.y_part = tmp_path / "X.npy.part", tmp_path / "y.npy.part"
+    writer.image_shape, writer.X, writer.y = (8, 8, 3), None, None
+    writer._resize(1)
+    held = writer.x_part.stat().st_size
+    np.save(writer.x_path, np.zeros(1, np.uint8))  # an earlier version's arrays
+    np.save(writer.y_path, np.zeros(1, np.int64))
+    reserved: list[tuple[str, int]] = []
+    real = export._reserve
+
+    def full_while_the_old_arrays_stay(path: Path, start: int = 0) -> None:
+        reserved.append((path.name, start))
+        if writer.x_path.exists():
+            raise OSError(errno.ENOSPC, f"no room in {path}")
+        real(path, start)
+
+    monkeypatch.setattr(export, "_reserve", full_while_the_old_arrays_stay)
+    writer._resize(100)
+    assert not writer.x_path.exists() and writer.X is not None and len(writer.X) == 100
+    assert reserved[-2] == ("X.npy.part", held)  # the retry: from the size before the try
+
+
 @pytest.mark.parametrize("stop", ["between the renames", "after the renames"])
 @pytest.mark.parametrize("fmt", ["numpy", "images"])
 def test_a_download_stopped_while_its_outputs_take_their_names_is_finished_not_redone(

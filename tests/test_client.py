@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -214,8 +216,6 @@ def test_a_key_with_characters_no_header_can_carry_is_refused_unquoted() -> None
 
 def test_every_sdk_error_survives_pickling_with_its_fields() -> None:
     """Errors cross process boundaries (DataLoader workers, process pools) by pickle."""
-    import pickle
-
     from pixcrawler import exceptions
 
     errors = [
@@ -236,6 +236,32 @@ def test_every_sdk_error_survives_pickling_with_its_fields() -> None:
         clone = pickle.loads(pickle.dumps(error))
         assert type(clone) is type(error) and str(clone) == str(error)
         assert vars(clone) == vars(error)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="fields travel in an exception note")
+def test_an_error_rebuilt_from_its_traceback_text_gets_its_own_fields_back() -> None:
+    """A DataLoader re-raises a worker's error as ``type(e)("Caught ... " + traceback)``: the
+    fields are read back from the raised error's own note, never from one it chains."""
+    import traceback
+
+    from pixcrawler import exceptions
+
+    def rebuilt(error: BaseException) -> Any:
+        text = "".join(traceback.format_exception(error))
+        return type(error)(f"Caught {type(error).__name__} in DataLoader worker process 0.\n{text}")
+
+    try:
+        try:
+            raise exceptions.DownloadError("lost", chunk_id=3, status_code=503, retry_after=2.5)
+        except exceptions.DownloadError as cause:
+            assert vars(rebuilt(cause)).items() >= {"chunk_id": 3, "retry_after": 2.5}.items()
+            raise exceptions.PixCrawlerError("the dataset is closed") from cause
+    except exceptions.PixCrawlerError as chained:
+        assert rebuilt(chained).status_code is None  # not the cause's 503
+    error = exceptions.JobNotCompleteError("not yet", status="failed", progress=12.5)
+    assert (rebuilt(error).status, rebuilt(error).progress) == ("failed", 12.5)
+    clone = pickle.loads(pickle.dumps(error))
+    assert clone.__notes__ == error.__notes__ and len(clone.__notes__) == 1
 
 
 def test_verify_ssl_false_warns() -> None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +25,7 @@ from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
 from helpers import close_while_consuming, digest
 from pixcrawler import Dataset, config, load_dataset
-from pixcrawler.exceptions import DownloadError, PixCrawlerError
+from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 from pixcrawler.testing.static import StaticServer
@@ -255,6 +259,55 @@ def test_a_chunk_that_fails_comes_after_every_image_before_it(
     with pytest.raises(DownloadError) as info:
         for _, label in dataset:
             received.append(label)
+    assert info.value.chunk_id == 1 and len(received) == UNIFORM_CHUNK_SIZE
+
+
+def _with_chunk_1(store: Path, root: Path, data: bytes, image_count: int) -> Path:
+    """A copy of job_uniform whose chunk 1 is ``data`` (the job lists its sha256 and size)."""
+    shutil.copytree(store / JOB_UNIFORM, root / JOB_UNIFORM)
+    (root / JOB_UNIFORM / "chunks" / "00001.zip").write_bytes(data)
+    job_path = root / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    job["chunks"][1].update(
+        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), image_count=image_count
+    )
+    job["total_images"] = sum(chunk["image_count"] for chunk in job["chunks"])
+    job_path.write_text(json.dumps(job))
+    return root
+
+
+def test_an_empty_chunk_at_an_edge_holds_back_nothing_either(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Chunk 1 holds no image (another producer's) and chunk 2 fails: chunk 0's images all
+    come first. The empty chunk used to let the consumer wait on chunk 2 mid-chunk 0."""
+    empty = io.BytesIO()
+    with zipfile.ZipFile(empty, "w") as archive:
+        archive.writestr("manifest.json", json.dumps({"images": []}))
+    url = server_factory(_with_chunk_1(live_server.store, tmp_path, empty.getvalue(), 0))
+    failing = FaultSchedule.script([Fault("status", status=503)] * 5, match=r"/chunks/2$")
+    with FaultProxy(url, schedule=failing) as proxy:
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, retries=0)
+        received = []
+        with pytest.raises(DownloadError) as info:
+            for _, label in dataset:
+                received.append(label)
+                if len(received) == 1:
+                    time.sleep(0.5)  # the next chunks arrive while chunk 0 still decodes
+    assert info.value.chunk_id == 2 and len(received) == UNIFORM_CHUNK_SIZE
+
+
+def test_a_next_chunk_that_arrives_but_cannot_be_opened_comes_after_the_images_before_it(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    bad = b"not a zip archive, with the sha256 the job lists " * 20
+    url = server_factory(_with_chunk_1(live_server.store, tmp_path, bad, UNIFORM_CHUNK_SIZE))
+    received = []
+    with pytest.raises(DecompressionError, match="not a valid zip archive") as info:
+        for _, label in load_dataset(JOB_UNIFORM, live_server.api_key, url):
+            received.append(label)
+            if len(received) == 1:
+                time.sleep(0.5)  # chunk 1 arrives while chunk 0 still decodes
     assert info.value.chunk_id == 1 and len(received) == UNIFORM_CHUNK_SIZE
 
 

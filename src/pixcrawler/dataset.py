@@ -554,8 +554,9 @@ class Dataset:
         pool, several in flight across a chunk edge (never into a third chunk), so decoders
         never wait on an edge; a chunk's buffer goes back to the downloader once its last
         group has decoded. ``expect`` (chunk → image count) refuses a chunk that disagrees.
-        Decoded images are never held back behind a chunk still on its way (or failed): the
-        next chunk is opened early only once it has arrived.
+        Decoded images are never held back behind a chunk still on its way, nor lost to one
+        that fails: the next chunk is opened early only once it has arrived, and its error
+        is raised after every image before it.
         """
         downloader = self.downloader()
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="pixcrawler-decode")
@@ -563,13 +564,22 @@ class Dataset:
         groups = self._groups(downloader, plan, expect)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
         at_edge = False  # every group of the chunks opened so far is submitted
+        failed: Exception | None = None  # the next chunk's error, raised after what precedes
         try:
             while True:
                 waited = time.perf_counter()
                 while len(inflight) < config.DECODE_GROUPS_IN_FLIGHT and len(chunk_ends) < 2:
+                    if failed is not None:
+                        break
                     if at_edge and inflight and not downloader.next_chunk_ready():
                         break  # hand out what is decoded; ask again after the next group
-                    item = next(groups, None)
+                    try:
+                        item = next(groups, None)
+                    except Exception as exc:  # a chunk that failed, or arrived but is bad
+                        if not inflight:
+                            raise
+                        failed = exc
+                        break
                     if item is None:
                         break
                     archive, group, last = item
@@ -579,6 +589,8 @@ class Dataset:
                         chunk_ends.append(len(inflight))
                     at_edge = last
                 if not inflight:
+                    if failed is not None:
+                        raise failed
                     return
                 chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)
                 done = inflight.popleft()
@@ -618,8 +630,8 @@ class Dataset:
                 samples = archive.samples
                 if offsets is not None:
                     samples = [samples[offset] for offset in offsets]
-                if not samples:
-                    downloader.recycle(archive.close())
+                if not samples:  # one empty group: its chunk is an edge like any other
+                    yield archive, [], True
                 for start, end in group_bounds(len(samples), ramp=first):
                     yield archive, samples[start:end], end >= len(samples)
                 first = first and not samples

@@ -13,6 +13,10 @@ from typing import Any, ClassVar
 # A note every error with fields carries (Python 3.11+): a DataLoader re-raises a worker's
 # error as ``type(error)(its traceback's text)``, and the fields come back from this line.
 _FIELDS_NOTE = "pixcrawler error fields: "
+_CHAINED = (  # what a traceback prints between an error and the one it chains
+    "\nThe above exception was the direct cause of the following exception:\n",
+    "\nDuring handling of the above exception, another exception occurred:\n",
+)
 
 
 class PixCrawlerError(Exception):
@@ -34,6 +38,10 @@ class PixCrawlerError(Exception):
     def _restore_fields(self, text: str) -> None:
         """Fields from the note in ``text``, a worker's traceback as a DataLoader re-raises it
         (``Caught DownloadError in DataLoader worker process 0. Original Traceback ...``)."""
+        for separator in _CHAINED:  # the raised error's own part: after the errors it chains
+            text = text.rpartition(separator)[2]
+        if _FIELDS_NOTE not in text:
+            return
         line = text[text.rindex(_FIELDS_NOTE) + len(_FIELDS_NOTE) :].partition("\n")[0]
         try:
             fields: Any = json.loads(line)

@@ -50,7 +50,8 @@ RESERVED_NAMES = frozenset({STAGING_DIR, SIDECAR, METADATA, METADATA + ".part"})
 # be (a label named like it is refused), and short, whatever the length of that name.
 _IMAGE_TEMP = "image.tmp"
 _HASH_BLOCK = 1 << 20
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # a full disk or quota
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # the disk, or the user's quota
+_NO_ROOM = _DISK_FULL | {errno.EFBIG}  # or a file over what the file system allows
 _PROGRESS_REFRESH = 0.2  # seconds between refreshes of the bytes bar
 
 
@@ -401,10 +402,14 @@ def _reserve(path: Path, start: int = 0) -> None:
             # EOPNOTSUPP and the like: the file system cannot say; carry on.
 
 
-def _resize_npy(path: Path, shape: tuple[int, ...], dtype: type[np.generic]) -> None:
+def _resize_npy(
+    path: Path, shape: tuple[int, ...], dtype: type[np.generic], held: int | None = None
+) -> None:
     """Make the ``.npy`` file ``path`` (created if missing) an array of ``shape``: its
     header is rewritten in place (numpy leaves room in it for the first axis to grow) and
-    the file cut or extended, so rows already written stay where they are.
+    the file cut or extended, so rows already written stay where they are. ``held``: the
+    bytes the file had before an attempt that failed for room, all of whose growth is
+    reserved again.
 
     The header never promises more rows than the file holds, even if the process stops
     in between (a growing file is extended first, a shrinking one cut after), so a rerun
@@ -437,7 +442,14 @@ def _resize_npy(path: Path, shape: tuple[int, ...], dtype: type[np.generic]) -> 
         if new_size < old_size:
             fh.flush()
             fh.truncate(new_size)
-    _reserve(path, old_size)
+    _reserve(path, old_size if held is None else min(held, old_size))
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _write_atomic(
@@ -705,12 +717,13 @@ class _NumpyWriter(_StagedWriter):
             return
         except OSError as exc:
             earlier = [p for p in (self.x_path, self.y_path) if p.exists()]
-            if exc.errno not in _NO_ROOM or not earlier:
+            if exc.errno not in _DISK_FULL or not earlier:  # (EFBIG: removing would not help)
                 raise
         self.X = self.y = None
         log.warning(
-            "no room to keep the earlier %s until the new arrays are complete; removing it",
+            "no room to keep the earlier %s until the new arrays are complete; removing %s",
             " and ".join(p.name for p in earlier),
+            "them" if len(earlier) > 1 else "it",
         )
         for path in earlier:
             path.unlink(missing_ok=True)
@@ -831,9 +844,12 @@ class _NumpyWriter(_StagedWriter):
         image_shape = self.image_shape or (0, 0, self.decoder.channels)
         self.X = self.y = None  # unmapped while the files change
 
+        # What the files hold now: a retry reserves all their growth, the failed try's too.
+        held = [_size_or_zero(self.x_part), _size_or_zero(self.y_part)]
+
         def grow() -> None:
-            _resize_npy(self.x_part, (rows, *image_shape), np.uint8)
-            _resize_npy(self.y_part, (rows,), np.int64)
+            _resize_npy(self.x_part, (rows, *image_shape), np.uint8, held[0])
+            _resize_npy(self.y_part, (rows,), np.int64, held[1])
 
         self._with_room(grow)
         self.X = np.lib.format.open_memmap(self.x_part, mode="r+")
