@@ -555,12 +555,7 @@ def test_a_worker_forked_while_the_parent_holds_a_chunk_lock_gets_it_once_releas
     time.sleep(0.3)
     release.set()  # the parent's fetch ends
     fetcher.join(5)
-    worker.join(10)
-    try:
-        assert worker.exitcode == 0  # it got the lock, not a hang
-    finally:
-        if worker.is_alive():
-            worker.kill()
+    _assert_took_the_lock(worker)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="fork and flock are POSIX")
@@ -594,9 +589,14 @@ def test_a_fork_while_a_lock_file_is_being_opened_leaves_the_child_no_copy_of_it
     resume.set()
     for thread in (starter, fetcher):
         thread.join(5)
+    _assert_took_the_lock(worker)
+
+
+def _assert_took_the_lock(worker: Any) -> None:
+    """The forked worker got the chunk's lock and ended, rather than hanging on it."""
     worker.join(10)
     try:
-        assert worker.exitcode == 0  # it got the lock, not a hang
+        assert worker.exitcode == 0
     finally:
         if worker.is_alive():
             worker.kill()

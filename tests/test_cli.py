@@ -904,6 +904,20 @@ def test_a_corrupt_image_in_a_numpy_download_exits_8_naming_it(
     assert not list((cli.cwd / "datasets").rglob("X.npy"))
 
 
+def assert_arrays_hold(
+    root: Path, good: list[tuple[np.ndarray, str]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """X.npy, y.npy and labels.json in ``root`` hold exactly ``good``'s images and labels;
+    returns X and y."""
+    X, y = np.load(root / "X.npy"), np.load(root / "y.npy")
+    labels = json.loads((root / "labels.json").read_text())
+    assert X.shape == (len(good), *UNIFORM_SIZE, 3) and y.shape == (len(good),)
+    for row, (image, label) in enumerate(good):
+        np.testing.assert_array_equal(X[row], image)
+        assert labels[y[row]] == label
+    return X, y
+
+
 @pytest.mark.parametrize("counts", ["listed", "not listed"])
 def test_on_error_skip_leaves_corrupt_images_out_of_a_numpy_download(
     cli: Cli,
@@ -932,12 +946,7 @@ def test_on_error_skip_leaves_corrupt_images_out_of_a_numpy_download(
     assert f"{len(bad)} that could not be decoded left out" in result.stdout
     for sample_id in skipped_ids:
         assert f"image {sample_id!r}: cannot decode image" in result.stderr
-    X, y = np.load(root / "X.npy"), np.load(root / "y.npy")
-    labels = json.loads((root / "labels.json").read_text())
-    assert X.shape == (len(good), *UNIFORM_SIZE, 3) and y.shape == (len(good),)
-    for row, (image, label) in enumerate(good):
-        np.testing.assert_array_equal(X[row], image)
-        assert labels[y[row]] == label
+    X, y = assert_arrays_hold(root, good)
 
     if counts == "listed":  # as a run stopped after chunk 1 leaves it: rerun resumes
         done = {"0": UNIFORM_CHUNK_SIZE - 1, "1": UNIFORM_CHUNK_SIZE - 2}
@@ -1623,17 +1632,9 @@ def test_on_error_skip_takes_the_size_from_the_first_image_that_decodes(
         good = [(image.copy(), label) for image, label in reference]
     assert len(good) == UNIFORM_TOTAL - len(bad)
 
-    def check(root: Path) -> None:
-        X, y = np.load(root / "X.npy"), np.load(root / "y.npy")
-        labels = json.loads((root / "labels.json").read_text())
-        assert X.shape == (len(good), *UNIFORM_SIZE, 3) and y.shape == (len(good),)
-        for row, (image, label) in enumerate(good):
-            np.testing.assert_array_equal(X[row], image)
-            assert labels[y[row]] == label
-
     root, stdout = download(cli, url, JOB_UNIFORM, "--on-error", "skip")
     assert f"{len(bad)} that could not be decoded left out" in stdout
-    check(root)
+    assert_arrays_hold(root, good)
 
     # As a run stopped after chunk 0 leaves it: no image yet to give the arrays a size.
     state = json.loads((root / ".progress.json").read_text())
@@ -1648,7 +1649,7 @@ def test_on_error_skip_takes_the_size_from_the_first_image_that_decodes(
         root, stdout = download(cli, proxy.base_url, JOB_UNIFORM, "--on-error", "skip")
         assert proxy.stats.requests_by_path[f"/api/v1/jobs/{JOB_UNIFORM}/chunks/0"] == 0
     assert "already complete" not in stdout
-    check(root)
+    assert_arrays_hold(root, good)
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "images"])
