@@ -224,7 +224,7 @@ def test_top_level_help_lists_commands_and_exit_codes(cli: Cli) -> None:
 def test_usage_errors_exit_2(cli: Cli, args: list[str]) -> None:
     result = cli.run(*args)
     assert result.returncode == 2, result
-    assert "Error: " in result.stderr
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result
     assert "Traceback" not in result.stderr
 
 

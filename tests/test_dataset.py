@@ -385,6 +385,10 @@ def test_progress_bar_is_opt_in(
         ("decode_threads", 0),
         ("decode_threads", -1),
         ("decode_threads", 2.0),
+        ("timeout", 0),
+        ("timeout", -1.0),
+        ("timeout", float("nan")),
+        ("timeout", "5"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_request(option: str, value: Any) -> None:
@@ -393,7 +397,7 @@ def test_bad_arguments_are_refused_before_any_request(option: str, value: Any) -
         sock.bind(("127.0.0.1", 0))
         nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with pytest.raises(ValueError, match=option):
-        load_dataset(JOB_UNIFORM, "key", nowhere, retries=0, timeout=1, **{option: value})
+        load_dataset(JOB_UNIFORM, "key", nowhere, **{"retries": 0, "timeout": 1, option: value})
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, True, 2.0, None, "8"])

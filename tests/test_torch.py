@@ -887,7 +887,7 @@ def test_options_are_checked(live_server: LiveServer) -> None:
         dataset.to_torch(memory_budget=-1)
     with pytest.raises(TypeError):
         dataset.to_torch(bogus=True)
-    with pytest.raises(ValueError, match="batch_size apply to streaming=True only"):
+    with pytest.raises(ValueError, match="batch_size applies to streaming=True only"):
         dataset.to_torch(batch_size=8)
     for bad in (0, -1, 2.5, True, "8"):
         with pytest.raises(ValueError, match="batch_size must be a positive int"):

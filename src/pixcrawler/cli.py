@@ -11,7 +11,6 @@ any key this process knows of, as a last line of defence.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -220,9 +219,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         if _session.debug and exc.__cause__ is not None:
             sys.stderr.write(redact("".join(traceback.format_exception(exc))))
-        buffer = io.StringIO()
-        exc.show(file=buffer)
-        sys.stderr.write(redact(buffer.getvalue()))
+        # One line, as every other error (not click's usage block and hint before it).
+        message = exc.format_message()
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            message += f" (see `{exc.ctx.command_path} --help`)"
+        sys.stderr.write(redact(f"Error: {message}\n"))
         return exc.exit_code
     except KeyboardInterrupt as exc:
         return _report(exc, EXIT_INTERRUPTED, "interrupted")

@@ -134,7 +134,8 @@ class DatasetStats:
     def __str__(self) -> str:
         first = "-" if self.first_image_seconds is None else f"{self.first_image_seconds:.2f} s"
         return (
-            f"{self.images:,} images, {self.skipped:,} skipped, {self.chunks:,} chunks, "
+            f"{self.images:,} image{'' if self.images == 1 else 's'}, {self.skipped:,} "
+            f"skipped, {self.chunks:,} chunk{'' if self.chunks == 1 else 's'}, "
             f"{human_size(self.transfer.bytes_received)} received, "
             f"{self.transfer.retries} retries, first image after {first}, "
             f"waited {self.wait_seconds:.2f} s"
@@ -844,6 +845,8 @@ def load_dataset(
         ...     print(image.shape)
     """
     positive_int("max_workers", max_workers)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 1e9:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     image_size = check_options(
         prefetch=prefetch,
         mode=mode,

@@ -130,7 +130,8 @@ def to_torch(
     given = [name for name, used in streaming_only.items() if used]
     if given:
         raise ValueError(
-            f"{', '.join(given)} apply to streaming=True only; a map-style dataset is shuffled "
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to "
+            "streaming=True only; a map-style dataset is shuffled "
             "and sharded by its DataLoader: DataLoader(ds, shuffle=True) or "
             "DataLoader(ds, sampler=DistributedSampler(ds))"
         )
