@@ -228,6 +228,26 @@ def test_usage_errors_exit_2(cli: Cli, args: list[str]) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_no_command_shows_the_help_not_an_error_line(cli: Cli) -> None:
+    result = cli.run()
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("Usage: pixcrawler [OPTIONS] COMMAND")
+    assert "Error:" not in result.stderr and "download" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["download", JOB_UNIFORM, f"--format={SECRET}", "--api-key", SECRET],
+        ["list", SECRET, f"--api-key={SECRET}"],
+    ],
+)
+def test_a_usage_error_met_before_the_key_is_read_never_shows_it(cli: Cli, args: list[str]) -> None:
+    result = cli.run(*args)
+    assert result.returncode == 2, result
+    assert SECRET not in result.output and "***" in result.stderr
+
+
 def test_image_size_is_for_numpy_only(cli: Cli, live_server: LiveServer) -> None:
     result = cli.run(
         "download", JOB_UNIFORM, "--format", "zip", "--image-size", "8", "8", *api(live_server)

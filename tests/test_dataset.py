@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,7 @@ def test_progress_bar_is_opt_in(
         ("timeout", -1.0),
         ("timeout", float("nan")),
         ("timeout", "5"),
+        ("timeout", float("inf")),
     ],
 )
 def test_bad_arguments_are_refused_before_any_request(option: str, value: Any) -> None:
@@ -398,6 +400,13 @@ def test_bad_arguments_are_refused_before_any_request(option: str, value: Any) -
         nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with pytest.raises(ValueError, match=option):
         load_dataset(JOB_UNIFORM, "key", nowhere, **{"retries": 0, "timeout": 1, option: value})
+
+
+@pytest.mark.parametrize("timeout", [30, 0.5, np.int64(30), np.float32(2.5), Fraction(1, 2)])
+def test_any_positive_real_is_a_timeout(live_server: LiveServer, timeout: Any) -> None:
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, timeout=timeout)
+    assert dataset.settings.timeout == float(timeout)
+    dataset.close()
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, True, 2.0, None, "8"])

@@ -101,6 +101,10 @@ class _Session:
 
 
 _session = _Session()
+# click 8.2+ raises this (a UsageError whose message is the whole help) for a bare group.
+_NO_ARGS_IS_HELP: type[click.UsageError] | tuple[()] = getattr(
+    click.exceptions, "NoArgsIsHelpError", ()
+)
 
 
 # -- keeping keys off the screen -------------------------------------------------------------
@@ -206,9 +210,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     global _session
     _session = _Session()
+    args = list(sys.argv[1:] if argv is None else argv)
+    for at, arg in enumerate(args):  # scrubbed from a usage error, met before it is parsed
+        if arg == "--api-key" and at + 1 < len(args):
+            _session.remember(args[at + 1])
+        elif arg.startswith("--api-key="):
+            _session.remember(arg.partition("=")[2])
     try:
         result = cli.main(
-            args=list(argv) if argv is not None else None,
+            args=args,
             prog_name="pixcrawler",
             standalone_mode=False,
         )
@@ -219,6 +229,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         if _session.debug and exc.__cause__ is not None:
             sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+        if isinstance(exc, _NO_ARGS_IS_HELP):  # `pixcrawler` alone: the help, as it is
+            sys.stderr.write(redact(exc.format_message() + "\n"))
+            return exc.exit_code
         # One line, as every other error (not click's usage block and hint before it).
         message = exc.format_message()
         if isinstance(exc, click.UsageError) and exc.ctx is not None:

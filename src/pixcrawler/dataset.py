@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -845,8 +846,10 @@ def load_dataset(
         ...     print(image.shape)
     """
     positive_int("max_workers", max_workers)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 1e9:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < 1e9:
+        raise ValueError(
+            f"timeout must be a number of seconds above 0 and below 1e9, got {timeout!r}"
+        )
     image_size = check_options(
         prefetch=prefetch,
         mode=mode,
