@@ -1217,6 +1217,27 @@ def test_a_new_version_of_the_job_leaves_nothing_of_the_old_one(
     assert not (root / "dog").exists()
 
 
+def test_a_zip_rerun_of_a_new_version_that_fails_keeps_the_chunks_it_no_longer_lists(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Version 2 lists two chunks where version 1 had three; its chunk 1 cannot be had.
+    The failed rerun leaves version 1's chunk 2 in place; the one that succeeds removes it."""
+    store = _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=1, chunk_size=2)
+    url = api(server_factory(store), TEST_KEY)
+    assert cli.run("download", "job_v", "--format", "zip", *url).returncode == 0
+    chunks = cli.cwd / "datasets" / "job_v" / "chunks"
+    old_last = (chunks / "00002.zip").read_bytes()
+    _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=2, chunk_size=3)
+    missing = store / "job_v" / "chunks" / "00001.zip"
+    kept = missing.read_bytes()
+    missing.unlink()
+    assert cli.run("download", "job_v", "--format", "zip", *url).returncode != 0
+    assert (chunks / "00002.zip").read_bytes() == old_last
+    missing.write_bytes(kept)
+    assert cli.run("download", "job_v", "--format", "zip", *url).returncode == 0
+    assert sorted(p.name for p in chunks.iterdir()) == ["00000.zip", "00001.zip"]
+
+
 def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
     live_server: LiveServer,
     server_factory: Callable[..., str],

@@ -123,8 +123,9 @@ def _obtain(downloader: ChunkDownloader, writer: Writer, chunk: Chunk) -> Path:
     if path.exists():
         if _intact(path, chunk):
             return path
+        # Kept until the download replaces it (renamed over it): another version's chunk
+        # in a zip folder stays whole if this run stops.
         log.warning("%s is corrupt or stale; downloading it again", path)
-        path.unlink()
     return downloader.fetch_to_file(chunk.index, path)
 
 
@@ -297,9 +298,8 @@ class _ZipWriter(Writer):
     def prepare(self) -> list[Chunk]:
         folder = self.root / "chunks"
         folder.mkdir(parents=True, exist_ok=True)
-        listed = {self.chunk_path(chunk).name for chunk in self.job.chunks}
-        for leftover in [*folder.glob("*.zip"), *folder.glob("*.zip.part")]:
-            if leftover.name.removesuffix(".part") not in listed:  # an earlier version's
+        for leftover in folder.glob("*.zip.part"):
+            if leftover.name.removesuffix(".part") not in self._listed():  # another version's
                 leftover.unlink(missing_ok=True)
         todo: list[Chunk] = []
         kept: list[Chunk] = []
@@ -317,6 +317,9 @@ class _ZipWriter(Writer):
     def chunk_path(self, chunk: Chunk) -> Path:
         return self.root / "chunks" / f"{chunk.index:05d}.zip"
 
+    def _listed(self) -> set[str]:
+        return {self.chunk_path(chunk).name for chunk in self.job.chunks}
+
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
         advance(self._count(chunk, path))
 
@@ -331,6 +334,11 @@ class _ZipWriter(Writer):
     def finish(self) -> None:
         if not self.counted:
             self.total_images = sum(self.counts.values())
+        # An earlier version's chunks the job no longer lists stay until this one is whole.
+        listed = self._listed()
+        for leftover in (self.root / "chunks").glob("*.zip"):
+            if leftover.name not in listed:
+                leftover.unlink(missing_ok=True)
         self.complete = True
 
     def describe(self) -> str:
