@@ -12,7 +12,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE
+from pixcrawler.testing.static import _QuietHandler
 
 
 def raw_get(base_url: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -96,12 +97,7 @@ class RecordingHost:
         lock = threading.Lock()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_GET(self) -> None:
                 with lock:
                     outer.headers.append({k.lower(): v for k, v in self.headers.items()})

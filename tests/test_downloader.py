@@ -15,7 +15,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
-from pixcrawler.testing.static import StaticServer
+from pixcrawler.testing.static import StaticServer, _QuietHandler
 from pixcrawler.units import human_size
 
 pytestmark = pytest.mark.timeout(60)
@@ -945,16 +945,9 @@ class _SlowRanges:
     ``first_status`` instead when that is set."""
 
     def __init__(self, size: int, first_status: int | None = None) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.size = size
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_GET(self) -> None:
                 lo, hi = (int(v) for v in self.headers["Range"].split("=")[1].split("-"))
                 if lo == 0 and first_status is not None:
@@ -1152,12 +1145,7 @@ class _ReplacedFileHost:
         self.requests: list[dict[str, str]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        class Handler(_QuietHandler):
             def do_GET(self) -> None:
                 outer.requests.append(dict(self.headers.items()))
                 data = outer.current

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import urllib3
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from pixcrawler.testing import Fault, FaultProxy, FaultSchedule, StaticServer
+from pixcrawler.testing.static import _QuietHandler
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -290,13 +291,8 @@ def test_clean_requests_keep_one_client_connection(
     assert http_pool.num_connections == 1
 
 
-class _EchoHandler(BaseHTTPRequestHandler):
+class _EchoHandler(_QuietHandler):
     """Answers with what it received, to see what the proxy forwards."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def do_GET(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
