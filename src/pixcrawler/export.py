@@ -298,8 +298,9 @@ class _ZipWriter(Writer):
     def prepare(self) -> list[Chunk]:
         folder = self.root / "chunks"
         folder.mkdir(parents=True, exist_ok=True)
+        listed = self._listed()
         for leftover in folder.glob("*.zip.part"):
-            if leftover.name.removesuffix(".part") not in self._listed():  # another version's
+            if leftover.name.removesuffix(".part") not in listed:  # another version's
                 leftover.unlink(missing_ok=True)
         todo: list[Chunk] = []
         kept: list[Chunk] = []
@@ -451,13 +452,6 @@ def _resize_npy(
             fh.flush()
             fh.truncate(new_size)
     _reserve(path, old_size if held is None else min(held, old_size))
-
-
-def _size_or_zero(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _write_atomic(
@@ -853,7 +847,7 @@ class _NumpyWriter(_StagedWriter):
         self.X = self.y = None  # unmapped while the files change
 
         # What the files hold now: a retry reserves all their growth, the failed try's too.
-        held = [_size_or_zero(self.x_part), _size_or_zero(self.y_part)]
+        held = [_size_of(self.x_part), _size_of(self.y_part)]
 
         def grow() -> None:
             _resize_npy(self.x_part, (rows, *image_shape), np.uint8, held[0])
