@@ -38,7 +38,7 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore
-from .dataset import count_mismatch, counts_listed, decode_sample
+from .dataset import count_mismatch, counts_listed, decode_sample, positive_int
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
 
@@ -523,13 +523,7 @@ class _Streaming(_TorchBridge):
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.shuffle_buffer = int(shuffle_buffer)
-        if batch_size is not None and (
-            isinstance(batch_size, bool)
-            or not hasattr(batch_size, "__index__")
-            or operator.index(batch_size) < 1
-        ):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        self.batch_size = None if batch_size is None else operator.index(batch_size)
+        self.batch_size = None if batch_size is None else positive_int("batch_size", batch_size)
         self.rank, self.world_size = _distributed(rank, world_size)
         self._ranks_defaulted = world_size is None  # from torch.distributed's, or (0, 1)
         self._epoch = 0
