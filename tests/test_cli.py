@@ -215,6 +215,7 @@ def test_top_level_help_lists_commands_and_exit_codes(cli: Cli) -> None:
         ["download", JOB_UNIFORM, "--format", "parquet"],
         ["download", JOB_UNIFORM, "--max-workers", "0"],
         ["download", JOB_UNIFORM, "--image-size", "32"],
+        ["download", JOB_UNIFORM, "--api-key"],
         ["info", "../etc/passwd"],
         ["list", "--base-url", "ftp://example.com"],
         ["list", "--base-url", "example.com"],
@@ -225,6 +226,7 @@ def test_usage_errors_exit_2(cli: Cli, args: list[str]) -> None:
     result = cli.run(*args)
     assert result.returncode == 2, result
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result
+    assert result.stderr.rstrip().endswith("--help`)"), result  # where to read on
     assert "Traceback" not in result.stderr
 
 

@@ -352,7 +352,26 @@ def _connect(api_key: str | None, base_url: str | None) -> ApiClient:
 # -- the group ---------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """A command whose usage errors all know it, so each names its ``--help``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            # click's option parser raises some (an option short of its values) bare.
+            exc.ctx = exc.ctx or ctx
+            raise
+
+
+class _Group(_Command, click.Group):
+    command_class = _Command
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs (keys stay hidden).")
 @click.version_option(__version__, "--version", prog_name="pixcrawler")
 def cli(debug: bool) -> None:
