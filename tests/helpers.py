@@ -165,17 +165,29 @@ def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
     return dest
 
 
-def copy_without_counts(store: Path, dest: Path) -> Path:
-    """``dest`` holding job_uniform as a producer would list it without ``total_images``
-    and without any chunk's ``image_count`` (both optional to a reader)."""
-    shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
-    job_path = dest / JOB_UNIFORM / "job.json"
+def edited_copy(
+    store: Path, dest: Path, job_id: str, edit: Callable[[dict[str, Any]], None]
+) -> Path:
+    """``dest`` holding a copy of ``job_id`` whose job.json ``edit`` has changed."""
+    shutil.copytree(store / job_id, dest / job_id)
+    job_path = dest / job_id / "job.json"
     job = json.loads(job_path.read_text())
+    edit(job)
+    job_path.write_text(json.dumps(job))
+    return dest
+
+
+def drop_counts(job: dict[str, Any]) -> None:
+    """A job as a producer would list it without ``total_images`` and without any chunk's
+    ``image_count`` (both optional to a reader)."""
     del job["total_images"]
     for chunk in job["chunks"]:
         del chunk["image_count"]
-    job_path.write_text(json.dumps(job))
-    return dest
+
+
+def copy_without_counts(store: Path, dest: Path) -> Path:
+    """``dest`` holding job_uniform without its counts (:func:`drop_counts`)."""
+    return edited_copy(store, dest, JOB_UNIFORM, drop_counts)
 
 
 def sdk_threads_left(before: set[threading.Thread], timeout: float = 5.0) -> list[str]:

@@ -47,7 +47,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy
+from helpers import copy_without_counts, corrupt_copy, drop_counts, edited_copy
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
 from pixcrawler.config import MAX_MEMBERS, READ_BLOCK
@@ -755,6 +755,7 @@ def test_info_of_an_unfinished_job_shows_its_progress(
     lines = result.stdout.splitlines()
     assert lines[0] == f"Dataset: {job_id}"
     assert lines[1] == f"Status: {status} ({progress:g}%)"
+    assert lines[2] == "Images: unknown"  # not "0": it lists no chunks, and no total yet
     assert [line.split(":")[0] for line in lines] == list(INFO_FIELDS)
 
 
@@ -1492,24 +1493,6 @@ def test_a_second_download_into_a_folder_in_use_is_refused(
 UNIFORM_CHUNKS = -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
 
 
-def edited_copy(
-    store: Path, dest: Path, job_id: str, edit: Callable[[dict[str, Any]], None]
-) -> Path:
-    """``dest`` holding a copy of ``job_id`` whose job.json ``edit`` has changed."""
-    shutil.copytree(store / job_id, dest / job_id)
-    job_path = dest / job_id / "job.json"
-    job = json.loads(job_path.read_text())
-    edit(job)
-    job_path.write_text(json.dumps(job))
-    return dest
-
-
-def drop_counts(job: dict[str, Any]) -> None:
-    del job["total_images"]
-    for chunk in job["chunks"]:
-        del chunk["image_count"]
-
-
 def drop_counts_and_size(job: dict[str, Any]) -> None:
     drop_counts(job)
     del job["image_size"]
@@ -1519,6 +1502,18 @@ def drop_counts_and_size(job: dict[str, Any]) -> None:
 def uncounted_url(store: Path, tmp_path: Path, server_factory: Callable[..., str]) -> str:
     """A server of job_uniform listed without ``total_images`` and chunk ``image_count``."""
     return server_factory(copy_without_counts(store, tmp_path / "uncounted"))
+
+
+def test_list_and_info_call_a_count_the_job_does_not_list_unknown(
+    cli: Cli, uncounted_url: str
+) -> None:
+    """Not "0 images" for a job of 60 whose producer listed no counts."""
+    listing = cli.run("list", *api(uncounted_url, TEST_KEY))
+    assert listing.returncode == 0, listing
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(JOB_UNIFORM))
+    assert row.split()[3] == "-", row
+    info = cli.run("info", JOB_UNIFORM, *api(uncounted_url, TEST_KEY))
+    assert "Images: unknown" in info.stdout.splitlines(), info
 
 
 def download(cli: Cli, url: str, job_id: str, *args: str) -> tuple[Path, str]:
@@ -1706,6 +1701,7 @@ def test_a_job_listing_another_count_than_its_chunks_hold_still_exits_8(
     listed: int,
 ) -> None:
     def miscount(job: dict[str, Any]) -> None:
+        drop_counts(job)  # (a total its chunks' listed counts contradict is refused earlier)
         job["total_images"] = listed
 
     url = server_factory(edited_copy(store, tmp_path / "miscounted", JOB_UNIFORM, miscount))

@@ -280,6 +280,9 @@ def test_malformed_job_json_is_a_clear_error(live_server: LiveServer) -> None:
             client.get_json("/nope")
 
 
+_DONE = {"id": "job_x", "status": "completed"}
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -287,15 +290,28 @@ def test_malformed_job_json_is_a_clear_error(live_server: LiveServer) -> None:
         None,
         "job_x",
         {"id": None},
-        {"id": "job_x", "total_images": float("inf")},
-        {"id": "job_x", "version": 1e400},
-        {"id": "job_x", "image_size": [1e400, 1]},
-        {"id": "job_x", "size_bytes": -5},
-        {"id": "job_x", "labels": "cat"},
-        {"id": "job_x", "labels": [None, 1]},
-        {"id": "job_x", "chunks": [{"index": float("nan"), "url": "x"}]},
-        {"id": "job_x", "chunks": [{"index": 0, "url": "x", "size_bytes": float("inf")}]},
-        {"id": "job_x", "chunks": ["x"]},
+        {"id": True, "status": "completed"},
+        {**_DONE, "total_images": float("inf")},
+        {**_DONE, "version": 1e400},
+        {**_DONE, "image_size": [1e400, 1]},
+        {**_DONE, "size_bytes": -5},
+        {**_DONE, "labels": "cat"},
+        {**_DONE, "labels": [None, 1]},
+        {**_DONE, "chunks": [{"index": float("nan"), "url": "x"}]},
+        {**_DONE, "chunks": [{"index": 0, "url": "x", "size_bytes": float("inf")}]},
+        {**_DONE, "chunks": ["x"]},
+        # No status, or none of the contract's, is never read as a completed job.
+        {"id": "job_x"},
+        {"id": "job_x", "status": None},
+        {"id": "job_x", "status": "done"},
+        # image_size "16" was read as (1, 6): every image squashed, exit 0.
+        *({**_DONE, "image_size": size} for size in ("16", [0, 0], [-3, 5], [1, 2, 3], [1.5, 2])),
+        # Two chunks listed as one index: half the images were lost without a word.
+        {**_DONE, "chunks": [{"index": 0, "url": "a"}, {"index": 0, "url": "b"}]},
+        {**_DONE, "chunks": [{"index": -1, "url": "a"}]},
+        {**_DONE, "chunks": [{"index": 0, "url": "a", "image_count": -1}]},
+        # len() would say 8 where 4 come.
+        {**_DONE, "total_images": 8, "chunks": [{"index": 0, "url": "a", "image_count": 4}]},
     ],
 )
 def test_an_api_answer_of_the_wrong_shape_is_the_sdks_error(body: Any) -> None:
@@ -303,6 +319,15 @@ def test_an_api_answer_of_the_wrong_shape_is_the_sdks_error(body: Any) -> None:
     does not fit the contract is a PixCrawlerError, never AttributeError or OverflowError."""
     with pytest.raises(PixCrawlerError, match="the API returned a malformed"):
         Job.from_json(body)
+
+
+def test_a_job_is_read_as_the_real_service_writes_it() -> None:
+    """Int ids (the service's), its status in any case or spelling, a summary's total."""
+    job = Job.from_json({"id": 12345, "status": "COMPLETED", "image_size": [32, 48]})
+    assert (job.id, job.status, job.image_size) == ("12345", "completed", (32, 48))
+    assert Job.from_json({"id": "j", "status": "canceled"}).status == "cancelled"
+    summary = Job.from_json({"id": "j", "status": "completed", "total_images": 60})
+    assert summary.total_images == 60 and summary.chunks == ()  # GET /jobs lists no chunks
 
 
 @pytest.mark.parametrize("created", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"])

@@ -28,7 +28,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy, digest
+from helpers import copy_without_counts, corrupt_copy, digest, edited_copy
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
@@ -191,6 +191,29 @@ def test_a_job_listing_no_image_counts_still_loads_whole(
     assert digest((i, lab) for b, ls in batches for i, lab in zip(b, ls, strict=True)) == digest(
         uniform
     )
+
+
+def test_a_chunk_holding_another_count_than_listed_stops_iteration_before_its_images(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """len() is the job's count: a chunk holding fewer images than it lists is an error,
+    not a loop that silently ends short of len() (or runs past it)."""
+
+    def recount(job: dict[str, Any]) -> None:
+        job["chunks"][1]["image_count"] += 1
+        job["total_images"] += 1
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, recount)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    assert len(dataset) == UNIFORM_TOTAL + 1
+    seen = 0
+    message = (
+        f"lists {UNIFORM_CHUNK_SIZE + 1} images in chunk 1 but the chunk holds {UNIFORM_CHUNK_SIZE}"
+    )
+    with pytest.raises(PixCrawlerError, match=message):
+        for _ in dataset:
+            seen += 1
+    assert seen == UNIFORM_CHUNK_SIZE  # chunk 0 whole, none of chunk 1
 
 
 def test_to_arrays_of_nothing_decoded_has_the_images_shape(

@@ -579,7 +579,7 @@ def format_table(jobs: Sequence[Job]) -> str:
                 job.id,
                 name,
                 status,
-                f"{images:,}" if completed or images else "-",
+                f"{images:,}" if images else "-",  # a summary of an uncounted job says 0
                 human_size(job.size_bytes) if completed or job.size_bytes else "-",
                 created.strftime("%Y-%m-%d %H:%M:%S") if created else "-",
             )

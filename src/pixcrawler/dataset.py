@@ -619,14 +619,17 @@ class Dataset:
         """(archive, group of samples, whether it is the chunk's last group)."""
         if plan is None:
             plan = [(index, None) for index in downloader.indexes]
+        if expect is None:  # the counts the job lists, so len() never says more than comes
+            expect = {c.index: c.image_count for c in self.job.chunks if c.image_count is not None}
         chunks = downloader.iter_chunks([index for index, _ in plan], recycles=True)
         first = True
         try:
             for (chunk, data), (_, offsets) in zip(chunks, plan, strict=True):
                 archive = ChunkArchive(data, chunk_id=chunk.index)
                 del data
-                if expect is not None and len(archive.samples) != expect[chunk.index]:
-                    raise count_mismatch(self.job.id, chunk.index, expect[chunk.index], archive)
+                listed = expect.get(chunk.index)
+                if listed is not None and len(archive.samples) != listed:
+                    raise count_mismatch(self.job.id, chunk.index, listed, archive)
                 self.stats.chunks += 1
                 log.debug("chunk %d: %d images", chunk.index, len(archive))
                 samples = archive.samples
@@ -770,7 +773,10 @@ def positive_int(name: str, value: Any) -> int:
 def counts_listed(job: Job) -> bool:
     """Whether the job says how many images it holds (the wire contract's
     ``total_images`` or every chunk's ``image_count``; other producers may omit both)."""
-    return bool(job.total_images) or all(c.image_count is not None for c in job.chunks)
+    if job.total_images:
+        return True
+    # Only a completed job lists its chunks: no chunk of another one is no count.
+    return job.status == "completed" and all(c.image_count is not None for c in job.chunks)
 
 
 def _grown(images: np.ndarray, limit: int | None = None) -> np.ndarray:

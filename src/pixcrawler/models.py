@@ -37,7 +37,7 @@ class Chunk:
                 url=str(data["url"]),
                 size_bytes=_opt_size(data.get("size_bytes")),
                 sha256=_opt_match(data.get("sha256"), _SHA256_RE, "sha256"),
-                image_count=_opt_int(data.get("image_count")),
+                image_count=_opt_count(data.get("image_count"), "image_count"),
                 expires_at=_opt_str(data.get("expires_at")),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -66,16 +66,12 @@ class Job:
     def from_json(cls, data: Mapping[str, Any]) -> Job:
         try:
             _require_object(data)
-            image_size = data.get("image_size")
-            if not isinstance(data["id"], str):
-                raise TypeError(f"id {data['id']!r} is not a string")
-            job_id = data["id"]
-            if not _JOB_ID_RE.fullmatch(job_id):
-                raise ValueError(f"id {job_id[:80]!r} does not match {JOB_ID_PATTERN}")
-            return cls(
+            job_id = _job_id(data["id"])
+            chunks = tuple(Chunk.from_json(c) for c in data.get("chunks") or ())
+            job = cls(
                 id=job_id,
-                name=str(data.get("name") or data["id"]),
-                status=str(data.get("status", "completed")),
+                name=str(data.get("name") or job_id),
+                status=_status(data.get("status")),
                 progress=float(data.get("progress") or 0),
                 created_at=_opt_str(data.get("created_at")),
                 completed_at=_opt_str(data.get("completed_at")),
@@ -84,11 +80,63 @@ class Job:
                 size_bytes=_count(data.get("size_bytes"), "size_bytes"),
                 labels=_labels(data.get("labels")),
                 version=int(data.get("version") or 1),
-                image_size=(int(image_size[0]), int(image_size[1])) if image_size else None,
-                chunks=tuple(Chunk.from_json(c) for c in data.get("chunks") or ()),
+                image_size=_image_size(data.get("image_size")),
+                chunks=chunks,
             )
+            _check_chunks(job, listed="chunks" in data)  # a summary (GET /jobs) has none
+            return job
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise PixCrawlerError(f"the API returned a malformed job: {exc!r}") from exc
+
+
+def _job_id(value: Any) -> str:
+    """A string id, or an int one (as the real service's are) in its decimal form."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"id {str(value)[:80]!r} is neither a string nor an int")
+    if not _JOB_ID_RE.fullmatch(value):
+        raise ValueError(f"id {value[:80]!r} does not match {JOB_ID_PATTERN}")
+    return value
+
+
+def _status(value: Any) -> str:
+    """One of :data:`JOB_STATUSES`, required: a job that does not say it is completed is
+    never read as one. Case and the American "canceled" are forgiven."""
+    if not isinstance(value, str):
+        raise TypeError(f"status {str(value)[:80]!r} is not a string")
+    status = value.strip().lower()
+    status = "cancelled" if status == "canceled" else status
+    if status not in JOB_STATUSES:
+        raise ValueError(f"status {value[:80]!r} is not one of {', '.join(JOB_STATUSES)}")
+    return status
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    """The job's one image size, ``[height, width]`` of positive ints, or None."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(f"image_size {str(value)[:80]!r} is not [height, width] (ints >= 1)")
+    return int(value[0]), int(value[1])
+
+
+def _check_chunks(job: Job, *, listed: bool) -> None:
+    """Each chunk listed once; a completed job's counts, where it lists them, agree."""
+    indexes = [chunk.index for chunk in job.chunks]
+    if any(index < 0 for index in indexes) or len(set(indexes)) != len(indexes):
+        raise ValueError(f"chunk indexes {indexes[:20]} are not distinct and >= 0")
+    counts = [chunk.image_count for chunk in job.chunks]
+    if listed and job.status == "completed" and job.total_images and None not in counts:
+        held = sum(c for c in counts if c is not None)
+        if held != job.total_images:
+            raise ValueError(
+                f"total_images {job.total_images} but its chunks' image_count add up to {held}"
+            )
 
 
 def _require_object(data: Any) -> None:
@@ -112,8 +160,8 @@ def _count(value: Any, name: str) -> int:
     return count
 
 
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _opt_count(value: Any, name: str) -> int | None:
+    return None if value is None else _count(value, name)
 
 
 def _opt_size(value: Any) -> int | None:
