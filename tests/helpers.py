@@ -3,6 +3,7 @@ a copy of job_uniform with corrupt images."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -124,6 +125,35 @@ class RecordingHost:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def __enter__(self) -> RecordingHost:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class CannedHost:
+    """A loopback host giving every GET one canned answer: ``status``, ``body`` and
+    ``headers`` (odd answers no real server of ours would give)."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:
+                self.send_response(status)
+                for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                with contextlib.suppress(OSError):  # a client that read enough and left
+                    self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> CannedHost:
         self._thread.start()
         return self
 

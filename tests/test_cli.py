@@ -7,6 +7,7 @@ config dir, and no ``PIXCRAWLER_*`` variables from the caller's environment.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -219,6 +220,8 @@ def test_top_level_help_lists_commands_and_exit_codes(cli: Cli) -> None:
         ["info", "../etc/passwd"],
         ["list", "--base-url", "ftp://example.com"],
         ["list", "--base-url", "example.com"],
+        ["list", "--base-url", "http://127.0.0.1:99999"],  # was exit 1, "ValueError: ..."
+        ["info", JOB_UNIFORM, "--base-url", "http://"],  # was retried, then exit 6
         ["pack", "/nonexistent-folder", "--store", "s"],
     ],
 )
@@ -1097,6 +1100,56 @@ def test_login_writes_a_private_file_that_later_commands_use(cli: Cli, secret_se
     result = cli.run("login", "--api-key", SECRET, PIXCRAWLER_API_KEY="another-key")
     assert "takes precedence" in result.stderr
     assert cli.run("login", input="\n").returncode == 2
+
+
+def at_a_terminal(cli: Cli, args: list[str], typed: bytes) -> tuple[int, bytes]:
+    """Run the console script on a pseudo-terminal, type ``typed`` once it prompts; return
+    its exit code and everything the terminal showed."""
+    import pty
+    import select
+
+    main, secondary = pty.openpty()
+    # A new session whose controlling terminal is the pty (getpass opens /dev/tty).
+    takes_the_terminal = (
+        "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", takes_the_terminal, cli.script, *args], cwd=cli.cwd,
+        env=cli.env(), stdin=secondary, stdout=secondary, stderr=secondary,
+        start_new_session=True,
+    )  # fmt: skip
+    os.close(secondary)
+    shown = b""
+
+    def read(until: float) -> None:
+        nonlocal shown
+        while time.monotonic() < until and b"key" not in shown.lower():
+            if select.select([main], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):  # EIO: the process has gone
+                    shown += os.read(main, 1024)
+
+    try:
+        read(time.monotonic() + 20)  # the prompt
+        os.write(main, typed)
+        code = process.wait(timeout=20)
+        with contextlib.suppress(OSError):  # what it showed since; EIO once all is read
+            while select.select([main], [], [], 0.1)[0] and (data := os.read(main, 1024)):
+                shown += data
+    finally:
+        process.kill()
+        os.close(main)
+    return code, shown
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_login_at_a_terminal_hides_the_key_and_tells_ctrl_d_from_ctrl_c(cli: Cli) -> None:
+    code, shown = at_a_terminal(cli, ["login"], SECRET.encode() + b"\r")
+    assert code == 0 and SECRET.encode() not in shown, shown
+    assert json.loads((cli.config_dir / "credentials.json").read_text())["api_key"] == SECRET
+    assert at_a_terminal(cli, ["login"], b"\x03")[0] == 130  # Ctrl-C: interrupted
+    code, shown = at_a_terminal(cli, ["login"], b"\x04")  # Ctrl-D: no key, was 130 too
+    assert code == 2 and b"no API key given" in shown, shown
 
 
 # -- pack, serve -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import socket
@@ -14,10 +15,9 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_OTHER, JOB_UNIFORM, OTHER_KEY, UNFINISHED_JOBS, UNIFORM_TOTAL
-from helpers import RecordingHost, digest
-from pixcrawler import load_dataset
+from helpers import CannedHost, RecordingHost, digest
+from pixcrawler import config, load_dataset
 from pixcrawler.client import ApiClient, api_root
-from pixcrawler.dataset import parse_time
 from pixcrawler.exceptions import (
     AuthenticationError,
     JobNotCompleteError,
@@ -27,6 +27,7 @@ from pixcrawler.exceptions import (
 )
 from pixcrawler.models import Job
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
+from pixcrawler.units import parse_time
 
 pytestmark = pytest.mark.timeout(60)
 FAST = {"retries": 3, "backoff": 0.01}
@@ -280,6 +281,34 @@ def test_malformed_job_json_is_a_clear_error(live_server: LiveServer) -> None:
             client.get_json("/nope")
 
 
+_NESTED = b"[" * 100_000 + b"]" * 100_000  # past the JSON parser's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("status", "error"), [(200, PixCrawlerError), (404, NotFoundError), (400, PixCrawlerError)]
+)
+def test_json_nested_past_the_parsers_limit_is_the_sdks_error(
+    status: int, error: type[PixCrawlerError]
+) -> None:
+    """Was a bare RecursionError, out of load_dataset and the CLI."""
+    host = CannedHost(status, _NESTED, {"Content-Type": "application/json"})
+    with host, pytest.raises(error) as info:
+        ApiClient("k", host.base_url).get_json("/jobs/job_x")
+    assert info.value.status_code == status
+
+
+def test_a_huge_error_message_is_cut_to_one_short_line() -> None:
+    """A 5 MB error message went whole into the exception and the CLI's one line."""
+    words = "no such job\n" + "x" * 5_000_000
+    body = json.dumps({"error": {"type": "NotFoundError", "message": words}}).encode()
+    host = CannedHost(404, body, {"Content-Type": "application/json"})
+    with host, pytest.raises(NotFoundError) as info:
+        ApiClient("k", host.base_url).get_json("/jobs/job_x")
+    message = str(info.value)
+    assert "no such job x" in message and "\n" not in message
+    assert len(message) < 2 * config.MAX_ERROR_MESSAGE and message.endswith("…)")
+
+
 _DONE = {"id": "job_x", "status": "completed"}
 
 
@@ -339,3 +368,26 @@ def test_base_url_must_be_http_or_https() -> None:
     for url in ("ftp://example.com", "file:///etc", "example.com"):
         with pytest.raises(ValueError, match="http"):
             api_root(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:99999", "malformed URL"),
+        ("http://127.0.0.1:abc", "malformed URL"),
+        ("http://", "names no host"),
+        ("http://api.example.com/?x=1", "no query"),
+        ("http://api.example.com/#frag", "no query or fragment"),
+    ],
+)
+def test_a_base_url_no_request_could_use_is_refused_up_front(url: str, problem: str) -> None:
+    """Not retried as a network error (no host), nor raised later as a bare ValueError
+    (a bad port), nor sent to another path (a fragment sent GET /)."""
+    with pytest.raises(ValueError, match=problem):
+        api_root(url)
+    with pytest.raises(ValueError, match=problem):
+        ApiClient("k", url)
+
+
+def test_a_base_url_is_read_without_the_newline_a_file_gave_it() -> None:
+    assert api_root(" http://api.example.com/\n") == "http://api.example.com/api/v1"

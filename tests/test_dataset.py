@@ -80,7 +80,7 @@ def test_info_is_frozen_metadata_printed_like_the_spec(uniform: Dataset) -> None
 
 
 def test_info_sizes_and_dates_are_formatted_as_the_spec_shows() -> None:
-    from pixcrawler.dataset import human_size, parse_time
+    from pixcrawler.units import human_size, parse_time
 
     assert human_size(2_684_354_560) == "2.5 GB"
     assert human_size(512) == "512 B"

@@ -23,7 +23,7 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
-from helpers import close_while_consuming, digest
+from helpers import CannedHost, close_while_consuming, digest
 from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
@@ -483,6 +483,24 @@ def test_large_chunk_is_fetched_as_parallel_ranges(
         assert bytes(downloader.fetch(0)) == blob
         downloader.close()
         assert downloader.stats.requests == 8
+
+
+def test_a_chunk_hosts_huge_error_body_is_read_no_further_than_its_message_needs() -> None:
+    """A 404 from a blob host with a 32 MiB body: one short line, from the head of the
+    body (too little of this one to parse: the HTTP reason). It was read whole before."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    body = b'{"detail": "gone\\n' + b"y" * (32 << 20) + b'"}'
+    with CannedHost(404, body, {"Content-Type": "application/json"}) as host:
+        chunk = Chunk(0, f"{host.base_url}/c.bin", 100, None)
+        downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), [chunk], prefetch=1)
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+        downloader.close()
+    message = str(info.value)
+    assert "HTTP 404: Not Found" in message and len(message) < 200, message[:400]
+    assert info.value.status_code == 404 and info.value.chunk_id == 0
 
 
 @pytest.mark.parametrize("ignored", ["every range", "one range"])

@@ -40,6 +40,9 @@ def test_retry_after_as_seconds_or_as_an_http_date() -> None:
     assert parse_retry_after(earlier, now=now) == 0.0  # already past: retry now
     for absent in (None, "", "soon", "Fri, 99 Foo 2027"):
         assert parse_retry_after(absent, now=now) is None
+    # A year past any calendar was an OverflowError out of load_dataset and iteration.
+    absurd = "Sun, 06 Nov 99999999999999999999 08:49:37 GMT"
+    assert parse_retry_after(absurd, now=now) is None
 
 
 @pytest.mark.skipif(not hasattr(time, "tzset"), reason="needs time.tzset")

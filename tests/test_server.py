@@ -29,11 +29,17 @@ from constants import (
 )
 from helpers import raw_get
 from imagegen import make_image_folder
-from pixcrawler.config import ENV_SERVER_KEYS
+from pixcrawler.config import DEFAULT_OWNER, ENV_SERVER_KEYS
 from pixcrawler.models import Job
 from pixcrawler.packer import pack, write_job
 from pixcrawler.server import create_app, run_in_thread, runner
-from pixcrawler.server.store import KEYS_FILE, KeyRing, ensure_server_keys, load_server_keys
+from pixcrawler.server.store import (
+    KEYS_FILE,
+    JobStore,
+    KeyRing,
+    ensure_server_keys,
+    load_server_keys,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -167,6 +173,21 @@ def test_list_paginates_without_overlap(live_server: LiveServer, http: urllib3.P
     assert sorted(seen) == sorted(MY_JOBS)
     # The order is stable from one request to the next.
     assert get(http, f"{url}?page=1&size=4").json()["items"] == pages[0]["items"]
+
+
+def test_jobs_are_listed_newest_first_by_their_time_not_its_text(tmp_path: Path) -> None:
+    """13:00+02:00 is 11:00 UTC: as text it sorted before 12:30Z."""
+    created = {
+        "job_a": "2026-01-01T13:00:00+02:00",
+        "job_b": "2026-01-01T12:30:00Z",
+        "job_c": "2026-01-01T12:00:00.500Z",
+        "job_d": None,  # undated: last
+    }
+    for job_id, when in created.items():
+        path = write_job(tmp_path, job_id, status="pending", progress=0)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "created_at": when}))
+    listed = [job["id"] for job in JobStore(tmp_path).jobs_of(DEFAULT_OWNER)]
+    assert listed == ["job_b", "job_c", "job_a", "job_d"]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ any key this process knows of, as a last line of defence.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from .auth import (
     save_api_key,
 )
 from .client import ApiClient, api_root, job_path
-from .dataset import DatasetInfo, load_dataset, num_images_of, parse_time
+from .dataset import DatasetInfo, load_dataset, num_images_of
 from .exceptions import (
     AuthenticationError,
     DecompressionError,
@@ -45,7 +46,7 @@ from .exceptions import (
     PixCrawlerError,
 )
 from .models import Job
-from .units import human_size
+from .units import human_size, parse_time
 
 __all__ = ["EXIT_CODES", "cli", "main", "run"]
 
@@ -222,9 +223,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             prog_name="pixcrawler",
             standalone_mode=False,
         )
-    except click.exceptions.Abort as exc:  # click's wrapper of Ctrl-C and EOF at a prompt
-        if isinstance(exc.__cause__, EOFError):
-            return _report(exc, EXIT_USAGE, "no input (end of file at a prompt)")
+    except click.exceptions.Abort as exc:  # click's wrapper of a Ctrl-C
         return _report(exc, EXIT_INTERRUPTED, "interrupted")
     except click.ClickException as exc:
         if _session.debug and exc.__cause__ is not None:
@@ -656,7 +655,10 @@ def login(api_key: str | None) -> None:
     """
     if api_key is None:
         if sys.stdin.isatty():
-            api_key = click.prompt("PixCrawler API key", hide_input=True, err=True)
+            try:  # (click's prompt turns end of input into Abort, which reads as Ctrl-C)
+                api_key = getpass.getpass("PixCrawler API key: ", stream=sys.stderr)
+            except EOFError:  # Ctrl-D
+                raise CliError("no API key given (end of input)", EXIT_USAGE) from None
         else:
             api_key = sys.stdin.readline()
     api_key = (api_key or "").strip()

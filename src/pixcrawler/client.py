@@ -64,11 +64,16 @@ def origin_of(url: str) -> Origin:
 
 def api_root(base_url: str) -> str:
     """``https://host`` → ``https://host/api/v1`` (a trailing ``/api/v1`` is tolerated)."""
-    root = base_url.rstrip("/")
+    root = base_url.strip().rstrip("/")  # (a value read from a file keeps its newline)
     if root.endswith(config.API_PREFIX):
         root = root[: -len(config.API_PREFIX)]
-    if urlsplit(root).scheme not in ("http", "https"):
+    parts = urlsplit(root)
+    if parts.scheme not in ("http", "https"):
         raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    if parts.query or parts.fragment or "?" in root or "#" in root:
+        raise ValueError(f"base_url takes no query or fragment, got {_safe_url(root)}")
+    if not origin_of(root)[1]:  # origin_of: a port of 99999 is a ValueError too
+        raise ValueError(f"base_url names no host, got {_safe_url(root)}")
     return root + config.API_PREFIX
 
 
@@ -83,19 +88,30 @@ def job_path(job_id: str | int) -> str:
     return f"/jobs/{text}"
 
 
-def error_message(response: urllib3.BaseHTTPResponse) -> str:
-    """The server's own words from either error shape, else the HTTP reason."""
+def error_message(response: urllib3.BaseHTTPResponse, body: bytes | None = None) -> str:
+    """The server's own words from either error shape (on one line, cut short), else the
+    HTTP reason. ``body``: what was read of a streamed response's (else its whole body)."""
     try:
-        body = json.loads(response.data or b"{}")
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        err = body.get("error")
+        data = json.loads((response.data if body is None else body) or b"{}")
+    except (ValueError, RecursionError):  # RecursionError: absurd nesting
+        data = None
+    words = None
+    if isinstance(data, dict):
+        err = data.get("error")
         if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if body.get("detail"):
-            return str(body["detail"])
-    return response.reason or f"HTTP {response.status}"
+            words = str(err["message"])
+        elif data.get("detail"):
+            words = str(data["detail"])
+    words = " ".join((words or response.reason or f"HTTP {response.status}").split())
+    if len(words) > config.MAX_ERROR_MESSAGE:
+        words = words[: config.MAX_ERROR_MESSAGE - 1] + "…"
+    return words
+
+
+def error_body(response: urllib3.BaseHTTPResponse) -> bytes:
+    """The head of a streamed error response's body: enough for its message, never a
+    whole body a misbehaving host may make as large as it likes."""
+    return response.read(config.MAX_ERROR_BODY)
 
 
 # Who wants to know, per thread, which connection a request is about to use: a request
@@ -238,7 +254,7 @@ class ApiClient:
         response = self.call_with_retries(lambda: self.request(url), what=f"GET {path}")
         try:
             return json.loads(response.data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise PixCrawlerError(
                 f"the API returned invalid JSON for GET {path}", status_code=response.status
             ) from exc
@@ -312,10 +328,13 @@ def not_complete_error(job: Job) -> JobNotCompleteError:
     return JobNotCompleteError(message, status=job.status, progress=job.progress)
 
 
-def map_status(response: urllib3.BaseHTTPResponse, what: str) -> PixCrawlerError:
-    """A non-retryable HTTP error as the SDK's exception, with the server's message."""
+def map_status(
+    response: urllib3.BaseHTTPResponse, what: str, body: bytes | None = None
+) -> PixCrawlerError:
+    """A non-retryable HTTP error as the SDK's exception, with the server's message
+    (``body``: as :func:`error_message` takes it)."""
     status = response.status
-    message = error_message(response)
+    message = error_message(response, body)
     if status in (401, 403):
         return AuthenticationError(
             f"{what}: the API key was rejected (HTTP {status}: {message}). Check the key "
@@ -349,7 +368,15 @@ def _safe_exc(exc: BaseException) -> str:
     return str(exc)[:300]
 
 
-__all__ = ["ApiClient", "api_root", "map_status", "not_complete_error", "origin_of"]
+__all__ = [
+    "ApiClient",
+    "api_root",
+    "error_body",
+    "error_message",
+    "map_status",
+    "not_complete_error",
+    "origin_of",
+]
 
 
 def _join(base: str, url: str, what: str) -> str:

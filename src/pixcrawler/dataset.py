@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -32,7 +32,7 @@ from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
 from .models import Job
 from .retry import RetryPolicy
-from .units import human_size
+from .units import human_size, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -792,18 +792,6 @@ def num_images_of(job: Job) -> int:
     if job.total_images:
         return job.total_images
     return sum(c.image_count or 0 for c in job.chunks)
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        return parsed.astimezone(timezone.utc)
-    except (ValueError, OverflowError):  # not a date, or past year 9999 once in UTC
-        return None
 
 
 def load_dataset(

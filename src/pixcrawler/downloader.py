@@ -51,7 +51,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import config
-from .client import ApiClient, error_message, map_status, shutdown_connection
+from .client import ApiClient, error_body, error_message, map_status, shutdown_connection
 from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after, status_cause
@@ -752,13 +752,13 @@ class ChunkDownloader:
                 if status in config.URL_EXPIRED_STATUSES and not self.client.sends_key_to(url):
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: its host refused the URL "
-                        f"(HTTP {status}: {error_message(response)})"
+                        f"(HTTP {status}: {error_message(response, error_body(response))})"
                         + (" even after the job's URLs were read again" if refreshed else ""),
                         chunk_id=index,
                         status_code=status,
                     )
                 if status not in config.RETRY_STATUSES:
-                    cause = map_status(response, f"GET chunk {index}")
+                    cause = map_status(response, f"GET chunk {index}", error_body(response))
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: {cause.message}",
                         chunk_id=index,

@@ -62,12 +62,13 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:  # asctime and "-0000" dates: HTTP dates are all GMT
+            when = when.replace(tzinfo=timezone.utc)
+        at = when.timestamp()
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a year of 20 digits
         return None
-    if when.tzinfo is None:  # asctime and "-0000" dates: HTTP dates are all GMT
-        when = when.replace(tzinfo=timezone.utc)
     current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
+    return max(0.0, at - current)
 
 
 def status_cause(status: int, retry_after: float | None) -> str:

@@ -1,6 +1,8 @@
-"""Sizes as people read them."""
+"""Sizes as people read them; times as the wire writes them."""
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 
 def human_size(size: float) -> str:
@@ -11,3 +13,16 @@ def human_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} PB"  # pragma: no cover
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An ISO 8601 time (``Z`` or an offset; none means UTC) in UTC; None if it is not one."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.astimezone(timezone.utc)
+    except (ValueError, OverflowError):  # not a date, or past year 9999 once in UTC
+        return None

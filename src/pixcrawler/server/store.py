@@ -20,10 +20,12 @@ import secrets
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_OWNER, ENV_SERVER_KEYS, JOB_ID_PATTERN
+from ..units import parse_time
 
 __all__ = [
     "KEYS_FILE",
@@ -107,7 +109,8 @@ class JobStore:
             if job is not None and job.get("owner", DEFAULT_OWNER) == owner:
                 jobs.append(job)
         jobs.sort(key=lambda job: str(job.get("id", "")))
-        jobs.sort(key=lambda job: str(job.get("created_at") or ""), reverse=True)
+        # By the time, not its text: "13:00+02:00" is older than "12:30Z". Undated: last.
+        jobs.sort(key=lambda job: _created(job) or _UNDATED, reverse=True)
         return jobs
 
     def chunk_path(self, job_id: str, index: int) -> Path:
@@ -115,6 +118,14 @@ class JobStore:
         if not valid_job_id(job_id) or index < 0:
             raise ValueError("invalid job id or chunk index")
         return self.root / job_id / "chunks" / f"{index:05d}.zip"
+
+
+_UNDATED = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def _created(job: dict[str, Any]) -> datetime | None:
+    value = job.get("created_at")
+    return parse_time(value) if isinstance(value, str) else None
 
 
 def _well_formed(job: Any, job_id: str) -> bool:
