@@ -34,7 +34,7 @@ from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
 from pixcrawler.dataset import group_bounds
 from pixcrawler.decode import ImageDecoder
-from pixcrawler.exceptions import MixedImageSizesError, PixCrawlerError
+from pixcrawler.exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 
 pytestmark = pytest.mark.timeout(60)
@@ -214,6 +214,19 @@ def test_a_chunk_holding_another_count_than_listed_stops_iteration_before_its_im
         for _ in dataset:
             seen += 1
     assert seen == UNIFORM_CHUNK_SIZE  # chunk 0 whole, none of chunk 1
+
+
+def test_the_pixel_limit_a_decode_error_names_is_one_a_user_can_raise(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error says to raise pixcrawler.config.MAX_IMAGE_PIXELS: doing so reaches the
+    decoders a Dataset makes (the limit was fixed when the module was imported)."""
+    monkeypatch.setattr(config, "MAX_IMAGE_PIXELS", UNIFORM_SIZE[0] * UNIFORM_SIZE[1] - 1)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    with pytest.raises(DecompressionError, match=r"raise pixcrawler\.config\.MAX_IMAGE_PIXELS"):
+        next(iter(dataset))
+    monkeypatch.setattr(config, "MAX_IMAGE_PIXELS", UNIFORM_SIZE[0] * UNIFORM_SIZE[1])
+    assert next(iter(dataset))[0].shape == (*UNIFORM_SIZE, 3)
 
 
 def test_to_arrays_of_nothing_decoded_has_the_images_shape(

@@ -769,7 +769,7 @@ def serve(store: Path, host: str, port: int) -> None:
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the images, store and arrays here. [default: a temporary folder]",
+    help="Keep the images and the store here. [default: a temporary folder]",
 )
 @click.option(
     "--images-per-class",

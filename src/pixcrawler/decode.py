@@ -122,7 +122,8 @@ class ImageDecoder:
     Args:
         mode: ``"RGB"`` (default), ``"L"`` or ``"RGBA"``, converted as Pillow's ``convert``.
         image_size: ``(H, W)`` to resize every image to exactly, or None to keep sizes.
-        max_pixels: images whose header claims more pixels are refused (decompression bomb).
+        max_pixels: images whose header claims more pixels are refused (decompression bomb);
+            None: ``pixcrawler.config.MAX_IMAGE_PIXELS`` as it is when the decoder is made.
         backend: ``"auto"`` (simplejpeg for JPEGs when installed), ``"pillow"``.
         buffers: decode into these reusable buffers (JPEGs at their own size, for now)
             rather than a fresh array per image; see :class:`ImageBuffers`.
@@ -133,7 +134,7 @@ class ImageDecoder:
         mode: str = "RGB",
         image_size: tuple[int, int] | None = None,
         *,
-        max_pixels: int = config.MAX_IMAGE_PIXELS,
+        max_pixels: int | None = None,
         backend: str = "auto",
         buffers: ImageBuffers | None = None,
     ) -> None:
@@ -146,7 +147,9 @@ class ImageDecoder:
         self.mode = mode
         self.channels = _CHANNELS[mode]
         self.image_size = image_size
-        self.max_pixels = max_pixels
+        # Read per decoder, so `pixcrawler.config.MAX_IMAGE_PIXELS = ...` reaches the ones
+        # a Dataset makes.
+        self.max_pixels = config.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
         self._simplejpeg = _load_simplejpeg() if backend == "auto" else None
         self._space = _SIMPLEJPEG_SPACES.get(mode)
         self.buffers = buffers
@@ -188,7 +191,8 @@ class ImageDecoder:
         if width * height > self.max_pixels:
             raise DecompressionError(
                 f"image claims {width}x{height} = {width * height:,} pixels, over the limit "
-                f"of {self.max_pixels:,} (a decompression bomb?); raise max_pixels to allow it"
+                f"of {self.max_pixels:,} (a decompression bomb?); raise "
+                "pixcrawler.config.MAX_IMAGE_PIXELS to allow it"
             )
 
     def _decode_jpeg(self, data: bytes | bytearray | memoryview) -> np.ndarray | None:
