@@ -324,6 +324,20 @@ def test_context_manager_closes_and_a_closed_dataset_refuses_to_iterate(
     dataset.close()  # twice is fine
 
 
+def test_an_iterator_still_held_when_its_dataset_closes_says_the_dataset_is_closed(
+    live_server: LiveServer,
+) -> None:
+    """Not the downloader's "the download was cancelled" (a tf.data iterator kept alive
+    over a close() showed it as `_Cancelled`), nor a loop that ends short in silence."""
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, prefetch=1)
+    images = iter(dataset)
+    next(images)
+    dataset.close()
+    with pytest.raises(PixCrawlerError, match=r"^the dataset is closed$"):
+        for _ in images:
+            pass
+
+
 def test_repr_never_shows_the_key(uniform: Dataset, live_server: LiveServer) -> None:
     text = repr(uniform) + str(uniform.info) + repr(uniform.settings) + str(uniform.stats)
     assert live_server.api_key not in text

@@ -540,6 +540,10 @@ class Dataset:
                 if self.stats.first_image_seconds is None:
                     self.stats.first_image_seconds = time.perf_counter() - started
                 yield sample, image
+        except PixCrawlerError as exc:
+            if self._closed:  # close() cancelled what this iteration still waited for
+                raise PixCrawlerError("the dataset is closed") from exc
+            raise
         finally:
             decoded.close()  # an early break stops the downloads and decoders now
 
