@@ -245,6 +245,7 @@ def test_no_command_shows_the_help_not_an_error_line(cli: Cli) -> None:
     [
         ["download", JOB_UNIFORM, f"--format={SECRET}", "--api-key", SECRET],
         ["list", SECRET, f"--api-key={SECRET}"],
+        ["login", SECRET],  # the key pasted as an argument: login reads it from a prompt
     ],
 )
 def test_a_usage_error_met_before_the_key_is_read_never_shows_it(cli: Cli, args: list[str]) -> None:

@@ -217,6 +217,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             _session.remember(args[at + 1])
         elif arg.startswith("--api-key="):
             _session.remember(arg.partition("=")[2])
+    if "login" in args:  # `pixcrawler login KEY`: a key pasted where none is taken
+        for arg in args[args.index("login") + 1 :]:
+            if not arg.startswith("-"):
+                _session.remember(arg)
     try:
         result = cli.main(
             args=args,
