@@ -15,7 +15,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -86,7 +86,30 @@ def digest(samples: Iterable[tuple[np.ndarray, Any]]) -> tuple[int, str]:
     return count, hasher.hexdigest()
 
 
-class RecordingHost:
+_Host = TypeVar("_Host", bound="_LoopbackHost")
+
+
+class _LoopbackHost:
+    """A threaded HTTP server on a loopback address and an ephemeral port, serving while
+    its ``with`` block runs."""
+
+    def _listen(self, handler: type[_QuietHandler], host: str) -> None:
+        self._server = ThreadingHTTPServer((host, 0), handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self: _Host) -> _Host:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class RecordingHost(_LoopbackHost):
     """A blob host on any loopback address: serves files under ``root`` and records the
     headers of every request, so a test can prove what was (not) sent to it."""
 
@@ -119,22 +142,10 @@ class RecordingHost:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._server = ThreadingHTTPServer((host, 0), Handler)
-        self._server.daemon_threads = True
-        self.base_url = f"http://{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> RecordingHost:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._listen(Handler, host)
 
 
-class CannedHost:
+class CannedHost(_LoopbackHost):
     """A loopback host giving every GET one canned answer: ``status``, ``body`` and
     ``headers`` (odd answers no real server of ours would give)."""
 
@@ -148,19 +159,7 @@ class CannedHost:
                 with contextlib.suppress(OSError):  # a client that read enough and left
                     self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> CannedHost:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._listen(Handler, "127.0.0.1")
 
 
 def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
