@@ -32,6 +32,7 @@ from helpers import copy_without_counts, corrupt_copy, digest, edited_copy
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
+from pixcrawler.client import ApiClient
 from pixcrawler.dataset import group_bounds
 from pixcrawler.decode import ImageDecoder
 from pixcrawler.exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
@@ -96,6 +97,11 @@ def test_info_sizes_and_dates_are_formatted_as_the_spec_shows() -> None:
     assert str(empty).splitlines()[-1] == "Labels: - (0 classes)"
     created = parse_time("2025-10-30T12:00:00Z")
     assert created is not None and created.strftime("%Y-%m-%d %H:%M:%S") == "2025-10-30 12:00:00"
+    # Every version of Python reads what 3.11 does: any fraction (Go writes nanoseconds).
+    for text, micro in (("12:00:00.5Z", 500_000), ("12:00:00.123456789z", 123_456)):
+        moment = parse_time(f"2025-10-30T{text}")
+        assert moment is not None and (moment.second, moment.microsecond) == (0, micro)
+    assert parse_time("2025-10-30T13:00:00.25+01:00") == parse_time("2025-10-30T12:00:00.250Z")
 
 
 def test_iteration_yields_every_image_with_its_label_and_exact_pixels(
@@ -191,6 +197,23 @@ def test_a_job_listing_no_image_counts_still_loads_whole(
     assert digest((i, lab) for b, ls in batches for i, lab in zip(b, ls, strict=True)) == digest(
         uniform
     )
+
+
+def test_a_job_whose_total_its_chunks_contradict_is_refused_at_load(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """8 images listed, one chunk of 4: len() said 8 and 4 came (a chunk left out of the
+    listing). Its metadata still reads (``info``); its data is refused as bad data."""
+
+    def overcount(job: dict[str, Any]) -> None:
+        job["total_images"] += 1
+
+    base_url = server_factory(edited_copy(live_server.store, tmp_path, JOB_UNIFORM, overcount))
+    message = f"lists {UNIFORM_TOTAL + 1} images but its chunks list {UNIFORM_TOTAL}"
+    with pytest.raises(DecompressionError, match=message):
+        load_dataset(JOB_UNIFORM, live_server.api_key, base_url)
+    job = ApiClient(live_server.api_key, base_url).get_job(JOB_UNIFORM)
+    assert job.total_images == UNIFORM_TOTAL + 1
 
 
 def test_a_chunk_holding_another_count_than_listed_stops_iteration_before_its_images(

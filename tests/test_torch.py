@@ -38,7 +38,7 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from helpers import copy_without_counts, corrupt_copy, sdk_threads_left
-from pixcrawler import Dataset, load_dataset
+from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.testing import StaticServer
@@ -412,6 +412,31 @@ def test_pickles_without_live_state_and_loads_in_spawned_workers(
     )
     keys = [key(image) for images, _ in loader for image in images]
     assert keys == reference.keys
+
+
+def test_the_pixel_limit_travels_with_a_pickled_torch_dataset(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawned DataLoader worker imports a fresh config: the limit set in the parent
+    (as a decode error tells users to) goes with the pickle, not the default."""
+    torch_dataset = open_uniform(live_server).to_torch(cache_dir=False)
+    monkeypatch.setattr(config, "MAX_IMAGE_PIXELS", 100)
+    clone = pickle.loads(pickle.dumps(torch_dataset))
+    monkeypatch.undo()  # the worker's own config: the default
+    with pytest.raises(DecompressionError, match="limit of 100"):
+        clone[0]
+    assert torch_dataset[0][0].shape == (*UNIFORM_SIZE, 3)  # here: config's, as it is now
+
+
+def test_a_stream_held_over_close_says_the_dataset_is_closed(live_server: LiveServer) -> None:
+    """Not the downloader's private cancel (`_Cancelled: the download was cancelled`)."""
+    dataset = open_uniform(live_server)
+    images = iter(dataset.to_torch(streaming=True))
+    next(images)
+    dataset.close()
+    with pytest.raises(PixCrawlerError, match=r"^the dataset is closed$"):
+        for _ in images:
+            pass
 
 
 def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveServer) -> None:

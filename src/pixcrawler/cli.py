@@ -217,8 +217,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             _session.remember(args[at + 1])
         elif arg.startswith("--api-key="):
             _session.remember(arg.partition("=")[2])
-    if "login" in args:  # `pixcrawler login KEY`: a key pasted where none is taken
-        for arg in args[args.index("login") + 1 :]:
+    command = next((at for at, arg in enumerate(args) if not arg.startswith("-")), None)
+    if command is not None and args[command] == "login":  # a key pasted where none is taken
+        for arg in args[command + 1 :]:
             if not arg.startswith("-"):
                 _session.remember(arg)
     try:

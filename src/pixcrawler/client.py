@@ -33,7 +33,7 @@ from .exceptions import (
     NotFoundError,
     PixCrawlerError,
 )
-from .models import Job
+from .models import Job, check_counts
 from .retry import RetryPolicy, parse_retry_after, status_cause
 
 log = logging.getLogger("pixcrawler")
@@ -301,6 +301,7 @@ class ApiClient:
         job = self.get_job(job_id)
         if job.status != "completed":
             raise not_complete_error(job)
+        check_counts(job)
         return job
 
     def list_jobs(self, page: int = 1, size: int = config.DEFAULT_PAGE_SIZE) -> dict[str, Any]:

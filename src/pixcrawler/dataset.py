@@ -540,10 +540,6 @@ class Dataset:
                 if self.stats.first_image_seconds is None:
                     self.stats.first_image_seconds = time.perf_counter() - started
                 yield sample, image
-        except PixCrawlerError as exc:
-            if self._closed:  # close() cancelled what this iteration still waited for
-                raise PixCrawlerError("the dataset is closed") from exc
-            raise
         finally:
             decoded.close()  # an early break stops the downloads and decoders now
 
@@ -644,6 +640,10 @@ class Dataset:
                 for start, end in group_bounds(len(samples), ramp=first):
                     yield archive, samples[start:end], end >= len(samples)
                 first = first and not samples
+        except PixCrawlerError as exc:
+            if self._closed:  # close() cancelled the chunks an iterator still held waits for
+                raise PixCrawlerError("the dataset is closed") from exc
+            raise
         finally:
             chunks.close()  # stops its downloads now
 
@@ -687,10 +687,14 @@ def _caller_level() -> int:
     return level
 
 
-def count_mismatch(job_id: str, chunk: int, listed: int, archive: ChunkArchive) -> PixCrawlerError:
-    return PixCrawlerError(
+def count_mismatch(
+    job_id: str, chunk: int, listed: int, archive: ChunkArchive
+) -> DecompressionError:
+    """Bad data, as a download of the job says it (exit code 8)."""
+    return DecompressionError(
         f"job {job_id} lists {listed} images in chunk {chunk} but the chunk holds "
-        f"{len(archive.samples)}"
+        f"{len(archive.samples)}",
+        chunk_id=chunk,
     )
 
 

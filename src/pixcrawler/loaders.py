@@ -205,6 +205,7 @@ class _TorchBridge:
         self._local_pid: int | None = None
         self._local_lock = threading.Lock()
         self._lock_pid = self._owner_pid
+        self._max_pixels: int | None = None  # None: config's, as it is when decoding starts
         dataset.closes_with(self)  # dataset.close() ends this one's threads too
 
     @property
@@ -250,7 +251,10 @@ class _TorchBridge:
         # reusable buffers spare the page faults of fresh ones. Images a shuffle buffer
         # holds would only pin them.
         buffers = ImageBuffers() if self._reuses_images else None
-        return _Local(handle, ImageDecoder(handle.mode, self.image_size, buffers=buffers))
+        decoder = ImageDecoder(
+            handle.mode, self.image_size, max_pixels=self._max_pixels, buffers=buffers
+        )
+        return _Local(handle, decoder)
 
     @property
     def _reuses_images(self) -> bool:
@@ -274,6 +278,8 @@ class _TorchBridge:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.update(_local=None, _local_pid=None, _local_lock=None, _lock_pid=None)
+        # A spawned worker imports a fresh config: the pixel limit goes with the pickle.
+        state["_max_pixels"] = config.MAX_IMAGE_PIXELS
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import JOB_ID_PATTERN
-from .exceptions import PixCrawlerError
+from .exceptions import DecompressionError, PixCrawlerError
 
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 # Both name files on disk (the chunk cache, downloads), so the API's word is checked: a
@@ -83,7 +83,7 @@ class Job:
                 image_size=_image_size(data.get("image_size")),
                 chunks=chunks,
             )
-            _check_chunks(job, listed="chunks" in data)  # a summary (GET /jobs) has none
+            _check_chunks(job)
             return job
         except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             raise PixCrawlerError(f"the API returned a malformed job: {exc!r}") from exc
@@ -119,24 +119,38 @@ def _image_size(value: Any) -> tuple[int, int] | None:
     if (
         not isinstance(value, (list, tuple))
         or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        or not all(_whole(v) and v > 0 for v in value)
     ):
         raise ValueError(f"image_size {str(value)[:80]!r} is not [height, width] (ints >= 1)")
     return int(value[0]), int(value[1])
 
 
-def _check_chunks(job: Job, *, listed: bool) -> None:
-    """Each chunk listed once; a completed job's counts, where it lists them, agree."""
+def _whole(value: Any) -> bool:
+    """An int, or a float of a whole value (32.0, as some serialisers write 32)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or value.is_integer()
+
+
+def _check_chunks(job: Job) -> None:
+    """Each chunk listed once."""
     indexes = [chunk.index for chunk in job.chunks]
     if any(index < 0 for index in indexes) or len(set(indexes)) != len(indexes):
         raise ValueError(f"chunk indexes {indexes[:20]} are not distinct and >= 0")
+
+
+def check_counts(job: Job) -> None:
+    """A completed job read for its data (not a summary, which lists no chunks) whose
+    ``total_images`` its chunks' ``image_count``s contradict lists a chunk too few or too
+    many: refused (:class:`DecompressionError`, bad data) before ``len()`` can mislead."""
     counts = [chunk.image_count for chunk in job.chunks]
-    if listed and job.status == "completed" and job.total_images and None not in counts:
-        held = sum(c for c in counts if c is not None)
-        if held != job.total_images:
-            raise ValueError(
-                f"total_images {job.total_images} but its chunks' image_count add up to {held}"
-            )
+    if not job.total_images or None in counts:
+        return  # what is not listed is counted from the manifests as they arrive
+    held = sum(count or 0 for count in counts)
+    if held != job.total_images:
+        raise DecompressionError(
+            f"job {job.id} lists {job.total_images:,} images but its chunks list {held:,}"
+        )
 
 
 def _require_object(data: Any) -> None:

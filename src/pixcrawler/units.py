@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
+
+_FRACTION = re.compile(r"\.(\d+)")
 
 
 def human_size(size: float) -> str:
@@ -19,8 +22,11 @@ def parse_time(value: str | None) -> datetime | None:
     """An ISO 8601 time (``Z`` or an offset; none means UTC) in UTC; None if it is not one."""
     if not value:
         return None
+    # Python 3.10's fromisoformat takes neither "Z" nor fractions of other than 3 or 6
+    # digits (".5", Go's nanoseconds): six digits, then, in every version.
+    text = _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), value.strip(), count=1)
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=timezone.utc)
         return parsed.astimezone(timezone.utc)
