@@ -1158,7 +1158,7 @@ def test_login_at_a_terminal_hides_the_key_and_tells_ctrl_d_from_ctrl_c(cli: Cli
     assert json.loads((cli.config_dir / "credentials.json").read_text())["api_key"] == SECRET
     assert at_a_terminal(cli, ["login"], b"\x03")[0] == 130  # Ctrl-C: interrupted
     code, shown = at_a_terminal(cli, ["login"], b"\x04")  # Ctrl-D: no key, was 130 too
-    assert code == 2 and b"no API key given" in shown, shown
+    assert code == 2 and b"\nError: no API key given" in shown, shown
 
 
 # -- pack, serve -----------------------------------------------------------------------------

@@ -663,6 +663,7 @@ def login(api_key: str | None) -> None:
             try:  # (click's prompt turns end of input into Abort, which reads as Ctrl-C)
                 api_key = getpass.getpass("PixCrawler API key: ", stream=sys.stderr)
             except EOFError:  # Ctrl-D
+                sys.stderr.write("\n")  # (the error goes on a line of its own)
                 raise CliError("no API key given (end of input)", EXIT_USAGE) from None
         else:
             api_key = sys.stdin.readline()
