@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import io
 import json
+import re
 import shutil
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
+import urllib3
 
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE
 from pixcrawler.testing.static import _QuietHandler
@@ -158,6 +160,36 @@ class CannedHost(_LoopbackHost):
                 self.end_headers()
                 with contextlib.suppress(OSError):  # a client that read enough and left
                     self.wfile.write(body)
+
+        self._listen(Handler, "127.0.0.1")
+
+
+class RedirectingFront(_LoopbackHost):
+    """The API at ``upstream``, fronted: chunk paths (``/chunks/<index>``) are answered with
+    a 302 to ``target(index)`` (a presigned blob URL, say); every other GET is relayed."""
+
+    def __init__(self, upstream: str, target: Callable[[int], str]) -> None:
+        pool = urllib3.PoolManager(retries=False)
+
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:
+                chunk = re.search(r"/chunks/(\d+)$", self.path.split("?")[0])
+                if chunk is not None:
+                    self.send_response(302)
+                    self.send_header("Location", target(int(chunk[1])))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                answer = pool.request(
+                    "GET", upstream + self.path, headers=dict(self.headers), redirect=False
+                )
+                self.send_response(answer.status)
+                for name in ("Content-Type", "Retry-After"):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("Content-Length", str(len(answer.data)))
+                self.end_headers()
+                self.wfile.write(answer.data)
 
         self._listen(Handler, "127.0.0.1")
 

@@ -347,6 +347,25 @@ def test_context_manager_closes_and_a_closed_dataset_refuses_to_iterate(
     dataset.close()  # twice is fine
 
 
+def test_a_close_landing_while_an_iteration_starts_stops_it(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() from another thread between the closed check and the new downloader's
+    registration: that downloader was never closed, and a whole epoch ran after close()."""
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    made = dataset_module.ChunkDownloader
+
+    def made_while_closing(*args: Any, **kwargs: Any) -> Any:
+        downloader = made(*args, **kwargs)
+        dataset.close()  # as if another thread's close() landed now
+        return downloader
+
+    monkeypatch.setattr(dataset_module, "ChunkDownloader", made_while_closing)
+    with pytest.raises(PixCrawlerError, match="the dataset is closed"):
+        next(iter(dataset))
+    assert dataset.stats.transfer.requests == 0
+
+
 def test_an_iterator_still_held_when_its_dataset_closes_says_the_dataset_is_closed(
     live_server: LiveServer,
 ) -> None:

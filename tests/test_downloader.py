@@ -23,7 +23,7 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
-from helpers import CannedHost, close_while_consuming, digest
+from helpers import CannedHost, RedirectingFront, close_while_consuming, digest
 from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
@@ -334,6 +334,29 @@ def test_expired_presigned_url_refreshes_the_job_once(
     assert dataset.stats.transfer.url_refreshes == 1
 
 
+def test_an_expired_url_an_api_path_redirects_to_is_refreshed(
+    live_server: LiveServer, clean_digest: tuple[int, str]
+) -> None:
+    """Chunk URLs on the API host answering 302 to a presigned blob URL that has expired:
+    the refusal comes from the blob host, so the job is read again (it was taken for the
+    API rejecting the key, which was never even sent there)."""
+    with (
+        StaticServer(live_server.store) as blob,
+        FaultProxy(
+            blob.base_url,
+            host="127.0.0.2",
+            schedule=FaultSchedule.script([Fault("expired")], match=CHUNKS),
+        ) as cdn,
+        RedirectingFront(
+            live_server.base_url, lambda i: f"{cdn.base_url}/{JOB_UNIFORM}/chunks/{i:05d}.zip"
+        ) as api,
+    ):
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, api.base_url, backoff=0.01)
+        assert digest(dataset) == clean_digest
+        assert dataset.stats.transfer.url_refreshes == 1
+        assert cdn.stats.faults["expired"] == 1
+
+
 def test_close_while_the_jobs_urls_are_re_read_returns_at_once(
     live_server: LiveServer, expiring_cdn: str
 ) -> None:
@@ -501,6 +524,56 @@ def test_a_chunk_hosts_huge_error_body_is_read_no_further_than_its_message_needs
     message = str(info.value)
     assert "HTTP 404: Not Found" in message and len(message) < 200, message[:400]
     assert info.value.status_code == 404 and info.value.chunk_id == 0
+
+
+def test_a_file_replaced_while_its_ranges_download_is_never_stitched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host swaps the chunk's file (same size, new ETag) after the first range: the
+    parts' first requests know no ETag to send as If-Range, so 10 KB of one version and
+    30 KB of the other came back as the chunk, which the job lists without a sha256."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 8 * 1024)
+    versions = [os.urandom(40 * 1024), os.urandom(40 * 1024)]
+    served = [0]
+    lock = threading.Lock()
+
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            with lock:
+                version = min(served[0], 1)  # the first request gets the old file
+                served[0] += 1
+            body, etag = versions[version], f'"v{version}"'
+            match = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+            if_range = self.headers.get("If-Range")
+            if match and (if_range is None or if_range == etag):
+                lo, hi = int(match[1]), int(match[2]) + 1
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(body)}")
+                body = body[lo:hi]
+            else:
+                self.send_response(200)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/c.bin"
+        chunk = Chunk(0, url, len(versions[0]), None)  # no sha256 to catch it
+        client = ApiClient("k", "http://127.0.0.1:9")
+        downloader = ChunkDownloader(client, [chunk], max_workers=4, prefetch=1)
+        fetched = hashlib.sha256(downloader.fetch(0)).hexdigest()
+        assert fetched in {hashlib.sha256(v).hexdigest() for v in versions}  # not a mix
+        assert downloader.stats.checksum_failures == 1  # the mix was seen and refetched
+        downloader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("ignored", ["every range", "one range"])

@@ -221,6 +221,21 @@ class ApiClient:
         caller can cancel the request while it waits for its headers (see
         :func:`shutdown_connection`).
         """
+        return self.request_answered(
+            url, headers=headers, stream=stream, on_connection=on_connection
+        )[0]
+
+    def request_answered(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        on_connection: Callable[[HTTPConnection], None] | None = None,
+    ) -> tuple[urllib3.BaseHTTPResponse, str]:
+        """:meth:`request`, and the URL that answered it (where the redirects led)."""
+        if self._closed.is_set():
+            raise NetworkError("the client was closed")
         for _ in range(_MAX_REDIRECTS + 1):
             sent = dict(headers or {})
             try:
@@ -238,7 +253,7 @@ class ApiClient:
                 _connection_hooks.hook = None
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
-                return response
+                return response, url
             response.drain_conn()
             response.release_conn()
             url = _join(url, location, "a redirect to a URL")

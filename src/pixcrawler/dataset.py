@@ -511,7 +511,12 @@ class Dataset:
             stats=self.stats.transfer,
         )
         with self._lock:
-            self._downloaders.add(downloader)
+            closed = self._closed  # close() may have come while it was being made
+            if not closed:
+                self._downloaders.add(downloader)
+        if closed:
+            downloader.close()
+            raise PixCrawlerError("the dataset is closed")
         return downloader
 
     def closes_with(self, view: Any) -> None:

@@ -329,6 +329,7 @@ class ChunkDownloader:
                 chunk = self.chunk(index)
                 try:
                     sink = _MemorySink(chunk.size_bytes, self._buffers)
+                    self._etags.pop(index, None)  # no bytes held: any version will do
                     digest = self._receive(chunk, sink, cancel, ranges=ranges)
                     self._verify(chunk, digest, attempt)
                 except _IntegrityError as exc:
@@ -694,7 +695,7 @@ class ChunkDownloader:
             try:
                 url = self.client.resolve(chunk.url)
                 self.stats.add(requests=1)
-                response = self.client.request(
+                response, answered = self.client.request_answered(
                     url,
                     headers=headers,
                     stream=True,
@@ -704,6 +705,14 @@ class ChunkDownloader:
                 status = response.status
                 etag = response.headers.get("ETag")
                 if status in (200, 206) and etag and not etag.startswith("W/"):
+                    known = self._etags.setdefault(index, etag)  # (parts race to set it)
+                    if known != etag and status == 206:
+                        # A range of another version of the file than the bytes held (or
+                        # than another part's): asked without If-Range, or it was ignored.
+                        raise _IntegrityError(
+                            f"chunk {index} changed on its host while downloading "
+                            f"(ETag {known[:40]} became {etag[:40]})"
+                        )
                     self._etags[index] = etag
                 if status == 200 and ranged:
                     if part:
@@ -740,16 +749,19 @@ class ChunkDownloader:
                     raise urllib3.exceptions.ProtocolError(
                         f"connection closed at byte {pos} of {end}"
                     )
+                # Whether the host that refused is a blob host: where the URL led, which
+                # an API path redirecting to a presigned URL makes another host than its own.
+                blob_host = not self.client.sends_key_to(answered)
                 if (
                     status in config.URL_EXPIRED_STATUSES
-                    and not self.client.sends_key_to(url)
+                    and blob_host
                     and self._refresh is not None
                     and not refreshed
                 ):
                     refreshed = True
                     self._refresh_urls(cancel, chunk)
                     continue
-                if status in config.URL_EXPIRED_STATUSES and not self.client.sends_key_to(url):
+                if status in config.URL_EXPIRED_STATUSES and blob_host:
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: its host refused the URL "
                         f"(HTTP {status}: {error_message(response, error_body(response))})"
