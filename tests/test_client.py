@@ -270,6 +270,15 @@ def test_verify_ssl_false_warns() -> None:
         ApiClient("k", "https://127.0.0.1:9", verify_ssl=False)
 
 
+def test_a_closed_client_sends_nothing(live_server: LiveServer) -> None:
+    """close() used to clear the pools only, which the next request built again."""
+    client = ApiClient(live_server.api_key, live_server.base_url)
+    assert client.get_job(JOB_UNIFORM).id == JOB_UNIFORM
+    client.close()
+    with pytest.raises(NetworkError, match="the client was closed"):
+        client.get_job(JOB_UNIFORM)
+
+
 def test_client_repr_hides_the_key() -> None:
     assert "secret-key" not in repr(ApiClient("secret-key", "http://127.0.0.1:9"))
 
