@@ -709,10 +709,15 @@ class ChunkDownloader:
                     if known != etag and status == 206:
                         # A range of another version of the file than the bytes held (or
                         # than another part's): asked without If-Range, or it was ignored.
-                        raise _IntegrityError(
-                            f"chunk {index} changed on its host while downloading "
-                            f"(ETag {known[:40]} became {etag[:40]})"
-                        )
+                        if part and chunk.sha256 is None:
+                            raise _RangeIgnored()  # one stream, one version, instead
+                        if not part:
+                            raise _IntegrityError(
+                                f"chunk {index} changed on its host while downloading "
+                                f"(ETag {known[:40]} became {etag[:40]})"
+                            )
+                        # (Parts with a listed sha256: it decides; a CDN's replicas may
+                        # give one file different ETags.)
                     self._etags[index] = etag
                 if status == 200 and ranged:
                     if part:
