@@ -586,6 +586,55 @@ def test_a_file_replaced_while_its_ranges_download_is_never_stitched(
         server.server_close()
 
 
+@pytest.mark.parametrize("replaced", [True, False], ids=["file-replaced", "replicas"])
+def test_a_resume_answered_from_another_version_starts_over_unless_a_sha256_decides(
+    replaced: bool,
+) -> None:
+    """One stream, cut halfway; the host ignores If-Range and answers the resume with a
+    range of a file of another ETag. Replaced (no sha256 listed): the chunk starts over,
+    never stitched. Replicas of one file (sha256 listed): the resume stands, as before."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    first = os.urandom(64 * 1024)
+    versions = [first, os.urandom(64 * 1024) if replaced else first]
+    served = [0]
+
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            version = min(served[0], 1)
+            served[0] += 1
+            body = versions[version]
+            match = re.fullmatch(r"bytes=(\d+)-\d*", self.headers.get("Range", ""))
+            lo = int(match[1]) if match else 0
+            self.send_response(206 if match else 200)
+            if match:
+                self.send_header("Content-Range", f"bytes {lo}-{len(body) - 1}/{len(body)}")
+            self.send_header("ETag", f'"v{version}"')
+            self.send_header("Content-Length", str(len(body) - lo))
+            self.end_headers()
+            cut = len(body) // 2 if version == 0 else len(body)  # the first answer is cut
+            self.wfile.write(body[lo:cut])
+            self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/c.bin"
+        sha256 = None if replaced else hashlib.sha256(first).hexdigest()
+        client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
+        downloader = ChunkDownloader(client, [Chunk(0, url, len(first), sha256)], prefetch=1)
+        fetched = bytes(downloader.fetch(0, ranges=1))
+        assert fetched == versions[1]  # the new file whole, or the one file resumed
+        assert downloader.stats.requests == (3 if replaced else 2)
+        assert downloader.stats.checksum_failures == 0
+        downloader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("ignored", ["every range", "one range"])
 def test_ranges_a_server_ignores_fall_back_to_one_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignored: str

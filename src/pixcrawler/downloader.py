@@ -706,19 +706,19 @@ class ChunkDownloader:
                 etag = response.headers.get("ETag")
                 if status in (200, 206) and etag and not etag.startswith("W/"):
                     known = self._etags.setdefault(index, etag)  # (parts race to set it)
-                    if known != etag and status == 206:
+                    self._etags[index] = etag
+                    if known != etag and status == 206 and chunk.sha256 is None:
                         # A range of another version of the file than the bytes held (or
                         # than another part's): asked without If-Range, or it was ignored.
-                        if part and chunk.sha256 is None:
+                        # Where the job lists a sha256, it decides instead: a CDN's replicas
+                        # may give one file different ETags.
+                        if part:
                             raise _RangeIgnored()  # one stream, one version, instead
-                        if not part:
-                            raise _IntegrityError(
-                                f"chunk {index} changed on its host while downloading "
-                                f"(ETag {known[:40]} became {etag[:40]})"
-                            )
-                        # (Parts with a listed sha256: it decides; a CDN's replicas may
-                        # give one file different ETags.)
-                    self._etags[index] = etag
+                        log.debug("chunk %d: changed on its host, from byte 0 again", index)
+                        pos = start = 0
+                        sink.restart()
+                        hasher = _reset(hasher)
+                        continue
                 if status == 200 and ranged:
                     if part:
                         raise _RangeIgnored()
