@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 import sys
 import threading
 import time
@@ -800,6 +801,49 @@ def test_streaming_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> 
     stream = open_uniform(corrupt_server, "test-key").to_torch(streaming=True)
     with pytest.raises(DecompressionError):
         list(stream)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("batch", [False, True], ids=["item", "batch"])
+def test_ctrl_c_while_a_map_style_item_waits_on_a_stalled_chunk_stops_its_transfer(
+    live_server: LiveServer, batch: bool
+) -> None:
+    """Only the wait was stopped: the fetch thread ran on for its timeout and retries (20
+    minutes with the defaults), and the process could not exit until it ended."""
+    stall = Fault("stall", after_bytes=1_000, seconds=30.0)
+    schedule = FaultSchedule.random(1.0, [stall], match=r"/chunks/")
+    before = set(threading.enumerate())
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = open_uniform(proxy.base_url, live_server.api_key, timeout=20.0, retries=1)
+        torch_dataset = dataset.to_torch(cache_dir=False)
+        main = threading.main_thread().ident
+        assert main is not None
+        timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))  # Ctrl-C
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            if batch:
+                torch_dataset.__getitems__([0, UNIFORM_CHUNK_SIZE, 2 * UNIFORM_CHUNK_SIZE])
+            else:
+                torch_dataset[0]
+        timer.join()
+        assert sdk_threads_left(before) == []  # the stalled transfers have ended
+        dataset.close()
+
+
+def test_an_error_in_the_transform_stops_the_streams_threads(live_server: LiveServer) -> None:
+    """The error's traceback holds the stream's frame: its downloads and decode threads ran
+    on while the error lived (through interpreter exit, where it was not caught)."""
+    before = set(threading.enumerate())
+
+    def transform(image: np.ndarray) -> np.ndarray:
+        raise ValueError("a bad transform")
+
+    stream = open_uniform(live_server).to_torch(streaming=True, transform=transform)
+    with pytest.raises(ValueError, match="a bad transform") as info:
+        for _ in stream:
+            pass
+    assert info.value.__traceback__ is not None  # still alive, holding the frame
+    assert sdk_threads_left(before) == []
 
 
 @pytest.mark.timeout(60)  # a hang fails here, before the stall itself ends

@@ -28,7 +28,7 @@ import os
 import threading
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -411,7 +411,7 @@ class _MapStyle(_TorchBridge):
         if not missing:  # (the store keeps the chunk it loaded last, whatever the budget)
             return
         pool = self._fetch_pool(local)
-        with _unless_closed(local):
+        with _unless_closed(local), self._stopped_if_interrupted():
             futures = [(index, pool.submit(store.archive, index)) for index in missing]
             try:
                 for index, future in futures:
@@ -426,12 +426,24 @@ class _MapStyle(_TorchBridge):
         wait for it is logged too."""
         if store.in_memory(index):
             return store.archive(index)
-        with _unless_closed(local):
+        with _unless_closed(local), self._stopped_if_interrupted():
             future = self._fetch_pool(local).submit(store.archive, index)
             try:
                 return self._wait(local, index, future)
             finally:
                 future.cancel()
+
+    @contextlib.contextmanager
+    def _stopped_if_interrupted(self) -> Iterator[None]:
+        """A Ctrl-C (or SystemExit) while a fetch thread loads a chunk stops that transfer
+        too, not only the wait for it: it would run on for its timeout and retries, and
+        the process could not exit until it ended. The next item opens afresh."""
+        try:
+            yield
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self.close()
+            raise
 
     def _fetch_pool(self, local: _Local) -> ThreadPoolExecutor:
         with self._local_lock:
@@ -591,14 +603,20 @@ class _Streaming(_TorchBridge):
         lo, hi = self._worker_share(worker_id, workers)
         local = self._process()
         sequence = _Sequence(self, self._epoch_word.value)
-        samples = self._samples(local, sequence, lo, hi)
+        source = self._samples(local, sequence, lo, hi)
+        samples: Iterator[tuple[np.ndarray, Sample]] = source
         if self.shuffle:
             rng = np.random.default_rng(
                 [*sequence.seed_words, _BUFFER_STREAM, self.rank, worker_id]
             )
             samples = _shuffled(samples, self.shuffle_buffer, rng)
-        for image, sample in samples:
-            yield self._output(image, sample)
+        try:
+            for image, sample in samples:
+                yield self._output(image, sample)
+        finally:
+            # Now, not when the frame goes: an error in the user's transform holds this
+            # frame in its traceback, and the downloads and decoders would run on.
+            source.close()
 
     def _worker_share(self, worker_id: int, workers: int) -> tuple[int, int]:
         """Positions ``[lo, hi)`` of the sequence that this DataLoader worker yields: a
@@ -614,7 +632,7 @@ class _Streaming(_TorchBridge):
 
     def _samples(
         self, local: _Local, sequence: _Sequence, lo: int, hi: int
-    ) -> Iterator[tuple[np.ndarray, Sample]]:
+    ) -> Generator[tuple[np.ndarray, Sample], None, None]:
         """Exactly ``hi - lo`` decoded samples: positions ``[lo, hi)`` of the sequence, then as
         many following positions (wrapping) as were skipped."""
         handle = local.handle
