@@ -635,6 +635,105 @@ def test_a_resume_answered_from_another_version_starts_over_unless_a_sha256_deci
         server.server_close()
 
 
+def _scripted_host(answer: Callable[[int, Any], None]) -> tuple[ThreadingHTTPServer, str]:
+    """A loopback host whose n-th GET (from 0) ``answer(n, handler)`` writes; and its URL."""
+    served = [0]
+    lock = threading.Lock()
+
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            with lock:
+                n = served[0]
+                served[0] += 1
+            answer(n, self)
+            self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/c.bin"
+
+
+def _answer(
+    handler: Any,
+    status: int,
+    body: bytes,
+    *,
+    lo: int = 0,
+    size: int | None = None,
+    etag: str | None = None,
+    cut: int | None = None,
+    length: bool = True,
+) -> None:
+    handler.send_response(status)
+    if status == 206:
+        handler.send_header("Content-Range", f"bytes {lo}-{len(body) - 1}/{len(body)}")
+    if etag is not None:
+        handler.send_header("ETag", etag)
+    if length:
+        handler.send_header("Content-Length", str(len(body) - lo))
+    handler.end_headers()
+    handler.wfile.write(body[lo : len(body) if cut is None else cut])  # fmt: skip
+
+
+def test_a_host_whose_every_answer_is_another_version_is_given_up_on_in_retries() -> None:
+    """Every GET answered 206 with a new ETag (ranged or not), the first one cut: each
+    start over counts as a failure, with its backoff. It restarted ~700 times a second."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    body = os.urandom(64 * 1024)
+
+    def answer(n: int, handler: Any) -> None:
+        match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
+        lo = int(match[1]) if match else 0
+        _answer(handler, 206, body, lo=lo, etag=f'"e{n}"', cut=len(body) // 2 if n == 0 else None)
+
+    server, url = _scripted_host(answer)
+    try:
+        client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
+        downloader = ChunkDownloader(client, [Chunk(0, url, len(body), None)], prefetch=1)
+        with pytest.raises(DownloadError, match="failed after 4 attempts: the file changed"):
+            downloader.fetch(0, ranges=1)
+        assert downloader.stats.requests == 4 and downloader.stats.retries == 3
+        downloader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_start_over_reads_the_new_file_to_its_own_end() -> None:
+    """A chunk listed without size or sha256, cut twice, then its file replaced by a
+    longer one sent without Content-Length: the old file's length cut the new one short."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    old, new = os.urandom(64 * 1024), os.urandom(96 * 1024)
+
+    def answer(n: int, handler: Any) -> None:
+        match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
+        lo = int(match[1]) if match else 0
+        if n == 0:
+            _answer(handler, 200, old, etag='"old"', cut=16 * 1024)
+        elif n == 1:
+            _answer(handler, 206, old, lo=lo, etag='"old"', cut=32 * 1024)
+        elif n == 2:
+            _answer(handler, 206, new, lo=lo, etag='"new"')  # If-Range ignored
+        else:
+            _answer(handler, 200, new, etag='"new"', length=False)  # to the end of the stream
+
+    server, url = _scripted_host(answer)
+    try:
+        client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
+        downloader = ChunkDownloader(client, [Chunk(0, url, None, None)], prefetch=1)
+        assert bytes(downloader.fetch(0, ranges=1)) == new
+        downloader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("ignored", ["every range", "one range"])
 def test_ranges_a_server_ignores_fall_back_to_one_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignored: str

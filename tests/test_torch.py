@@ -804,18 +804,24 @@ def test_streaming_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("batch", [False, True], ids=["item", "batch"])
+@pytest.mark.parametrize(
+    ("batch", "budget"), [(False, None), (True, None), (True, 0)], ids=["item", "batch", "lean"]
+)
 def test_ctrl_c_while_a_map_style_item_waits_on_a_stalled_chunk_stops_its_transfer(
-    live_server: LiveServer, batch: bool
+    live_server: LiveServer, batch: bool, budget: int | None
 ) -> None:
     """Only the wait was stopped: the fetch thread ran on for its timeout and retries (20
-    minutes with the defaults), and the process could not exit until it ended."""
+    minutes with the defaults), and the process could not exit until it ended. (A batch
+    over the memory budget loads its other chunks on the decode threads.)"""
     stall = Fault("stall", after_bytes=1_000, seconds=30.0)
-    schedule = FaultSchedule.random(1.0, [stall], match=r"/chunks/")
+    # Lean: the batch's first chunk comes (the wait for it is done) and the rest stall.
+    stalled = r"/chunks/[12]$" if budget == 0 else r"/chunks/"
+    schedule = FaultSchedule.random(1.0, [stall], match=stalled)
     before = set(threading.enumerate())
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
         dataset = open_uniform(proxy.base_url, live_server.api_key, timeout=20.0, retries=1)
-        torch_dataset = dataset.to_torch(cache_dir=False)
+        options = {} if budget is None else {"memory_budget": budget}
+        torch_dataset = dataset.to_torch(cache_dir=False, **options)
         main = threading.main_thread().ident
         assert main is not None
         timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))  # Ctrl-C

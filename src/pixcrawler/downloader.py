@@ -212,6 +212,11 @@ class _FileSink:
         self.fh.truncate()
 
 
+class _Changed(Exception):
+    """A resume was answered from another version of the file (a new strong ETag): the
+    chunk starts again from byte 0."""
+
+
 class _IntegrityError(Exception):
     """The bytes are wrong (size or digest): start the chunk again from byte 0."""
 
@@ -671,6 +676,7 @@ class ChunkDownloader:
         start over), or None when ``hasher`` was None.
         """
         pos = start
+        listed_end = end  # a restart reads to this again, not to an older file's length
         failures = 0
         refreshed = False
         policy = self.client.retry
@@ -714,15 +720,12 @@ class ChunkDownloader:
                         # may give one file different ETags.
                         if part:
                             raise _RangeIgnored()  # one stream, one version, instead
-                        log.debug("chunk %d: changed on its host, from byte 0 again", index)
-                        pos = start = 0
-                        sink.restart()
-                        hasher = _reset(hasher)
-                        continue
+                        raise _Changed(f"the file changed on its host at byte {pos}")
                 if status == 200 and ranged:
                     if part:
                         raise _RangeIgnored()
                     pos = start = 0  # the server ignored Range: take the whole body afresh
+                    end = listed_end
                     sink.restart()
                     hasher = _reset(hasher)
                 elif status == 206:
@@ -793,6 +796,18 @@ class ChunkDownloader:
                         status_code=status,
                         retry_after=retry_after,
                     )
+            except _Changed as exc:  # from byte 0 again, after a backoff, as a failure
+                pos = start = 0
+                end = listed_end
+                sink.restart()
+                hasher = _reset(hasher)
+                failures += 1
+                if failures > policy.retries:
+                    raise DownloadError(
+                        f"Chunk {index} failed after {failures} attempts: {exc}",
+                        chunk_id=index,
+                    ) from None
+                why = str(exc)
             except NetworkError as exc:  # a URL no request can take, or a redirect loop
                 raise DownloadError(
                     f"Chunk {index} could not be downloaded: {exc.message}", chunk_id=index

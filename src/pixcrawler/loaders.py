@@ -354,7 +354,7 @@ class _MapStyle(_TorchBridge):
         if worker is not None or len(positions) < 2 or local.handle.decode_threads < 2:
             return [self._output(*self._load(local, p)) for p in positions]
         pool = self._pool(local)
-        with _unless_closed(local):
+        with _unless_closed(local), self._stopped_if_interrupted():
             futures = [pool.submit(self._load, local, p) for p in positions]
             loaded = [future.result() for future in futures]
         return [self._output(*item) for item in loaded]
