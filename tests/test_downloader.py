@@ -734,6 +734,39 @@ def test_a_start_over_reads_the_new_file_to_its_own_end() -> None:
         server.server_close()
 
 
+def test_a_whole_body_of_the_same_version_cut_short_is_not_taken_for_the_chunk() -> None:
+    """Unsized chunk: a 206 told its length; a resume answered whole (Range ignored), same
+    ETag, with no Content-Length, cut at 40 KB of 64. The known length still holds it to
+    64 KB: the cut is a failure to retry, not a chunk of 40 KB."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    body = os.urandom(64 * 1024)
+
+    def answer(n: int, handler: Any) -> None:
+        match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
+        lo = int(match[1]) if match else 0
+        if n == 0:
+            _answer(handler, 200, body, etag='"one"', cut=16 * 1024)
+        elif n == 1:
+            _answer(handler, 206, body, lo=lo, etag='"one"', cut=32 * 1024)
+        elif n == 2:
+            _answer(handler, 200, body, etag='"one"', cut=40 * 1024, length=False)
+        else:
+            _answer(handler, 200, body, etag='"one"')
+
+    server, url = _scripted_host(answer)
+    try:
+        client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
+        downloader = ChunkDownloader(client, [Chunk(0, url, None, None)], prefetch=1)
+        assert bytes(downloader.fetch(0, ranges=1)) == body
+        downloader.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("ignored", ["every range", "one range"])
 def test_ranges_a_server_ignores_fall_back_to_one_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignored: str

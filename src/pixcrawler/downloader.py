@@ -710,6 +710,7 @@ class ChunkDownloader:
                 self._track(cancel, response)
                 status = response.status
                 etag = response.headers.get("ETag")
+                known = None  # the strong ETag of the bytes held, where there is one
                 if status in (200, 206) and etag and not etag.startswith("W/"):
                     known = self._etags.setdefault(index, etag)  # (parts race to set it)
                     self._etags[index] = etag
@@ -725,7 +726,8 @@ class ChunkDownloader:
                     if part:
                         raise _RangeIgnored()
                     pos = start = 0  # the server ignored Range: take the whole body afresh
-                    end = listed_end
+                    if known is not None and known != etag:  # (and a file of its own size)
+                        end = listed_end
                     sink.restart()
                     hasher = _reset(hasher)
                 elif status == 206:
