@@ -311,18 +311,25 @@ def test_a_next_chunk_that_arrives_but_cannot_be_opened_comes_after_the_images_b
     assert info.value.chunk_id == 1 and len(received) == UNIFORM_CHUNK_SIZE
 
 
-@pytest.fixture
-def expiring_cdn(live_server: LiveServer, server_factory: Callable[..., str]) -> Iterator[str]:
-    """An API whose chunk URLs point at a blob host on another address; the first chunk
-    request there is answered as an expired presigned URL."""
+@contextlib.contextmanager
+def expiring_blobs(store: Path) -> Iterator[FaultProxy]:
+    """A blob host on another address serving ``store``'s chunks, whose first chunk
+    request is answered as an expired presigned URL."""
     with (
-        StaticServer(live_server.store) as blob,
+        StaticServer(store) as blob,
         FaultProxy(
             blob.base_url,
             host="127.0.0.2",
             schedule=FaultSchedule.script([Fault("expired")], match=CHUNKS),
         ) as cdn,
     ):
+        yield cdn
+
+
+@pytest.fixture
+def expiring_cdn(live_server: LiveServer, server_factory: Callable[..., str]) -> Iterator[str]:
+    """An API whose chunk URLs point at an :func:`expiring_blobs` host."""
+    with expiring_blobs(live_server.store) as cdn:
         yield server_factory(live_server.store, chunk_base_url=cdn.base_url)
 
 
@@ -341,12 +348,7 @@ def test_an_expired_url_an_api_path_redirects_to_is_refreshed(
     the refusal comes from the blob host, so the job is read again (it was taken for the
     API rejecting the key, which was never even sent there)."""
     with (
-        StaticServer(live_server.store) as blob,
-        FaultProxy(
-            blob.base_url,
-            host="127.0.0.2",
-            schedule=FaultSchedule.script([Fault("expired")], match=CHUNKS),
-        ) as cdn,
+        expiring_blobs(live_server.store) as cdn,
         RedirectingFront(
             live_server.base_url, lambda i: f"{cdn.base_url}/{JOB_UNIFORM}/chunks/{i:05d}.zip"
         ) as api,
@@ -675,45 +677,57 @@ def _answer(
     handler.wfile.write(body[lo : len(body) if cut is None else cut])  # fmt: skip
 
 
-def test_a_host_whose_every_answer_is_another_version_is_given_up_on_in_retries() -> None:
-    """Every GET answered 206 with a new ETag (ranged or not), the first one cut: each
-    start over counts as a failure, with its backoff. It restarted ~700 times a second."""
+def _range_start(handler: Any) -> int:
+    """Where the request's ``Range: bytes=N-`` starts (0 without one)."""
+    match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
+    return int(match[1]) if match else 0
+
+
+@contextlib.contextmanager
+def _downloader_from(
+    answer: Callable[[int, Any], None], size: int | None, sha256: str | None = None
+) -> Iterator[Any]:
+    """A downloader of one chunk (``size``, ``sha256``) on a host scripted by ``answer``,
+    with quick retries."""
     from pixcrawler.client import ApiClient
     from pixcrawler.downloader import ChunkDownloader
     from pixcrawler.retry import RetryPolicy
 
-    body = os.urandom(64 * 1024)
-
-    def answer(n: int, handler: Any) -> None:
-        match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
-        lo = int(match[1]) if match else 0
-        _answer(handler, 206, body, lo=lo, etag=f'"e{n}"', cut=len(body) // 2 if n == 0 else None)
-
     server, url = _scripted_host(answer)
     try:
         client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
-        downloader = ChunkDownloader(client, [Chunk(0, url, len(body), None)], prefetch=1)
-        with pytest.raises(DownloadError, match="failed after 4 attempts: the file changed"):
-            downloader.fetch(0, ranges=1)
-        assert downloader.stats.requests == 4 and downloader.stats.retries == 3
-        downloader.close()
+        downloader = ChunkDownloader(client, [Chunk(0, url, size, sha256)], prefetch=1)
+        try:
+            yield downloader
+        finally:
+            downloader.close()
     finally:
         server.shutdown()
         server.server_close()
 
 
+def test_a_host_whose_every_answer_is_another_version_is_given_up_on_in_retries() -> None:
+    """Every GET answered 206 with a new ETag (ranged or not), the first one cut: each
+    start over counts as a failure, with its backoff. It restarted ~700 times a second."""
+    body = os.urandom(64 * 1024)
+
+    def answer(n: int, handler: Any) -> None:
+        cut = len(body) // 2 if n == 0 else None
+        _answer(handler, 206, body, lo=_range_start(handler), etag=f'"e{n}"', cut=cut)
+
+    with _downloader_from(answer, len(body)) as downloader:
+        with pytest.raises(DownloadError, match="failed after 4 attempts: the file changed"):
+            downloader.fetch(0, ranges=1)
+        assert downloader.stats.requests == 4 and downloader.stats.retries == 3
+
+
 def test_a_start_over_reads_the_new_file_to_its_own_end() -> None:
     """A chunk listed without size or sha256, cut twice, then its file replaced by a
     longer one sent without Content-Length: the old file's length cut the new one short."""
-    from pixcrawler.client import ApiClient
-    from pixcrawler.downloader import ChunkDownloader
-    from pixcrawler.retry import RetryPolicy
-
     old, new = os.urandom(64 * 1024), os.urandom(96 * 1024)
 
     def answer(n: int, handler: Any) -> None:
-        match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
-        lo = int(match[1]) if match else 0
+        lo = _range_start(handler)
         if n == 0:
             _answer(handler, 200, old, etag='"old"', cut=16 * 1024)
         elif n == 1:
@@ -723,48 +737,28 @@ def test_a_start_over_reads_the_new_file_to_its_own_end() -> None:
         else:
             _answer(handler, 200, new, etag='"new"', length=False)  # to the end of the stream
 
-    server, url = _scripted_host(answer)
-    try:
-        client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
-        downloader = ChunkDownloader(client, [Chunk(0, url, None, None)], prefetch=1)
+    with _downloader_from(answer, None) as downloader:
         assert bytes(downloader.fetch(0, ranges=1)) == new
-        downloader.close()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_whole_body_of_the_same_version_cut_short_is_not_taken_for_the_chunk() -> None:
     """Unsized chunk: a 206 told its length; a resume answered whole (Range ignored), same
     ETag, with no Content-Length, cut at 40 KB of 64. The known length still holds it to
     64 KB: the cut is a failure to retry, not a chunk of 40 KB."""
-    from pixcrawler.client import ApiClient
-    from pixcrawler.downloader import ChunkDownloader
-    from pixcrawler.retry import RetryPolicy
-
     body = os.urandom(64 * 1024)
 
     def answer(n: int, handler: Any) -> None:
-        match = re.fullmatch(r"bytes=(\d+)-\d*", handler.headers.get("Range", ""))
-        lo = int(match[1]) if match else 0
         if n == 0:
             _answer(handler, 200, body, etag='"one"', cut=16 * 1024)
         elif n == 1:
-            _answer(handler, 206, body, lo=lo, etag='"one"', cut=32 * 1024)
+            _answer(handler, 206, body, lo=_range_start(handler), etag='"one"', cut=32 * 1024)
         elif n == 2:
             _answer(handler, 200, body, etag='"one"', cut=40 * 1024, length=False)
         else:
             _answer(handler, 200, body, etag='"one"')
 
-    server, url = _scripted_host(answer)
-    try:
-        client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01))
-        downloader = ChunkDownloader(client, [Chunk(0, url, None, None)], prefetch=1)
+    with _downloader_from(answer, None) as downloader:
         assert bytes(downloader.fetch(0, ranges=1)) == body
-        downloader.close()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("ignored", ["every range", "one range"])
