@@ -761,6 +761,44 @@ def test_a_whole_body_of_the_same_version_cut_short_is_not_taken_for_the_chunk()
         assert bytes(downloader.fetch(0, ranges=1)) == body
 
 
+@pytest.mark.parametrize("etag", [None, 'W/"B"'], ids=["no-etag", "weak-etag"])
+def test_a_whole_body_of_unknown_version_is_never_resumed_from_the_old_one(
+    etag: str | None,
+) -> None:
+    """200 "A" cut; the resume answered whole with file B (Range ignored), its version
+    unknown (no or a weak ETag), cut too. The next resume sent If-Range "A", which a host
+    keeping the rules answered with A's rest: B's head and A's tail, without a word."""
+    a, b = os.urandom(64 * 1024), os.urandom(64 * 1024)
+
+    def answer(n: int, handler: Any) -> None:
+        if n == 0:
+            _answer(handler, 200, a, etag='"A"', cut=16 * 1024)
+        elif n == 1:
+            _answer(handler, 200, b, etag=etag, cut=40 * 1024)
+        elif handler.headers.get("If-Range") == '"A"':
+            _answer(handler, 206, a, lo=_range_start(handler), etag='"A"')
+        else:  # no If-Range, or another: all of the current file
+            _answer(handler, 200, a, etag='"A"')
+
+    with _downloader_from(answer, len(a)) as downloader:
+        assert bytes(downloader.fetch(0, ranges=1)) == a
+
+
+def test_a_content_range_of_absurd_length_is_the_sdks_error() -> None:
+    """int() refuses more than 4,300 digits: a bare ValueError escaped the download."""
+    body = os.urandom(1024)
+
+    def answer(n: int, handler: Any) -> None:
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes 0-1023/{'9' * 5000}")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with _downloader_from(answer, len(body)) as downloader, pytest.raises(DownloadError):
+        downloader.fetch(0, ranges=1)
+
+
 @pytest.mark.parametrize("ignored", ["every range", "one range"])
 def test_ranges_a_server_ignores_fall_back_to_one_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignored: str

@@ -135,7 +135,10 @@ class BufferPool:
 
 _BYTEARRAY_OVERHEAD = sys.getsizeof(bytearray())
 _CANCEL_POLL = 0.05  # seconds between looks at a cancel while the job's URLs are re-read
-_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)", re.ASCII | re.IGNORECASE)
+_MAX_DIGITS = 20
+_CONTENT_RANGE = re.compile(
+    r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.ASCII | re.IGNORECASE
+)
 
 
 @functools.cache
@@ -710,11 +713,12 @@ class ChunkDownloader:
                 self._track(cancel, response)
                 status = response.status
                 etag = response.headers.get("ETag")
-                known = None  # the strong ETag of the bytes held, where there is one
-                if status in (200, 206) and etag and not etag.startswith("W/"):
-                    known = self._etags.setdefault(index, etag)  # (parts race to set it)
-                    self._etags[index] = etag
-                    if known != etag and status == 206 and chunk.sha256 is None:
+                strong = etag if etag and not etag.startswith("W/") else None
+                previous = self._etags.get(index)  # the version of the bytes held, if known
+                if status == 206 and strong is not None:
+                    known = self._etags.setdefault(index, strong)  # (parts race to set it)
+                    self._etags[index] = strong
+                    if known != strong and chunk.sha256 is None:
                         # A range of another version of the file than the bytes held (or
                         # than another part's): asked without If-Range, or it was ignored.
                         # Where the job lists a sha256, it decides instead: a CDN's replicas
@@ -722,12 +726,19 @@ class ChunkDownloader:
                         if part:
                             raise _RangeIgnored()  # one stream, one version, instead
                         raise _Changed(f"the file changed on its host at byte {pos}")
+                elif status == 200:
+                    # A whole body: the bytes held from here on are its version, whatever
+                    # was recorded before (a stale If-Range would fetch the old one's rest).
+                    if strong is None:
+                        self._etags.pop(index, None)
+                    else:
+                        self._etags[index] = strong
                 if status == 200 and ranged:
                     if part:
                         raise _RangeIgnored()
                     pos = start = 0  # the server ignored Range: take the whole body afresh
-                    if known is not None and known != etag:  # (and a file of its own size)
-                        end = listed_end
+                    if previous is not None and etag != previous:  # another version
+                        end = listed_end  # (its own length, not the last one's)
                     sink.restart()
                     hasher = _reset(hasher)
                 elif status == 206:
@@ -972,8 +983,9 @@ def _receive_block(
 
 
 def _digits(value: str) -> bool:
-    """``str.isdigit()`` takes "²" and Arabic-Indic digits, which ``int()`` refuses."""
-    return value.isascii() and value.isdigit()
+    """``str.isdigit()`` takes "²" and Arabic-Indic digits, which ``int()`` refuses, and
+    ``int()`` refuses more than 4,300 digits: no byte count has 20."""
+    return value.isascii() and value.isdigit() and len(value) < _MAX_DIGITS
 
 
 def _check_length(response: urllib3.BaseHTTPResponse, pos: int, end: int | None) -> None:
@@ -995,13 +1007,13 @@ def _check_content_range(
     value = response.headers.get("Content-Range", "")
     match = _CONTENT_RANGE.fullmatch(value.strip())
     if match is None or int(match[1]) != pos:
-        raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value!r}")
+        raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value[:100]!r}")
     last = int(match[2])
     total = None if match[3] == "*" else int(match[3])
     due = end if end is not None else total
     if due is None or last != due - 1:
         asked = f"{pos}-{'' if end is None else end - 1}"
-        raise _IntegrityError(f"chunk {index}: asked for bytes {asked}, got range {value!r}")
+        raise _IntegrityError(f"chunk {index}: asked for bytes {asked}, got range {value[:100]!r}")
     if size is not None and total is not None and total != size:
         raise _IntegrityError(
             f"chunk {index}: the server's file is {total} bytes, not the {size} listed"
