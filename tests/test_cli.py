@@ -1752,6 +1752,25 @@ def test_on_error_skip_takes_the_size_from_the_first_image_that_decodes(
     assert_arrays_hold(root, good)
 
 
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+def test_a_chunk_holding_another_count_than_listed_exits_8_as_iteration_refuses_it(
+    cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str], fmt: str
+) -> None:
+    """Chunk counts swapped, the total unchanged: iteration refused the job, and a numpy
+    or images download of it exited 0."""
+
+    def swap(job: dict[str, Any]) -> None:
+        first, last = job["chunks"][0], job["chunks"][-1]
+        first["image_count"], last["image_count"] = last["image_count"], first["image_count"]
+
+    url = server_factory(edited_copy(store, tmp_path / "swapped", JOB_UNIFORM, swap))
+    result = cli.run("download", JOB_UNIFORM, "--format", fmt, "-o", "out", *api(url, TEST_KEY))
+    assert result.returncode == 8, result
+    assert re.search(r"lists \d+ images in chunk 0 but the chunk holds 16", result.stderr)
+    root = cli.cwd / "out" / JOB_UNIFORM
+    assert not (root / "X.npy").exists() and not (root / "metadata.jsonl").exists()
+
+
 @pytest.mark.parametrize("chunk_counts", [True, False], ids=["chunks-counted", "uncounted"])
 @pytest.mark.parametrize("fmt", ["numpy", "images"])
 @pytest.mark.parametrize("listed", [UNIFORM_TOTAL - 1, UNIFORM_TOTAL + 1])

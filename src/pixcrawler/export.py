@@ -30,7 +30,14 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import _lock_fd
-from .dataset import Dataset, counts_listed, decode_sample, group_bounds, num_images_of
+from .dataset import (
+    Dataset,
+    count_mismatch,
+    counts_listed,
+    decode_sample,
+    group_bounds,
+    num_images_of,
+)
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError
@@ -573,6 +580,14 @@ class _StagedWriter(Writer):
         shutil.rmtree(self.staging, ignore_errors=True)
         self.complete = True
 
+    def archive_of(self, chunk: Chunk, path: Path) -> ChunkArchive:
+        """The chunk's archive at ``path``, holding as many images as the job lists for it
+        (where it lists a count), as iteration requires."""
+        archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
+        if chunk.image_count is not None and len(archive.samples) != chunk.image_count:
+            raise count_mismatch(self.job.id, chunk.index, chunk.image_count, archive)
+        return archive
+
     def offset_of(self, chunk: Chunk) -> int:
         """Images before ``chunk``: chunks are written in order, so all earlier ones are
         done and their counts recorded."""
@@ -732,7 +747,7 @@ class _NumpyWriter(_StagedWriter):
         make()
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
-        archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
+        archive = self.archive_of(chunk, path)
         samples = archive.samples
         offset = self.offset_of(chunk)
         if self.counted and offset + len(samples) > self.total_images:
@@ -971,7 +986,7 @@ class _ImagesWriter(_StagedWriter):
                 folder.rmdir()  # only if empty
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
-        archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
+        archive = self.archive_of(chunk, path)
         lines: list[str] = []
         for position, sample in enumerate(archive.samples):
             data = archive.payload(sample)
