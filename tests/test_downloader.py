@@ -359,6 +359,26 @@ def test_an_expired_url_an_api_path_redirects_to_is_refreshed(
         assert cdn.stats.faults["expired"] == 1
 
 
+def test_a_job_re_packed_before_its_urls_are_read_again_is_not_mixed_in(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """The job changes on the server (another chunk 1) between load_dataset and the
+    re-read an expired URL makes: its new chunk verified against its own sha256 and went
+    into this version's data, labels and counts, exit 0. Now the download says so."""
+    shutil.copytree(live_server.store / JOB_UNIFORM, tmp_path / JOB_UNIFORM)
+    with expiring_blobs(tmp_path) as cdn:
+        base_url = server_factory(tmp_path, chunk_base_url=cdn.base_url)
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, base_url, backoff=0.01)
+        job_json = tmp_path / JOB_UNIFORM / "job.json"
+        job = json.loads(job_json.read_text())
+        job["chunks"][1]["sha256"] = hashlib.sha256(b"another version").hexdigest()
+        job_json.with_suffix(".tmp").write_text(json.dumps(job))
+        job_json.with_suffix(".tmp").replace(job_json)  # as the packer rewrites it
+        with pytest.raises(DownloadError, match="changed on the server while it was being read"):
+            list(dataset)
+        assert cdn.stats.faults["expired"] == 1
+
+
 def test_close_while_the_jobs_urls_are_re_read_returns_at_once(
     live_server: LiveServer, expiring_cdn: str
 ) -> None:

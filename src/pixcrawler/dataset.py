@@ -29,8 +29,13 @@ from .auth import resolve_api_key, resolve_base_url
 from .client import ApiClient
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .downloader import ChunkDownloader, TransferStats
-from .exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
-from .models import Job
+from .exceptions import (
+    DecompressionError,
+    DownloadError,
+    MixedImageSizesError,
+    PixCrawlerError,
+)
+from .models import Chunk, Job
 from .retry import RetryPolicy
 from .units import human_size, parse_time
 
@@ -507,7 +512,7 @@ class Dataset:
             self.job.chunks,
             max_workers=self.settings.max_workers,
             prefetch=prefetch or self.prefetch,
-            refresh=lambda: client.get_completed_job(self.job.id).chunks,
+            refresh=lambda: self._fresh_urls(client),
             stats=self.stats.transfer,
         )
         with self._lock:
@@ -518,6 +523,18 @@ class Dataset:
             downloader.close()
             raise PixCrawlerError("the dataset is closed")
         return downloader
+
+    def _fresh_urls(self, client: ApiClient) -> tuple[Chunk, ...]:
+        """The job's chunks read again for new URLs (expired presigned ones): of the same
+        version, or an error. A job re-packed meanwhile must not mix into this one: its
+        chunks would verify against their own sha256, the labels and counts being ours."""
+        fresh = client.get_completed_job(self.job.id)
+        if _contents(fresh) != _contents(self.job):
+            raise DownloadError(
+                f"job {self.job.id} changed on the server while it was being read (another "
+                "version or other chunks); load it again"
+            )
+        return fresh.chunks
 
     def closes_with(self, view: Any) -> None:
         """Have :meth:`close` call ``view.close()`` too (while ``view`` is alive)."""
@@ -781,6 +798,12 @@ def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def _contents(job: Job) -> tuple[Any, ...]:
+    """What the job's data is, as listed: its version, labels and each chunk's identity."""
+    chunks = sorted((c.index, c.sha256, c.size_bytes, c.image_count) for c in job.chunks)
+    return job.version, job.labels, chunks
 
 
 def counts_listed(job: Job) -> bool:
