@@ -1303,6 +1303,52 @@ def test_a_zip_rerun_of_a_new_version_that_fails_keeps_the_chunks_it_no_longer_l
     assert sorted(p.name for p in chunks.iterdir()) == ["00000.zip", "00001.zip"]
 
 
+def test_images_written_by_a_run_stopped_inside_a_chunk_go_with_their_version(
+    cli: Cli,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Version 1 stopped after the first file of its second chunk; version 2 has fewer
+    images. That file was named in no listing, so no later run removed it."""
+    from pixcrawler import export
+
+    store = _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=1, chunk_size=2)
+    url = server_factory(store)
+    root = cli.cwd / "out" / "job_v"
+    real = export._write_atomic
+    written: list[Path] = []
+
+    def stop_at_the_fourth(dest: Path, *args: Any, **kwargs: Any) -> None:
+        image = dest.suffix == ".jpg"  # (the sidecar is written this way too)
+        if image and len(written) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) among chunk 1's files
+        real(dest, *args, **kwargs)
+        if image:
+            written.append(dest)
+
+    monkeypatch.setattr(export, "_write_atomic", stop_at_the_fourth)
+    dataset = load_dataset("job_v", TEST_KEY, url)
+    writer = export.make_writer("images", dataset, root, None)
+    todo = writer.prepare()
+    progress = export.Progress(False, "job_v", writer, todo, dataset.stats.transfer)
+    with pytest.raises(KeyboardInterrupt), progress:
+        export.transfer(dataset, writer, todo, 1, progress)
+    writer.close()
+    dataset.close()
+    monkeypatch.undo()
+    assert written[2].exists()  # chunk 1's first file, in no committed line
+
+    _versioned_job(tmp_path, {"cat": 2}, seed=2, chunk_size=2)
+    result = cli.run("download", "job_v", "--format", "images", "-o", "out", *api(url, TEST_KEY))
+    assert result.returncode == 0, result
+    files = {str(p.relative_to(root)) for p in root.rglob("*.*") if p.parent != root}
+    listed = {
+        json.loads(line)["file"] for line in (root / "metadata.jsonl").read_text().splitlines()
+    }
+    assert files == listed == {"cat/0000.jpg", "cat/0001.jpg"}
+
+
 def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
     live_server: LiveServer,
     server_factory: Callable[..., str],

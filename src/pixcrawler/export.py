@@ -988,12 +988,11 @@ class _ImagesWriter(_StagedWriter):
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
         archive = self.archive_of(chunk, path)
         lines: list[str] = []
+        files: list[tuple[str, memoryview | bytes]] = []
         for position, sample in enumerate(archive.samples):
             data = archive.payload(sample)
             rel = self._target(sample, position)
-            dest = self.root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(dest, data, self.staging / _IMAGE_TEMP, sync=False)
+            files.append((rel, data))
             record = {
                 "id": sample.id,
                 "label": sample.label,
@@ -1006,12 +1005,20 @@ class _ImagesWriter(_StagedWriter):
                 "metadata": dict(sample.metadata),
             }
             lines.append(json.dumps(record, ensure_ascii=False, sort_keys=True))
-            advance(1)
+        # The chunk's lines go in before its files: a run stopped among them leaves every
+        # file it wrote named in the listing, past the length the sidecar holds. A rerun of
+        # this version drops those lines and writes the chunk again; a start over for
+        # another version removes what they name (unnamed, they outlived every version).
         with open(self.metadata_part, "ab") as fh:
             fh.write("".join(line + "\n" for line in lines).encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
             length = fh.tell()
+        for rel, data in files:
+            dest = self.root / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(dest, data, self.staging / _IMAGE_TEMP, sync=False)
+            advance(1)
         self.mark_done(chunk, len(archive.samples), metadata_bytes=length)
 
     def _target(self, sample: Sample, position: int) -> str:
