@@ -802,7 +802,9 @@ def positive_int(name: str, value: Any) -> int:
 
 def _contents(job: Job) -> tuple[Any, ...]:
     """What the job's data is, as listed: its version, labels and each chunk's identity."""
-    chunks = sorted((c.index, c.sha256, c.size_bytes, c.image_count) for c in job.chunks)
+    chunks = sorted(
+        (c.index, c.sha256 and c.sha256.lower(), c.size_bytes, c.image_count) for c in job.chunks
+    )
     return job.version, job.labels, chunks
 
 

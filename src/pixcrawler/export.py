@@ -988,11 +988,11 @@ class _ImagesWriter(_StagedWriter):
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
         archive = self.archive_of(chunk, path)
         lines: list[str] = []
-        files: list[tuple[str, memoryview | bytes]] = []
+        files: list[tuple[str, Sample]] = []  # (not their bytes: inflated, a chunk's worth)
         for position, sample in enumerate(archive.samples):
             data = archive.payload(sample)
             rel = self._target(sample, position)
-            files.append((rel, data))
+            files.append((rel, sample))
             record = {
                 "id": sample.id,
                 "label": sample.label,
@@ -1014,10 +1014,10 @@ class _ImagesWriter(_StagedWriter):
             fh.flush()
             os.fsync(fh.fileno())
             length = fh.tell()
-        for rel, data in files:
+        for rel, sample in files:
             dest = self.root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(dest, data, self.staging / _IMAGE_TEMP, sync=False)
+            _write_atomic(dest, archive.payload(sample), self.staging / _IMAGE_TEMP, sync=False)
             advance(1)
         self.mark_done(chunk, len(archive.samples), metadata_bytes=length)
 
