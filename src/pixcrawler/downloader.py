@@ -44,7 +44,7 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import urllib3
 from urllib3.connection import HTTPConnection
@@ -262,6 +262,13 @@ class _Progress:
         return text
 
 
+class _Recycling(NamedTuple):
+    """The hooks of an ``iter_chunks(recycles=True)`` iteration."""
+
+    released: Callable[[], None]  # a chunk came back: fetch on
+    upcoming: Callable[[], bool]  # whether the next chunk has arrived whole
+
+
 @dataclass
 class _Refreshing:
     """A re-read of the job's URLs: done when it has ended, ``error`` if it failed."""
@@ -305,8 +312,7 @@ class ChunkDownloader:
         self._closed = threading.Event()
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
-        self._released: list[Callable[[], None]] = []  # the recycling iteration's hook
-        self._upcoming: list[Callable[[], bool]] = []  # and whether its next chunk is here
+        self._recycling: list[_Recycling] = []  # the recycling iteration's hooks
         self._progress: dict[int, _Progress] = {}  # chunks being fetched
         # The re-read of the job's URLs under way, if any: every transfer whose URL expires
         # meanwhile waits for it instead of asking the API again.
@@ -461,9 +467,9 @@ class ChunkDownloader:
                 and future.exception() is None
             )
 
+        hooks = _Recycling(released, upcoming)
         if recycles:
-            self._released.append(released)
-            self._upcoming.append(upcoming)
+            self._recycling.append(hooks)
         try:
             while True:
                 fill(least=1)  # the consumer waits for a chunk: fetch one even when it holds many
@@ -488,8 +494,7 @@ class ChunkDownloader:
                 cancel.set()
             first = None  # its callback refers back to fill(): a cycle that held a chunk
             if recycles:
-                self._released.remove(released)
-                self._upcoming.remove(upcoming)
+                self._recycling.remove(hooks)
             for _, future in window:
                 future.cancel()
             self._abort(cancel)
@@ -501,16 +506,16 @@ class ChunkDownloader:
         if buffer is not None:
             self._buffers.give(buffer)
         with self._lock:
-            released = self._released[0] if self._released else None
-        if released is not None:
-            released()
+            hooks = self._recycling[0] if self._recycling else None
+        if hooks is not None:
+            hooks.released()
 
     def next_chunk_ready(self) -> bool:
         """Whether the next chunk of the ``iter_chunks(recycles=True)`` iteration has
         arrived whole, so that asking for it will not wait on the network (nor raise)."""
         with self._lock:
-            upcoming = self._upcoming[0] if self._upcoming else None
-        return upcoming is not None and upcoming()
+            hooks = self._recycling[0] if self._recycling else None
+        return hooks is not None and hooks.upcoming()
 
     def describe(self, index: int) -> str:
         """Where chunk ``index``'s transfer stands, in words (for a consumer kept waiting)."""
