@@ -259,7 +259,7 @@ def test_only_the_login_command_takes_its_arguments_for_keys(cli: Cli) -> None:
     make_image_folder(cli.cwd / "login", {"cat": 2})
     result = cli.run("pack", "login", "--store", "store", "--job-id", "job_login")
     assert result.returncode == 0, result
-    assert result.stdout.startswith("Packed job_login: 2 images, 1 label"), result
+    assert result.stdout.startswith("Packed job_login: 2 images, 1 label, 1 chunk ("), result
 
 
 def test_image_size_is_for_numpy_only(cli: Cli, live_server: LiveServer) -> None:

@@ -81,7 +81,10 @@ def test_info_is_frozen_metadata_printed_like_the_spec(uniform: Dataset) -> None
 
 
 def test_info_sizes_and_dates_are_formatted_as_the_spec_shows() -> None:
-    from pixcrawler.units import human_size, parse_time
+    from pixcrawler.units import counted, human_size, parse_time
+
+    assert (counted(1, "chunk"), counted(0, "image")) == ("1 chunk", "0 images")
+    assert counted(2_000, "failed attempt") == "2,000 failed attempts"
 
     assert human_size(2_684_354_560) == "2.5 GB"
     assert human_size(512) == "512 B"

@@ -46,7 +46,7 @@ from .exceptions import (
     PixCrawlerError,
 )
 from .models import Job
-from .units import human_size, parse_time
+from .units import counted, human_size, parse_time
 
 __all__ = ["EXIT_CODES", "cli", "main", "run"]
 
@@ -515,8 +515,9 @@ def download(
             else ""
         )
         _echo(
-            f"Downloaded {job_id}: {writer.total_images:,} images in {len(dataset.job.chunks):,} "
-            f"chunks to {root} ({writer.describe()}){left_out}; "
+            f"Downloaded {job_id}: {counted(writer.total_images, 'image')} in "
+            f"{counted(len(dataset.job.chunks), 'chunk')} to {root} ({writer.describe()})"
+            f"{left_out}; "
             f"received {human_size(stats.bytes_received)}."
         )
 
@@ -730,14 +731,13 @@ def pack(
         raise CliError(str(exc), EXIT_USAGE) from None
     labels = len(result.labels)
     _echo(
-        f"Packed {result.job_id}: {result.total_images:,} images, {labels:,} "
-        f"label{'s' if labels != 1 else ''}, {result.num_chunks:,} "
-        f"chunk{'s' if result.num_chunks != 1 else ''} ({human_size(result.size_bytes)}) "
-        f"into {store}"
+        f"Packed {result.job_id}: {counted(result.total_images, 'image')}, "
+        f"{counted(labels, 'label')}, {counted(result.num_chunks, 'chunk')} "
+        f"({human_size(result.size_bytes)}) into {store}"
     )
     if result.skipped:
         count = len(result.skipped)
-        _echo(f"Skipped {count:,} file{'s' if count != 1 else ''}:")
+        _echo(f"Skipped {counted(count, 'file')}:")
         for path, reason in result.skipped:
             _echo(f"  {_printable(path)}: {reason}")
 

@@ -37,7 +37,7 @@ from .exceptions import (
 )
 from .models import Chunk, Job
 from .retry import RetryPolicy
-from .units import human_size, parse_time
+from .units import counted, human_size, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -140,8 +140,8 @@ class DatasetStats:
     def __str__(self) -> str:
         first = "-" if self.first_image_seconds is None else f"{self.first_image_seconds:.2f} s"
         return (
-            f"{self.images:,} image{'' if self.images == 1 else 's'}, {self.skipped:,} "
-            f"skipped, {self.chunks:,} chunk{'' if self.chunks == 1 else 's'}, "
+            f"{counted(self.images, 'image')}, {self.skipped:,} skipped, "
+            f"{counted(self.chunks, 'chunk')}, "
             f"{human_size(self.transfer.bytes_received)} received, "
             f"{self.transfer.retries} retries, first image after {first}, "
             f"waited {self.wait_seconds:.2f} s"

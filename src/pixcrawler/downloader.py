@@ -55,7 +55,7 @@ from .client import ApiClient, error_body, error_message, map_status, shutdown_c
 from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after, status_cause
-from .units import human_size
+from .units import counted, human_size
 
 log = logging.getLogger("pixcrawler")
 T = TypeVar("T")
@@ -255,8 +255,7 @@ class _Progress:
         of = f" of {human_size(self.size)}" if self.size is not None else ""
         text = f"{human_size(held)}{of} received in {now - self.started:.1f} s"
         if self.failures:
-            attempts = f"{self.failures} failed attempt{'s' if self.failures > 1 else ''}"
-            text += f"; {attempts}, the last: {self.problem}"
+            text += f"; {counted(self.failures, 'failed attempt')}, the last: {self.problem}"
         if self.retry_at is not None and self.retry_at > now:
             text += f"; the next in {self.retry_at - now:.1f} s"
         return text
@@ -807,8 +806,8 @@ class ChunkDownloader:
                 why = status_cause(status, retry_after)
                 if policy.retry_after_too_long(retry_after) or failures > policy.retries:
                     raise DownloadError(
-                        f"Chunk {index} failed with HTTP {status} after {failures} "
-                        f"attempt{'s' if failures > 1 else ''}"
+                        f"Chunk {index} failed with HTTP {status} after "
+                        f"{counted(failures, 'attempt')}"
                         + (f"; retry in {retry_after:.0f} s" if retry_after else ""),
                         chunk_id=index,
                         status_code=status,

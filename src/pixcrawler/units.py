@@ -18,6 +18,11 @@ def human_size(size: float) -> str:
     return f"{size:.1f} PB"  # pragma: no cover
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 chunk``, ``2,000 chunks``: a count and its noun, in the plural but for one."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def parse_time(value: str | None) -> datetime | None:
     """An ISO 8601 time (``Z`` or an offset; none means UTC) in UTC; None if it is not one."""
     if not value:
