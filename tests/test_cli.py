@@ -677,6 +677,19 @@ def test_numpy_resumes_from_a_partial_sidecar_and_staged_part(cli: Cli, big_job:
     check_output("numpy", root, big_job, key)
 
 
+def test_a_sidecar_nested_past_the_parsers_limit_starts_the_download_over(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    args = ["download", JOB_UNIFORM, "-o", "out", *api(live_server)]
+    assert cli.run(*args).returncode == 0
+    root = cli.cwd / "out" / JOB_UNIFORM
+    (root / ".progress.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = cli.run(*args)
+    assert result.returncode == 0, result
+    assert "already complete" not in result.stdout
+    assert json.loads((root / ".progress.json").read_text())["numpy"]["complete"] is True
+
+
 def test_a_changed_image_size_starts_the_numpy_download_over(
     cli: Cli, live_server: LiveServer
 ) -> None:
@@ -1109,6 +1122,16 @@ def test_login_writes_a_private_file_that_later_commands_use(cli: Cli, secret_se
     result = cli.run("login", "--api-key", SECRET, PIXCRAWLER_API_KEY="another-key")
     assert "takes precedence" in result.stderr
     assert cli.run("login", input="\n").returncode == 2
+
+
+def test_a_credentials_file_nested_past_the_parsers_limit_is_no_key(
+    cli: Cli, secret_server: str
+) -> None:
+    cli.config_dir.mkdir(parents=True, exist_ok=True)
+    (cli.config_dir / "credentials.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = cli.run("info", JOB_UNIFORM, "--base-url", secret_server)
+    assert result.returncode == 3, result
+    assert "PIXCRAWLER_API_KEY" in result.stderr and "Traceback" not in result.stderr
 
 
 def at_a_terminal(cli: Cli, args: list[str], typed: bytes) -> tuple[int, bytes]:

@@ -49,6 +49,19 @@ def test_missing_key_everywhere_says_how_to_give_one(
         load_dataset(JOB_UNIFORM, base_url="http://127.0.0.1:9")
 
 
+@pytest.mark.parametrize("content", ["{not json", "[" * 100_000 + "]" * 100_000, "[1]"])
+def test_an_unreadable_login_file_is_no_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str
+) -> None:
+    """A damaged credentials file (even JSON nested past the parser's limit) is read as
+    no key, with the message that says how to give one, not a bare RecursionError."""
+    monkeypatch.delenv("PIXCRAWLER_API_KEY", raising=False)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "credentials.json").write_text(content)
+    with pytest.raises(AuthenticationError, match="PIXCRAWLER_API_KEY"):
+        load_dataset(JOB_UNIFORM, base_url="http://127.0.0.1:9")
+
+
 def test_environment_supplies_key_and_url_and_arguments_win(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -399,6 +399,15 @@ def test_a_job_without_an_owner_is_defaults_and_not_taken_over(
     assert "owner" not in read_job(tmp_path, "job_shared")
 
 
+def test_an_unreadable_job_json_is_packed_over(packed: PackedStore, tmp_path: Path) -> None:
+    """A job.json the server could not read either (here nested past the JSON parser's
+    limit) is not a job: packing under its id replaces it."""
+    (tmp_path / "job_deep").mkdir()
+    (tmp_path / "job_deep" / "job.json").write_text("[" * 100_000 + "]" * 100_000)
+    pack(packed.sources[JOB_UNIFORM], tmp_path, job_id="job_deep")
+    assert read_job(tmp_path, "job_deep")["status"] == "completed"
+
+
 def test_extensions_are_case_insensitive(tmp_path: Path) -> None:
     src = tmp_path / "src"
     save_image(make_image("cat", (16, 16)), src / "cat" / "A.JPG")

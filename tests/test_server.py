@@ -552,6 +552,19 @@ def test_job_json_with_malformed_chunks_is_not_there(
     assert [job["id"] for job in listed["items"]] == ["job_ok"]
 
 
+def test_job_json_nested_past_the_parsers_limit_is_not_there(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
+) -> None:
+    write_job(tmp_path, "job_ok", status="pending", progress=0)
+    (tmp_path / "job_deep").mkdir()
+    deep = '{"id": "job_deep", "chunks": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (tmp_path / "job_deep" / "job.json").write_text(deep)
+    base_url = server_factory(tmp_path)
+    assert_error(get(http, base_url + "/api/v1/jobs/job_deep"), 404, "NotFoundError")
+    listed = get(http, base_url + "/api/v1/jobs").json()
+    assert [job["id"] for job in listed["items"]] == ["job_ok"]
+
+
 def test_job_json_without_id_is_served_with_its_folders_id(
     tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
 ) -> None:

@@ -42,7 +42,7 @@ def save_api_key(api_key: str) -> Path:
 def _stored_api_key() -> str | None:
     try:
         data = json.loads(credentials_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
         return None
     key = data.get("api_key") if isinstance(data, dict) else None
     return key if isinstance(key, str) and key else None

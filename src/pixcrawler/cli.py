@@ -114,7 +114,7 @@ _NO_ARGS_IS_HELP: type[click.UsageError] | tuple[()] = getattr(
 def _stored_key() -> str | None:
     try:
         data = json.loads(credentials_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
         return None
     key = data.get("api_key") if isinstance(data, dict) else None
     return key if isinstance(key, str) else None

@@ -45,7 +45,7 @@ class PixCrawlerError(Exception):
         line = text[text.rindex(_FIELDS_NOTE) + len(_FIELDS_NOTE) :].partition("\n")[0]
         try:
             fields: Any = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return
         if isinstance(fields, dict):
             for name in self._FIELDS:

@@ -363,7 +363,7 @@ class _Sidecar:
     def load(self) -> dict[str, Any] | None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
             return None
         state = data.get(self.section) if isinstance(data, dict) else None
         return state if isinstance(state, dict) else None
@@ -371,7 +371,7 @@ class _Sidecar:
     def save(self, state: dict[str, Any]) -> None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             data = {}
         if not isinstance(data, dict):
             data = {}
@@ -925,7 +925,7 @@ class _ImagesWriter(_StagedWriter):
                 fh.seek(0)
                 lines = fh.read().decode("utf-8").splitlines()
             self.used = {json.loads(line)["file"].casefold() for line in lines}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return False
         return True
 
@@ -955,7 +955,7 @@ class _ImagesWriter(_StagedWriter):
         for line in lines:
             try:
                 file = json.loads(line)["file"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 continue
             if isinstance(file, str):
                 files.append(file)

@@ -512,7 +512,7 @@ def _check_not_foreign(job_json: Path, *, job_id: str, owner: str) -> dict[str, 
     without an owner is ``default``'s, as the server reads it); return the job there."""
     try:
         existing = json.loads(job_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
         return None
     if not isinstance(existing, dict):
         return None

@@ -88,7 +88,7 @@ class JobStore:
             return cached.job
         try:
             job = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
             # A job.json being replaced or hand-edited badly is "not there", not a crash.
             return None
         if not _well_formed(job, job_id):
@@ -181,7 +181,7 @@ def load_server_keys(store: Path, environ: Mapping[str, str] | None = None) -> d
     if path.exists():
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"cannot read {path}: {type(exc).__name__}") from None
         if not isinstance(data, dict) or not all(
             isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip()
