@@ -492,3 +492,79 @@ def test_mixed_source_builder_is_reusable(tmp_path: Path) -> None:
     # Other test modules build their own copy of job_mixed's source; it must pack cleanly.
     result = pack(build_mixed_source(tmp_path / "m"), tmp_path / "s", job_id=JOB_MIXED)
     assert (result.total_images, result.skipped) == (MIXED_TOTAL, ())
+
+
+# -- what a reader could not take is refused before anything is written ----------------------
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk passes over a folder it cannot list (no permission, removed meanwhile)
+    unless asked: it is in the skipped list with the reason, never left out in silence."""
+    src = tmp_path / "src"
+    save_image(make_image("cat", (16, 16)), src / "cat" / "a.png")
+    save_image(make_image("dog", (16, 16)), src / "dog" / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path).name == "dog":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = pack(src, tmp_path / "store")
+    assert result.labels == ("cat",)
+    assert result.skipped == (("dog/", "folder cannot be listed: Permission denied"),)
+
+
+def test_a_manifest_longer_than_a_reader_takes_is_refused_before_any_write(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_m", chunk_size=4)
+    before = {p: p.read_bytes() for p in (tmp_path / "job_m").rglob("*") if p.is_file()}
+    monkeypatch.setattr(config, "MANIFEST_BASE_BYTES", 100)
+    monkeypatch.setattr(config, "MANIFEST_BYTES_PER_MEMBER", 100)
+    with pytest.raises(ValueError, match=r"chunk 0's manifest would be [\d,]+ bytes.*smaller"):
+        pack(src, tmp_path, job_id="job_m", chunk_size=4)
+    after = {p: p.read_bytes() for p in (tmp_path / "job_m").rglob("*") if p.is_file()}
+    assert after == before  # the completed job is still there, as it was
+    monkeypatch.undo()
+    for path in chunk_files(tmp_path, "job_m"):  # and what pack writes, a reader takes
+        assert len(ChunkArchive(path.read_bytes(), chunk_id=0)) > 0
+
+
+def test_names_a_job_json_cannot_hold_are_refused_before_any_write(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    save_image(make_image("cat", (16, 16)), src / "cat" / "a.png")
+    bad = os.fsdecode(b"caf\xe9")  # a command-line argument of Latin-1 bytes
+    with pytest.raises(ValueError, match="name 'caf\\\\udce9' is not valid UTF-8"):
+        pack(src, tmp_path / "store", name=bad)
+    with pytest.raises(ValueError, match="owner 'caf\\\\udce9' is not valid UTF-8"):
+        pack(src, tmp_path / "store", owner=bad)
+    with pytest.raises(ValueError, match="without surrounding spaces"):
+        pack(src, tmp_path / "store", owner="bob ")  # the server reads keys' owners stripped
+    with pytest.raises(ValueError, match="labels must be a list"):
+        write_job(tmp_path / "store", "job_w", status="running", progress=1, labels="cat")
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_source_folder_named_in_other_bytes_than_utf8_is_packed(tmp_path: Path) -> None:
+    src = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9")))
+    save_image(make_image("cat", (16, 16)), src / "cat" / "a.png")
+    result = pack(src, tmp_path / "store")
+    assert read_job(tmp_path / "store", result.job_id)["name"] == "caf\ufffd"
+
+
+def test_a_stray_file_named_with_other_digits_is_left_in_the_chunks_folder(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_d", chunk_size=4)
+    for name in ("².zip", "\u0667.zip"):  # "²".isdigit() is true; int() refuses it
+        (tmp_path / "job_d" / "chunks" / name).write_bytes(b"x")
+    pack(src, tmp_path, job_id="job_d", chunk_size=4)
+    assert read_job(tmp_path, "job_d")["status"] == "completed"
+    assert (tmp_path / "job_d" / "chunks" / "².zip").exists()
+    assert (tmp_path / "job_d" / "chunks" / "\u0667.zip").exists()

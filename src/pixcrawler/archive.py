@@ -41,6 +41,15 @@ Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
 
 
+def manifest_limit(members: int) -> int:
+    """The most bytes a reader takes for the manifest of a chunk of ``members`` members
+    (the manifest one of them), read from ``config`` when called."""
+    return min(
+        config.MAX_MANIFEST_BYTES,
+        config.MANIFEST_BASE_BYTES + config.MANIFEST_BYTES_PER_MEMBER * members,
+    )
+
+
 class Member(NamedTuple):
     """Where one member's bytes lie in the chunk buffer.
 
@@ -186,10 +195,7 @@ class ChunkArchive:
             raise self._error(f"no {MANIFEST}")
         # Bounded by the members it can name: a small deflated manifest can hold millions
         # of tiny JSON values, each a Python object once parsed (~700x its bytes).
-        limit = min(
-            config.MAX_MANIFEST_BYTES,
-            config.MANIFEST_BASE_BYTES + config.MANIFEST_BYTES_PER_MEMBER * len(self.members),
-        )
+        limit = manifest_limit(len(self.members))
         if member.file_size > limit:
             raise self._error(
                 f"{MANIFEST} is {member.file_size} bytes, over the limit of {limit} for "

@@ -30,7 +30,7 @@ from typing import Any
 from PIL import Image
 
 from . import config
-from .archive import _safe_name
+from .archive import _safe_name, manifest_limit
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
 from .models import JOB_STATUSES
 
@@ -132,6 +132,8 @@ def pack(
             "manifest included"
         )
     _check_owner(owner)
+    if name is not None:
+        _check_name(name)
     if job_id is not None:
         _check_job_id(job_id)
 
@@ -144,6 +146,8 @@ def pack(
     groups = [images[i : i + chunk_size] for i in range(0, len(images), chunk_size)]
     if job_id is None:
         job_id = _default_job_id(images, owner=owner, chunk_size=chunk_size)
+    for index, group in enumerate(groups):  # before anything is written
+        _check_manifest_size(_manifest(job_id, index, group), index, len(group))
 
     job_dir = store / job_id
     existing = _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
@@ -174,7 +178,7 @@ def pack(
     total_bytes = sum(entry["size_bytes"] for entry in chunk_entries)
     job = {
         "id": job_id,
-        "name": name if name is not None else src.resolve().name,
+        "name": name if name is not None else _folder_name(src),
         "status": "completed",
         "progress": 100,
         "created_at": started,
@@ -221,6 +225,10 @@ def write_job(
     """
     _check_job_id(job_id)
     _check_owner(owner)
+    if name is not None:
+        _check_name(name)
+    if isinstance(labels, str):  # "cat" would be the labels a, c and t
+        raise ValueError(f"labels must be a list of label names, got the string {labels!r}")
     if status not in _NOT_COMPLETED_STATUSES:
         raise ValueError(
             f"status must be one of {', '.join(_NOT_COMPLETED_STATUSES)}, got {status!r} "
@@ -262,8 +270,14 @@ def _scan(src: Path) -> tuple[list[_Image], list[tuple[str, str]]]:
     """Walk ``src``; return the valid images sorted by (label, path) and the skipped files."""
     images: list[_Image] = []
     skipped: list[tuple[str, str]] = []
+
+    def unlisted(exc: OSError) -> None:  # a folder os.walk could not list, never in silence
+        where = Path(exc.filename if exc.filename is not None else src)
+        rel = where.relative_to(src).as_posix() if where != src else "."
+        skipped.append((rel + "/", f"folder cannot be listed: {exc.strerror or exc}"))
+
     # followlinks=False: a symlinked folder could loop or pull in files from anywhere.
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(src, onerror=unlisted, followlinks=False):
         folder = Path(dirpath)
         rel_folder = folder.relative_to(src).as_posix()
         hidden = sorted(d for d in dirnames if d.startswith("."))
@@ -400,8 +414,8 @@ def _default_job_id(images: Sequence[_Image], *, owner: str, chunk_size: int) ->
 # -- writing -----------------------------------------------------------------------------
 
 
-def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) -> tuple[int, str]:
-    """Write one chunk archive atomically; return its size and sha256."""
+def _manifest(job_id: str, index: int, images: Sequence[_Image]) -> bytes:
+    """The manifest of one chunk, as written into it."""
     manifest = {
         "job_id": job_id,
         "chunk_index": index,
@@ -422,7 +436,23 @@ def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) 
             for image in images
         ],
     }
-    manifest_bytes = json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return json.dumps(manifest, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def _check_manifest_size(manifest: bytes, index: int, images: int) -> None:
+    """A manifest longer than a reader takes would make a chunk nobody can read."""
+    limit = manifest_limit(images + 1)
+    if len(manifest) > limit:
+        raise ValueError(
+            f"chunk {index}'s manifest would be {len(manifest):,} bytes, over the {limit:,} "
+            f"a reader takes for {images:,} images (long paths?): pack with a smaller "
+            "chunk size"
+        )
+
+
+def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) -> tuple[int, str]:
+    """Write one chunk archive atomically; return its size and sha256."""
+    manifest_bytes = _manifest(job_id, index, images)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -473,7 +503,8 @@ def _remove_stale_chunks(chunks_dir: Path, *, keep: int) -> None:
     temp files of a packing that was killed (its own are renamed or removed by now)."""
     for entry in chunks_dir.iterdir():
         stem = entry.name.removesuffix(".zip")
-        if entry.name.endswith(".zip") and stem.isdigit() and int(stem) >= keep:
+        # (isascii: "²".isdigit() is true, and int() refuses it)
+        if entry.name.endswith(".zip") and stem.isascii() and stem.isdigit() and int(stem) >= keep:
             entry.unlink()
         elif _CHUNK_TEMP_RE.fullmatch(entry.name):
             entry.unlink(missing_ok=True)
@@ -503,8 +534,31 @@ def _check_job_id(job_id: object) -> None:
 
 
 def _check_owner(owner: object) -> None:
-    if not isinstance(owner, str) or not owner.strip():
-        raise ValueError(f"owner must be a non-empty string, got {owner!r}")
+    # The server reads owners from its keys with surrounding spaces dropped: "bob " would
+    # name an owner no key can ever be.
+    if not isinstance(owner, str) or not owner.strip() or owner != owner.strip():
+        raise ValueError(
+            f"owner must be a non-empty string without surrounding spaces, got {owner!r}"
+        )
+    _check_name(owner, what="owner")
+
+
+def _check_name(name: object, *, what: str = "name") -> None:
+    """A name job.json can hold: text, in UTF-8 (a command-line argument of other bytes
+    arrives with lone surrogates, which no JSON writer encodes)."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be a string, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {name!r} is not valid UTF-8") from None
+
+
+def _folder_name(src: Path) -> str:
+    """The source folder's name, as a job's default name; bytes that are not UTF-8 (kept
+    by Python as lone surrogates) become U+FFFD."""
+    name = src.resolve().name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _check_not_foreign(job_json: Path, *, job_id: str, owner: str) -> dict[str, Any] | None:
