@@ -493,6 +493,7 @@ def test_unknown_route_is_404_error_json(
     assert_error(response, 404, "NotFoundError")
     post = http.request("POST", f"{live_server.base_url}/api/v1/jobs", headers=AUTH)
     assert_error(post, 405, "MethodNotAllowedError")
+    assert post.headers["Allow"] == "GET, HEAD"  # every route answers HEAD too
 
 
 # -- options and store changes -----------------------------------------------------------
@@ -552,15 +553,27 @@ def test_job_json_with_malformed_chunks_is_not_there(
     assert [job["id"] for job in listed["items"]] == ["job_ok"]
 
 
-def test_job_json_nested_past_the_parsers_limit_is_not_there(
-    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": "job_bad", "chunks": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"id": "job_bad", "status": "running", "progress": NaN}',
+        '{"id": "job_bad", "status": "running", "progress": Infinity}',
+        '{"id": "job_bad", "status": "running", "progress": 1e999}',
+        '{"id": "job_bad", "status": "running", "name": "\\ud800"}',
+    ],
+    ids=["nested past the parser's limit", "NaN", "Infinity", "1e999", "lone surrogate"],
+)
+def test_job_json_a_json_answer_cannot_carry_is_not_there(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, text: str
 ) -> None:
+    """Python's json reads these; a JSON answer cannot carry them (a 500 for the job, and
+    for its owner's whole list). They are not there, as a job.json that does not parse."""
     write_job(tmp_path, "job_ok", status="pending", progress=0)
-    (tmp_path / "job_deep").mkdir()
-    deep = '{"id": "job_deep", "chunks": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    (tmp_path / "job_deep" / "job.json").write_text(deep)
+    (tmp_path / "job_bad").mkdir()
+    (tmp_path / "job_bad" / "job.json").write_text(text)
     base_url = server_factory(tmp_path)
-    assert_error(get(http, base_url + "/api/v1/jobs/job_deep"), 404, "NotFoundError")
+    assert_error(get(http, base_url + "/api/v1/jobs/job_bad"), 404, "NotFoundError")
     listed = get(http, base_url + "/api/v1/jobs").json()
     assert [job["id"] for job in listed["items"]] == ["job_ok"]
 

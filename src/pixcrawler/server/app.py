@@ -442,7 +442,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"no endpoint at {request.url.path!r}"
         else:
             message = str(exc.detail)
-        return _error_response(exc.status_code, message, exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # every route answers HEAD too (get_and_head)
+            headers = {**(headers or {}), "Allow": "GET, HEAD"}
+        return _error_response(exc.status_code, message, headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, RequestValidationError):  # pragma: no cover - registration

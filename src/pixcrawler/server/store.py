@@ -129,9 +129,14 @@ def _created(job: dict[str, Any]) -> datetime | None:
 
 
 def _well_formed(job: Any, job_id: str) -> bool:
-    """Whether a parsed job.json can be served: an object of this id whose chunks, if
-    any, are objects with an integer ``index`` >= 0 (what the endpoints rely on)."""
+    """Whether a parsed job.json can be served: an object of this id, that a JSON answer
+    can carry, whose chunks, if any, are objects with an integer ``index`` >= 0 (what the
+    endpoints rely on)."""
     if not isinstance(job, dict) or job.get("id", job_id) != job_id:
+        return False
+    try:  # what a JSON response must encode: no NaN or Infinity, no lone surrogate
+        json.dumps(job, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, RecursionError):  # (UnicodeEncodeError is a ValueError)
         return False
     chunks = job.get("chunks")
     if chunks is None:
