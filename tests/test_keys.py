@@ -353,8 +353,9 @@ def test_verify_ssl_false_warns_once_and_says_what_it_risks() -> None:
 
 
 @pytest.fixture
-def self_signed_api(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
-    """An HTTPS server with a self-signed certificate; yields its URL and the paths it got."""
+def self_signed_api(tmp_path: Path) -> Iterator[tuple[str, list[str], list[int]]]:
+    """An HTTPS server with a self-signed certificate; yields its URL, the paths it got and
+    one entry per connection it accepted."""
     pytest.importorskip("cryptography")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -397,23 +398,30 @@ def self_signed_api(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
             self.end_headers()
             self.wfile.write(body)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    connections: list[int] = []
+
+    class Server(http.server.ThreadingHTTPServer):
+        def get_request(self) -> tuple[Any, Any]:
+            connections.append(1)  # (the handshake runs in accept, and may fail there)
+            return super().get_request()
+
+    server = Server(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     server.socket = context.wrap_socket(server.socket, server_side=True)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}", seen
+    yield f"https://127.0.0.1:{server.server_address[1]}", seen, connections
     server.shutdown()
     server.server_close()
     thread.join(5)
 
 
 def test_an_unverifiable_certificate_is_refused_before_the_key_is_sent(
-    self_signed_api: tuple[str, list[str]],
+    self_signed_api: tuple[str, list[str], list[int]],
 ) -> None:
-    url, seen = self_signed_api
+    url, seen, _ = self_signed_api
     with pytest.raises(NetworkError, match="SSL") as info:
         load_dataset("job_tls", KEY, url, retries=0)
     assert seen == []  # the handshake failed: no request, so no key, ever reached it
@@ -523,3 +531,24 @@ def test_the_cli_never_prints_or_writes_the_key(cli_ok: None, api: str, tmp_path
     assert any((tmp_path / "out" / JOB_UNIFORM).rglob("*.zip"))
     credentials = next((tmp_path / "config").rglob("credentials.json"))
     assert credentials.stat().st_mode & 0o077 == 0
+
+
+def test_a_certificate_that_does_not_verify_is_not_retried(
+    self_signed_api: tuple[str, list[str], list[int]],
+) -> None:
+    """Asking again gets the same certificate: the API call and a chunk's download fail
+    at the first refusal, saying why, instead of after every retry's backoff."""
+    url, seen, connections = self_signed_api
+    with pytest.raises(NetworkError, match="certificate did not verify") as info:
+        load_dataset("job_tls", KEY, url, retries=3, backoff=30)
+    assert len(connections) == 1 and seen == []
+    assert_no_key(exception_texts(info.value), "the TLS error")
+    client = ApiClient(KEY, "http://127.0.0.1:9", retry=RetryPolicy(retries=3, backoff_base=30))
+    downloader = ChunkDownloader(client, [Chunk(0, url + "/chunk.zip", 10, None)], prefetch=1)
+    try:
+        with pytest.raises(DownloadError, match="certificate did not verify") as failed:
+            downloader.fetch(0)
+    finally:
+        downloader.close()
+    assert failed.value.chunk_id == 0
+    assert len(connections) == 2 and seen == []

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
+from urllib3.util.ssl_match_hostname import CertificateError as _HostnameMismatch
 
 from . import config
 from .exceptions import (
@@ -283,6 +285,8 @@ class ApiClient:
             try:
                 response = attempt()
             except Urllib3Error as exc:
+                if certificate_refused(exc):
+                    raise NetworkError(f"{what} failed: {refused_certificate(exc)}") from exc
                 failures += 1
                 if failures > self.retry.retries:
                     raise NetworkError(
@@ -377,6 +381,32 @@ def _safe_url(url: str) -> str:
     any user:password before its host."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def certificate_refused(exc: BaseException) -> bool:
+    """Whether a request failed on the host's TLS certificate (self-signed, expired, for
+    another name): asking again gets the same answer, so it is not retried."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, (ssl.SSLCertVerificationError, _HostnameMismatch)):
+            return True
+        # urllib3 keeps the cause in .reason (MaxRetryError) or args[0] (SSLError).
+        pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
+        pending += error.args
+    return False
+
+
+def refused_certificate(exc: BaseException) -> str:
+    """Words for :func:`certificate_refused`'s failures."""
+    return (
+        f"{exc.__class__.__name__}: {_safe_exc(exc)} (the TLS certificate did not verify, "
+        "so it was not retried; verify_ssl=False skips the check)"
+    )
 
 
 def _safe_exc(exc: BaseException) -> str:

@@ -51,7 +51,15 @@ from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import config
-from .client import ApiClient, error_body, error_message, map_status, shutdown_connection
+from .client import (
+    ApiClient,
+    certificate_refused,
+    error_body,
+    error_message,
+    map_status,
+    refused_certificate,
+    shutdown_connection,
+)
 from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .retry import parse_retry_after, status_cause
@@ -832,6 +840,10 @@ class ChunkDownloader:
             except Urllib3Error as exc:
                 if cancel.is_set() or self._closed.is_set():
                     raise _Cancelled() from exc
+                if certificate_refused(exc):
+                    raise DownloadError(
+                        f"Chunk {index} failed: {refused_certificate(exc)}", chunk_id=index
+                    ) from exc
                 failures += 1
                 if failures > policy.retries:
                     raise DownloadError(
