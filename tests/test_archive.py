@@ -410,8 +410,10 @@ def test_bytes_that_are_not_a_chunk_are_refused(data: bytes) -> None:
     assert "not a valid zip archive" in str(error) or "no manifest.json" in str(error)
 
 
-def as_zip64(data: bytes) -> bytes:
-    """The same archive with a ZIP64 end record (as a writer of > 65,535 members makes)."""
+def as_zip64(data: bytes, *, saturate: bool = True) -> bytes:
+    """The same archive with a ZIP64 end record (as a writer of > 65,535 members makes);
+    ``saturate=False`` leaves the classic record's counts as they were (APPNOTE 4.4.1.4
+    only says they SHOULD read 0xFFFF)."""
     eocd = data.rfind(b"PK\x05\x06")
     _, _, _, _, count, cd_size, cd_offset, comment = struct.unpack_from("<4s4H2LH", data, eocd)
     record = struct.pack(
@@ -421,6 +423,8 @@ def as_zip64(data: bytes) -> bytes:
     end = struct.pack(
         "<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, comment
     )
+    if not saturate:
+        end = data[eocd : eocd + 22]
     return data[:eocd] + record + locator + end + data[eocd + 22 :]
 
 
@@ -438,6 +442,23 @@ def test_a_zip64_end_record_and_a_comment_are_read() -> None:
         zf.comment = b"x" * 1000  # the end record is no longer the last 22 bytes
     assert members_of(out.getvalue()) == expected
     assert members_of(as_zip64(out.getvalue())) == expected
+    assert members_of(as_zip64(data, saturate=False)) == expected  # as zipfile reads it
+
+
+def test_exactly_65535_members_without_a_zip64_record_are_read() -> None:
+    """zipfile writes 65,535 members (pack's chunk of 65,534 images) with the count field
+    at 0xFFFF and no ZIP64 record: the count is the count."""
+    paths = [f"cat/{i}.png" for i in range(65_534)]
+    manifest = {"images": [{"path": path, "label": "cat"} for path in paths]}
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+        for path in paths:
+            zf.writestr(path, b"x")
+    data = out.getvalue()
+    assert b"PK\x06\x06" not in data  # no ZIP64 record, and the count field saturated
+    assert struct.unpack_from("<H", data, data.rfind(b"PK\x05\x06") + 10) == (0xFFFF,)
+    assert len(ChunkArchive(data)) == 65_534
 
 
 def test_zip64_member_sizes_are_read_from_the_extra_field() -> None:

@@ -338,12 +338,13 @@ def _central_directory(view: memoryview, max_members: int) -> list[_Entry]:
     eocd_at = tail_start + at
     _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
     directory_end = eocd_at
-    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-        locator_at = eocd_at - _EOCD64_LOCATOR.size
-        if locator_at < 0:
-            raise _BadZip("ZIP64 end of central directory locator missing")
-        magic, _, record_at, _ = _EOCD64_LOCATOR.unpack_from(view, locator_at)
-        if magic != _EOCD64_LOCATOR_MAGIC or record_at + _EOCD64.size > locator_at:
+    # As zipfile reads it: a ZIP64 locator right before the end record decides, whatever
+    # the classic fields say (writers need not saturate them); without one they are the
+    # counts (zipfile writes exactly 65,535 members as 0xFFFF and no ZIP64 record).
+    locator_at = eocd_at - _EOCD64_LOCATOR.size
+    if locator_at >= 0 and view[locator_at : locator_at + 4] == _EOCD64_LOCATOR_MAGIC:
+        _, _, record_at, _ = _EOCD64_LOCATOR.unpack_from(view, locator_at)
+        if record_at + _EOCD64.size > locator_at:
             raise _BadZip("ZIP64 end of central directory locator is corrupt")
         fields = _EOCD64.unpack_from(view, record_at)
         if fields[0] != _EOCD64_MAGIC:
