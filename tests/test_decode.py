@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
@@ -50,9 +51,13 @@ def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
 
 
 def reference(data: bytes, mode: str) -> np.ndarray:
-    """What Pillow shows: first frame, EXIF orientation applied, converted to ``mode``."""
+    """What Pillow shows: first frame, EXIF orientation applied, converted to ``mode``
+    (16-bit gray by its high byte, as Pillow converts 16-bit RGB; its convert() clips)."""
     with Image.open(io.BytesIO(data)) as image:
-        shown = ImageOps.exif_transpose(image).convert(mode)
+        shown = ImageOps.exif_transpose(image)
+        if shown.mode.startswith("I;16"):
+            shown = Image.fromarray((np.asarray(shown) >> 8).astype(np.uint8), "L")
+        shown = shown.convert(mode)
         array = np.asarray(shown)
     return array.reshape(array.shape[0], array.shape[1], -1)
 
@@ -597,7 +602,7 @@ def test_simplejpeg_path_prescales_in_the_dct_domain_and_gives_the_exact_shape(
     assert decoder.backend == "simplejpeg"
     decoded = decoder.decode(large_jpeg)
     assert decoded.shape == (120, 170, 3)
-    assert calls and calls[0]["min_height"] == 120 and calls[0]["min_width"] == 170
+    assert calls and calls[0]["min_height"] == 150 and calls[0]["min_width"] == 200  # 1/8
     expected = pillow_full_resize(large_jpeg, (120, 170))
     diff = np.abs(decoded.astype(int) - expected.astype(int))
     assert diff.mean() < 3 and np.percentile(diff, 99) < 24
@@ -622,6 +627,30 @@ def test_resizing_a_png_matches_pillow_exactly() -> None:
 
 
 # -- simplejpeg against Pillow --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize(
+    ("size", "target"),
+    [
+        ((400, 300), (224, 224)),  # a little larger: libjpeg alone would scale by 6/8
+        ((400, 300), (256, 256)),
+        ((1000, 700), (224, 224)),  # 1/2 on both
+        ((1000, 700), (60, 80)),  # 1/8
+        ((48, 32), (20, 30)),
+        ((5, 3), (1, 1)),
+    ],
+)
+def test_simplejpeg_and_pillow_resize_alike(
+    size: tuple[int, int], target: tuple[int, int], mode: str
+) -> None:
+    """Both scale in the DCT domain by the same power of two (Pillow's draft), so a resized
+    JPEG is the same whether the fast extra is installed or not."""
+    data = encode(photo(size, index=3), "JPEG", quality=90)
+    fast = ImageDecoder(mode, image_size=target)
+    slow = ImageDecoder(mode, image_size=target, backend="pillow")
+    assert (fast.backend, slow.backend) == ("simplejpeg", "pillow")
+    assert max_diff(fast.decode(data), slow.decode(data)) <= 2
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -694,15 +723,73 @@ def test_max_pixels_is_the_configurable_limit(source: str, backend: str) -> None
 
 
 def test_between_pillows_warning_and_its_error_max_pixels_decides() -> None:
-    # 100 M pixels: past Pillow's DecompressionBombWarning, short of its error. The warning
-    # must neither escape as an exception nor replace the decoder's own limit.
+    # 100 M pixels: past Pillow's DecompressionBombWarning (shown, as to any Pillow user),
+    # short of its error. The decoder's own limit decides.
     bomb = png_claiming(10_000, 10_000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(DecompressionError, match="limit of 50,000,000"):
-            ImageDecoder(max_pixels=50_000_000).decode(bomb)
-        with pytest.raises(DecompressionError, match=r"truncated|broken|decode"):
-            ImageDecoder().decode(bomb)  # allowed by the default limit; its data is missing
+    bombs = Image.DecompressionBombWarning
+    with pytest.warns(bombs), pytest.raises(DecompressionError, match="limit of 50,000,000"):
+        ImageDecoder(max_pixels=50_000_000).decode(bomb)
+    with pytest.warns(bombs), pytest.raises(DecompressionError, match=r"truncated|broken"):
+        ImageDecoder().decode(bomb)  # allowed by the default limit; its data is missing
+
+
+@pytest.mark.parametrize("source", ["png-rgb", "gif", "tiff", "webp-lossy", "jpeg-cmyk"])
+def test_a_limit_raised_past_pillows_own_lets_pillow_open_the_image(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow refuses past twice its Image.MAX_IMAGE_PIXELS: a decoder allowed more raises
+    it to match (never lowers it), so raising config.MAX_IMAGE_PIXELS works for every
+    format, not only for the JPEGs simplejpeg reads."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses past 1,000
+    data = SOURCES[source]()  # 1,872 pixels
+    assert ImageDecoder(max_pixels=5_000).decode(data).shape[:2] == (36, 52)
+    assert Image.MAX_IMAGE_PIXELS == 2_500
+    ImageDecoder(max_pixels=100)
+    assert Image.MAX_IMAGE_PIXELS == 2_500
+
+
+def test_decoding_never_swaps_the_processs_warning_filters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """warnings.catch_warnings() saves and restores the filters of the whole process: two
+    decode threads doing so at once lose the caller's filters or leak their own."""
+    callers: list[str] = []
+    real = warnings.catch_warnings
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        callers.append(sys._getframe(1).f_globals.get("__name__", ""))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(warnings, "catch_warnings", spy)
+    for source in SOURCES:
+        for backend in ("auto", "pillow"):
+            ImageDecoder(backend=backend).decode(SOURCES[source]())
+    monkeypatch.undo()
+    assert not [name for name in callers if name.startswith("pixcrawler")]
+
+
+def test_16_bit_gray_keeps_its_high_byte() -> None:
+    """convert() clips 16-bit gray at 255 (an almost white image); 16-bit RGB keeps the
+    high byte, and so does 16-bit gray here."""
+    ramp = np.repeat((np.arange(8, dtype=np.uint16) * 9362)[np.newaxis, :], 4, axis=0)
+    expected = (ramp >> 8).astype(np.uint8)
+    for fmt in ("PNG", "TIFF"):
+        data = encode(Image.fromarray(ramp), fmt)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.mode.startswith("I;16")
+        for mode in MODES:
+            decoded = ImageDecoder(mode).decode(data)
+            reference_image = Image.fromarray(expected, "L").convert(mode)
+            wanted = np.asarray(reference_image).reshape(4, 8, CHANNELS[mode])
+            assert max_diff(decoded, wanted) == 0, (fmt, mode)
+        resized = ImageDecoder("L", image_size=(2, 4)).decode(data)
+        assert (
+            max_diff(
+                resized[:, :, 0],
+                np.asarray(Image.fromarray(expected).resize((4, 2), Image.Resampling.BILINEAR)),
+            )
+            == 0
+        )
 
 
 # -- corrupt, truncated and foreign bytes ---------------------------------------------------

@@ -4,7 +4,8 @@ Pillow is the reference and the fallback. When the ``fast`` extra (simplejpeg, a
 libjpeg-turbo binding) is installed, plain JPEGs take it: about twice Pillow's speed, and,
 like Pillow, it releases the GIL, so a thread pool scales with cores. simplejpeg does not
 apply EXIF orientation or read CMYK, so those images go to Pillow. With ``image_size`` a
-JPEG is first scaled in the DCT domain to at least the target, then resized exactly.
+JPEG is first scaled in the DCT domain to at least the target (by the power of two
+Pillow's ``draft`` picks, whichever decoder runs), then resized exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import operator
 import struct
 import sys
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -150,6 +150,7 @@ class ImageDecoder:
         # Read per decoder, so `pixcrawler.config.MAX_IMAGE_PIXELS = ...` reaches the ones
         # a Dataset makes.
         self.max_pixels = config.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+        _allow_in_pillow(self.max_pixels)
         self._simplejpeg = _load_simplejpeg() if backend == "auto" else None
         self._space = _SIMPLEJPEG_SPACES.get(mode)
         self.buffers = buffers
@@ -212,7 +213,8 @@ class ImageDecoder:
             array: np.ndarray = sj.decode_jpeg(data, colorspace=self._space, buffer=out)
             return array
         th, tw = self.image_size
-        array = sj.decode_jpeg(data, colorspace=self._space, min_height=th, min_width=tw)
+        mh, mw = _drafted(height, width, self.image_size)
+        array = sj.decode_jpeg(data, colorspace=self._space, min_height=mh, min_width=mw)
         if array.shape[:2] == (th, tw):
             return array
         return self._resize_array(array)
@@ -222,8 +224,9 @@ class ImageDecoder:
         if self.image_size is None:
             rgb = sj.decode_jpeg(data, colorspace="RGB")
         else:
-            th, tw = self.image_size
-            rgb = sj.decode_jpeg(data, colorspace="RGB", min_height=th, min_width=tw)
+            height, width, _, _ = sj.decode_jpeg_header(data)
+            mh, mw = _drafted(height, width, self.image_size)
+            rgb = sj.decode_jpeg(data, colorspace="RGB", min_height=mh, min_width=mw)
         gray = np.array(Image.fromarray(rgb).convert("L"))[:, :, np.newaxis]
         if self.image_size is None or gray.shape[:2] == self.image_size:
             return gray
@@ -236,11 +239,11 @@ class ImageDecoder:
         return resized.reshape(th, tw, self.channels)
 
     def _decode_pillow(self, data: bytes | bytearray | memoryview) -> np.ndarray:
-        with warnings.catch_warnings():
-            # max_pixels is the limit (checked below), not Pillow's warning at half its
-            # own; Pillow's DecompressionBombError still refuses anything past that.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
+        # (Pillow warns of an image past Image.MAX_IMAGE_PIXELS, 89 million pixels by
+        # default, and refuses one past twice that: max_pixels decides, checked below. No
+        # warnings.catch_warnings() to silence it: that swaps the process's filters in
+        # and out, which decode threads would do at once, losing the caller's filters.)
+        image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
         width, height = image.size
         self._check_pixels(width, height)
         if self.image_size is not None and isinstance(image, JpegImageFile):
@@ -251,9 +254,16 @@ class ImageDecoder:
         # Load first: a PNG's getexif() loads the image itself, _pillow_orientation
         # swallows errors, and a second load() is a no-op, so a corrupt image would pass.
         image.load()
+        sixteen_bit_gray = image.mode.startswith("I;16") or (
+            image.mode == "I" and image.format == "PNG"  # (as older Pillows read them)
+        )
         orientation = _pillow_orientation(image)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
+        if sixteen_bit_gray:
+            # convert() would clip every value above 255 to white. Keep the high byte, as
+            # Pillow does for 16-bit RGB.
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
         if image.mode != self.mode:
             image = image.convert(self.mode)
         if self.image_size is not None and image.size != self.image_size[::-1]:
@@ -261,6 +271,25 @@ class ImageDecoder:
             image = image.resize((tw, th), Image.Resampling.BILINEAR)
         array = np.array(image)
         return array.reshape(array.shape[0], array.shape[1], self.channels)
+
+
+def _drafted(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The size Pillow's ``JpegImageFile.draft`` scales a JPEG to for ``target``: by the
+    largest of 1/8, 1/4, 1/2 that keeps it at least the target (libjpeg would also scale
+    by 7/8, 3/4 ...; a photo a little larger than its target would then come out of
+    simplejpeg other than out of Pillow)."""
+    th, tw = target
+    fits = min(width // tw, height // th)
+    scale = next((s for s in (8, 4, 2) if fits >= s), 1)
+    return -(-height // scale), -(-width // scale)
+
+
+def _allow_in_pillow(max_pixels: int) -> None:
+    """Let Pillow open what ``max_pixels`` allows: it refuses past twice its own
+    ``Image.MAX_IMAGE_PIXELS``, which this raises (never lowers) to match."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and 2 * limit < max_pixels:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
 
 
 def validate_image_size(image_size: Any) -> tuple[int, int]:
