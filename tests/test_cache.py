@@ -171,6 +171,88 @@ def test_chunk_without_sha256_is_keyed_by_index_size_and_origin(
     assert memory_only.path(1) is None  # nothing could tell a stale file from a current one
 
 
+def test_a_damaged_cached_chunk_without_sha256_is_downloaded_again(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """Only its size names and checks it: a file torn in place (same size) that no longer
+    opens is deleted and the chunk downloaded again, not served to every later run."""
+    bare = [replace(c, sha256=None) for c in remote.chunks]
+    ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).get(1)
+    later = ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path)
+    path = later.path(1)
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[-30:] = bytes(30)  # the zip's end record, zeroed
+    path.write_bytes(data)
+    archive = later.archive(1)  # refused, rechecked: deleted and downloaded again
+    assert len(archive.samples) == bare[1].image_count
+    assert remote.calls == {1: 2} and path.read_bytes() == remote.bytes_of(1)
+    assert ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).archive(1)
+    assert remote.calls == {1: 2}  # the next run reads the good file
+
+
+def _hold_lock(path: Path) -> int:
+    """Another process's hold on a chunk's cache lock (flock is per open file: another
+    descriptor of this process conflicts with it as another process's would)."""
+    import fcntl
+
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_lock_held_by_a_stopped_process_is_waited_for_a_bounded_time(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setattr(cache_module.config, "CACHE_LOCK_WAIT_SECONDS", 0.5)
+    chunks = remote.store(tmp_path)
+    path = chunks.path(0)
+    assert path is not None
+    path.parent.mkdir(parents=True)
+    fd = _hold_lock(path)  # and never let go: a process stopped with Ctrl-Z
+    try:
+        started = time.monotonic()
+        assert bytes(chunks.get(0)) == remote.bytes_of(0)
+        assert 0.5 <= time.monotonic() - started < 5
+    finally:
+        os.close(fd)
+    assert "held its cache lock" in caplog.text and path.read_bytes() == remote.bytes_of(0)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_closing_the_store_ends_a_wait_for_another_processs_lock(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """A thread left in flock() kept the process from exiting after Ctrl-C (the
+    interpreter joins pool threads at exit)."""
+    chunks = remote.store(tmp_path)
+    path = chunks.path(0)
+    assert path is not None
+    path.parent.mkdir(parents=True)
+    fd = _hold_lock(path)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            chunks.get(0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        waiter = threading.Thread(target=load)
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # waiting for the lock
+        chunks.close()
+        waiter.join(2)
+        assert not waiter.is_alive()
+    finally:
+        os.close(fd)
+    assert len(errors) == 1 and isinstance(errors[0], PixCrawlerError)
+    assert "closed" in str(errors[0]) and remote.calls == {}
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_corrupt_cached_file_is_detected_deleted_and_downloaded_again(
     remote: Remote, tmp_path: Path, damage: str
@@ -514,7 +596,7 @@ def test_a_folder_without_file_locks_still_caches(
     """Some network mounts refuse flock (ENOLCK): the cache works on without the lock."""
     import errno
 
-    def refuse(fd: int) -> None:
+    def refuse(fd: int, *, wait: bool = True) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(cache_module, "_lock_fd", refuse)
@@ -528,7 +610,7 @@ def _take_lock(path: str, after: float = 0.0) -> None:
     """In a forked child: the chunk's lock, as a DataLoader worker's ChunkStore takes it
     (``after`` seconds from now)."""
     time.sleep(after)
-    with cache_module._exclusive(Path(path)):
+    with cache_module._exclusive(Path(path), threading.Event()):
         pass
 
 
@@ -543,7 +625,7 @@ def test_a_worker_forked_while_the_parent_holds_a_chunk_lock_gets_it_once_releas
     holding, release = threading.Event(), threading.Event()
 
     def parent_fetch() -> None:
-        with cache_module._exclusive(chunk):
+        with cache_module._exclusive(chunk, threading.Event()):
             holding.set()
             release.wait(10)
 
@@ -695,3 +777,35 @@ def test_something_not_a_file_where_a_chunk_belongs_is_passed_over(
         path.mkdir()
     assert bytes(unsized.get(0)) == remote.bytes_of(0)
     assert remote.calls == {0: 1}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
+@pytest.mark.parametrize("foreign", ["fifo", "endless"])
+def test_something_not_a_stamp_where_a_stamp_belongs_is_passed_over(
+    remote: Remote, tmp_path: Path, foreign: str
+) -> None:
+    """A FIFO at ``<chunk>.verified`` blocked the open for ever; a link to /dev/zero read
+    without end. Either is no stamp: the file is hashed instead."""
+    remote.store(tmp_path).get(0)
+    chunks = remote.store(tmp_path)
+    path = chunks.path(0)
+    assert path is not None
+    stamp = path.with_name(path.name + cache_module.STAMP_SUFFIX)
+    stamp.unlink()
+    if foreign == "fifo":
+        os.mkfifo(stamp)
+    else:
+        stamp.symlink_to("/dev/zero")
+    assert bytes(chunks.get(0)) == remote.bytes_of(0)
+    assert remote.calls == {0: 1} and chunks.stats.disk_hits == 1
+
+
+def test_a_cache_dir_that_is_no_folder_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not pathlib's TypeError, or RuntimeError for "~user" of a user who does not exist."""
+    with pytest.raises(ValueError, match="cache_dir is not a folder"):
+        resolve_cache_root(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cache_dir is not a folder"):
+        resolve_cache_root("~no-such-user-here/cache")
+    monkeypatch.setenv(ENV_CACHE_DIR, "~no-such-user-here/cache")
+    with pytest.raises(ValueError, match=r"\$PIXCRAWLER_CACHE_DIR is not a folder"):
+        resolve_cache_root(None)

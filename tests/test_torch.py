@@ -453,6 +453,52 @@ def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveSe
     assert torch_dataset._local is None  # its cached chunks are let go
 
 
+def test_a_bad_cache_dir_is_refused_by_to_torch(live_server: LiveServer) -> None:
+    """At the call, as a ValueError, not as pathlib's error at the first item."""
+    with open_uniform(live_server) as dataset:
+        for bad in (123, "~no-such-user-here/cache"):
+            with pytest.raises(ValueError, match="cache_dir is not a folder"):
+                dataset.to_torch(cache_dir=bad)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_closing_ends_an_items_wait_for_a_chunk_another_process_is_caching(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    """Another process holds chunk 0's cache lock (stopped with Ctrl-Z): closing ends the
+    item's wait, so no thread is left in flock() to keep the process from exiting."""
+    import fcntl
+
+    before = set(threading.enumerate())
+    dataset = open_uniform(live_server)
+    torch_dataset = dataset.to_torch(cache_dir=tmp_path)
+    path = torch_dataset.store.path(0)
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file: it conflicts as a process's would
+    errors: list[BaseException] = []
+
+    def item() -> None:
+        try:
+            torch_dataset[0]
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        waiter = threading.Thread(target=item)
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()
+        dataset.close()
+        waiter.join(5)
+        assert not waiter.is_alive()
+        assert sdk_threads_left(before) == []
+    finally:
+        os.close(fd)
+    assert len(errors) == 1 and isinstance(errors[0], PixCrawlerError)
+
+
 def test_a_torch_dataset_dropped_unclosed_frees_its_downloader_and_buffers(
     live_server: LiveServer, tmp_path: Path
 ) -> None:

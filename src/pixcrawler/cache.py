@@ -49,7 +49,7 @@ from pathlib import Path
 
 from . import config
 from .archive import ChunkArchive
-from .exceptions import DecompressionError
+from .exceptions import DecompressionError, PixCrawlerError
 from .models import Chunk
 
 log = logging.getLogger("pixcrawler")
@@ -59,6 +59,7 @@ CacheDir = str | os.PathLike[str] | bool | None
 
 TEMP_SUFFIX = ".tmp"
 STAMP_SUFFIX = ".verified"
+_MAX_STAMP_BYTES = 4096  # a stamp is one line of a sha256 and five numbers
 _HASH_BLOCK = 8 << 20
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
@@ -133,11 +134,15 @@ def default_cache_root() -> Path:
 def resolve_cache_root(cache_dir: CacheDir) -> Path | None:
     """The cache root a ``cache_dir=`` argument means: None (or True) → the default,
     False → no disk cache, else that folder."""
-    if cache_dir is False:
-        return None
-    if cache_dir is None or cache_dir is True:
-        return default_cache_root()
-    return Path(cache_dir).expanduser()
+    try:
+        if cache_dir is False:
+            return None
+        if cache_dir is None or cache_dir is True:
+            return default_cache_root()
+        return Path(cache_dir).expanduser()
+    except (TypeError, RuntimeError) as exc:  # not a path; "~nobody/x" of no such user
+        given = "cache_dir" if cache_dir not in (None, True) else f"${config.ENV_CACHE_DIR}"
+        raise ValueError(f"{given} is not a folder one can use: {exc}") from None
 
 
 @dataclass
@@ -214,6 +219,7 @@ class ChunkStore:
         self._verified: dict[Path, tuple[int, ...]] = {}
         self._trusted: set[int] = set()  # chunks read from disk without hashing them
         self._swept = False
+        self._closed = threading.Event()
 
     # -- public ------------------------------------------------------------------------
 
@@ -254,8 +260,10 @@ class ChunkStore:
         """Chunk ``index`` gave a bad image. If its bytes were read from disk without being
         hashed (on a stamp, or as verified earlier by this store), forget the stamp and the
         bytes, so that the next read hashes the file (and downloads the chunk again if the
-        file is corrupt): True, read it again. False when the bytes were hashed as they were
-        read or downloaded (the image is bad at its source)."""
+        file is corrupt): True, read it again. A chunk the API lists no sha256 for was
+        checked by its size alone: its file is deleted and the chunk downloaded again.
+        False when the bytes were hashed as they were read or downloaded (the image is bad
+        at its source)."""
         path = self.path(index)
         with self._lock:
             if index not in self._trusted:
@@ -264,6 +272,9 @@ class ChunkStore:
             if path is not None:
                 # Forgotten before the bytes go, so no thread reloads them as verified.
                 self._forget_verified(path)
+                if not self._chunks[index].sha256:  # nothing but a download can tell
+                    with contextlib.suppress(OSError):
+                        path.unlink()
             entry = self._memory.pop(index, None)
             if entry is not None:
                 self._forget(entry)
@@ -284,6 +295,12 @@ class ChunkStore:
         with self._lock:
             self._memory.clear()
             self._memory_bytes = self._mapped = 0
+
+    def close(self) -> None:
+        """Drop the chunks held in memory and end any wait for another process's lock
+        (PixCrawlerError there): a thread left waiting would keep the process from exiting."""
+        self._closed.set()
+        self.clear_memory()
 
     # -- memory ------------------------------------------------------------------------
 
@@ -347,7 +364,8 @@ class ChunkStore:
         cached = self._open_cached(index, path)
         if cached is not None:
             return cached
-        with _exclusive(path):  # another process may be writing it: wait, then look again
+        # Another process may be writing it: wait, then look again.
+        with _exclusive(path, self._closed):
             cached = self._open_cached(index, path)
             if cached is not None:
                 return cached
@@ -383,9 +401,12 @@ class ChunkStore:
         finally:
             os.close(fd)
         seen = _identity(st)
+        if not chunk.sha256:  # its size, checked above, is all there is to check
+            with self._lock:
+                self._trusted.add(index)
         if self._verified.get(path) != seen:
             expected = chunk.sha256.lower() if chunk.sha256 else None
-            if expected is not None:  # else the size, checked above, is all there is
+            if expected is not None:
                 if _read_stamp(path) == _stamp(st, expected):
                     with self._lock:
                         self._trusted.add(index)
@@ -468,8 +489,9 @@ class ChunkStore:
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold the chunk's lock file (``<name>.lock``) for the block; no lock if it cannot."""
+def _exclusive(path: Path, stop: threading.Event) -> Iterator[None]:
+    """Hold the chunk's lock file (``<name>.lock``) for the block; no lock if it cannot
+    (see :func:`_wait_for_lock`)."""
     lock_path = path.with_name(path.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -481,7 +503,7 @@ def _exclusive(path: Path) -> Iterator[None]:
         return
     try:
         try:
-            _lock_fd(fd)  # the wait, outside the guard: a fork meanwhile closes the copy
+            _wait_for_lock(fd, path, stop)  # outside the guard: a fork meanwhile closes the copy
         except OSError as exc:  # flock unsupported (ENOLCK, ENOSYS on some network mounts)
             log.debug("no lock on %s (%s); atomic renames still keep the cache whole", path, exc)
         yield
@@ -489,6 +511,36 @@ def _exclusive(path: Path) -> Iterator[None]:
         with _HELD_LOCKS_GUARD:
             _HELD_LOCKS.discard(fd)
             os.close(fd)  # releases the lock
+
+
+def _wait_for_lock(fd: int, path: Path, stop: threading.Event) -> None:
+    """``flock`` ``fd``, polling, so that ``stop`` (the store closed) ends the wait with
+    PixCrawlerError; after ``config.CACHE_LOCK_WAIT_SECONDS`` without it, go on unlocked
+    (temp files and atomic renames still keep the cache whole): a process stopped while
+    holding it (Ctrl-Z, a debugger) must not stall this one for ever."""
+    started = time.monotonic()
+    next_report = started + config.SLOW_WAIT_SECONDS
+    pause = 0.002
+    while True:
+        try:
+            _lock_fd(fd, wait=False)
+            return
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - started
+        if waited >= config.CACHE_LOCK_WAIT_SECONDS:
+            log.warning(
+                "%s: another process has held its cache lock for %.0f s; downloading it here too",
+                path.name,
+                waited,
+            )
+            return
+        if started + waited >= next_report:
+            log.warning("%s: waited %.0f s for another process caching it", path.name, waited)
+            next_report += config.SLOW_WAIT_SECONDS
+        if stop.wait(pause):
+            raise PixCrawlerError(f"{path.name}: the chunk store was closed")
+        pause = min(2 * pause, 0.1)
 
 
 def _map(fd: int, path: Path, size: int) -> Buffer:
@@ -527,10 +579,20 @@ def _stamp(st: os.stat_result, sha256: str) -> str:
 
 
 def _read_stamp(path: Path) -> str | None:
+    """The stamp's text; None where there is none, or where something else than a small
+    regular file stands in its place (a FIFO would block the open, /dev/zero never end)."""
     try:
-        return _stamp_path(path).read_text()
+        fd = os.open(_stamp_path(path), os.O_RDONLY | _O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, _MAX_STAMP_BYTES).decode()
     except (OSError, UnicodeDecodeError):
         return None
+    finally:
+        os.close(fd)
 
 
 def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:

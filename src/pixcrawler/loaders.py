@@ -37,7 +37,7 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
-from .cache import CacheDir, ChunkStore
+from .cache import CacheDir, ChunkStore, resolve_cache_root
 from .dataset import count_mismatch, counts_listed, decode_sample, positive_int
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
@@ -165,7 +165,7 @@ class _Local:
         if self.downloader is not None:
             self.handle.release_downloader(self.downloader)
         if self.store is not None:
-            self.store.clear_memory()
+            self.store.close()  # (ends a wait for another process's lock on a chunk)
 
 
 @contextlib.contextmanager
@@ -321,6 +321,7 @@ class _MapStyle(_TorchBridge):
         super().__init__(dataset, transform, image_size=image_size)
         if memory_budget is not None and memory_budget < 0:
             raise ValueError(f"memory_budget must be >= 0 bytes, got {memory_budget}")
+        resolve_cache_root(cache_dir)  # a bad one is refused here, not at the first item
         self.cache_dir = cache_dir
         self.memory_budget = memory_budget
         self._chunk_ids = sorted(self._counts)
