@@ -103,6 +103,7 @@ def test_unfinished_jobs_raise_with_status_and_progress(
         load_dataset(job_id, live_server.api_key, live_server.base_url)
     error = info.value
     assert (error.status, error.progress) == (status, progress)
+    assert f"{error.progress}%" == f"{progress}%"  # "63%", as the spec's example prints it
     if status in ("failed", "cancelled"):
         assert "will not complete" in str(error) and "still processing" not in str(error)
     else:

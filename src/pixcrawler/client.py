@@ -345,7 +345,9 @@ def not_complete_error(job: Job) -> JobNotCompleteError:
             f"Job {job.id} is still processing ({job.status}, {job.progress:g}% complete); "
             "try again when it is completed."
         )
-    return JobNotCompleteError(message, status=job.status, progress=job.progress)
+    # 63, not 63.0: the specification prints it as f"{e.progress}% complete".
+    progress = int(job.progress) if job.progress.is_integer() else job.progress
+    return JobNotCompleteError(message, status=job.status, progress=progress)
 
 
 def map_status(
