@@ -445,6 +445,18 @@ def test_a_zip64_end_record_and_a_comment_are_read() -> None:
     assert members_of(as_zip64(data, saturate=False)) == expected  # as zipfile reads it
 
 
+def test_a_comment_that_ends_like_a_zip64_locator_does_not_refuse_a_plain_archive() -> None:
+    """The 20 bytes before the end record are the directory's last bytes: they may look
+    like a locator. With the classic counts not saturated, they are the counts."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"images": [{"path": "cat/0.png", "label": "c"}]}))
+        info = zipfile.ZipInfo("cat/0.png")
+        info.comment = b"PK\x06\x07" + bytes(16)  # a member's comment may hold any bytes
+        zf.writestr(info, encode("PNG"))
+    assert [s.path for s in ChunkArchive(out.getvalue()).samples] == ["cat/0.png"]
+
+
 def test_exactly_65535_members_without_a_zip64_record_are_read() -> None:
     """zipfile writes 65,535 members (pack's chunk of 65,534 images) with the count field
     at 0xFFFF and no ZIP64 record: the count is the count."""

@@ -191,6 +191,37 @@ def test_a_damaged_cached_chunk_without_sha256_is_downloaded_again(
     assert remote.calls == {1: 2}  # the next run reads the good file
 
 
+def test_an_intact_cached_chunk_without_sha256_is_not_downloaded_again_for_a_bad_image(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """A bad image in a chunk that is whole (its file hashes to what was written) is bad at
+    its source: recheck says so, and no run downloads the chunk again for it."""
+    bare = [replace(c, sha256=None) for c in remote.chunks]
+    ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).get(1)
+    for _ in range(3):  # three later runs
+        later = ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path)
+        later.get(1)
+        assert later.recheck(1) is False
+    assert remote.calls == {1: 1}
+
+
+def test_recheck_leaves_a_file_another_process_has_just_put_in_place(
+    remote: Remote, tmp_path: Path
+) -> None:
+    bare = [replace(c, sha256=None) for c in remote.chunks]
+    ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).get(1)
+    later = ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path)
+    path = later.path(1)
+    assert path is not None
+    later.get(1)
+    path.with_name(path.name + cache_module.STAMP_SUFFIX).unlink()  # nothing to check by
+    fresh = path.with_name("fresh")
+    fresh.write_bytes(remote.bytes_of(1))
+    os.replace(fresh, path)  # another process's download, renamed into place
+    assert later.recheck(1) is True  # unsure of what it loaded: it reads again
+    assert path.read_bytes() == remote.bytes_of(1)  # but the other file stays
+
+
 def _hold_lock(path: Path) -> int:
     """Another process's hold on a chunk's cache lock (flock is per open file: another
     descriptor of this process conflicts with it as another process's would)."""
@@ -780,12 +811,12 @@ def test_something_not_a_file_where_a_chunk_belongs_is_passed_over(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
-@pytest.mark.parametrize("foreign", ["fifo", "endless"])
+@pytest.mark.parametrize("foreign", ["fifo", "folder"])
 def test_something_not_a_stamp_where_a_stamp_belongs_is_passed_over(
     remote: Remote, tmp_path: Path, foreign: str
 ) -> None:
-    """A FIFO at ``<chunk>.verified`` blocked the open for ever; a link to /dev/zero read
-    without end. Either is no stamp: the file is hashed instead."""
+    """A FIFO at ``<chunk>.verified`` blocked the open for ever (a link to /dev/zero, not
+    tested here, read without end). It is no stamp: the file is hashed instead."""
     remote.store(tmp_path).get(0)
     chunks = remote.store(tmp_path)
     path = chunks.path(0)
@@ -795,15 +826,18 @@ def test_something_not_a_stamp_where_a_stamp_belongs_is_passed_over(
     if foreign == "fifo":
         os.mkfifo(stamp)
     else:
-        stamp.symlink_to("/dev/zero")
+        stamp.mkdir()
     assert bytes(chunks.get(0)) == remote.bytes_of(0)
     assert remote.calls == {0: 1} and chunks.stats.disk_hits == 1
 
 
 def test_a_cache_dir_that_is_no_folder_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not pathlib's TypeError, or RuntimeError for "~user" of a user who does not exist."""
-    with pytest.raises(ValueError, match="cache_dir is not a folder"):
-        resolve_cache_root(123)  # type: ignore[arg-type]
+    for bad in (123, 1):  # (1 == True, which means the default folder)
+        with pytest.raises(ValueError, match=r"^cache_dir is not a folder"):
+            resolve_cache_root(bad)  # type: ignore[arg-type]
+    if sys.platform == "win32":  # expanduser there makes a path of any user name
+        return
     with pytest.raises(ValueError, match="cache_dir is not a folder"):
         resolve_cache_root("~no-such-user-here/cache")
     monkeypatch.setenv(ENV_CACHE_DIR, "~no-such-user-here/cache")

@@ -456,7 +456,10 @@ def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveSe
 def test_a_bad_cache_dir_is_refused_by_to_torch(live_server: LiveServer) -> None:
     """At the call, as a ValueError, not as pathlib's error at the first item."""
     with open_uniform(live_server) as dataset:
-        for bad in (123, "~no-such-user-here/cache"):
+        bad_ones: list[Any] = [123]
+        if sys.platform != "win32":  # expanduser there makes a path of any user name
+            bad_ones.append("~no-such-user-here/cache")
+        for bad in bad_ones:
             with pytest.raises(ValueError, match="cache_dir is not a folder"):
                 dataset.to_torch(cache_dir=bad)
 

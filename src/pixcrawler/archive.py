@@ -338,19 +338,22 @@ def _central_directory(view: memoryview, max_members: int) -> list[_Entry]:
     eocd_at = tail_start + at
     _, disk, cd_disk, _, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
     directory_end = eocd_at
-    # As zipfile reads it: a ZIP64 locator right before the end record decides, whatever
-    # the classic fields say (writers need not saturate them); without one they are the
-    # counts (zipfile writes exactly 65,535 members as 0xFFFF and no ZIP64 record).
+    # As zipfile reads it: a ZIP64 record found through a locator right before the end
+    # record decides, whatever the classic fields say (writers need not saturate them);
+    # without one they are the counts (zipfile writes exactly 65,535 members as 0xFFFF and
+    # no ZIP64 record), also where bytes that only look like a locator end the directory.
+    saturated = count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF
     locator_at = eocd_at - _EOCD64_LOCATOR.size
     if locator_at >= 0 and view[locator_at : locator_at + 4] == _EOCD64_LOCATOR_MAGIC:
         _, _, record_at, _ = _EOCD64_LOCATOR.unpack_from(view, locator_at)
-        if record_at + _EOCD64.size > locator_at:
-            raise _BadZip("ZIP64 end of central directory locator is corrupt")
-        fields = _EOCD64.unpack_from(view, record_at)
-        if fields[0] != _EOCD64_MAGIC:
-            raise _BadZip("ZIP64 end of central directory record is corrupt")
-        disk, cd_disk, _, count, cd_size, cd_offset = fields[4:10]
-        directory_end = record_at
+        fields = None
+        if record_at + _EOCD64.size <= locator_at:
+            fields = _EOCD64.unpack_from(view, record_at)
+        if fields is not None and fields[0] == _EOCD64_MAGIC:
+            disk, cd_disk, _, count, cd_size, cd_offset = fields[4:10]
+            directory_end = record_at
+        elif saturated:
+            raise _BadZip("ZIP64 end of central directory record is missing or corrupt")
     if disk or cd_disk:
         raise _BadZip("archives spanning several disks are not supported")
     if cd_offset + cd_size != directory_end:

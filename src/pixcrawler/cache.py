@@ -141,7 +141,8 @@ def resolve_cache_root(cache_dir: CacheDir) -> Path | None:
             return default_cache_root()
         return Path(cache_dir).expanduser()
     except (TypeError, RuntimeError) as exc:  # not a path; "~nobody/x" of no such user
-        given = "cache_dir" if cache_dir not in (None, True) else f"${config.ENV_CACHE_DIR}"
+        default = cache_dir is None or cache_dir is True  # (1 == True: "in" would say so)
+        given = f"${config.ENV_CACHE_DIR}" if default else "cache_dir"
         raise ValueError(f"{given} is not a folder one can use: {exc}") from None
 
 
@@ -260,21 +261,26 @@ class ChunkStore:
         """Chunk ``index`` gave a bad image. If its bytes were read from disk without being
         hashed (on a stamp, or as verified earlier by this store), forget the stamp and the
         bytes, so that the next read hashes the file (and downloads the chunk again if the
-        file is corrupt): True, read it again. A chunk the API lists no sha256 for was
-        checked by its size alone: its file is deleted and the chunk downloaded again.
-        False when the bytes were hashed as they were read or downloaded (the image is bad
-        at its source)."""
+        file is corrupt): True, read it again. A chunk the API lists no sha256 for is
+        hashed against the sha256 its stamp recorded when it was written: a file torn
+        since (or with no stamp) is deleted and the chunk downloaded again. False when the
+        bytes were hashed as they were read or downloaded, or match their record (the
+        image is bad at its source)."""
         path = self.path(index)
         with self._lock:
             if index not in self._trusted:
                 return False
             self._trusted.discard(index)  # one caller reloads it
+            loaded = self._verified.get(path) if path is not None else None
+        sized_only = path is not None and not self._chunks[index].sha256
+        if sized_only and path is not None and _as_written(path):
+            return False
+        with self._lock:
             if path is not None:
                 # Forgotten before the bytes go, so no thread reloads them as verified.
                 self._forget_verified(path)
-                if not self._chunks[index].sha256:  # nothing but a download can tell
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+                if sized_only:  # only a download can tell what it should hold
+                    _unlink_if_loaded(path, loaded)
             entry = self._memory.pop(index, None)
             if entry is not None:
                 self._forget(entry)
@@ -467,8 +473,8 @@ class ChunkStore:
             os.replace(temp, path)
             st = os.stat(path)
             self._verified[path] = _identity(st)
-            if chunk.sha256:
-                _write_stamp(path, st, chunk.sha256.lower())
+            # (Without a sha256 from the API, the one read back: what recheck() compares.)
+            _write_stamp(path, st, chunk.sha256.lower() if chunk.sha256 else digest)
         except OSError as exc:
             self._count("write_failures")
             log.warning("chunk %d: not cached on disk (%s); keeping it in memory only", index, exc)
@@ -606,6 +612,26 @@ def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:
         log.debug("no stamp for %s (%s)", path, exc)
         with contextlib.suppress(OSError):
             temp.unlink()
+
+
+def _as_written(path: Path) -> bool:
+    """Whether the file still hashes to the sha256 its stamp recorded when it was written."""
+    stamp = _read_stamp(path)
+    if not stamp:
+        return False
+    try:
+        return _file_digest(path)[1] == stamp.split(" ", 1)[0]
+    except OSError:
+        return False
+
+
+def _unlink_if_loaded(path: Path, loaded: tuple[int, ...] | None) -> None:
+    """Delete ``path`` unless another file has been renamed into its place since it was
+    loaded (another process's fresh download)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if loaded is None or (st.st_dev, st.st_ino) == loaded[:2]:
+            os.unlink(path)
 
 
 def _sha256(buffer: Buffer) -> str:

@@ -407,7 +407,7 @@ def refused_certificate(exc: BaseException) -> str:
     """Words for :func:`certificate_refused`'s failures."""
     return (
         f"{exc.__class__.__name__}: {_safe_exc(exc)} (the TLS certificate did not verify, "
-        "so it was not retried; verify_ssl=False skips the check)"
+        "so it was not retried)"
     )
 
 

@@ -70,8 +70,10 @@ DEFAULT_MEMORY_CACHE_BYTES = 1 << 30
 CACHE_SUBDIR = "chunks"  # <cache root>/chunks/<job id>/<index>-<sha256>.zip
 STALE_TEMP_SECONDS = 24 * 3600  # a temp file this old was left by a process that died
 # The longest a chunk's cache lock held by another process (downloading it, or stopped
-# with Ctrl-Z or in a debugger) is waited for; then this one downloads it too.
-CACHE_LOCK_WAIT_SECONDS = 120.0
+# with Ctrl-Z or in a debugger) is waited for; then this one downloads it too. Longer than
+# a download may take with the defaults (4 attempts of up to 300 s of silence each), so a
+# slow but live download is not fetched twice.
+CACHE_LOCK_WAIT_SECONDS = 1800.0
 # Before Python 3.13 each mapped cached chunk holds a descriptor: a store keeps at most this
 # share of the process's descriptor limit mapped (at least MIN; UNLIMITED where it has none).
 MAPPED_FILES_SHARE = 1 / 4
