@@ -773,6 +773,26 @@ def test_the_limit_on_mappings_evicts_mappings_not_chunks_held_in_plain_memory(
     assert chunks.stats.evictions == 1
 
 
+def test_the_limit_on_mappings_is_the_processs_not_each_stores(tmp_path: Path) -> None:
+    """Before Python 3.13 each mapping holds a descriptor: four map-style datasets each
+    mapping up to the limit would use four times the share meant for all of them."""
+    blobs, chunks = _tiny_chunks(4)
+    writer = ChunkStore(chunks, lambda i: bytearray(blobs[i]), job_id="tiny", cache_dir=tmp_path)
+    for index in range(4):
+        writer.get(index)  # downloaded: plain memory, no mapping
+    before = cache_module._Mappings.total
+    stores = [ChunkStore(chunks, bytearray, job_id="tiny", cache_dir=tmp_path) for _ in range(2)]
+    for store in stores:
+        store._mapped_limit = before + 3
+        for index in range(4):
+            assert bytes(store.get(index)) == blobs[index]  # mapped from the cache
+    # The first store keeps 3; the second, over the limit, only the one in use.
+    assert cache_module._Mappings.total == before + 4
+    assert (stores[0].stats.evictions, stores[1].stats.evictions) == (1, 3)
+    del stores[0]  # a store that goes lets go of its share
+    assert cache_module._Mappings.total == before + 1
+
+
 def test_a_cached_file_that_cannot_be_mapped_is_read_instead(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -42,6 +42,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -103,10 +104,30 @@ if hasattr(os, "register_at_fork"):  # POSIX
     )
 
 
+class _Mappings:
+    """One store's file mappings held in memory, counted with every other store's: before
+    Python 3.13 each holds a descriptor, and the process has one limit for all of them
+    (train, validation and test datasets each map their own chunks)."""
+
+    _lock = threading.Lock()
+    total = 0  # every store of this process
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def change(self, delta: int) -> None:
+        with _Mappings._lock:
+            self.count += delta
+            _Mappings.total += delta
+
+    def release(self) -> None:  # the store is gone: its mappings with it
+        self.change(-self.count)
+
+
 def _mapped_limit() -> int:
-    """How many cached files a store keeps mapped at once. Before Python 3.13 each mapping
-    holds a descriptor open: a share of the process's limit, so that many small chunks
-    never leave the sockets and files around them short of descriptors."""
+    """How many cached files the stores of this process keep mapped at once. Before Python
+    3.13 each mapping holds a descriptor open: a share of the process's limit, so that many
+    small chunks never leave the sockets and files around them short of descriptors."""
     if sys.version_info >= (3, 13):
         return sys.maxsize  # mapped with trackfd=False: no descriptor kept
     try:
@@ -214,7 +235,8 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._memory: OrderedDict[int, _Entry] = OrderedDict()
         self._memory_bytes = 0
-        self._mapped = 0  # entries in memory that are file mappings
+        self._mapped = _Mappings()  # entries in memory that are file mappings
+        weakref.finalize(self, self._mapped.release)
         self._mapped_limit = _mapped_limit()
         self._loading: dict[int, threading.Lock] = {}
         self._verified: dict[Path, tuple[int, ...]] = {}
@@ -300,7 +322,8 @@ class ChunkStore:
         """Drop every chunk held in memory (the disk cache stays)."""
         with self._lock:
             self._memory.clear()
-            self._memory_bytes = self._mapped = 0
+            self._memory_bytes = 0
+            self._mapped.release()
 
     def close(self) -> None:
         """Drop the chunks held in memory and end any wait for another process's lock
@@ -331,7 +354,7 @@ class ChunkStore:
             with self._lock:
                 self._memory[index] = entry
                 self._memory_bytes += entry.size
-                self._mapped += isinstance(entry.buffer, mmap.mmap)
+                self._mapped.change(isinstance(entry.buffer, mmap.mmap))
                 self._evict()
         return entry
 
@@ -350,16 +373,17 @@ class ChunkStore:
             _, old = self._memory.popitem(last=False)
             self._forget(old)
             self.stats.evictions += 1
-        if self._mapped > self._mapped_limit:
+        excess = _Mappings.total - self._mapped_limit
+        if excess > 0:  # this store's, oldest first; never the one just used
             mapped = [i for i, e in self._memory.items() if isinstance(e.buffer, mmap.mmap)]
-            for index in mapped[: self._mapped - self._mapped_limit]:
+            for index in mapped[:-1][:excess]:
                 self._forget(self._memory.pop(index))
                 self.stats.evictions += 1
 
     def _forget(self, entry: _Entry) -> None:
         """Uncount an entry taken out of memory (call with the lock)."""
         self._memory_bytes -= entry.size
-        self._mapped -= isinstance(entry.buffer, mmap.mmap)
+        self._mapped.change(-isinstance(entry.buffer, mmap.mmap))
 
     # -- disk --------------------------------------------------------------------------
 
