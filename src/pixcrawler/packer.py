@@ -36,7 +36,9 @@ from .models import JOB_STATUSES
 
 __all__ = ["PackResult", "pack", "write_job"]
 
-# Fixed zip metadata: the same input must give the same bytes on any machine, any day.
+# Fixed zip metadata: the same input must give the same bytes on any day, and on any
+# machine whose zlib deflates as this one's (zlib-ng's output differs: the manifest and
+# BMP/TIFF members are deflated).
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _ZIP_CREATE_SYSTEM = 3  # Unix, so external_attr below reads as permission bits
 _ZIP_EXTERNAL_ATTR = (0o100644 & 0xFFFF) << 16  # a regular file, rw-r--r--
