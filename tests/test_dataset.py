@@ -323,6 +323,29 @@ def test_to_dataframe_has_image_label_metadata_columns(uniform: Dataset) -> None
     assert meta["width"] == UNIFORM_SIZE[1]
 
 
+def test_manifest_metadata_never_replaces_the_rows_id_or_image_size() -> None:
+    """A producer's metadata may name the original photo's ``width`` or its own ``id``:
+    the row keeps the SDK's (its image as returned, its unique id), and theirs too."""
+    from pixcrawler.archive import Member, Sample
+    from pixcrawler.dataset import sample_metadata
+
+    member = Member("cat/0.jpg", 0, 10, 10, 0, False)
+    theirs = {"id": "crawl-42", "width": 1920, "height": 1080, "url": "https://x/0.jpg"}
+    sample = Sample("cat/0.jpg", "cat", "cat/0.jpg", member, 3, None, None, None, theirs)
+    meta = sample_metadata(sample, np.zeros((12, 16, 3), np.uint8))
+    assert meta == {
+        "id": "cat/0.jpg",
+        "path": "cat/0.jpg",
+        "chunk": 3,
+        "height": 12,
+        "width": 16,
+        "manifest_id": "crawl-42",
+        "manifest_width": 1920,
+        "manifest_height": 1080,
+        "url": "https://x/0.jpg",
+    }
+
+
 def test_early_break_cancels_downloads_and_leaves_no_threads(live_server: LiveServer) -> None:
     before = {t.ident for t in threading.enumerate()}
     dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, prefetch=2)

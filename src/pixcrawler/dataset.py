@@ -765,15 +765,20 @@ def _put(target: np.ndarray, row: int, image: np.ndarray, sample: Sample) -> Non
 
 
 def sample_metadata(sample: Sample, image: np.ndarray) -> dict[str, Any]:
-    """The metadata column of ``to_dataframe``: ids and sizes, then the manifest's own."""
-    return {
+    """The metadata column of ``to_dataframe``: the sample's id, path and chunk and the
+    image's size as returned, then the manifest's own metadata. A manifest key of the
+    same name (a producer's ``width`` of the original photo) never replaces the SDK's
+    (the row's id, or its image's size): it is kept as ``manifest_<key>``."""
+    own: dict[str, Any] = {
         "id": sample.id,
         "path": sample.path,
         "chunk": sample.chunk_id,
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
-        **dict(sample.metadata),
     }
+    for key, value in sample.metadata.items():
+        own[f"manifest_{key}" if key in own else key] = value
+    return own
 
 
 def check_options(
