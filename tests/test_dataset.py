@@ -266,6 +266,21 @@ def test_to_arrays_of_nothing_decoded_has_the_images_shape(
     assert X.shape == (0, 8, 12, 3)
 
 
+def test_to_arrays_with_skips_returns_an_array_of_its_own_size(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """Not a view of the array allocated for every image the job lists."""
+    bad = tuple(range(0, UNIFORM_TOTAL, 2))
+    store = corrupt_copy(live_server.store, tmp_path, bad)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store), on_error="skip")
+    X, y = dataset.to_arrays()
+    assert X.shape == (UNIFORM_TOTAL - len(bad), *UNIFORM_SIZE, 3) and len(y) == len(X)
+    assert X.flags.owndata and X.base is None
+    clean = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    expected = [image for i, (image, _) in enumerate(clean) if i not in bad]
+    assert all(np.array_equal(a, b) for a, b in zip(X, expected, strict=True))
+
+
 def test_mixed_sizes_need_image_size_and_the_error_says_so(live_server: LiveServer) -> None:
     dataset = load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url)
     with pytest.raises(MixedImageSizesError, match=r"image_size=\(H, W\)"):

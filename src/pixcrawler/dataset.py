@@ -384,7 +384,10 @@ class Dataset:
             size = validate_image_size(image_size) if image_size is not None else None
             height, width = size or self.image_size or self.job.image_size or (0, 0)
             images = np.empty((0, height, width, channels), dtype=np.uint8)
-        return images[: len(labels)], np.array(labels, dtype=str)
+        elif len(labels) < len(images):  # images skipped, or a job that lists no counts
+            # Shrunk in place (realloc), not sliced: a view would keep every row allocated.
+            images.resize((len(labels), *images.shape[1:]), refcheck=False)
+        return images, np.array(labels, dtype=str)
 
     def to_dataframe(self) -> pd.DataFrame:
         """A DataFrame with columns ``image`` (arrays), ``label`` and ``metadata`` (dicts).
