@@ -633,6 +633,21 @@ def test_rerun_of_a_complete_download_transfers_no_chunk(
     check_output(fmt, cli.cwd / "out" / BIG_JOB, big_job, key)
 
 
+def test_a_zip_download_leaves_the_users_own_files_in_its_folder(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    """Only files named as it names chunks (``00000.zip``) are its to replace or delete."""
+    chunks = cli.cwd / "out" / JOB_UNIFORM / "chunks"
+    chunks.mkdir(parents=True)
+    mine = {"my_backup.zip": b"mine", "notes.zip.part": b"notes", "99.zip": b"short name"}
+    for name, data in mine.items():
+        (chunks / name).write_bytes(data)
+    result = cli.run("download", JOB_UNIFORM, "--format", "zip", "-o", "out", *api(live_server))
+    assert result.returncode == 0, result
+    for name, data in mine.items():
+        assert (chunks / name).read_bytes() == data
+
+
 def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> None:
     key = next(iter(TEST_KEYS))
     with FaultProxy(big_job.base_url) as proxy:

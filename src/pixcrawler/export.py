@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import threading
 from collections import deque
@@ -292,6 +293,9 @@ class Writer:
         }
 
 
+_CHUNK_FILE = re.compile(r"[0-9]{5,}\.zip", re.ASCII)  # _ZipWriter.chunk_path's names
+
+
 class _ZipWriter(Writer):
     """``chunks/00000.zip`` ...: the archives as served. A verified file is kept as is.
     A job that lists no counts has its images counted from each chunk's manifest."""
@@ -307,7 +311,8 @@ class _ZipWriter(Writer):
         folder.mkdir(parents=True, exist_ok=True)
         listed = self._listed()
         for leftover in folder.glob("*.zip.part"):
-            if leftover.name.removesuffix(".part") not in listed:  # another version's
+            name = leftover.name.removesuffix(".part")
+            if _CHUNK_FILE.fullmatch(name) and name not in listed:  # another version's
                 leftover.unlink(missing_ok=True)
         todo: list[Chunk] = []
         kept: list[Chunk] = []
@@ -345,7 +350,8 @@ class _ZipWriter(Writer):
         # An earlier version's chunks the job no longer lists stay until this one is whole.
         listed = self._listed()
         for leftover in (self.root / "chunks").glob("*.zip"):
-            if leftover.name not in listed:
+            # (only files named as this writer names chunks: others are the user's)
+            if _CHUNK_FILE.fullmatch(leftover.name) and leftover.name not in listed:
                 leftover.unlink(missing_ok=True)
         self.complete = True
 
