@@ -270,6 +270,19 @@ def test_image_size_is_for_numpy_only(cli: Cli, live_server: LiveServer) -> None
     assert "--image-size" in result.stderr
 
 
+def test_an_image_size_past_the_pixel_limit_is_a_usage_error(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    """Exit 2 before anything is written: not exit 1 with an OverflowError. (Nor, for
+    100000 x 100000, a 1.8 TB X.npy.part reserved on disk until the disk was full: that
+    size is left out here, since a regression would fill the disk the suite runs on.)"""
+    size = ("99999999999999999999", "3")
+    result = cli.run("download", JOB_UNIFORM, "--image-size", *size, "-o", "out", *api(live_server))
+    assert result.returncode == 2, result
+    assert "--image-size" in result.stderr and "over the limit" in result.stderr
+    assert not (cli.cwd / "out" / JOB_UNIFORM / "X.npy.part").exists()
+
+
 # -- download: each format against the packed source ---------------------------------------
 
 
@@ -1629,6 +1642,38 @@ def test_a_second_download_into_a_folder_in_use_is_refused(
     assert result.returncode == 2, result
     assert "another download is writing to" in result.stderr
     assert cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server)).returncode == 0
+
+
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+def test_temp_files_a_killed_download_left_are_swept_by_the_next(
+    cli: Cli, live_server: LiveServer, fmt: str
+) -> None:
+    """kill -9 between writing a temp file and renaming it left it for good."""
+    root = cli.cwd / "out" / JOB_UNIFORM
+    root.mkdir(parents=True)
+    left = ["..progress.json.6055-139965553904512.tmp", ".labels.json.6106-140055007751040.tmp"]
+    for name in left:
+        (root / name).write_bytes(b"{")
+    (root / ".mine.1-2.tmp").write_bytes(b"the user's")
+    result = cli.run("download", JOB_UNIFORM, "--format", fmt, "-o", "out", *api(live_server))
+    assert result.returncode == 0, result
+    assert not any((root / name).exists() for name in left)
+    assert (root / ".mine.1-2.tmp").read_bytes() == b"the user's"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges there")
+def test_a_folder_in_use_reached_through_a_symlink_is_refused_too(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    from pixcrawler import export
+
+    (cli.cwd / "real" / JOB_UNIFORM).mkdir(parents=True)
+    (cli.cwd / "other").mkdir()
+    (cli.cwd / "other" / JOB_UNIFORM).symlink_to(cli.cwd / "real" / JOB_UNIFORM)
+    with export.exclusive(cli.cwd / "real" / JOB_UNIFORM):
+        result = cli.run("download", JOB_UNIFORM, "-o", "other", *api(live_server))
+    assert result.returncode == 2, result
+    assert "another download is writing to" in result.stderr
 
 
 # -- a job that lists no image counts ---------------------------------------------------------

@@ -559,6 +559,15 @@ def test_image_size_must_be_two_whole_numbers(uniform: Dataset, image_size: Any)
         uniform.to_arrays(image_size=image_size)
 
 
+@pytest.mark.parametrize("image_size", [(20_000, 20_000), (10**20, 3)])
+def test_an_image_size_past_the_pixel_limit_is_refused_up_front(
+    live_server: LiveServer, image_size: tuple[int, int]
+) -> None:
+    """Not an OverflowError, nor a 1 TB array, at the first batch."""
+    with pytest.raises(ValueError, match=r"image_size .* pixels, over the limit"):
+        load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, image_size=image_size)
+
+
 def test_image_size_takes_numpy_integers(uniform: Dataset) -> None:
     for image_size in (np.array([8, 12]), (np.int64(8), np.uint16(12))):
         images, _ = next(uniform.iter_batches(batch_size=4, image_size=image_size))

@@ -233,6 +233,22 @@ def test_a_buffer_forgotten_while_in_use_is_sized_by_its_replacement() -> None:
     assert len(buffers) == 1
 
 
+def test_a_kept_image_pins_little_more_than_itself() -> None:
+    """A small image must not land in a large photo's free buffer, nor in one rounded far
+    past its size: a caller keeping every image (``[img for img, _ in dataset]``) would
+    hold 20 to 600 times their pixels."""
+    buffers = ImageBuffers(8)
+    large = buffers.take(2_000_000)
+    del large  # free again, and far too large for what follows
+    small = buffers.take(3072)  # a 32 x 32 RGB image
+    assert small.base is not None and small.base.nbytes == 4096
+    medium = buffers.take(345_600)  # a 240 x 480 photo
+    assert medium.base is not None and medium.base.nbytes < 345_600 * 9 // 8
+    del medium
+    assert buffers.take(200_000).base.nbytes < 4 * 200_000 + 4096  # reused: close enough
+    assert len(buffers) == 3
+
+
 @pytest.mark.timeout(60)
 def test_threads_sharing_buffers_never_share_an_image() -> None:
     from concurrent.futures import ThreadPoolExecutor

@@ -35,6 +35,7 @@ from .auth import (
 )
 from .client import ApiClient, api_root, job_path
 from .dataset import DatasetInfo, load_dataset, num_images_of
+from .decode import validate_image_size
 from .exceptions import (
     AuthenticationError,
     DecompressionError,
@@ -481,6 +482,11 @@ def download(
     """
     if image_size is not None and fmt != "numpy":
         raise CliError("--image-size applies to --format numpy only", EXIT_USAGE)
+    if image_size is not None:
+        try:
+            validate_image_size(image_size)
+        except ValueError as exc:
+            raise CliError(f"--image-size: {exc}", EXIT_USAGE) from None
     if on_error != "raise" and fmt != "numpy":
         # images and zip write the bytes as packed: they decode nothing to fail on.
         raise CliError("--on-error applies to --format numpy only", EXIT_USAGE)

@@ -72,28 +72,35 @@ class ImageBuffers:
         return [sys.getrefcount(buffer) for buffer in buffers]
 
     def take(self, nbytes: int) -> np.ndarray:
-        """A writable uint8 array of ``nbytes`` that nothing else references."""
+        """A writable uint8 array of ``nbytes`` that nothing else references.
+
+        A free buffer serves an image up to four times smaller than itself, no smaller: an
+        image the caller keeps pins its whole buffer, so a small image must not land in a
+        large photo's (nor in a buffer rounded far past its size). Photos of one dataset
+        (a few hundred pixels a side) still share every buffer.
+        """
         with self._lock:
             buffers, sizes, free = self._buffers, self._sizes, self._free_refs
-            best = smallest_free = -1
+            most = 4 * nbytes + _MIN_GRANULE
+            best = spare = -1  # the smallest free buffer that fits; a free one to replace
             for i, refs in enumerate(self._refs(buffers)):
                 if refs != free:
                     continue
                 size = sizes[i]
-                if size >= nbytes:
+                if nbytes <= size <= most:
                     if best < 0 or size < sizes[best]:
                         best = i
-                elif smallest_free < 0 or size < sizes[smallest_free]:
-                    smallest_free = i
+                elif spare < 0 or size < sizes[spare]:
+                    spare = i
             if best >= 0:
                 return buffers[best][:nbytes]
-            fresh = np.empty(-(-nbytes // _BUFFER_GRANULE) * _BUFFER_GRANULE, np.uint8)
+            fresh = np.empty(_rounded(nbytes), np.uint8)
             if len(buffers) < self.count:
                 buffers.append(fresh)
                 sizes.append(fresh.nbytes)
                 return fresh[:nbytes]
-            if smallest_free >= 0:  # too small for this image: give its memory back
-                slot = smallest_free
+            if spare >= 0:  # a free buffer of another size: give its memory back
+                slot = spare
             else:  # every buffer is in use: forget one (its holder owns it now)
                 slot = self._next
                 self._next = (self._next + 1) % self.count
@@ -105,7 +112,15 @@ class ImageBuffers:
         return len(self._buffers)
 
 
-_BUFFER_GRANULE = 64 << 10  # buffer sizes round up to this, so similar images share them
+_MIN_GRANULE = 4 << 10
+
+
+def _rounded(nbytes: int) -> int:
+    """A buffer's size for an image of ``nbytes``: rounded up by less than an eighth (and
+    to whole pages), so that images of similar sizes share buffers, and a kept image pins
+    little more than itself."""
+    granule = max(_MIN_GRANULE, 1 << max(0, nbytes.bit_length() - 4))
+    return -(-nbytes // granule) * granule
 
 
 def _load_simplejpeg() -> Any:
@@ -310,6 +325,11 @@ def validate_image_size(image_size: Any) -> tuple[int, int]:
         ) from exc
     if height < 1 or width < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
+    if height * width > config.MAX_IMAGE_PIXELS:  # (an image no decoder would make)
+        raise ValueError(
+            f"image_size {height}x{width} is {height * width:,} pixels, over the limit of "
+            f"{config.MAX_IMAGE_PIXELS:,} (pixcrawler.config.MAX_IMAGE_PIXELS)"
+        )
     return height, width
 
 

@@ -71,9 +71,12 @@ class ExportUsageError(ValueError):
 def exclusive(root: Path) -> Iterator[None]:
     """Hold ``root``'s lock (``.<name>.lock`` beside it) for the block: two downloads into
     one folder would append to the same ``.part`` files and share the staging folder.
-    Where the file system has no locks, the block runs unlocked."""
+    Where the file system has no locks, the block runs unlocked. The lock goes by the
+    folder's real path: one folder reached through a symlink is still one folder."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root.with_name(f".{root.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    real = root.resolve()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(real.with_name(f".{real.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             _lock_fd(fd, wait=False)
@@ -467,6 +470,20 @@ def _resize_npy(
     _reserve(path, old_size if held is None else min(held, old_size))
 
 
+# _write_atomic's temp files beside the sidecar and labels.json (of any process).
+_TEMP_FILE = re.compile(rf"\.({re.escape(SIDECAR)}|labels\.json)\.[0-9]+-[0-9]+\.tmp", re.ASCII)
+
+
+def _sweep_temp_files(root: Path) -> None:
+    """Delete the temp files a download killed mid-write (kill -9) left in ``root``. Called
+    under :func:`exclusive`: no other download writes there now."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            if _TEMP_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 def _write_atomic(
     path: Path, data: bytes | memoryview, tmp: Path | None = None, *, sync: bool = True
 ) -> None:
@@ -504,6 +521,7 @@ class _StagedWriter(Writer):
 
     def prepare(self) -> list[Chunk]:
         self.root.mkdir(parents=True, exist_ok=True)
+        _sweep_temp_files(self.root)
         fingerprint = self.fingerprint()
         state = self.sidecar.load()
         if _valid_state(state) and state is not None and state["fingerprint"] == fingerprint:
