@@ -1308,6 +1308,25 @@ def _versioned_job(tmp_path: Path, labels: dict[str, int], seed: int, chunk_size
     return tmp_path / "store"
 
 
+def test_labels_one_but_for_unicode_normalisation_never_share_a_file_name(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """``café`` composed and decomposed are two folders here, one on APFS (and on NTFS
+    ``Cat`` and ``cat`` are one): their ``0000.jpg`` must not overwrite each other."""
+    import unicodedata
+
+    labels = {"caf\u00e9": 2, "cafe\u0301": 2}
+    store = _versioned_job(tmp_path, labels, seed=3, chunk_size=4)
+    url = api(server_factory(store), TEST_KEY)
+    assert cli.run("download", "job_v", "--format", "images", "-o", "out", *url).returncode == 0
+    root = cli.cwd / "out" / "job_v"
+    files = [
+        json.loads(line)["file"] for line in (root / "metadata.jsonl").read_text().splitlines()
+    ]
+    assert len(files) == 4
+    assert len({unicodedata.normalize("NFC", f).casefold() for f in files}) == 4
+
+
 def test_a_new_version_of_the_job_leaves_nothing_of_the_old_one(
     cli: Cli, server_factory: Callable[..., str], tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import threading
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -484,6 +485,12 @@ def _sweep_temp_files(root: Path) -> None:
                     os.unlink(entry.path)
 
 
+def _fold(name: str) -> str:
+    """``name`` as file systems that ignore case or Unicode normalisation see it (NTFS,
+    APFS: ``Cat`` is ``cat``, and ``café`` composed is ``café`` decomposed)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
 def _write_atomic(
     path: Path, data: bytes | memoryview, tmp: Path | None = None, *, sync: bool = True
 ) -> None:
@@ -933,8 +940,8 @@ class _ImagesWriter(_StagedWriter):
         super().__init__(dataset, root)
         self.metadata_path = root / METADATA
         self.metadata_part = root / f"{METADATA}.part"
-        self.used: set[str] = set()  # file names given so far, casefolded
-        self.reserved = {name.casefold() for name in RESERVED_NAMES}
+        self.used: set[str] = set()  # file names given so far, folded (_fold)
+        self.reserved = {_fold(name) for name in RESERVED_NAMES}
 
     def outputs_present(self) -> bool:
         return self.metadata_path.exists()
@@ -948,7 +955,7 @@ class _ImagesWriter(_StagedWriter):
                 fh.truncate(length)  # lines of a chunk that was not finished
                 fh.seek(0)
                 lines = fh.read().decode("utf-8").splitlines()
-            self.used = {json.loads(line)["file"].casefold() for line in lines}
+            self.used = {_fold(json.loads(line)["file"]) for line in lines}
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return False
         return True
@@ -989,17 +996,17 @@ class _ImagesWriter(_StagedWriter):
         """Delete the image files ``listing`` names and ``keep`` does not, then the label
         folders left empty: what an earlier run wrote here that the outputs drop."""
         kept = set(self._listed(keep))
-        by_case = {name.casefold(): name for name in kept}
+        by_case = {_fold(name): name for name in kept}
         root = self.root.resolve()
         folders: set[Path] = set()
         for name in self._listed(listing):
-            if name in kept or name.split("/")[0].casefold() in self.reserved:
+            if name in kept or _fold(name.split("/")[0]) in self.reserved:
                 continue
             try:
                 file = (root / name).resolve()
             except (OSError, ValueError):
                 continue
-            twin = by_case.get(name.casefold())  # the same file where names ignore case
+            twin = by_case.get(_fold(name))  # the same file where names ignore case (or NFC)
             if twin is not None and _same_file(file, root / twin):
                 continue
             if file.is_relative_to(root) and file != root:
@@ -1049,7 +1056,7 @@ class _ImagesWriter(_StagedWriter):
         """``<label>/<name>``: the member path when it lies under the label folder, as the
         packer's do, else its file name; never outside the output folder."""
         label = _safe_relative(sample.label, sample)
-        if label.split("/")[0].casefold() in self.reserved:
+        if _fold(label.split("/")[0]) in self.reserved:
             raise DecompressionError(
                 f"chunk {sample.chunk_id}: image {sample.id!r} has the label {label!r}, a name "
                 "this folder keeps for the export itself",
@@ -1065,13 +1072,13 @@ class _ImagesWriter(_StagedWriter):
         folder, _, base = rel.rpartition("/")
         # Two paths, one file name (or one but for case); or a name too long for a file
         # system (another producer's: the packer packs only files that had their names).
-        if rel.casefold() in self.used or len(base.encode()) > config.MAX_NAME_BYTES:
+        if _fold(rel) in self.used or len(base.encode()) > config.MAX_NAME_BYTES:
             for n in itertools.count():
                 tag = f"~{sample.chunk_id}-{position}" + (f"-{n}" if n else "")
                 rel = f"{folder}/{_tagged(base, tag)}"
-                if rel.casefold() not in self.used:  # a file of the job may bear it too
+                if _fold(rel) not in self.used:  # a file of the job may bear it too
                     break
-        self.used.add(rel.casefold())
+        self.used.add(_fold(rel))
         return rel
 
     def finish(self) -> None:
