@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import io
 import json
+import os
 import re
 import shutil
 import threading
@@ -261,3 +262,38 @@ def sdk_threads_left(before: set[threading.Thread], timeout: float = 5.0) -> lis
         if not names or time.monotonic() >= deadline:
             return names
         time.sleep(0.02)
+
+
+def hold_lock(path: Path) -> int:
+    """Another process's hold on the cache lock of the chunk file ``path`` (flock is per
+    open file: another descriptor of this process conflicts as another process's would);
+    released when the descriptor is closed."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def raised_once_closed(
+    call: Callable[[], object], close: Callable[[], object], *, settle: float = 0.3
+) -> list[BaseException]:
+    """Run ``call`` on a thread; once it has been blocked ``settle`` seconds, ``close()``,
+    which must end it within 5 s. Returns what ``call`` raised."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=run)
+    waiter.start()
+    time.sleep(settle)
+    assert waiter.is_alive(), "the call did not block"
+    close()
+    waiter.join(5)
+    assert not waiter.is_alive(), "close() did not end the call"
+    return errors

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
+from helpers import hold_lock, raised_once_closed
 from pixcrawler import cache as cache_module
 from pixcrawler.archive import ChunkArchive
 from pixcrawler.cache import ChunkStore, resolve_cache_root
@@ -222,16 +223,6 @@ def test_recheck_leaves_a_file_another_process_has_just_put_in_place(
     assert path.read_bytes() == remote.bytes_of(1)  # but the other file stays
 
 
-def _hold_lock(path: Path) -> int:
-    """Another process's hold on a chunk's cache lock (flock is per open file: another
-    descriptor of this process conflicts with it as another process's would)."""
-    import fcntl
-
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 def test_a_lock_held_by_a_stopped_process_is_waited_for_a_bounded_time(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
@@ -240,8 +231,7 @@ def test_a_lock_held_by_a_stopped_process_is_waited_for_a_bounded_time(
     chunks = remote.store(tmp_path)
     path = chunks.path(0)
     assert path is not None
-    path.parent.mkdir(parents=True)
-    fd = _hold_lock(path)  # and never let go: a process stopped with Ctrl-Z
+    fd = hold_lock(path)  # and never let go: a process stopped with Ctrl-Z
     try:
         started = time.monotonic()
         assert bytes(chunks.get(0)) == remote.bytes_of(0)
@@ -260,24 +250,9 @@ def test_closing_the_store_ends_a_wait_for_another_processs_lock(
     chunks = remote.store(tmp_path)
     path = chunks.path(0)
     assert path is not None
-    path.parent.mkdir(parents=True)
-    fd = _hold_lock(path)
-    errors: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            chunks.get(0)
-        except BaseException as exc:
-            errors.append(exc)
-
+    fd = hold_lock(path)
     try:
-        waiter = threading.Thread(target=load)
-        waiter.start()
-        time.sleep(0.3)
-        assert waiter.is_alive()  # waiting for the lock
-        chunks.close()
-        waiter.join(2)
-        assert not waiter.is_alive()
+        errors = raised_once_closed(lambda: chunks.get(0), chunks.close)
     finally:
         os.close(fd)
     assert len(errors) == 1 and isinstance(errors[0], PixCrawlerError)

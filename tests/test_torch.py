@@ -38,7 +38,13 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy, sdk_threads_left
+from helpers import (
+    copy_without_counts,
+    corrupt_copy,
+    hold_lock,
+    raised_once_closed,
+    sdk_threads_left,
+)
 from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
@@ -470,32 +476,14 @@ def test_closing_ends_an_items_wait_for_a_chunk_another_process_is_caching(
 ) -> None:
     """Another process holds chunk 0's cache lock (stopped with Ctrl-Z): closing ends the
     item's wait, so no thread is left in flock() to keep the process from exiting."""
-    import fcntl
-
     before = set(threading.enumerate())
     dataset = open_uniform(live_server)
     torch_dataset = dataset.to_torch(cache_dir=tmp_path)
     path = torch_dataset.store.path(0)
     assert path is not None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file: it conflicts as a process's would
-    errors: list[BaseException] = []
-
-    def item() -> None:
-        try:
-            torch_dataset[0]
-        except BaseException as exc:
-            errors.append(exc)
-
+    fd = hold_lock(path)
     try:
-        waiter = threading.Thread(target=item)
-        waiter.start()
-        time.sleep(0.5)
-        assert waiter.is_alive()
-        dataset.close()
-        waiter.join(5)
-        assert not waiter.is_alive()
+        errors = raised_once_closed(lambda: torch_dataset[0], dataset.close, settle=0.5)
         assert sdk_threads_left(before) == []
     finally:
         os.close(fd)
