@@ -1663,6 +1663,33 @@ def test_a_second_download_into_a_folder_in_use_is_refused(
     assert cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server)).returncode == 0
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges there")
+def test_where_no_lock_can_be_made_beside_the_real_folder_it_goes_beside_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A symlink to a folder whose parent the user cannot write (a mount point under a
+    root-owned /mnt): the download still runs, locked beside the path it was given."""
+    from pixcrawler import export
+
+    (tmp_path / "mnt" / "ssd").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "job").symlink_to(tmp_path / "mnt" / "ssd")
+    real_open = os.open
+
+    def read_only_mnt(path: Any, flags: int, *args: Any) -> int:
+        if Path(path).parent == tmp_path / "mnt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(export.os, "open", read_only_mnt)
+    with export.exclusive(tmp_path / "out" / "job"):
+        assert (tmp_path / "out" / ".job.lock").exists()
+    loop = tmp_path / "out" / "loop"
+    loop.symlink_to(loop)  # resolve() raises for a loop: the lock goes beside it too
+    with export.exclusive(loop):
+        assert (tmp_path / "out" / ".loop.lock").exists()
+
+
 @pytest.mark.parametrize("fmt", ["numpy", "images"])
 def test_temp_files_a_killed_download_left_are_swept_by_the_next(
     cli: Cli, live_server: LiveServer, fmt: str

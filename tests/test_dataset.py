@@ -359,6 +359,11 @@ def test_manifest_metadata_never_replaces_the_rows_id_or_image_size() -> None:
         "manifest_height": 1080,
         "url": "https://x/0.jpg",
     }
+    theirs = {"manifest_id": "batch-7", "id": "crawl-42"}  # their own manifest_id first
+    sample = sample._replace(metadata=theirs)
+    meta = sample_metadata(sample, np.zeros((12, 16, 3), np.uint8))
+    assert (meta["id"], meta["manifest_id"]) == ("cat/0.jpg", "batch-7")
+    assert meta["manifest_manifest_id"] == "crawl-42"  # nothing of theirs is lost
 
 
 def test_early_break_cancels_downloads_and_leaves_no_threads(live_server: LiveServer) -> None:
@@ -559,13 +564,24 @@ def test_image_size_must_be_two_whole_numbers(uniform: Dataset, image_size: Any)
         uniform.to_arrays(image_size=image_size)
 
 
-@pytest.mark.parametrize("image_size", [(20_000, 20_000), (10**20, 3)])
+@pytest.mark.parametrize("image_size", [(50_000, 50_000), (10**20, 3)])
 def test_an_image_size_past_the_pixel_limit_is_refused_up_front(
     live_server: LiveServer, image_size: tuple[int, int]
 ) -> None:
     """Not an OverflowError, nor a 1 TB array, at the first batch."""
     with pytest.raises(ValueError, match=r"image_size .* pixels, over the limit"):
         load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, image_size=image_size)
+
+
+def test_the_limit_on_image_size_is_not_the_limit_on_input_images(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MAX_IMAGE_PIXELS guards what is decoded (bombs); a target size is another thing."""
+    from pixcrawler.decode import validate_image_size
+
+    monkeypatch.setattr(config, "MAX_IMAGE_PIXELS", 1_000_000)
+    assert validate_image_size((1024, 1024)) == (1024, 1024)
+    assert validate_image_size((16_384, 16_384)) == (16_384, 16_384)
 
 
 def test_image_size_takes_numpy_integers(uniform: Dataset) -> None:

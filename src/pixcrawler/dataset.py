@@ -779,8 +779,13 @@ def sample_metadata(sample: Sample, image: np.ndarray) -> dict[str, Any]:
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
     }
-    for key, value in sample.metadata.items():
-        own[f"manifest_{key}" if key in own else key] = value
+    clashing = [key for key in sample.metadata if key in own]
+    own.update((k, v) for k, v in sample.metadata.items() if k not in own)
+    for key in clashing:
+        name = f"manifest_{key}"
+        while name in own:  # (a producer's own "manifest_id" too)
+            name = f"manifest_{name}"
+        own[name] = sample.metadata[key]
     return own
 
 

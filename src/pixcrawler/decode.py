@@ -325,12 +325,17 @@ def validate_image_size(image_size: Any) -> tuple[int, int]:
         ) from exc
     if height < 1 or width < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    if height * width > config.MAX_IMAGE_PIXELS:  # (an image no decoder would make)
+    if height * width > _MAX_TARGET_PIXELS:
         raise ValueError(
             f"image_size {height}x{width} is {height * width:,} pixels, over the limit of "
-            f"{config.MAX_IMAGE_PIXELS:,} (pixcrawler.config.MAX_IMAGE_PIXELS)"
+            f"{_MAX_TARGET_PIXELS:,} for one image"
         )
     return height, width
+
+
+# A target size past this (46,341 x 46,341) is a typo, not an image: an array of them
+# would be reserved on disk or in memory before the first one is decoded.
+_MAX_TARGET_PIXELS = 1 << 31
 
 
 def _pillow_orientation(image: Image.Image) -> int:

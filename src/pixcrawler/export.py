@@ -73,11 +73,20 @@ def exclusive(root: Path) -> Iterator[None]:
     """Hold ``root``'s lock (``.<name>.lock`` beside it) for the block: two downloads into
     one folder would append to the same ``.part`` files and share the staging folder.
     Where the file system has no locks, the block runs unlocked. The lock goes by the
-    folder's real path: one folder reached through a symlink is still one folder."""
+    folder's real path, so one folder reached through a symlink is still one folder;
+    where none can be made there (a read-only parent), beside the path as given."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    real = root.resolve()
-    real.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(real.with_name(f".{real.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    places = [root.with_name(f".{root.name}.lock")]
+    with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a symlink loop
+        real = root.resolve()
+        places.insert(0, real.with_name(f".{real.name}.lock"))
+    for place in places:
+        try:
+            fd = os.open(place, os.O_RDWR | os.O_CREAT, 0o644)
+            break
+        except OSError:
+            if place == places[-1]:
+                raise
     try:
         try:
             _lock_fd(fd, wait=False)
