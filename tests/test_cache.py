@@ -206,6 +206,32 @@ def test_an_intact_cached_chunk_without_sha256_is_not_downloaded_again_for_a_bad
     assert remote.calls == {1: 1}
 
 
+def test_a_store_whose_file_another_store_replaced_reads_the_new_one(
+    remote: Remote, tmp_path: Path
+) -> None:
+    """Two stores (DataLoader workers) map one cached chunk without sha256; it rots in
+    place. The first to meet a bad image downloads it again; the second must then read
+    that fresh file, not call its own stale copy's image bad at its source."""
+    bare = [replace(c, sha256=None) for c in remote.chunks]
+    ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).get(1)
+    first, second = (
+        ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path) for _ in range(2)
+    )
+    first.get(1)
+    second.get(1)
+    path = first.path(1)
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # rot, same size
+    with open(path, "r+b") as fh:  # in place: both mappings see it
+        fh.write(data)
+    assert first.recheck(1) is True  # torn: deleted, and downloaded again
+    assert bytes(first.get(1)) == remote.bytes_of(1)
+    assert second.recheck(1) is True  # its copy is stale: it reads the new file
+    assert bytes(second.get(1)) == remote.bytes_of(1)
+    assert remote.calls == {1: 2}
+
+
 def test_recheck_leaves_a_file_another_process_has_just_put_in_place(
     remote: Remote, tmp_path: Path
 ) -> None:

@@ -295,8 +295,18 @@ class ChunkStore:
             self._trusted.discard(index)  # one caller reloads it
             loaded = self._verified.get(path) if path is not None else None
         sized_only = path is not None and not self._chunks[index].sha256
-        if sized_only and path is not None and _as_written(path):
-            return False
+        if sized_only and path is not None:
+            now = _file_id(path)
+            if loaded is not None and now is not None and now != loaded[:2]:
+                # Another store has put a fresh download in its place since: read that.
+                with self._lock:
+                    self._verified.pop(path, None)
+                    entry = self._memory.pop(index, None)
+                    if entry is not None:
+                        self._forget(entry)
+                return True
+            if _as_written(path):
+                return False
         with self._lock:
             if path is not None:
                 # Forgotten before the bytes go, so no thread reloads them as verified.
@@ -647,6 +657,15 @@ def _as_written(path: Path) -> bool:
         return _file_digest(path)[1] == stamp.split(" ", 1)[0]
     except OSError:
         return False
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The file at ``path`` as (device, inode), or None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _unlink_if_loaded(path: Path, loaded: tuple[int, ...] | None) -> None:
