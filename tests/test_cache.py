@@ -206,12 +206,21 @@ def test_an_intact_cached_chunk_without_sha256_is_not_downloaded_again_for_a_bad
     assert remote.calls == {1: 1}
 
 
+@pytest.mark.parametrize("mapped", [True, False])
 def test_a_store_whose_file_another_store_replaced_reads_the_new_one(
-    remote: Remote, tmp_path: Path
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mapped: bool
 ) -> None:
-    """Two stores (DataLoader workers) map one cached chunk without sha256; it rots in
+    """Two stores (DataLoader workers) hold one cached chunk without sha256; it rots in
     place. The first to meet a bad image downloads it again; the second must then read
-    that fresh file, not call its own stale copy's image bad at its source."""
+    that fresh file, not call its own stale copy's image bad at its source. (Read rather
+    than mapped, the old file's inode is free at once, and the new file often gets it.)"""
+    if not mapped:
+
+        class Refused(mmap.mmap):
+            def __new__(cls, *args: Any, **kwargs: Any) -> Refused:
+                raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(cache_module.mmap, "mmap", Refused)
     bare = [replace(c, sha256=None) for c in remote.chunks]
     ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).get(1)
     first, second = (

@@ -630,6 +630,41 @@ def test_ctrl_c_stops_a_download_started_with_sigint_ignored(cli: Cli, big_job: 
     assert "interrupted" in stderr and "Traceback" not in stderr
 
 
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(cli: Cli, tmp_path: Path) -> None:
+    """Pressed while numpy and Pillow load (the first ~0.2 s), Ctrl-C printed a traceback
+    through numpy's import and died of the signal. Here the first numpy import raises
+    KeyboardInterrupt, as the signal would."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "numpy.py").write_text("raise KeyboardInterrupt\n")
+    env = cli.env()
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), env["PYTHONPATH"]])
+    for command in ([sys.executable, "-m", "pixcrawler", "--version"], [cli.script, "--version"]):
+        done = subprocess.run(
+            command, cwd=cli.cwd, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 130, done
+        assert done.stderr == "Error: interrupted\n"
+
+
+def test_import_pixcrawler_loads_no_numpy() -> None:
+    """The package itself is light; numpy, Pillow and urllib3 load with what needs them."""
+    code = (
+        "import sys, pixcrawler; print('numpy' in sys.modules, pixcrawler.load_dataset, "
+        "pixcrawler.config.MAX_IMAGE_PIXELS)"  # submodules still reachable as attributes
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert done.returncode == 0, done
+    assert done.stdout.startswith("False <function load_dataset")
+    assert done.stdout.rstrip().endswith(" 178956970")
+
+
 @pytest.mark.parametrize("fmt", ["zip", "numpy", "images"])
 def test_rerun_of_a_complete_download_transfers_no_chunk(
     cli: Cli, big_job: BigJob, fmt: str
@@ -1664,30 +1699,26 @@ def test_a_second_download_into_a_folder_in_use_is_refused(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges there")
-def test_where_no_lock_can_be_made_beside_the_real_folder_it_goes_beside_the_link(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A symlink to a folder whose parent the user cannot write (a mount point under a
-    root-owned /mnt): the download still runs, locked beside the path it was given."""
+def test_the_download_lock_is_the_folders_own_whatever_the_path(tmp_path: Path) -> None:
+    """Locked beside the path given, two links to one folder took two locks; beside its
+    real path, a folder whose parent the user cannot write (a mount point) could not be
+    locked at all. The lock is on the folder itself, and nothing is created for it."""
     from pixcrawler import export
 
-    (tmp_path / "mnt" / "ssd").mkdir(parents=True)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "job").symlink_to(tmp_path / "mnt" / "ssd")
-    real_open = os.open
-
-    def read_only_mnt(path: Any, flags: int, *args: Any) -> int:
-        if Path(path).parent == tmp_path / "mnt":
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(export.os, "open", read_only_mnt)
-    with export.exclusive(tmp_path / "out" / "job"):
-        assert (tmp_path / "out" / ".job.lock").exists()
-    loop = tmp_path / "out" / "loop"
-    loop.symlink_to(loop)  # resolve() raises for a loop: the lock goes beside it too
-    with export.exclusive(loop):
-        assert (tmp_path / "out" / ".loop.lock").exists()
+    real = tmp_path / "mnt" / "ssd"
+    real.mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "job").symlink_to(real)
+    (tmp_path / "b" / "job").symlink_to(real)
+    with export.exclusive(tmp_path / "a" / "job"):
+        for other in (tmp_path / "b" / "job", real):
+            refused = pytest.raises(export.ExportUsageError, match="another download")
+            with refused, export.exclusive(other):
+                pass
+    with export.exclusive(tmp_path / "b" / "job"):  # released with the block
+        pass
+    assert {p.name for p in tmp_path.rglob("*")} == {"mnt", "a", "b", "ssd", "job"}
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "images"])

@@ -296,9 +296,9 @@ class ChunkStore:
             loaded = self._verified.get(path) if path is not None else None
         sized_only = path is not None and not self._chunks[index].sha256
         if sized_only and path is not None:
-            now = _file_id(path)
-            if loaded is not None and now is not None and now != loaded[:2]:
-                # Another store has put a fresh download in its place since: read that.
+            if loaded is not None and _freshly_written(path, loaded):
+                # Another store has put a fresh download in its place since this one read
+                # it (stamped as it stands): read that.
                 with self._lock:
                     self._verified.pop(path, None)
                     entry = self._memory.pop(index, None)
@@ -659,13 +659,18 @@ def _as_written(path: Path) -> bool:
         return False
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
-    """The file at ``path`` as (device, inode), or None where there is none."""
+def _freshly_written(path: Path, loaded: tuple[int, ...]) -> bool:
+    """Whether the file at ``path`` is another than the one read as ``loaded`` (another
+    inode, or the same one reused, with new times) and stands exactly as :meth:`_write`
+    stamped it: a store's fresh download, not this file rotted in place."""
+    stamp = _read_stamp(path)
+    if not stamp:
+        return False
     try:
         st = os.stat(path)
     except OSError:
-        return None
-    return st.st_dev, st.st_ino
+        return False
+    return _identity(st) != loaded and stamp == _stamp(st, stamp.split(" ")[0])
 
 
 def _unlink_if_loaded(path: Path, loaded: tuple[int, ...] | None) -> None:

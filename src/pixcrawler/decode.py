@@ -333,9 +333,9 @@ def validate_image_size(image_size: Any) -> tuple[int, int]:
     return height, width
 
 
-# A target size past this (46,341 x 46,341) is a typo, not an image: an array of them
-# would be reserved on disk or in memory before the first one is decoded.
-_MAX_TARGET_PIXELS = 1 << 31
+# A target size past this (16,384 x 16,384, 768 MiB of RGB) is a typo, not an image: an
+# array of them would be reserved on disk or in memory before the first one is decoded.
+_MAX_TARGET_PIXELS = 1 << 28
 
 
 def _pillow_orientation(image: Image.Image) -> int:

@@ -70,23 +70,17 @@ class ExportUsageError(ValueError):
 
 @contextlib.contextmanager
 def exclusive(root: Path) -> Iterator[None]:
-    """Hold ``root``'s lock (``.<name>.lock`` beside it) for the block: two downloads into
-    one folder would append to the same ``.part`` files and share the staging folder.
-    Where the file system has no locks, the block runs unlocked. The lock goes by the
-    folder's real path, so one folder reached through a symlink is still one folder;
-    where none can be made there (a read-only parent), beside the path as given."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    places = [root.with_name(f".{root.name}.lock")]
-    with contextlib.suppress(OSError, RuntimeError):  # RuntimeError: a symlink loop
-        real = root.resolve()
-        places.insert(0, real.with_name(f".{real.name}.lock"))
-    for place in places:
-        try:
-            fd = os.open(place, os.O_RDWR | os.O_CREAT, 0o644)
-            break
-        except OSError:
-            if place == places[-1]:
-                raise
+    """Hold ``root``'s lock for the block: two downloads into one folder would append to
+    the same ``.part`` files and share the staging folder. The lock is on the folder
+    itself, so every path to it (a symlink, a bind mount) takes the same one, and nothing
+    is created beside it. Where the file system has no locks, or a folder cannot be
+    opened as a file (Windows), the block runs unlocked."""
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield
+        return
     try:
         try:
             _lock_fd(fd, wait=False)
