@@ -432,6 +432,7 @@ def test_numpy_download_equals_the_sdk_iteration(cli: Cli, live_server: LiveServ
         np.testing.assert_array_equal(X[row], image)
         assert labels[y[row]] == sample.label
     assert sorted(p.name for p in root.iterdir()) == [
+        ".download.lock",
         ".progress.json",
         "X.npy",
         "labels.json",
@@ -1383,7 +1384,7 @@ def test_a_new_version_of_the_job_leaves_nothing_of_the_old_one(
         json.loads(line)["file"] for line in (root / "metadata.jsonl").read_text().splitlines()
     }
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    assert on_disk - {"metadata.jsonl", ".progress.json"} == listed
+    assert on_disk - {"metadata.jsonl", ".progress.json", ".download.lock"} == listed
     assert not (root / "dog").exists()
 
 
@@ -1702,7 +1703,8 @@ def test_a_second_download_into_a_folder_in_use_is_refused(
 def test_the_download_lock_is_the_folders_own_whatever_the_path(tmp_path: Path) -> None:
     """Locked beside the path given, two links to one folder took two locks; beside its
     real path, a folder whose parent the user cannot write (a mount point) could not be
-    locked at all. The lock is on the folder itself, and nothing is created for it."""
+    locked at all. The lock is a file inside the folder (a lock on the folder itself is
+    no lock on NFS, which locks only files open for writing)."""
     from pixcrawler import export
 
     real = tmp_path / "mnt" / "ssd"
@@ -1718,7 +1720,15 @@ def test_the_download_lock_is_the_folders_own_whatever_the_path(tmp_path: Path) 
                 pass
     with export.exclusive(tmp_path / "b" / "job"):  # released with the block
         pass
-    assert {p.name for p in tmp_path.rglob("*")} == {"mnt", "a", "b", "ssd", "job"}
+    assert {p.name for p in tmp_path.rglob("*")} == {
+        "mnt",
+        "a",
+        "b",
+        "ssd",
+        "job",
+        ".download.lock",
+    }
+    assert (real / ".download.lock").is_file()
 
 
 @pytest.mark.parametrize("fmt", ["numpy", "images"])

@@ -582,6 +582,15 @@ def test_the_limit_on_image_size_is_not_the_limit_on_input_images(
     monkeypatch.setattr(config, "MAX_IMAGE_PIXELS", 1_000_000)
     assert validate_image_size((1024, 1024)) == (1024, 1024)
     assert validate_image_size((16_384, 16_384)) == (16_384, 16_384)
+    monkeypatch.setattr(config, "MAX_IMAGE_PIXELS", 10**9)  # raised for large inputs
+    assert validate_image_size((20_000, 15_000)) == (20_000, 15_000)
+    from pixcrawler.decode import ImageDecoder
+
+    monkeypatch.undo()  # a spawned worker's fresh config, with the parent's limit passed
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # (raised below)
+    assert ImageDecoder(image_size=(20_000, 15_000), max_pixels=10**9).image_size is not None
 
 
 def test_image_size_takes_numpy_integers(uniform: Dataset) -> None:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import (
@@ -46,20 +47,19 @@ __all__ = [
 _FROM_DATASET = frozenset({"Dataset", "DatasetInfo", "load_dataset"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _FROM_DATASET:
-        from . import dataset
+if not TYPE_CHECKING:  # (type checkers see the names above, and flag a typo in any other)
 
-        value = getattr(dataset, name)
-        globals()[name] = value
-        return value
-    try:  # a submodule, as eager imports used to leave them: pixcrawler.config.X = ...
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":  # the submodule is there; what it needs is not
-            raise
-    raise AttributeError(f"module 'pixcrawler' has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name in _FROM_DATASET:
+            from . import dataset
 
+            value = getattr(dataset, name)
+            globals()[name] = value
+            return value
+        # A submodule, as the eager imports used to leave them: pixcrawler.config.X = ...
+        if name.isidentifier() and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module 'pixcrawler' has no attribute {name!r}")
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _FROM_DATASET)
+    def __dir__() -> list[str]:
+        return sorted({*__all__, "__version__"})

@@ -155,8 +155,9 @@ class ImageDecoder:
     ) -> None:
         if mode not in _CHANNELS:
             raise ValueError(f"mode must be one of {', '.join(_CHANNELS)}, got {mode!r}")
+        limit = config.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
         if image_size is not None:
-            image_size = validate_image_size(image_size)
+            image_size = validate_image_size(image_size, max_pixels=limit)
         if backend not in ("auto", "pillow"):
             raise ValueError(f"backend must be 'auto' or 'pillow', got {backend!r}")
         self.mode = mode
@@ -164,7 +165,7 @@ class ImageDecoder:
         self.image_size = image_size
         # Read per decoder, so `pixcrawler.config.MAX_IMAGE_PIXELS = ...` reaches the ones
         # a Dataset makes.
-        self.max_pixels = config.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+        self.max_pixels = limit
         _allow_in_pillow(self.max_pixels)
         self._simplejpeg = _load_simplejpeg() if backend == "auto" else None
         self._space = _SIMPLEJPEG_SPACES.get(mode)
@@ -307,8 +308,10 @@ def _allow_in_pillow(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
 
 
-def validate_image_size(image_size: Any) -> tuple[int, int]:
-    """``(H, W)`` as two positive ints, or a ValueError naming what was given.
+def validate_image_size(image_size: Any, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(H, W)`` as two positive ints, or a ValueError naming what was given. At most
+    2**28 pixels (a typo guard), or ``max_pixels`` (default
+    ``pixcrawler.config.MAX_IMAGE_PIXELS``) where that is more.
 
     Only whole numbers count: ``"64"`` is not ``(6, 4)``, nor ``224.9`` 224, nor True 1.
     """
@@ -325,10 +328,11 @@ def validate_image_size(image_size: Any) -> tuple[int, int]:
         ) from exc
     if height < 1 or width < 1:
         raise ValueError(f"image_size must be positive, got {image_size!r}")
-    if height * width > _MAX_TARGET_PIXELS:
+    limit = max(_MAX_TARGET_PIXELS, config.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+    if height * width > limit:
         raise ValueError(
             f"image_size {height}x{width} is {height * width:,} pixels, over the limit of "
-            f"{_MAX_TARGET_PIXELS:,} for one image"
+            f"{limit:,} for one image (raise pixcrawler.config.MAX_IMAGE_PIXELS to allow it)"
         )
     return height, width
 

@@ -50,11 +50,12 @@ log = logging.getLogger("pixcrawler")
 
 FORMATS = ("numpy", "images", "zip")
 SIDECAR = ".progress.json"
+LOCK_FILE = ".download.lock"  # exclusive()'s, inside the job's folder
 STAGING_DIR = ".partial"  # chunk archives in transit for the numpy and images formats
 METADATA = config.IMAGES_LISTING
 # Names at the top of an images export that are the export's own: a label (the first
 # folder of its images' paths) named like one is refused, and the packer packs none.
-RESERVED_NAMES = frozenset({STAGING_DIR, SIDECAR, METADATA, METADATA + ".part"})
+RESERVED_NAMES = frozenset({STAGING_DIR, SIDECAR, LOCK_FILE, METADATA, METADATA + ".part"})
 # An image on its way to its file: in the staging folder, where no image's own name can
 # be (a label named like it is refused), and short, whatever the length of that name.
 _IMAGE_TEMP = "image.tmp"
@@ -70,15 +71,19 @@ class ExportUsageError(ValueError):
 
 @contextlib.contextmanager
 def exclusive(root: Path) -> Iterator[None]:
-    """Hold ``root``'s lock for the block: two downloads into one folder would append to
-    the same ``.part`` files and share the staging folder. The lock is on the folder
-    itself, so every path to it (a symlink, a bind mount) takes the same one, and nothing
-    is created beside it. Where the file system has no locks, or a folder cannot be
-    opened as a file (Windows), the block runs unlocked."""
+    """Hold ``root``'s lock (``.download.lock`` inside it) for the block: two downloads
+    into one folder would append to the same ``.part`` files and share the staging folder.
+    Inside the folder, every path to it (a symlink, a bind mount) finds the same lock, and
+    it is a file opened for writing, which NFS needs to lock it. Where the file system has
+    no locks, or the folder is read-only (nothing can be written there), the block runs
+    unlocked."""
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        with contextlib.suppress(OSError):
+            fd = os.open(root / LOCK_FILE, flags, 0o644)
+            break
+    if fd is None:
         yield
         return
     try:
