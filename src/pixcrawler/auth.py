@@ -39,7 +39,8 @@ def save_api_key(api_key: str) -> Path:
     return path
 
 
-def _stored_api_key() -> str | None:
+def stored_api_key() -> str | None:
+    """The key ``pixcrawler login`` saved, or None (no file, or one that cannot be read)."""
     try:
         data = json.loads(credentials_path().read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
@@ -56,7 +57,7 @@ NO_KEY_MESSAGE = (
 
 def resolve_api_key(api_key: str | None) -> str:
     """The explicit key, else ``PIXCRAWLER_API_KEY``, else the ``pixcrawler login`` file."""
-    key = (api_key or os.environ.get(config.ENV_API_KEY) or _stored_api_key() or "").strip()
+    key = (api_key or os.environ.get(config.ENV_API_KEY) or stored_api_key() or "").strip()
     if not key:
         raise AuthenticationError(NO_KEY_MESSAGE)
     if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):

@@ -296,26 +296,23 @@ class ChunkStore:
             loaded = self._verified.get(path) if path is not None else None
         sized_only = path is not None and not self._chunks[index].sha256
         if sized_only and path is not None:
-            if loaded is not None and _freshly_written(path, loaded):
+            stamp = _read_stamp(path)
+            if loaded is not None and _freshly_written(path, loaded, stamp):
                 # Another store has put a fresh download in its place since this one read
                 # it (stamped as it stands): read that.
                 with self._lock:
                     self._verified.pop(path, None)
-                    entry = self._memory.pop(index, None)
-                    if entry is not None:
-                        self._forget(entry)
+                    self._drop(index)
                 return True
-            if _as_written(path):
+            if _as_written(path, stamp):
                 return False
         with self._lock:
             if path is not None:
                 # Forgotten before the bytes go, so no thread reloads them as verified.
                 self._forget_verified(path)
                 if sized_only:  # only a download can tell what it should hold
-                    _unlink_if_loaded(path, loaded)
-            entry = self._memory.pop(index, None)
-            if entry is not None:
-                self._forget(entry)
+                    _unlink_unless_replaced(path, loaded)
+            self._drop(index)
         return True
 
     def in_memory(self, index: int) -> bool:
@@ -389,6 +386,12 @@ class ChunkStore:
             for index in mapped[:-1][:excess]:
                 self._forget(self._memory.pop(index))
                 self.stats.evictions += 1
+
+    def _drop(self, index: int) -> None:
+        """Take chunk ``index`` out of memory, if it is there (call with the lock)."""
+        entry = self._memory.pop(index, None)
+        if entry is not None:
+            self._forget(entry)
 
     def _forget(self, entry: _Entry) -> None:
         """Uncount an entry taken out of memory (call with the lock)."""
@@ -469,10 +472,7 @@ class ChunkStore:
         log.warning(
             "chunk %d: cached file %s is corrupt (%s); downloading it again", index, path, why
         )
-        with contextlib.suppress(OSError):
-            now = os.stat(path)
-            if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):  # not already replaced
-                os.unlink(path)
+        _unlink_unless_replaced(path, _identity(st))
         self._unstamp(index, path)
 
     def _unstamp(self, index: int, path: Path) -> None:
@@ -648,9 +648,9 @@ def _write_stamp(path: Path, st: os.stat_result, sha256: str) -> None:
             temp.unlink()
 
 
-def _as_written(path: Path) -> bool:
-    """Whether the file still hashes to the sha256 its stamp recorded when it was written."""
-    stamp = _read_stamp(path)
+def _as_written(path: Path, stamp: str | None) -> bool:
+    """Whether the file still hashes to the sha256 its ``stamp`` recorded when it was
+    written."""
     if not stamp:
         return False
     try:
@@ -659,11 +659,10 @@ def _as_written(path: Path) -> bool:
         return False
 
 
-def _freshly_written(path: Path, loaded: tuple[int, ...]) -> bool:
+def _freshly_written(path: Path, loaded: tuple[int, ...], stamp: str | None) -> bool:
     """Whether the file at ``path`` is another than the one read as ``loaded`` (another
     inode, or the same one reused, with new times) and stands exactly as :meth:`_write`
-    stamped it: a store's fresh download, not this file rotted in place."""
-    stamp = _read_stamp(path)
+    stamped it (``stamp``): a store's fresh download, not this file rotted in place."""
     if not stamp:
         return False
     try:
@@ -673,9 +672,9 @@ def _freshly_written(path: Path, loaded: tuple[int, ...]) -> bool:
     return _identity(st) != loaded and stamp == _stamp(st, stamp.split(" ")[0])
 
 
-def _unlink_if_loaded(path: Path, loaded: tuple[int, ...] | None) -> None:
+def _unlink_unless_replaced(path: Path, loaded: tuple[int, ...] | None) -> None:
     """Delete ``path`` unless another file has been renamed into its place since it was
-    loaded (another process's fresh download)."""
+    read as ``loaded`` (an :func:`_identity`; another process's fresh download)."""
     with contextlib.suppress(OSError):
         st = os.stat(path)
         if loaded is None or (st.st_dev, st.st_ino) == loaded[:2]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import logging
 import os
 import signal
@@ -28,10 +27,10 @@ import click
 from . import __version__, config, export
 from .auth import (
     NO_KEY_MESSAGE,
-    credentials_path,
     resolve_api_key,
     resolve_base_url,
     save_api_key,
+    stored_api_key,
 )
 from .client import ApiClient, api_root, job_path
 from .dataset import DatasetInfo, load_dataset, num_images_of
@@ -112,19 +111,10 @@ _NO_ARGS_IS_HELP: type[click.UsageError] | tuple[()] = getattr(
 # -- keeping keys off the screen -------------------------------------------------------------
 
 
-def _stored_key() -> str | None:
-    try:
-        data = json.loads(credentials_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
-        return None
-    key = data.get("api_key") if isinstance(data, dict) else None
-    return key if isinstance(key, str) else None
-
-
 def redact(text: str) -> str:
     """``text`` with every API key this process knows of replaced by ``***``."""
     keys = set(_session.keys)
-    keys.update(k for k in (os.environ.get(config.ENV_API_KEY), _stored_key()) if k)
+    keys.update(k for k in (os.environ.get(config.ENV_API_KEY), stored_api_key()) if k)
     # Each key as given, trimmed, and escaped as reprs and HTTP errors show it.
     forms = {form for key in keys for form in (key, key.strip(), repr(key)[1:-1])}
     for form in sorted(forms, key=len, reverse=True):

@@ -37,6 +37,7 @@ from .exceptions import (
 )
 from .models import Job, check_counts
 from .retry import RetryPolicy, parse_retry_after, status_cause
+from .units import counted
 
 log = logging.getLogger("pixcrawler")
 
@@ -290,8 +291,8 @@ class ApiClient:
                 failures += 1
                 if failures > self.retry.retries:
                     raise NetworkError(
-                        f"{what} failed after {_attempts(failures)}: {exc.__class__.__name__}: "
-                        f"{_safe_exc(exc)}"
+                        f"{what} failed after {counted(failures, 'attempt')}: "
+                        f"{exc.__class__.__name__}: {_safe_exc(exc)}"
                     ) from exc
                 cause = exc.__class__.__name__
             else:
@@ -372,7 +373,7 @@ def _network_error(
     response: urllib3.BaseHTTPResponse, what: str, attempts: int, retry_after: float | None
 ) -> NetworkError:
     message = f"{what}: HTTP {response.status}: {error_message(response)} after "
-    message += _attempts(attempts)
+    message += counted(attempts, "attempt")
     if retry_after is not None:
         message += f"; the server asks to retry in {retry_after:.0f} s"
     return NetworkError(message, status_code=response.status, retry_after=retry_after)
@@ -434,7 +435,3 @@ def _join(base: str, url: str, what: str) -> str:
         return urljoin(base, url)
     except ValueError as exc:
         raise NetworkError(f"{what} no request can take ({exc})") from None
-
-
-def _attempts(count: int) -> str:
-    return f"{count} attempt" if count == 1 else f"{count} attempts"

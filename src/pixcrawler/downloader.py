@@ -829,7 +829,7 @@ class ChunkDownloader:
                 failures += 1
                 if failures > policy.retries:
                     raise DownloadError(
-                        f"Chunk {index} failed after {failures} attempts: {exc}",
+                        f"Chunk {index} failed after {counted(failures, 'attempt')}: {exc}",
                         chunk_id=index,
                     ) from None
                 why = str(exc)
@@ -847,7 +847,7 @@ class ChunkDownloader:
                 failures += 1
                 if failures > policy.retries:
                     raise DownloadError(
-                        f"Chunk {index} failed after {failures} attempts "
+                        f"Chunk {index} failed after {counted(failures, 'attempt')} "
                         f"({exc.__class__.__name__}) at byte {pos}",
                         chunk_id=index,
                     ) from exc
