@@ -6,6 +6,7 @@ counting ``fetch`` in place of the network, so every download is visible.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -68,6 +69,17 @@ class Remote:
             cache_dir=cache_dir,  # type: ignore[arg-type]
             **options,  # type: ignore[arg-type]
         )
+
+
+def _refuse_mappings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mapping of a cached file fails, as with the descriptors used up: the store
+    reads files into memory instead."""
+
+    class Refused(mmap.mmap):
+        def __new__(cls, *args: Any, **kwargs: Any) -> Refused:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(cache_module.mmap, "mmap", Refused)
 
 
 @pytest.fixture
@@ -215,12 +227,7 @@ def test_a_store_whose_file_another_store_replaced_reads_the_new_one(
     that fresh file, not call its own stale copy's image bad at its source. (Read rather
     than mapped, the old file's inode is free at once, and the new file often gets it.)"""
     if not mapped:
-
-        class Refused(mmap.mmap):
-            def __new__(cls, *args: Any, **kwargs: Any) -> Refused:
-                raise OSError(12, "Cannot allocate memory")
-
-        monkeypatch.setattr(cache_module.mmap, "mmap", Refused)
+        _refuse_mappings(monkeypatch)
     bare = [replace(c, sha256=None) for c in remote.chunks]
     ChunkStore(bare, remote.fetch, job_id=JOB_UNIFORM, cache_dir=tmp_path).get(1)
     first, second = (
@@ -635,7 +642,6 @@ def test_a_folder_without_file_locks_still_caches(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Some network mounts refuse flock (ENOLCK): the cache works on without the lock."""
-    import errno
 
     def refuse(fd: int, *, wait: bool = True) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
@@ -806,15 +812,8 @@ def test_the_limit_on_mappings_is_the_processs_not_each_stores(tmp_path: Path) -
 def test_a_cached_file_that_cannot_be_mapped_is_read_instead(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import errno
-
     remote.store(tmp_path).get(1)
-
-    class Refused(mmap.mmap):
-        def __new__(cls, *args: Any, **kwargs: Any) -> Refused:
-            raise OSError(errno.EMFILE, "Too many open files")
-
-    monkeypatch.setattr(cache_module.mmap, "mmap", Refused)
+    _refuse_mappings(monkeypatch)
     again = remote.store(tmp_path)
     assert bytes(again.get(1)) == remote.bytes_of(1)
     assert remote.calls == {1: 1} and again.stats.disk_hits == 1

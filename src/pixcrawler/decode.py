@@ -221,7 +221,7 @@ class ImageDecoder:
         if self.mode == "L" and space != "Gray":
             # libjpeg's gray is the Y channel, off by up to ~27 levels from Pillow's
             # convert("L") on saturated colours: decode RGB and convert it as Pillow does.
-            return self._decode_jpeg_as_gray(data)
+            return self._decode_jpeg_as_gray(data, height, width)
         if self.image_size is None:
             out = None
             if self.buffers is not None:
@@ -235,12 +235,14 @@ class ImageDecoder:
             return array
         return self._resize_array(array)
 
-    def _decode_jpeg_as_gray(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+    def _decode_jpeg_as_gray(
+        self, data: bytes | bytearray | memoryview, height: int, width: int
+    ) -> np.ndarray:
+        """``height`` x ``width``: the size its header gives (read by the caller)."""
         sj: Any = self._simplejpeg
         if self.image_size is None:
             rgb = sj.decode_jpeg(data, colorspace="RGB")
         else:
-            height, width, _, _ = sj.decode_jpeg_header(data)
             mh, mw = _drafted(height, width, self.image_size)
             rgb = sj.decode_jpeg(data, colorspace="RGB", min_height=mh, min_width=mw)
         gray = np.array(Image.fromarray(rgb).convert("L"))[:, :, np.newaxis]
