@@ -485,9 +485,14 @@ def download(
         dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
         root = output_dir / job_id
         try:
-            stack.enter_context(export.exclusive(root))  # one download into a folder at once
+            # Refused (mixed sizes for numpy) before the folder or its lock is created.
             writer = export.make_writer(fmt, dataset, root, image_size, on_error)
         except export.ExportUsageError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        try:
+            stack.enter_context(export.exclusive(root))  # one download into a folder at once
+        except export.ExportUsageError as exc:
+            writer.close()
             raise CliError(str(exc), EXIT_USAGE) from None
         stats = dataset.stats.transfer
         try:
