@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,25 @@ def test_to_dataframe_has_image_label_metadata_columns(uniform: Dataset) -> None
     meta = df["metadata"].iloc[0]
     assert {"id", "path", "chunk", "width", "height", "sha256"} - set(meta) <= {"sha256"}
     assert meta["width"] == UNIFORM_SIZE[1]
+
+
+def test_to_dataframe_of_no_rows_keeps_the_columns_dtypes(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """A job of no images (or every image skipped) gives the dtypes rows would have, not
+    pandas' float64 for empty lists: ``df["label"].str`` and concatenation still work."""
+    pandas = pytest.importorskip("pandas")
+
+    def empty(job: dict[str, Any]) -> None:
+        job["chunks"], job["total_images"] = [], 0
+
+    base_url = server_factory(edited_copy(live_server.store, tmp_path, JOB_UNIFORM, empty))
+    df = load_dataset(JOB_UNIFORM, live_server.api_key, base_url).to_dataframe()
+    full = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url).to_dataframe()
+    assert len(df) == 0 and list(df.columns) == ["image", "label", "metadata"]
+    assert dict(df.dtypes) == dict(full.dtypes)
+    assert list(df["label"].str.upper()) == []
+    assert dict(pandas.concat([df, full]).dtypes) == dict(full.dtypes)
 
 
 def test_manifest_metadata_never_replaces_the_rows_id_or_image_size() -> None:

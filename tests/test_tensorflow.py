@@ -21,7 +21,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy
+from helpers import copy_without_counts, corrupt_copy, edited_copy
 from pixcrawler import Dataset, load_dataset
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -86,6 +86,28 @@ def test_mixed_sizes_have_a_free_shape_unless_image_size_fixes_it(live_server: L
 
     gray = open_job(live_server, JOB_MIXED, mode="L", image_size=(8, 8)).to_tensorflow()
     assert tuple(gray.element_spec[0].shape) == (8, 8, 1)
+
+
+def test_an_image_unlike_the_size_the_job_lists_gets_the_sdks_error_naming_it(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """Another producer's job.json may list a size some image does not have: the fixed
+    signature would fail mid-epoch with TensorFlow's shape error; ours names the image."""
+
+    def lie(job: dict[str, object]) -> None:
+        job["image_size"] = [32, 32]
+
+    base_url = server_factory(edited_copy(live_server.store, tmp_path, JOB_MIXED, lie))
+    dataset = load_dataset(JOB_MIXED, api_key=live_server.api_key, base_url=base_url)
+    assert tuple(dataset.to_tensorflow().element_spec[0].shape) == (32, 32, 3)
+    with pytest.raises(tf.errors.OpError) as info:
+        for _ in dataset.to_tensorflow():
+            pass
+    assert "MixedImageSizesError" in info.value.message
+    assert "lists every image as 32x32" in info.value.message
+    assert "image_size=(H, W)" in info.value.message
+    resized = dataset.to_tensorflow(image_size=(32, 32))  # asked for: resized, no error
+    assert sum(1 for _ in resized) == MIXED_TOTAL
 
 
 def test_skip_policy_leaves_the_cardinality_unknown(live_server: LiveServer) -> None:

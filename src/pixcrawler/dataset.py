@@ -404,7 +404,11 @@ class Dataset:
             rows["image"].append(image)
             rows["label"].append(sample.label)
             rows["metadata"].append(sample_metadata(sample, image))
-        return cast("pd.DataFrame", pandas.DataFrame(rows))
+        frame = pandas.DataFrame(rows)
+        if not rows["label"]:  # no rows: the dtypes rows would give, not float64
+            text = pandas.Series([""]).dtype  # pandas' own for strings (str, or object)
+            frame = frame.astype({"image": object, "label": text, "metadata": object})
+        return cast("pd.DataFrame", frame)
 
     def to_torch(
         self,

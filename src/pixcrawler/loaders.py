@@ -40,7 +40,12 @@ from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore, resolve_cache_root
 from .dataset import count_mismatch, counts_listed, decode_sample, positive_int
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
-from .exceptions import DecompressionError, MissingDependencyError, PixCrawlerError
+from .exceptions import (
+    DecompressionError,
+    MissingDependencyError,
+    MixedImageSizesError,
+    PixCrawlerError,
+)
 
 if TYPE_CHECKING:
     from .dataset import Dataset
@@ -861,10 +866,19 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
     shape_size = size or dataset.image_size or dataset.job.image_size
     channels = ImageDecoder(dataset.mode).channels
     height, width = shape_size if shape_size is not None else (None, None)
+    # A size only the job lists is the producer's word, not a resize: an image that
+    # differs gets the error to_arrays() gives, not TensorFlow's mid-epoch shape error.
+    listed = None if size or dataset.image_size else dataset.job.image_size
     label_ids = {name: i for i, name in enumerate(dataset.labels)}
 
     def generate() -> Iterator[tuple[np.ndarray, np.int64]]:
         for sample, image in dataset.iter_samples(size):
+            if listed is not None and image.shape[:2] != tuple(listed):
+                raise MixedImageSizesError(
+                    f"image {sample.id!r} is {image.shape[1]}x{image.shape[0]} but job "
+                    f"{dataset.job.id} lists every image as {listed[1]}x{listed[0]}: pass "
+                    "image_size=(H, W) to resize them all."
+                )
             label = label_ids.get(sample.label)
             if label is None:
                 raise PixCrawlerError(
