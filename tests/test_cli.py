@@ -48,10 +48,10 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy, drop_counts, edited_copy
+from helpers import CannedHost, copy_without_counts, corrupt_copy, drop_counts, edited_copy
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
-from pixcrawler.config import MAX_MEMBERS, READ_BLOCK
+from pixcrawler.config import MAX_ERROR_MESSAGE, MAX_MEMBERS, READ_BLOCK
 from pixcrawler.exceptions import AuthenticationError
 from pixcrawler.packer import pack, write_job
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
@@ -1196,6 +1196,104 @@ def test_a_credentials_file_nested_past_the_parsers_limit_is_no_key(
     result = cli.run("info", JOB_UNIFORM, "--base-url", secret_server)
     assert result.returncode == 3, result
     assert "PIXCRAWLER_API_KEY" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_login_saves_no_key_later_commands_would_refuse_and_reads_past_a_bom(
+    cli: Cli, secret_server: str
+) -> None:
+    """``abc def`` or a non-ASCII key were saved, then refused by every command (exit 3);
+    a key file a Windows editor saved with a byte-order mark was saved with it."""
+    path = cli.config_dir / "credentials.json"
+    for bad in ("abc def", "ключ-0123456789"):
+        result = cli.run("login", input=bad + "\n")
+        assert result.returncode == 2 and "not saved" in result.stderr, result
+        assert bad not in result.output and not path.exists()
+    assert cli.run("login", input="\ufeff" + SECRET + "\r\n").returncode == 0
+    assert json.loads(path.read_text())["api_key"] == SECRET
+    path.write_text(json.dumps({"api_key": SECRET}), encoding="utf-8-sig")  # BOM: read too
+    assert cli.run("info", JOB_UNIFORM, "--base-url", secret_server).returncode == 0
+    path.write_text("{not json")
+    result = cli.run("info", JOB_UNIFORM, "--base-url", secret_server)
+    assert result.returncode == 3 and "holds none that can be read" in result.stderr, result
+
+
+def test_login_writes_through_no_planted_link_and_makes_its_folder_private(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The key went to a fixed ``credentials.tmp``, through any link planted there, and the
+    folder took the umask's mode (0777 under ``umask 000``)."""
+    folder = tmp_path / "fresh" / "pixcrawler"
+    result = cli.run("login", input=SECRET + "\n", PIXCRAWLER_CONFIG_DIR=str(folder))
+    assert result.returncode == 0, result
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    victim = tmp_path / "victim.txt"
+    victim.write_text("theirs")
+    (folder / "credentials.tmp").symlink_to(victim)
+    result = cli.run("login", input=SECRET + "\n", PIXCRAWLER_CONFIG_DIR=str(folder))
+    assert result.returncode == 0, result
+    assert victim.read_text() == "theirs"
+    saved = folder / "credentials.json"
+    assert not saved.is_symlink() and stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert json.loads(saved.read_text())["api_key"] == SECRET
+    assert sorted(p.name for p in folder.iterdir()) == ["credentials.json", "credentials.tmp"]
+
+
+def _canned_json(status: int, data: object) -> CannedHost:
+    return CannedHost(status, json.dumps(data).encode(), {"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(("status", "code"), [(401, 3), (404, 4)])
+def test_a_server_echoing_the_key_or_escapes_in_its_error_gets_neither_on_screen(
+    cli: Cli, status: int, code: int
+) -> None:
+    """The key was scrubbed after the message was cut: a key at the cut kept its head."""
+    words = "\x1b]0;OWNED\x07\x1b[2J " + "x" * (MAX_ERROR_MESSAGE - 40) + f" Bearer {SECRET}"
+    with _canned_json(status, {"detail": words}) as host:
+        for debug in ([], ["--debug"]):
+            result = cli.run(*debug, "info", "job_x", *api(host.base_url, SECRET))
+            assert result.returncode == code, result
+            assert SECRET[:10] not in result.output, result
+            assert "\x1b" not in result.output and "\x07" not in result.output
+
+
+def test_info_shows_a_label_holding_a_line_break_on_the_labels_line(cli: Cli) -> None:
+    job = {"id": "job_x", "status": "running", "progress": "nan", "labels": ["cat\nStatus: ok"]}
+    with _canned_json(200, job) as host:
+        result = cli.run("info", "job_x", *api(host.base_url, SECRET))
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("Status:")] == ["Status: running (0%)"]
+    assert "Labels: cat?Status: ok (1 class)" in lines
+
+
+def test_list_is_newest_first_ends_on_a_page_of_nothing_new_and_fits_any_console(
+    cli: Cli,
+) -> None:
+    """The server's order was printed under "newest first"; a server ignoring ``page`` and
+    claiming 10**12 pages looped the listing; a name cp1252 cannot hold crashed it."""
+    items = [
+        {"id": f"job_{day}", "status": "completed", "name": name,
+         "created_at": f"2026-01-0{day}T00:00:00Z"}
+        for day, name in ((1, "old"), (3, "new 日本"), (2, "mid"))
+    ]  # fmt: skip
+    with _canned_json(200, {"items": items, "pages": 10**12, "total": 10**14}) as host:
+        result = cli.run("list", *api(host.base_url, SECRET), timeout=20)
+        assert result.returncode == 0, result
+        assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == [
+            "job_3",
+            "job_2",
+            "job_1",
+        ]
+        result = cli.run("list", *api(host.base_url, SECRET), PYTHONIOENCODING="cp1252")
+        assert result.returncode == 0 and "new ??" in result.stdout, result
+
+
+def test_a_base_url_of_another_scheme_is_refused_without_its_password_or_token(
+    cli: Cli,
+) -> None:
+    result = cli.run("list", *api("ftp://user:PASSWORD@host/x?token=TOKEN", SECRET))
+    assert result.returncode == 2 and "http:// or https://" in result.stderr, result
+    assert "PASSWORD" not in result.output and "TOKEN" not in result.output
 
 
 def at_a_terminal(cli: Cli, args: list[str], typed: bytes) -> tuple[int, bytes]:

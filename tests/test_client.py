@@ -26,6 +26,7 @@ from pixcrawler.exceptions import (
     PixCrawlerError,
 )
 from pixcrawler.models import Job
+from pixcrawler.retry import RetryPolicy
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
 from pixcrawler.units import parse_time
 
@@ -330,6 +331,42 @@ def test_a_huge_error_message_is_cut_to_one_short_line() -> None:
     message = str(info.value)
     assert "no such job x" in message and "\n" not in message
     assert len(message) < 2 * config.MAX_ERROR_MESSAGE and message.endswith("…)")
+
+
+_ECHOED_KEY = "SECRETKEY_abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _echoing(status: int, words: str) -> CannedHost:
+    body = json.dumps({"detail": words}).encode()
+    return CannedHost(status, body, {"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("status", [401, 404, 400, 503])
+@pytest.mark.parametrize("pad", [0, config.MAX_ERROR_MESSAGE - 20])
+def test_a_server_echoing_the_key_never_puts_it_or_its_head_in_an_error(
+    status: int, pad: int
+) -> None:
+    """The key was scrubbed only by the CLI, after the message was cut: a key at the cut
+    left 45 of its 46 characters on screen, and a library user's ``str(exc)`` held it all."""
+    words = "x" * pad + f" invalid API key Bearer {_ECHOED_KEY} for this request"
+    with _echoing(status, words) as host, pytest.raises(PixCrawlerError) as info:
+        ApiClient(
+            _ECHOED_KEY, host.base_url, retry=RetryPolicy(retries=1, backoff_base=0.01)
+        ).get_json("/jobs/job_x")
+    assert info.value.status_code == status
+    message = str(info.value)
+    assert _ECHOED_KEY[:12] not in message and _ECHOED_KEY[:12] not in repr(info.value)
+    assert ("Bearer ***" in message) == (pad == 0), message
+
+
+@pytest.mark.parametrize("status", [401, 404, 503])
+def test_a_servers_error_words_reach_no_terminal_as_escape_sequences(status: int) -> None:
+    words = "no such \x1b]0;OWNED\x07\x1b[2Jjob \x1b[31mRED\u202e"
+    with _echoing(status, words) as host, pytest.raises(PixCrawlerError) as info:
+        ApiClient("k", host.base_url, retry=RetryPolicy(retries=0)).get_json("/jobs/job_x")
+    message = str(info.value)
+    assert "no such ?]0;OWNED??[2Jjob ?[31mRED?" in message, message
+    assert all(ch.isprintable() for ch in message)
 
 
 _DONE = {"id": "job_x", "status": "completed"}

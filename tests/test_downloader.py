@@ -563,6 +563,26 @@ def test_a_chunk_hosts_huge_error_body_is_read_no_further_than_its_message_needs
     assert info.value.status_code == 404 and info.value.chunk_id == 0
 
 
+@pytest.mark.parametrize("status", [400, 410])
+def test_a_chunk_error_echoing_the_key_or_escapes_shows_neither(status: int) -> None:
+    """A chunk on the API's own host gets the key; its error words may echo it."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    key = "SECRETKEY_abcdefghijklmnopqrstuvwxyz0123456789"
+    words = "x" * (config.MAX_ERROR_MESSAGE - 20) + f" Bearer {key} \x1b[2J"
+    body = json.dumps({"detail": words}).encode()
+    with CannedHost(status, body, {"Content-Type": "application/json"}) as host:
+        chunk = Chunk(0, f"{host.base_url}/c.bin", 100, None)
+        downloader = ChunkDownloader(ApiClient(key, host.base_url), [chunk], prefetch=1)
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+        downloader.close()
+    message = str(info.value)
+    assert info.value.status_code == status and f"HTTP {status}" in message, message
+    assert key[:12] not in message and all(ch.isprintable() for ch in message)
+
+
 @pytest.mark.parametrize("replaced", [True, False], ids=["file-replaced", "replicas"])
 def test_a_file_replaced_while_its_ranges_download_is_never_stitched(
     monkeypatch: pytest.MonkeyPatch, replaced: bool

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from . import config
@@ -27,26 +29,42 @@ def credentials_path() -> Path:
 
 
 def save_api_key(api_key: str) -> Path:
-    """Write the key for later commands, readable by the user only (mode 0600)."""
+    """Write the key for later commands, readable by the user only (mode 0600): a new file
+    of a name no one else can have planted (a link to their file, say), synced, then renamed
+    over the old one. A config folder this creates is the user's only (0700)."""
     path = credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({"api_key": api_key}, fh)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".credentials-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp: O_EXCL, mode 0600
+            json.dump({"api_key": api_key}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
 def stored_api_key() -> str | None:
     """The key ``pixcrawler login`` saved, or None (no file, or one that cannot be read)."""
-    try:
-        data = json.loads(credentials_path().read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a file an editor saved with a byte-order mark reads as well
+        data = json.loads(credentials_path().read_text(encoding="utf-8-sig"))
     except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
         return None
     key = data.get("api_key") if isinstance(data, dict) else None
     return key if isinstance(key, str) and key else None
+
+
+def key_problem(key: str) -> str | None:
+    """What makes ``key`` unusable in an ``Authorization`` header, or None."""
+    if not key:
+        return "it is empty"
+    if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+        return "it contains whitespace, control characters or non-ASCII characters"
+    return None
 
 
 NO_KEY_MESSAGE = (
@@ -59,8 +77,15 @@ def resolve_api_key(api_key: str | None) -> str:
     """The explicit key, else ``PIXCRAWLER_API_KEY``, else the ``pixcrawler login`` file."""
     key = (api_key or os.environ.get(config.ENV_API_KEY) or stored_api_key() or "").strip()
     if not key:
+        path = credentials_path()
+        if path.exists():  # there, but not a key: not the same as never having logged in
+            raise AuthenticationError(
+                f"No API key given, and the `pixcrawler login` file {path} holds none that "
+                "can be read: run `pixcrawler login` again, or pass api_key=... or set "
+                "PIXCRAWLER_API_KEY."
+            )
         raise AuthenticationError(NO_KEY_MESSAGE)
-    if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+    if key_problem(key):
         # Refused here, unquoted: the HTTP layer would put the key, escaped, in its error.
         raise AuthenticationError(
             "The API key contains whitespace, control characters or non-ASCII characters "

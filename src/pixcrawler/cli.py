@@ -11,13 +11,16 @@ any key this process knows of, as a last line of defence.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
+import io
 import logging
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
@@ -27,6 +30,7 @@ import click
 from . import __version__, config, export
 from .auth import (
     NO_KEY_MESSAGE,
+    key_problem,
     resolve_api_key,
     resolve_base_url,
     save_api_key,
@@ -76,7 +80,6 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (MixedImageSizesError, EXIT_BAD_DATA),
 )
 
-_MIN_REDACTED_KEY = 4  # shorter "keys" would garble every message if scrubbed
 _NAME_WIDTH = 40  # the widest NAME column of `pixcrawler list`
 
 
@@ -118,7 +121,7 @@ def redact(text: str) -> str:
     # Each key as given, trimmed, and escaped as reprs and HTTP errors show it.
     forms = {form for key in keys for form in (key, key.strip(), repr(key)[1:-1])}
     for form in sorted(forms, key=len, reverse=True):
-        if len(form) >= _MIN_REDACTED_KEY:
+        if len(form) >= config.MIN_REDACTED_KEY:
             text = text.replace(form, "***")
     return text
 
@@ -173,9 +176,10 @@ def _log_to_stderr(debug: bool) -> None:
         log.setLevel(logging.WARNING)
 
 
-def _printable(text: str) -> str:
-    """Server-supplied text with control characters (terminal escapes) neutralised."""
-    return "".join(ch if ch == "\n" or ch.isprintable() else "?" for ch in text)
+def _printable(text: str, *, lines: bool = True) -> str:
+    """Server-supplied text with control characters (terminal escapes) neutralised; its
+    line breaks too without ``lines``."""
+    return "".join(ch if (lines and ch == "\n") or ch.isprintable() else "?" for ch in text)
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -191,9 +195,9 @@ def exit_code_for(exc: BaseException) -> int:
 
 def _report(exc: BaseException, code: int, message: str) -> int:
     if _session.debug:
-        sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+        sys.stderr.write(_printable(redact("".join(traceback.format_exception(exc)))))
     line = " ".join(message.split())
-    sys.stderr.write(redact(f"Error: {line}") + "\n")
+    sys.stderr.write(_printable(redact(f"Error: {line}"), lines=False) + "\n")
     sys.stderr.flush()
     return code
 
@@ -223,7 +227,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _report(exc, EXIT_INTERRUPTED, "interrupted")
     except click.ClickException as exc:
         if _session.debug and exc.__cause__ is not None:
-            sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+            sys.stderr.write(_printable(redact("".join(traceback.format_exception(exc)))))
         if isinstance(exc, _NO_ARGS_IS_HELP):  # `pixcrawler` alone: the help, as it is
             sys.stderr.write(redact(exc.format_message() + "\n"))
             return exc.exit_code
@@ -231,7 +235,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         message = exc.format_message()
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             message += f" (see `{exc.ctx.command_path} --help`)"
-        sys.stderr.write(redact(f"Error: {message}\n"))
+        sys.stderr.write(_printable(redact(f"Error: {message}\n")))
         return exc.exit_code
     except KeyboardInterrupt as exc:
         return _report(exc, EXIT_INTERRUPTED, "interrupted")
@@ -248,6 +252,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main() -> NoReturn:
     """The ``pixcrawler`` console script."""
     _interruptible()
+    if isinstance(sys.stdout, io.TextIOWrapper):  # (stderr has backslashreplace already)
+        sys.stdout.reconfigure(errors="replace")  # what a cp1252 file cannot hold: "?"
     sys.exit(run())
 
 
@@ -541,7 +547,7 @@ def list_jobs(api_key: str | None, base_url: str | None) -> None:
     """
     client = _connect(api_key, base_url)
     try:
-        jobs = list(_all_jobs(client))
+        jobs = _newest_first(list(_all_jobs(client)))
     finally:
         client.close()
     if not jobs:
@@ -551,20 +557,35 @@ def list_jobs(api_key: str | None, base_url: str | None) -> None:
 
 
 def _all_jobs(client: ApiClient) -> Iterator[Job]:
+    """Every page's jobs, each once. A page that brings no job not seen before ends the
+    listing: a server that ignores ``page`` (or claims endless pages) cannot loop it."""
     page = 1
+    seen: set[str] = set()
     while True:
         data = client.list_jobs(page=page, size=config.DEFAULT_PAGE_SIZE)
         items = data["items"]
+        new = 0
         for item in items:
             if isinstance(item, dict):
-                yield Job.from_json(item)
+                job = Job.from_json(item)
+                if job.id not in seen:
+                    seen.add(job.id)
+                    new += 1
+                    yield job
         try:
             pages = int(data.get("pages") or 1)
         except (TypeError, ValueError):
             pages = 1
-        if not items or page >= pages:
+        if not new or page >= pages:
             return
         page += 1
+
+
+def _newest_first(jobs: list[Job]) -> list[Job]:
+    """By creation time, newest first (a job whose time cannot be read, last); the
+    server's order among equals."""
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    return sorted(jobs, key=lambda job: parse_time(job.created_at) or oldest, reverse=True)
 
 
 def format_table(jobs: Sequence[Job]) -> str:
@@ -629,8 +650,12 @@ def info(job_id: str, api_key: str | None, base_url: str | None) -> None:
 
 
 def format_info(job: Job) -> str:
-    """``str(DatasetInfo)``; a job not completed shows its progress on the Status line."""
-    lines = str(DatasetInfo.from_job(job)).split("\n")
+    """``str(DatasetInfo)``; a job not completed shows its progress on the Status line.
+    A field (a label, say) can add no line of its own: its line breaks are neutralised."""
+    info = DatasetInfo.from_job(job)
+    labels = tuple(_printable(label, lines=False) for label in info.labels)
+    info = dataclasses.replace(info, labels=labels)
+    lines = str(info).split("\n")
     if job.status != "completed":
         lines = [
             f"Status: {job.status} ({job.progress:g}%)" if line.startswith("Status: ") else line
@@ -669,10 +694,14 @@ def login(api_key: str | None) -> None:
                 raise CliError("no API key given (end of input)", EXIT_USAGE) from None
         else:
             api_key = sys.stdin.readline()
-    api_key = (api_key or "").strip()
+    # (A key file saved by a Windows editor starts with a byte-order mark.)
+    api_key = (api_key or "").lstrip("\ufeff").strip()
     _session.remember(api_key)
     if not api_key:
         raise CliError("no API key given", EXIT_USAGE)
+    problem = key_problem(api_key)
+    if problem:  # saved, it would be refused by every later command
+        raise CliError(f"not saved: the API key given is not one ({problem})", EXIT_USAGE)
     path = save_api_key(api_key)
     _echo(f"API key saved to {path} (readable by you only).")
     if os.environ.get(config.ENV_API_KEY):

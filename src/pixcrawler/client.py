@@ -72,7 +72,8 @@ def api_root(base_url: str) -> str:
         root = root[: -len(config.API_PREFIX)]
     parts = urlsplit(root)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        shown = _safe_url(root) if "://" in root else repr(root.rpartition("@")[2][:80])
+        raise ValueError(f"base_url must start with http:// or https://, got {shown}")
     if parts.query or parts.fragment or "?" in root or "#" in root:
         raise ValueError(f"base_url takes no query or fragment, got {_safe_url(root)}")
     if not origin_of(root)[1]:  # origin_of: a port of 99999 is a ValueError too
@@ -91,9 +92,14 @@ def job_path(job_id: str | int) -> str:
     return f"/jobs/{text}"
 
 
-def error_message(response: urllib3.BaseHTTPResponse, body: bytes | None = None) -> str:
+def error_message(
+    response: urllib3.BaseHTTPResponse, body: bytes | None = None, *, secret: str | None = None
+) -> str:
     """The server's own words from either error shape (on one line, cut short), else the
-    HTTP reason. ``body``: what was read of a streamed response's (else its whole body)."""
+    HTTP reason. ``body``: what was read of a streamed response's (else its whole body).
+    ``secret`` (the API key), should the server echo it, is replaced by ``***`` before the
+    cut, which could otherwise leave its head; control characters (a terminal's escape
+    sequences) become ``?``."""
     try:
         data = json.loads((response.data if body is None else body) or b"{}")
     except (ValueError, RecursionError):  # RecursionError: absurd nesting
@@ -106,6 +112,9 @@ def error_message(response: urllib3.BaseHTTPResponse, body: bytes | None = None)
         elif data.get("detail"):
             words = str(data["detail"])
     words = " ".join((words or response.reason or f"HTTP {response.status}").split())
+    if secret and len(secret) >= config.MIN_REDACTED_KEY:
+        words = words.replace(secret, "***")
+    words = "".join(ch if ch.isprintable() else "?" for ch in words)
     if len(words) > config.MAX_ERROR_MESSAGE:
         words = words[: config.MAX_ERROR_MESSAGE - 1] + "…"
     return words
@@ -210,6 +219,16 @@ class ApiClient:
     def sends_key_to(self, url: str) -> bool:
         return origin_of(url) == self.origin
 
+    def error_message(self, response: urllib3.BaseHTTPResponse, body: bytes | None = None) -> str:
+        """:func:`error_message`, the key scrubbed from it."""
+        return error_message(response, body, secret=self._api_key)
+
+    def refusal(
+        self, response: urllib3.BaseHTTPResponse, what: str, body: bytes | None = None
+    ) -> PixCrawlerError:
+        """:func:`map_status`, the key scrubbed from the server's words."""
+        return map_status(response, what, body, secret=self._api_key)
+
     def request(
         self,
         url: str,
@@ -299,11 +318,11 @@ class ApiClient:
                 if response.status < 300:
                     return response
                 if response.status not in config.RETRY_STATUSES:
-                    raise map_status(response, what)
+                    raise map_status(response, what, secret=self._api_key)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 failures += 1
                 if self.retry.retry_after_too_long(retry_after) or failures > self.retry.retries:
-                    raise _network_error(response, what, failures, retry_after)
+                    raise _network_error(response, what, failures, retry_after, self._api_key)
                 cause = status_cause(response.status, retry_after)
             delay = self.retry.delay(failures, retry_after)
             self.retry.announce(what, cause, failures, delay)
@@ -352,12 +371,16 @@ def not_complete_error(job: Job) -> JobNotCompleteError:
 
 
 def map_status(
-    response: urllib3.BaseHTTPResponse, what: str, body: bytes | None = None
+    response: urllib3.BaseHTTPResponse,
+    what: str,
+    body: bytes | None = None,
+    *,
+    secret: str | None = None,
 ) -> PixCrawlerError:
     """A non-retryable HTTP error as the SDK's exception, with the server's message
-    (``body``: as :func:`error_message` takes it)."""
+    (``body`` and ``secret``: as :func:`error_message` takes them)."""
     status = response.status
-    message = error_message(response, body)
+    message = error_message(response, body, secret=secret)
     if status in (401, 403):
         return AuthenticationError(
             f"{what}: the API key was rejected (HTTP {status}: {message}). Check the key "
@@ -370,9 +393,13 @@ def map_status(
 
 
 def _network_error(
-    response: urllib3.BaseHTTPResponse, what: str, attempts: int, retry_after: float | None
+    response: urllib3.BaseHTTPResponse,
+    what: str,
+    attempts: int,
+    retry_after: float | None,
+    secret: str,
 ) -> NetworkError:
-    message = f"{what}: HTTP {response.status}: {error_message(response)} after "
+    message = f"{what}: HTTP {response.status}: {error_message(response, secret=secret)} after "
     message += counted(attempts, "attempt")
     if retry_after is not None:
         message += f"; the server asks to retry in {retry_after:.0f} s"

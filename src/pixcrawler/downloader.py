@@ -55,8 +55,6 @@ from .client import (
     ApiClient,
     certificate_refused,
     error_body,
-    error_message,
-    map_status,
     refused_certificate,
     shutdown_connection,
 )
@@ -797,13 +795,15 @@ class ChunkDownloader:
                 if status in config.URL_EXPIRED_STATUSES and blob_host:
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: its host refused the URL "
-                        f"(HTTP {status}: {error_message(response, error_body(response))})"
+                        f"(HTTP {status}: "
+                        f"{self.client.error_message(response, error_body(response))})"
                         + (" even after the job's URLs were read again" if refreshed else ""),
                         chunk_id=index,
                         status_code=status,
                     )
                 if status not in config.RETRY_STATUSES:
-                    cause = map_status(response, f"GET chunk {index}", error_body(response))
+                    what = f"GET chunk {index}"
+                    cause = self.client.refusal(response, what, error_body(response))
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: {cause.message}",
                         chunk_id=index,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class Job:
                 id=job_id,
                 name=str(data.get("name") or job_id),
                 status=_status(data.get("status")),
-                progress=float(data.get("progress") or 0),
+                progress=_progress(data.get("progress")),
                 created_at=_opt_str(data.get("created_at")),
                 completed_at=_opt_str(data.get("completed_at")),
                 total_images=_count(data.get("total_images"), "total_images"),
@@ -156,6 +157,13 @@ def check_counts(job: Job) -> None:
 def _require_object(data: Any) -> None:
     if not isinstance(data, Mapping):
         raise TypeError(f"a JSON object was expected, not {type(data).__name__}")
+
+
+def _progress(value: Any) -> float:
+    """Percent complete: a value past 0–100 is brought within it, and one that is no number
+    (NaN) reads as 0, so no status line shows "nan%" or "-5%"."""
+    progress = float(value or 0)
+    return 0.0 if math.isnan(progress) else min(100.0, max(0.0, progress))
 
 
 def _labels(value: Any) -> tuple[str, ...]:
