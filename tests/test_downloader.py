@@ -23,7 +23,7 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
-from helpers import CannedHost, RedirectingFront, close_while_consuming, digest
+from helpers import CannedHost, RedirectingFront, close_while_consuming, digest, settles
 from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
@@ -387,8 +387,10 @@ def test_a_job_re_packed_before_its_urls_are_read_again_is_not_mixed_in(
         if repacked:
             with pytest.raises(
                 DownloadError, match="changed on the server while it was being read"
-            ):
+            ) as info:
                 list(dataset)
+            # The spec prints e.chunk_id: the chunk whose URL had expired, not None.
+            assert info.value.chunk_id in range(dataset.num_chunks)
         else:
             assert digest(dataset) == clean_digest
         assert cdn.stats.faults["expired"] == 1
@@ -1599,3 +1601,204 @@ def test_a_length_header_with_a_digit_int_refuses_is_no_length() -> None:
     _check_length(SimpleNamespace(headers={"Content-Length": "\xb2"}), 0, 10)  # type: ignore[arg-type]
     unsatisfied = SimpleNamespace(headers={"Content-Range": "bytes */\xb2"})
     assert _unsatisfied_length(unsatisfied) is None  # type: ignore[arg-type]
+
+
+def _downloader(urls: dict[int, tuple[str, int]], **options: Any) -> Any:
+    """A ChunkDownloader of chunks ``index: (url, size)`` (no sha256), quick to retry."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    retry = RetryPolicy(retries=options.pop("retries", 3), backoff_base=0.01)
+    client = ApiClient("k", "http://127.0.0.1:9", retry=retry, timeout=options.pop("timeout", 5))
+    chunks = [Chunk(index, url, size) for index, (url, size) in urls.items()]
+    return ChunkDownloader(client, chunks, **options)
+
+
+def test_close_wakes_a_fetch_asleep_in_its_retry_after_once_a_sibling_has_finished(
+    tmp_path: Path,
+) -> None:
+    """An iteration's fetches share one cancel event: the one that finished first took it
+    out of close()'s reach, and a fetch asleep in a 20 s Retry-After slept it out."""
+    for index in range(3):
+        (tmp_path / f"{index}.bin").write_bytes(os.urandom(64 << 10))
+    schedule = FaultSchedule.script([Fault("rate_limit", retry_after=20)], match=r"/1\.bin$")
+    with StaticServer(tmp_path) as host, FaultProxy(host.base_url, schedule=schedule) as proxy:
+        urls = {i: (f"{proxy.base_url}/{i}.bin", 64 << 10) for i in range(3)}
+        downloader = _downloader(urls, max_workers=2, prefetch=2)
+        got: list[object] = []
+
+        def consume() -> None:
+            try:
+                got.extend(chunk.index for chunk, _ in downloader.iter_chunks())
+            except BaseException as exc:  # what escapes is the point
+                got.append(exc)
+
+        worker = threading.Thread(target=consume)
+        worker.start()
+        assert settles(lambda: downloader.stats.chunks_completed == 2, timeout=10)  # 0 and 2
+        assert proxy.stats.faults["rate_limit"] == 1  # chunk 1 sleeps its Retry-After
+        started = time.monotonic()
+        downloader.close()
+        worker.join(10)
+        assert not worker.is_alive() and time.monotonic() - started < 5, got
+        assert got[:1] == [0] and isinstance(got[-1], PixCrawlerError), got
+
+
+def test_a_range_that_fails_for_good_stops_the_first_and_is_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Range 0 streams on the caller's thread; a later range's 404 waited for it (here
+    silent: its read timeout and retries) and was lost behind that range's timeout."""
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 << 10)
+    size = 1 << 20
+
+    def answer(n: int, handler: Any) -> None:
+        lo = int(re.fullmatch(r"bytes=(\d+)-\d+", handler.headers["Range"])[1])
+        if lo:
+            _answer(handler, 404, b"")
+            return
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes 0-{size // 4 - 1}/{size}")
+        handler.send_header("Content-Length", str(size // 4))
+        handler.end_headers()
+        handler.wfile.write(b"x" * 1024)
+        time.sleep(8)  # then silent, past the client's timeout
+
+    server, url = _scripted_host(answer)
+    downloader = _downloader({0: (url, size)}, max_workers=4, retries=0, timeout=3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0, ranges=4)
+        assert info.value.status_code == 404 and info.value.chunk_id == 0, info.value
+        assert time.monotonic() - started < 2.5  # not after range 0's read timeout
+    finally:
+        downloader.close()
+        server.shutdown()
+        server.server_close()
+
+
+def _chunk_sized(root: object, size: int) -> int:
+    """How many bytearrays of at least ``size`` bytes can be reached from ``root``."""
+    import gc
+    import sys
+    import types
+
+    seen: set[int] = set()
+    pending, found = [root], 0
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, bytearray):
+            found += len(obj) >= size
+        elif obj is not sys.modules:
+            pending.extend(gc.get_referents(obj))
+    return found
+
+
+def test_a_download_error_kept_by_its_caller_keeps_no_chunk_buffer(tmp_path: Path) -> None:
+    """The error's traceback holds the frames it passed through: the window of chunks
+    fetched ahead and the failed chunk's buffer lived as long as the error did."""
+    size = 4 << 20
+    for index in (0, 2):
+        (tmp_path / f"{index}.bin").write_bytes(os.urandom(size))
+    with StaticServer(tmp_path) as host:
+        urls = {i: (f"{host.base_url}/{i}.bin", size) for i in range(3)}  # no 1.bin: 404
+        downloader = _downloader(urls, max_workers=2, prefetch=2)
+        kept: list[BaseException] = []
+        try:
+            for _chunk, data in downloader.iter_chunks():
+                del data
+                assert settles(lambda: downloader.stats.chunks_completed == 2, timeout=10)
+        except DownloadError as exc:
+            kept.append(exc)
+        downloader.close()
+    assert kept and kept[0].status_code == 404  # type: ignore[attr-defined]
+    assert _chunk_sized(kept[0], size) == 0
+
+
+def test_a_part_file_complete_already_is_verified_not_downloaded_again(tmp_path: Path) -> None:
+    """A run stopped between the fsync and the rename left every byte in the .part: the
+    resume asked for "bytes=N-(N-1)", which hosts ignore, and got the whole chunk again."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    data = os.urandom(1 << 20)
+    (tmp_path / "c.zip").write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c.zip.part").write_bytes(data)
+    with StaticServer(tmp_path) as host:
+        chunk = Chunk(0, f"{host.base_url}/c.zip", len(data), hashlib.sha256(data).hexdigest())
+        downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), [chunk])
+        assert downloader.fetch_to_file(0, out / "c.zip").read_bytes() == data
+        downloader.close()
+        assert host.stats.requests == 0 and downloader.stats.bytes_received == 0
+
+
+def test_a_blob_hosts_401_is_its_refusal_of_the_url_not_of_the_key() -> None:
+    """No key is sent to a blob host: "the API key was rejected ... pixcrawler login" sent
+    users to fix what was not broken."""
+
+    def answer(n: int, handler: Any) -> None:
+        assert "Authorization" not in handler.headers
+        _answer(handler, 401, b'{"error": {"message": "Request signature does not match"}}')
+
+    server, url = _scripted_host(answer)
+    downloader = _downloader({0: (url, 10)})
+    try:
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+    finally:
+        downloader.close()
+        server.shutdown()
+        server.server_close()
+    message = str(info.value)
+    assert "its host refused the URL (HTTP 401: Request signature does not match)" in message
+    assert "API key" not in message and "login" not in message
+    assert info.value.status_code == 401 and info.value.chunk_id == 0
+
+
+def test_a_body_longer_than_listed_is_refused_with_or_without_a_length() -> None:
+    """Chunked (no Content-Length), the extra bytes were cut off and the rest handed out."""
+    body = os.urandom(100_000)
+
+    def answer(n: int, handler: Any) -> None:
+        data = body + b"trailing bytes"
+        handler.send_response(200)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+
+    server, url = _scripted_host(answer)
+    downloader = _downloader({0: (url, len(body))})
+    try:
+        with pytest.raises(DownloadError, match="more bytes than the chunk's listed size"):
+            downloader.fetch(0)
+    finally:
+        downloader.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_chunked_body_of_the_listed_size_is_read_to_its_end() -> None:
+    body = os.urandom(100_000)
+
+    def answer(n: int, handler: Any) -> None:
+        handler.send_response(200)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+    server, url = _scripted_host(answer)
+    downloader = _downloader({0: (url, len(body))})
+    try:
+        assert bytes(downloader.fetch(0)) == body
+        assert downloader.stats.retries == 0
+    finally:
+        downloader.close()
+        server.shutdown()
+        server.server_close()

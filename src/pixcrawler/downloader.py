@@ -193,6 +193,12 @@ class _MemorySink:
             self.view = None
         return self.buffer
 
+    def drop(self) -> bytearray:
+        """The buffer, detached: this sink holds it no longer."""
+        buffer = self.detach()
+        self.buffer = bytearray()
+        return buffer
+
     def write(self, pos: int, data: bytes) -> None:
         if self.view is not None:
             if pos + len(data) > len(self.buffer):
@@ -311,6 +317,9 @@ class ChunkDownloader:
         self._chunks = {c.index: c for c in chunks}
         # Per transfer: its response, or its connection while it waits for the headers.
         self._active: dict[threading.Event, set[urllib3.BaseHTTPResponse | HTTPConnection]] = {}
+        # The fetches under way per event: an iteration's fetches share one, which must stay
+        # within close()'s reach while any of them (one asleep in its backoff, say) runs.
+        self._watchers: dict[threading.Event, int] = {}
         # A fetch's own event for the byte ranges it runs on other threads: cancelled with
         # the fetch's event, and on its own when the fetch ends early.
         self._children: dict[threading.Event, list[threading.Event]] = {}
@@ -346,14 +355,20 @@ class ChunkDownloader:
         with self._transfer(index, cancel):
             for attempt in (1, 2):
                 chunk = self.chunk(index)
+                sink = _MemorySink(chunk.size_bytes, self._buffers)
                 try:
-                    sink = _MemorySink(chunk.size_bytes, self._buffers)
                     self._etags.pop(index, None)  # no bytes held: any version will do
                     digest = self._receive(chunk, sink, cancel, ranges=ranges)
                     self._verify(chunk, digest, attempt)
                 except _IntegrityError as exc:
+                    self._buffers.give(sink.drop())  # for the download that follows
                     self._integrity_failed(chunk, attempt, str(exc))
                     continue
+                except BaseException:
+                    # The error's traceback holds this frame and those below it for as long
+                    # as a caller keeps the error: they must not hold the chunk's buffer.
+                    sink.drop()
+                    raise
                 self.stats.add(chunks_completed=1)
                 return sink.detach()
             raise AssertionError("unreachable")  # pragma: no cover
@@ -500,10 +515,12 @@ class ChunkDownloader:
             first = None  # its callback refers back to fill(): a cycle that held a chunk
             if recycles:
                 self._recycling.remove(hooks)
-            for _, future in window:
-                future.cancel()
+            # (No loop variable here: the frame an error's traceback keeps would hold the
+            # last chunk fetched ahead through it, as it would through the window.)
+            _cancel_each([future for _, future in window])
             self._abort(cancel)
             pool.shutdown(wait=True)
+            window.clear()
 
     def recycle(self, buffer: bytearray | None) -> None:
         """The consumer is done with a chunk: hand back its buffer (None if it cannot be
@@ -629,19 +646,31 @@ class ChunkDownloader:
         if cancel.is_set():
             parts_cancel.set()
         futures: list[Future[Any]] = []
+        failure: BaseException | None = None
+
+        def stop_on_failure(future: Future[Any]) -> None:
+            # One part that fails for good stops the others (the first one too) at once:
+            # the chunk fails with its error, not after the rest have downloaded.
+            if not future.cancelled() and future.exception() is not None:
+                parts_cancel.set()
+                self._abort(parts_cancel)
+
         try:
             try:
                 for lo, hi in parts[1:]:
-                    futures.append(
-                        pool.submit(
-                            self._stream, chunk.index, sink, lo, hi, None, parts_cancel, part=True
-                        )
+                    future = pool.submit(
+                        self._stream, chunk.index, sink, lo, hi, None, parts_cancel, part=True
                     )
+                    futures.append(future)
+                    future.add_done_callback(stop_on_failure)
             except RuntimeError:  # close() shut the pool down since the check above
                 raise _Cancelled() from None
             # The first part is hashed as it arrives, each later one once it is complete
             # (most of it arrived meanwhile): only the last part's hash waits on the wire.
-            hasher = self._stream(chunk.index, sink, *parts[0], hashlib.sha256(), cancel, part=True)
+            # It runs under the parts' event (cancelled with ``cancel``, as a child of it).
+            hasher = self._stream(
+                chunk.index, sink, *parts[0], hashlib.sha256(), parts_cancel, part=True
+            )
             with memoryview(sink.buffer) as view:
                 for (lo, hi), future in zip(parts[1:], futures, strict=True):
                     try:
@@ -649,7 +678,7 @@ class ChunkDownloader:
                     except CancelledError:  # close() emptied the part pool's queue
                         raise _Cancelled() from None
                     hasher.update(view[lo:hi])
-        except BaseException:
+        except BaseException as exc:
             # Whatever ended this fetch (a failed part, a server that ignored Range, a
             # cancel), the other parts stop, and are waited for: none may write into the
             # buffer once the caller retries, streams the chunk whole, or hands it back.
@@ -661,7 +690,11 @@ class ChunkDownloader:
                 if not future.cancel():
                     with contextlib.suppress(BaseException):
                         future.exception()  # a running part: until it has stopped
-            raise
+            if not isinstance(exc, _Cancelled) or cancel.is_set() or self._closed.is_set():
+                raise
+            failure = _first_failure(futures)  # what stopped this part
+            if failure is None:
+                raise
         finally:
             with self._lock:
                 siblings = self._children.get(cancel, [])
@@ -669,6 +702,8 @@ class ChunkDownloader:
                 if not siblings:
                     self._children.pop(cancel, None)
             self._unwatch(parts_cancel)
+        if failure is not None:
+            raise failure
         return str(hasher.hexdigest())
 
     def _stream(
@@ -699,6 +734,8 @@ class ChunkDownloader:
         while True:
             if cancel.is_set() or self._closed.is_set():
                 raise _Cancelled()
+            if end is not None and 0 < end <= pos:  # a resumed .part, complete already
+                return hasher
             chunk = self.chunk(index)
             headers = {}
             ranged = pos > 0 or part
@@ -774,6 +811,10 @@ class ChunkDownloader:
                         pos += len(block)
                         progress.received[key] = pos - key
                         self.stats.add(bytes_received=len(block))
+                    if end is not None and pos >= end and _more_to_come(response):
+                        raise _IntegrityError(
+                            "the server sent more bytes than the chunk's listed size"
+                        )
                     if end is None or pos >= end:
                         complete = True
                         return hasher
@@ -792,7 +833,8 @@ class ChunkDownloader:
                     refreshed = True
                     self._refresh_urls(cancel, chunk)
                     continue
-                if status in config.URL_EXPIRED_STATUSES and blob_host:
+                if blob_host and (status in config.URL_EXPIRED_STATUSES or status == 401):
+                    # (No key went there: the URL was refused, not the key.)
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: its host refused the URL "
                         f"(HTTP {status}: "
@@ -912,8 +954,13 @@ class ChunkDownloader:
         while not flight.done.wait(_CANCEL_POLL):
             if cancel.is_set() or self._closed.is_set():
                 raise _Cancelled()
-        if flight.error is not None:
-            raise flight.error.with_traceback(None)  # each waiter raises it afresh
+        error = flight.error
+        if isinstance(error, DownloadError) and error.chunk_id is None:
+            raise DownloadError(
+                error.message, chunk_id=stale.index, status_code=error.status_code
+            ) from error
+        if error is not None:
+            raise error.with_traceback(None)  # each waiter raises it afresh
 
     def _reread(self, refresh: Refresh, flight: _Refreshing) -> None:
         try:
@@ -934,10 +981,14 @@ class ChunkDownloader:
     def _watch(self, cancel: threading.Event) -> None:
         with self._lock:
             self._active.setdefault(cancel, set())
+            self._watchers[cancel] = self._watchers.get(cancel, 0) + 1
 
     def _unwatch(self, cancel: threading.Event) -> None:
         with self._lock:
-            if not self._active.get(cancel):
+            left = self._watchers.pop(cancel, 0) - 1
+            if left > 0:  # another fetch still runs under this event
+                self._watchers[cancel] = left
+            elif not self._active.get(cancel):
                 self._active.pop(cancel, None)
 
     def _track(
@@ -978,6 +1029,29 @@ class ChunkDownloader:
                 # here would skip the caller's cleanup and leave its threads running.
                 with contextlib.suppress(OSError, RuntimeError, ValueError):
                     shutdown()
+
+
+def _cancel_each(futures: list[Future[Any]]) -> None:
+    for future in futures:
+        future.cancel()
+
+
+def _more_to_come(response: urllib3.BaseHTTPResponse) -> bool:
+    """Whether a body of no announced length (chunked) goes on past the bytes due: one
+    more byte is asked for, which also reads its end, so the connection can be reused.
+    (_check_length refused an announced length longer than due.)"""
+    return response.length_remaining is None and bool(response.read1(1))
+
+
+def _first_failure(futures: list[Future[Any]]) -> BaseException | None:
+    """The error of the first of ``futures`` (all done) that failed on its own, not by
+    being stopped."""
+    for future in futures:
+        if not future.cancelled():
+            error = future.exception()
+            if error is not None and not isinstance(error, _Cancelled):
+                return error
+    return None
 
 
 def _receive_block(
