@@ -120,12 +120,16 @@ def test_a_resume_answered_with_the_whole_body_starts_the_chunk_over(
 def test_stall_longer_than_timeout_is_retried_not_waited_out(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]], clean_digest: tuple[int, str]
 ) -> None:
-    dataset, _ = through_proxy(
+    dataset, proxy = through_proxy(
         [Fault("stall", after_bytes=2_000, seconds=30, then="close")], timeout=0.5
     )
     started = time.monotonic()
     assert digest(dataset) == clean_digest
     assert time.monotonic() - started < 15
+    # The stall took effect (2,000 bytes sent, then silence) and was retried, not waited out.
+    assert proxy.stats.faults == {"stall": 1}
+    transfer = dataset.stats.transfer
+    assert transfer.retries >= 1 and transfer.resumed >= 1  # resumed after the 2,000 bytes
 
 
 def test_a_consumer_kept_waiting_is_told_how_far_its_chunk_got(
@@ -1082,9 +1086,12 @@ def test_close_unblocks_a_stalled_download_at_once(
     dataset, proxy = through_proxy(
         [Fault("stall", after_bytes=1_000, seconds=60)], timeout=60, prefetch=1
     )
+    # A fault counts once it has taken effect: chunk 0's first 1,000 bytes are sent and the
+    # proxy has gone silent. (Bytes forwarded would be met by the job's JSON first.)
     seconds, errors = close_while_consuming(
-        dataset, lambda: proxy.stats.bytes_forwarded >= 1_000, settle=0.2
+        dataset, lambda: proxy.wait_for_fault("stall", timeout=0), settle=0.2
     )
+    assert proxy.stats.faults == {"stall": 1}  # close() came in the stall, not before it
     assert seconds < 5
     assert errors  # the consumer learns it was cancelled instead of hanging
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -172,6 +174,73 @@ def test_stall_then_close_ends_the_body_early(
     assert isinstance(error, ProtocolError)
 
 
+class _SilentUpstream:
+    """An upstream that takes connections and never finishes a response: nothing at all,
+    or headers and a few bytes of a longer body (``headers``)."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10
+
+    def __init__(self, *, headers: bool) -> None:
+        self.headers = headers
+        self.held: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+                if self.headers:
+                    conn.recv(65536)  # the proxy's request, sent whole at once
+                    conn.sendall(self.HEAD)
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept(), which close() would not
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+        for conn in self.held:
+            conn.close()
+
+
+HANDLERS = 4  # proxy handlers blocked on the silent upstream at once
+
+
+@pytest.mark.parametrize("headers", [False, True], ids=["no-headers", "mid-body"])
+def test_stop_wakes_handlers_blocked_on_a_silent_upstream(headers: bool) -> None:
+    silent = _SilentUpstream(headers=headers)
+    before = set(threading.enumerate())
+    clients: list[socket.socket] = []
+    try:
+        proxy = FaultProxy(silent.base_url, upstream_timeout=30).start()
+        for _ in range(HANDLERS):
+            client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(client)
+        deadline = time.monotonic() + 5
+        while len(silent.held) < HANDLERS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(silent.held) == HANDLERS
+        if headers:  # the proxy relays what it got, then blocks reading the rest
+            for client in clients:
+                assert client.recv(65536).startswith(b"HTTP/1.1 200")
+        handlers = [t for t in threading.enumerate() if t not in before and "-conn" in t.name]
+        assert len(handlers) == HANDLERS
+        started = time.monotonic()
+        proxy.stop()
+        assert time.monotonic() - started < 1.0  # not 2 s per handler, one after another
+        assert [t for t in handlers if t.is_alive()] == []  # not left until upstream_timeout
+    finally:
+        for client in clients:
+            client.close()
+        silent.close()
+
+
 def test_stop_returns_quickly_during_a_stall(
     upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
 ) -> None:
@@ -221,6 +290,133 @@ def test_corrupt_past_the_end_changes_nothing(
     with proxy_with(upstream, Fault("corrupt", offset=100)) as proxy:
         _, got, _ = get(pool, proxy.base_url + SMALL)
     assert got == b"hello"
+    # Nothing was changed, so nothing counts as injected.
+    assert proxy.stats.faults == {}
+    assert proxy.stats.faults_skipped == {"corrupt": 1}
+
+
+# A fault that cannot take effect within its response is not applied: fired after the body,
+# it would land on the next, clean request of the keep-alive connection.
+
+STALL_PAST_END = 1.0  # seconds: long enough that a misplaced stall shows in the timing
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("stall", after_bytes=len(b"hello"), seconds=STALL_PAST_END),
+        Fault("stall", after_bytes=BLOCK, seconds=STALL_PAST_END),
+        Fault("stall", after_bytes=BLOCK, seconds=STALL_PAST_END, then="close"),
+        Fault("reset", after_bytes=len(b"hello")),
+        Fault("truncate", after_bytes=BLOCK),
+    ],
+    ids=["stall-at-end", "stall-past-end", "stall-close", "reset-at-end", "truncate-past-end"],
+)
+def test_a_cut_at_or_past_the_end_of_the_body_is_not_applied(
+    upstream: StaticServer, pool: urllib3.PoolManager, fault: Fault
+) -> None:
+    with proxy_with(upstream, fault) as proxy:
+        connection = pool.connection_from_url(proxy.base_url)
+        started = time.monotonic()
+        first = connection.request("GET", SMALL)
+        second = connection.request("GET", SMALL)  # the next request: clean and prompt
+        elapsed = time.monotonic() - started
+        stats = proxy.stats
+    assert (first.status, first.data, second.status, second.data) == (200, b"hello") * 2
+    assert connection.num_connections == 1  # neither closed nor reset under the client
+    assert elapsed < STALL_PAST_END / 2
+    assert stats.faults == {} and stats.fault_log == ()
+    assert stats.faults_skipped == {fault.kind: 1}
+    assert not proxy.wait_for_fault(timeout=0.05)
+
+
+@pytest.mark.parametrize("request_kind", ["HEAD", "304"])
+def test_a_cut_on_a_response_without_a_body_is_not_applied(
+    upstream: StaticServer, pool: urllib3.PoolManager, request_kind: str
+) -> None:
+    with proxy_with(upstream, Fault("reset")) as proxy:
+        connection = pool.connection_from_url(proxy.base_url)
+        if request_kind == "HEAD":
+            first = connection.request("HEAD", CHUNK)
+            assert first.status == 200
+        else:
+            etag = pool.request("HEAD", upstream.base_url + CHUNK).headers["ETag"]
+            first = connection.request("GET", CHUNK, headers={"If-None-Match": etag})
+            assert first.status == 304
+        assert connection.request("GET", SMALL).data == b"hello"
+    assert connection.num_connections == 1
+    assert proxy.stats.faults == {}
+    assert proxy.stats.faults_skipped == {"reset": 1}
+
+
+def test_a_cut_in_a_chunked_body_applies_only_before_its_end(
+    echo: str, pool: urllib3.PoolManager
+) -> None:
+    """A body of unknown length: whether it goes on past the cut is learnt by reading."""
+    with FaultProxy(echo) as measure:
+        size = len(pool.request("GET", measure.base_url + "/chunked").data)
+    # The echo sends 10 bytes, then the rest: cut between them, and at the very end.
+    faults = [
+        Fault("stall", after_bytes=size, seconds=STALL_PAST_END),
+        Fault("stall", after_bytes=10, seconds=0.2),
+    ]
+    with FaultProxy(echo, schedule=FaultSchedule.script(faults)) as proxy:
+        connection = pool.connection_from_url(proxy.base_url)
+        started = time.monotonic()
+        at_end = connection.request("GET", "/chunked")
+        at_end_seconds = time.monotonic() - started
+        started = time.monotonic()
+        inside = connection.request("GET", "/chunked")
+        inside_seconds = time.monotonic() - started
+        stats = proxy.stats
+    assert at_end.json()["path"] == inside.json()["path"] == "/chunked"
+    assert at_end_seconds < STALL_PAST_END / 2
+    assert inside_seconds >= 0.2
+    assert stats.faults == {"stall": 1} and stats.faults_skipped == {"stall": 1}
+    assert connection.num_connections == 1
+
+
+def test_ignore_range_on_a_request_without_range_is_not_applied(
+    upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
+) -> None:
+    with proxy_with(upstream, Fault("ignore_range"), Fault("ignore_range")) as proxy:
+        assert pool.request("GET", proxy.base_url + CHUNK).data == data
+        ranged = pool.request("GET", proxy.base_url + CHUNK, headers={"Range": "bytes=10-"})
+        stats = proxy.stats
+    assert ranged.status == 200 and ranged.data == data
+    assert stats.faults == {"ignore_range": 1}
+    assert stats.faults_skipped == {"ignore_range": 1}
+
+
+# Knowing when a fault has taken effect.
+
+
+def test_bytes_before_a_stall_are_counted_while_it_lasts(
+    upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
+) -> None:
+    with proxy_with(upstream, Fault("stall", after_bytes=16 * BLOCK, seconds=10)) as proxy:
+        response = pool.request("GET", proxy.base_url + CHUNK, preload_content=False)
+        # Counted before the client can see the silence: no polling, no sleep.
+        assert proxy.wait_for_fault("stall", timeout=5)
+        assert proxy.stats.bytes_forwarded == 16 * BLOCK
+        assert response.read(16 * BLOCK) == data[: 16 * BLOCK]
+        assert proxy.stats.fault_log == ((CHUNK, "stall"),)
+
+
+def test_wait_for_fault_counts_faults_of_a_kind_or_of_any(
+    upstream: StaticServer, pool: urllib3.PoolManager
+) -> None:
+    with proxy_with(upstream, Fault("status"), Fault("rate_limit", retry_after=0)) as proxy:
+        assert not proxy.wait_for_fault(timeout=0.05)
+        pool.request("GET", proxy.base_url + CHUNK)
+        assert proxy.wait_for_fault("status", timeout=0)  # counted before it was answered
+        assert not proxy.wait_for_fault("rate_limit", timeout=0.05)
+        pool.request("GET", proxy.base_url + CHUNK)
+        assert proxy.wait_for_fault(count=2, timeout=0)
+        proxy.reset_stats()
+        assert not proxy.wait_for_fault(timeout=0)
+        with pytest.raises(ValueError):
+            proxy.wait_for_fault("explode", timeout=0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("status", [403, 410])

@@ -268,9 +268,14 @@ def test_close_from_another_thread_during_a_stall_leaves_nothing(
     ) as proxy:
         before = baseline()
         dataset = open_uniform(live_server, proxy.base_url, timeout=60)
+        # A fault counts once it has taken effect: chunk 0's first 1,000 bytes are sent and
+        # the proxy has gone silent. (Bytes forwarded would be met by the job's JSON first.)
         seconds, outcome = close_while_consuming(
-            dataset, lambda: proxy.stats.bytes_forwarded >= 1_000
+            dataset, lambda: proxy.wait_for_fault("stall", timeout=0)
         )
+        stats = proxy.stats
+        assert [kind for _, kind in stats.fault_log] == ["stall"]  # close() came in the stall
+        assert stats.fault_log[0][0].endswith("/chunks/0")
         assert seconds < 5
         assert len(outcome) == 1 and isinstance(outcome[0], PixCrawlerError)
         outcome.clear()

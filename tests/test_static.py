@@ -5,15 +5,19 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import urllib3
 
-from pixcrawler.testing import StaticServer
+from pixcrawler.testing import StaticServer, StaticStats
+from pixcrawler.testing.static import _StaticHandler
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -152,6 +156,45 @@ def test_if_range_resumes_only_the_same_version(
     assert other.data == data
 
 
+# Longer than any file system's timestamp tick (coarse kernel clocks: 4-10 ms), so the
+# rewrite below gets a ctime of its own.
+CLOCK_TICK = 0.05
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten in place"])
+def test_if_range_refuses_a_same_size_version_with_the_same_mtime(
+    server: StaticServer, store: tuple[Path, bytes], how: str
+) -> None:
+    """A new version of the same size and mtime: published by rename (a new inode), or
+    copied over the old one keeping its mtime (cp -p, shutil.copy2: a new ctime). A resume
+    against the old version's ETag must get the whole new file, not its tail spliced on."""
+    path = store[0] / CHUNK
+    old = path.stat()
+    new_data = os.urandom(old.st_size)
+    staged = store[0] / "staged.zip"
+    staged.write_bytes(new_data)
+    os.utime(staged, ns=(old.st_atime_ns, old.st_mtime_ns))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("HEAD", f"/{CHUNK}")
+        response = conn.getresponse()
+        response.read()
+        etag = response.getheader("ETag")
+        time.sleep(CLOCK_TICK)
+        if how == "replaced":
+            os.replace(staged, path)
+        else:
+            shutil.copy2(staged, path)
+        assert path.stat().st_mtime_ns == old.st_mtime_ns  # the same size and mtime
+        conn.request("GET", f"/{CHUNK}", headers={"Range": "bytes=100-", "If-Range": etag or ""})
+        resumed = conn.getresponse()
+        body = resumed.read()
+    finally:
+        conn.close()
+    assert resumed.getheader("ETag") != etag
+    assert resumed.status == 200 and body == new_data
+
+
 def test_if_none_match_returns_304(server: StaticServer, pool: urllib3.PoolManager) -> None:
     etag = pool.request("HEAD", server.url(CHUNK)).headers["ETag"]
     for header in (etag, f"W/{etag}", f'"other", {etag}', "*"):
@@ -268,6 +311,23 @@ def test_counts_requests_per_path_and_bytes_sent(
     assert server.stats.bytes_sent == 0
 
 
+def test_reset_stats_zeroes_the_error_count(
+    server: StaticServer, pool: urllib3.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: _StaticHandler, fh: Any, *, send_body: bool) -> None:
+        raise RuntimeError("a bug in the handler")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_StaticHandler, "_send_file", broken)
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            pool.request("GET", server.url(CHUNK))
+    assert server.stats.errors == 1
+    server.reset_stats()
+    assert server.stats == StaticStats()  # every counter, errors too
+    assert pool.request("GET", server.url(CHUNK)).status == 200
+    assert server.stats.errors == 0
+
+
 def test_client_hanging_up_mid_body_is_quiet(
     server: StaticServer,
     store: tuple[Path, bytes],
@@ -302,6 +362,64 @@ def test_stop_is_quick_with_idle_keepalive_connection_and_closes_socket(
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert srv.stats.requests == 1  # the counters outlive stop()
     conn.close()
+
+
+BIG = 50 << 20  # sparse: far more than the socket buffers hold, at no cost on disk
+RECEIVED = 1 << 20  # what the client reads before it stops reading
+
+
+def test_stats_after_stop_count_the_bytes_of_a_response_cut_by_stop(tmp_path: Path) -> None:
+    with open(tmp_path / "big.bin", "wb") as fh:
+        fh.truncate(BIG)
+    srv = StaticServer(tmp_path).start()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = 0
+        while received < RECEIVED:
+            received += len(sock.recv(65536))
+        # The server is now blocked in sendfile; its bytes are counted when that ends.
+        srv.stop()
+    stats = srv.stats
+    assert received <= stats.bytes_sent < BIG
+    assert (stats.requests, stats.errors) == (1, 0)
+
+
+STUCK = 3  # handlers that outlive stop()'s wait
+JOIN = 0.3  # seconds close_connections() waits, for them all together
+
+
+def test_close_connections_waits_once_for_all_threads_not_once_each(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    class Stuck(_StaticHandler):
+        """A handler that a socket shutdown does not wake (as a buggy one might not be)."""
+
+        def do_GET(self) -> None:
+            release.wait(10)
+
+    class StuckServer(StaticServer):
+        _handler = Stuck
+
+    srv = StuckServer(tmp_path).start()
+    clients = []
+    try:
+        for _ in range(STUCK):
+            client = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(client)
+        httpd = srv._httpd
+        assert httpd is not None
+        deadline = time.monotonic() + 5
+        while len(httpd._connections) < STUCK and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        httpd.close_connections(timeout=JOIN)
+        assert time.monotonic() - started < 2 * JOIN  # not JOIN for each in turn
+    finally:
+        release.set()
+        srv.stop()
+        for client in clients:
+            client.close()
 
 
 def test_base_url_needs_a_running_server(store: tuple[Path, bytes]) -> None:

@@ -10,6 +10,9 @@ it would see from a real network: a reset is an RST, a truncation is a FIN befor
     with StaticServer(store) as blobs, FaultProxy(blobs.base_url, schedule=schedule) as proxy:
         dataset = load_dataset(..., base_url=proxy.base_url)   # first chunk GET is cut
         assert proxy.stats.faults["reset"] == 1
+
+A fault is counted in :attr:`FaultProxy.stats` when it takes effect, just before the client
+can see it, so a test can wait for that moment with :meth:`FaultProxy.wait_for_fault`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +33,12 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
-from pixcrawler.testing.static import _LoopbackServer, _QuietHandler, _TrackingHTTPServer
+from pixcrawler.testing.static import (
+    _JOIN_TIMEOUT,
+    _LoopbackServer,
+    _QuietHandler,
+    _TrackingHTTPServer,
+)
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultKind", "FaultProxy", "FaultSchedule", "ProxyStats"]
 
@@ -57,7 +66,12 @@ _CUT_KINDS = frozenset({"reset", "stall", "truncate"})
 _RANGE_HEADERS = frozenset({"range", "if-range"})
 
 _BLOCK = 256 * 1024  # bytes relayed per read from the upstream
+# At a cut point in a body of unknown length (chunked, close-delimited) only a read tells
+# whether the body goes on: one byte, so a slow upstream delays the fault the least.
+_LOOKAHEAD = 1
 _UPSTREAM_TIMEOUT = 30.0
+# The default patience of FaultProxy.wait_for_fault.
+_WAIT_FOR_FAULT_TIMEOUT = 10.0
 # A reset waits (bounded) for the bytes before it to be acknowledged: SO_LINGER=0 discards
 # unsent data, and the client must hold exactly `after_bytes` bytes when the RST lands.
 _RESET_DRAIN_TIMEOUT = 2.0
@@ -112,6 +126,15 @@ class Fault:
 
     A fractional ``retry_after`` is sent as such (``0.2``): not valid HTTP, but it keeps
     tests fast against a client that parses seconds as a float.
+
+    A fault that cannot take effect on the response it was chosen for is not applied: a
+    cut (``reset``, ``stall``, ``truncate``) whose ``after_bytes`` is at or past the end of
+    the body, or on a response without one (``HEAD``, 204, 304); a ``corrupt`` whose
+    ``offset`` is past the end; an ``ignore_range`` on a request without ``Range``; any
+    fault whose client left before its moment came. Firing such a cut once the body was
+    complete would land it on the next, clean request of the keep-alive connection. A
+    fault not applied is counted in :attr:`ProxyStats.faults_skipped`, not in
+    :attr:`ProxyStats.faults`.
     """
 
     kind: FaultKind
@@ -242,7 +265,14 @@ class FaultSchedule:
 
 @dataclass(frozen=True)
 class ProxyStats:
-    """A snapshot of a :class:`FaultProxy`'s counters."""
+    """A snapshot of a :class:`FaultProxy`'s counters.
+
+    ``faults`` and ``fault_log`` (``(path, kind)`` in order) hold the faults that took
+    effect, each counted just before the client could see it; ``faults_skipped`` the ones
+    chosen for a response they could not apply to (see :class:`Fault`).
+    ``bytes_forwarded`` grows block by block as body bytes are written to clients, so it
+    includes the bytes before a stall while the stall goes on.
+    """
 
     requests: int = 0
     requests_by_path: Counter[str] = field(default_factory=Counter)
@@ -250,6 +280,7 @@ class ProxyStats:
     bytes_forwarded: int = 0
     fault_log: tuple[tuple[str, str], ...] = ()
     errors: int = 0
+    faults_skipped: Counter[str] = field(default_factory=Counter)
 
     @property
     def faults_injected(self) -> int:
@@ -262,9 +293,12 @@ class _Counters:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        # Notified when a fault is applied: what FaultProxy.wait_for_fault waits on.
+        self.applied = threading.Condition(self.lock)
         self.requests = 0
         self.by_path: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
         self.bytes_forwarded = 0
         self.fault_log: list[tuple[str, str]] = []
         self.errors = 0
@@ -274,6 +308,7 @@ class _Counters:
             self.requests = 0
             self.by_path.clear()
             self.faults.clear()
+            self.skipped.clear()
             self.bytes_forwarded = 0
             self.fault_log.clear()
             self.errors = 0
@@ -287,6 +322,12 @@ class _ProxyHTTPServer(_TrackingHTTPServer):
         proxy: FaultProxy,
     ) -> None:
         self.proxy = proxy
+        # Every upstream socket a handler opened: a handler blocked reading a slow upstream
+        # is not woken by shutting its client's socket, only by shutting this one. Weak, so
+        # a socket closed and dropped by its handler needs no bookkeeping.
+        self._upstream_lock = threading.Lock()
+        self._upstreams: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._closing = False
         super().__init__(address, handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -294,10 +335,53 @@ class _ProxyHTTPServer(_TrackingHTTPServer):
         with counters.lock:
             counters.errors += 1
 
+    def track_upstream(self, sock: socket.socket) -> None:
+        """Register a new upstream socket; refused (and closed) once stopping began, so no
+        socket opened during close_connections() escapes it."""
+        with self._upstream_lock:
+            if not self._closing:
+                self._upstreams.add(sock)
+                return
+        sock.close()
+        raise ConnectionAbortedError("the proxy is stopping")
+
+    def close_connections(self, timeout: float = _JOIN_TIMEOUT) -> None:
+        with self._upstream_lock:
+            self._closing = True
+            upstreams = list(self._upstreams)
+        for sock in upstreams:
+            # Wakes a handler blocked on the upstream's headers or body at once.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        super().close_connections(timeout)
+
+
+class _TrackedConnection(http.client.HTTPConnection):
+    """An upstream connection whose every socket (http.client reconnects on its own after
+    a ``Connection: close`` response) is registered with the proxy, for stop()."""
+
+    def __init__(
+        self, server: _ProxyHTTPServer, host: str, port: int | None, timeout: float
+    ) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._server = server
+
+    def connect(self) -> None:
+        super().connect()
+        self._server.track_upstream(self.sock)
+
+
+class _TrackedHTTPSConnection(_TrackedConnection, http.client.HTTPSConnection):
+    """The same over TLS: HTTPSConnection.connect wraps the socket that is registered."""
+
 
 class _ProxyHandler(_QuietHandler):
     server: _ProxyHTTPServer
     _upstream_conn: http.client.HTTPConnection | None = None
+    # The request being handled: its path, its fault, and whether the fault took effect.
+    _path = ""
+    _fault: Fault | None = None
+    _fault_applied = False
 
     def do_GET(self) -> None:
         self._proxy()
@@ -333,23 +417,36 @@ class _ProxyHandler(_QuietHandler):
         body = self.rfile.read(int(length)) or None
 
         fault = proxy.schedule.decide(path)
-        if fault is not None:
-            with counters.lock:
-                counters.faults[fault.kind] += 1
-                counters.fault_log.append((path, fault.kind))
+        self._path, self._fault, self._fault_applied = path, fault, False
+        try:
+            self._handle_fault_and_forward(split.path or "/", split.query, body)
+        finally:
+            if fault is not None and not self._fault_applied:
+                with counters.lock:
+                    counters.skipped[fault.kind] += 1
+
+    def _handle_fault_and_forward(self, path: str, query: str, body: bytes | None) -> None:
+        proxy = self.server.proxy
+        fault = self._fault
         if fault is not None and fault.kind in _REPLY_KINDS:
+            self._applied()
             self._reply_fault(fault)
             return
         if fault is not None and fault.kind == "hang":
+            self._applied()
             stopped = proxy._stop_event.wait(fault.seconds)
             if stopped or fault.then == "close":
                 self.close_connection = True
                 return
 
-        target = proxy._upstream_prefix + (split.path or "/")
-        if split.query:
-            target += f"?{split.query}"
-        drop = _RANGE_HEADERS if fault is not None and fault.kind == "ignore_range" else None
+        target = proxy._upstream_prefix + path
+        if query:
+            target += f"?{query}"
+        drop = None
+        if fault is not None and fault.kind == "ignore_range":
+            drop = _RANGE_HEADERS
+            if any(name.lower() in _RANGE_HEADERS for name in self.headers):
+                self._applied()
         try:
             response = self._forward(target, body, drop)
         except (OSError, http.client.HTTPException) as exc:
@@ -357,6 +454,19 @@ class _ProxyHandler(_QuietHandler):
             self.send_json_error(502, "BadGatewayError", f"upstream {proxy.upstream}: {exc}")
             return
         self._relay(response, fault)
+
+    def _applied(self) -> None:
+        """Count this request's fault as taken effect: called just before the client can
+        see it, so a test that saw the count never sees the response before the fault."""
+        fault = self._fault
+        if fault is None or self._fault_applied:
+            return
+        self._fault_applied = True
+        counters = self.server.proxy._counters
+        with counters.applied:
+            counters.faults[fault.kind] += 1
+            counters.fault_log.append((self._path, fault.kind))
+            counters.applied.notify_all()
 
     def _forward(
         self, target: str, body: bytes | None, drop: frozenset[str] | None = None
@@ -366,9 +476,9 @@ class _ProxyHandler(_QuietHandler):
             return self._send_upstream(target, body, drop)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             # A kept-alive upstream connection may have been closed while idle: one retry
-            # on a fresh connection, never on a fresh one that failed.
+            # on a fresh connection, never on a fresh one that failed, nor when stop() cut it.
             self._drop_upstream()
-            if not reused:
+            if not reused or self.server.proxy._stop_event.is_set():
                 raise
             return self._send_upstream(target, body, drop)
 
@@ -377,7 +487,7 @@ class _ProxyHandler(_QuietHandler):
     ) -> http.client.HTTPResponse:
         """``drop``: request headers (lower case) not forwarded."""
         if self._upstream_conn is None:
-            self._upstream_conn = self.server.proxy._connect_upstream()
+            self._upstream_conn = self.server.proxy._connect_upstream(self.server)
         conn = self._upstream_conn
         conn.putrequest(self.command, target, skip_host=True, skip_accept_encoding=True)
         conn.putheader("Host", self.server.proxy._upstream_host)
@@ -443,43 +553,58 @@ class _ProxyHandler(_QuietHandler):
         block = bytearray(_BLOCK)
         view = memoryview(block)
         done = 0
-        try:
-            while True:
-                if fault is not None and cut is not None and done >= cut:
-                    cut = None
-                    if not self._interrupt(fault):
-                        return False
+        while True:
+            n = 0
+            if fault is not None and cut is not None and done >= cut:
+                cut = None
+                if response.length is None:
+                    n = response.readinto(view[:_LOOKAHEAD])
+                    goes_on = n > 0
+                else:  # http.client counts down what is left of a Content-Length body
+                    goes_on = response.length > 0
+                # At or past the end the response is whole: the fault is not applied, as
+                # fired now it would hit the connection's next request. The read below
+                # still runs, to let http.client finish the response (HEAD, 204, 304).
+                if goes_on and not self._interrupt(fault):
+                    return False
+            if not n:
                 # Reads stop exactly at the cut, so the client holds `after_bytes` bytes.
                 limit = _BLOCK if cut is None else min(_BLOCK, cut - done)
                 n = response.readinto(view[:limit])
                 if not n:
                     break
-                if flip is not None and done <= flip < done + n:
-                    block[flip - done] ^= 0xFF
-                if chunked:
-                    self.wfile.write(b"".join((b"%x\r\n" % n, view[:n], b"\r\n")))
-                else:
-                    self.wfile.write(view[:n])
-                done += n
-            # A cut at or past the end of the body happens once the body is sent.
-            if fault is not None and cut is not None and not self._interrupt(fault):
-                return False
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-            return True
-        finally:
-            counters = self.server.proxy._counters
-            with counters.lock:
-                counters.bytes_forwarded += done
+            if flip is not None and done <= flip < done + n:
+                block[flip - done] ^= 0xFF
+                flip = None
+                self._applied()
+            self._write_block(view[:n], chunked=chunked)
+            done += n
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        return True
+
+    def _write_block(self, data: memoryview, *, chunked: bool) -> None:
+        if chunked:
+            self.wfile.write(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+        else:
+            self.wfile.write(data)
+        # Counted as written, not when the response ends: a stall's bytes show at once.
+        counters = self.server.proxy._counters
+        with counters.lock:
+            counters.bytes_forwarded += len(data)
 
     def _interrupt(self, fault: Fault) -> bool:
         """Apply a cut fault at the cut point; whether the body goes on afterwards."""
+        self._applied()
         if fault.kind == "reset":
             self._reset_connection()
             return False
         if fault.kind == "truncate":
-            # The server closes the socket after this response: shutdown(SHUT_WR), a FIN.
+            # A FIN now, while this handler still owns the socket; the server closes it
+            # after this response.
             self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)
             return False
         stopped = self.server.proxy._stop_event.wait(fault.seconds)
         if stopped or fault.then == "close":
@@ -559,14 +684,9 @@ class FaultProxy(_LoopbackServer):
     def _make_httpd(self) -> _TrackingHTTPServer:
         return _ProxyHTTPServer((self.host, self.port), self._handler, self)
 
-    def _connect_upstream(self) -> http.client.HTTPConnection:
-        if self._upstream_scheme == "https":
-            return http.client.HTTPSConnection(
-                self._upstream_hostname, self._upstream_port, timeout=self.upstream_timeout
-            )
-        return http.client.HTTPConnection(
-            self._upstream_hostname, self._upstream_port, timeout=self.upstream_timeout
-        )
+    def _connect_upstream(self, server: _ProxyHTTPServer) -> http.client.HTTPConnection:
+        cls = _TrackedHTTPSConnection if self._upstream_scheme == "https" else _TrackedConnection
+        return cls(server, self._upstream_hostname, self._upstream_port, self.upstream_timeout)
 
     def start(self) -> FaultProxy:
         """Bind, listen and serve on a daemon thread; returns ``self``."""
@@ -583,7 +703,8 @@ class FaultProxy(_LoopbackServer):
 
     @property
     def stats(self) -> ProxyStats:
-        """Requests (in all and per URL path), faults per kind, body bytes forwarded."""
+        """Requests (in all and per URL path), faults applied and skipped per kind, body
+        bytes forwarded."""
         c = self._counters
         with c.lock:
             return ProxyStats(
@@ -593,7 +714,37 @@ class FaultProxy(_LoopbackServer):
                 bytes_forwarded=c.bytes_forwarded,
                 fault_log=tuple(c.fault_log),
                 errors=c.errors,
+                faults_skipped=Counter(c.skipped),
             )
+
+    def wait_for_fault(
+        self,
+        kind: FaultKind | None = None,
+        *,
+        count: int = 1,
+        timeout: float = _WAIT_FOR_FAULT_TIMEOUT,
+    ) -> bool:
+        """Wait until ``count`` faults of ``kind`` (of any kind if ``None``) have taken
+        effect since the proxy was made or :meth:`reset_stats` (counters outlive a
+        stop()); whether they did within ``timeout`` seconds.
+
+        A fault counts just before the client can see it: once this is true for a
+        ``"stall"``, the client has been sent ``after_bytes`` bytes and the proxy has gone
+        silent. Example::
+
+            assert proxy.wait_for_fault("stall", timeout=5)   # the chunk is in its stall
+            dataset.close()
+        """
+        if kind is not None and kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+        c = self._counters
+
+        def reached() -> bool:
+            applied = c.faults[kind] if kind is not None else sum(c.faults.values())
+            return applied >= count
+
+        with c.applied:
+            return c.applied.wait_for(reached, timeout)
 
     def reset_stats(self) -> None:
         """Zero the counters (the schedule keeps its place)."""

@@ -23,6 +23,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -36,7 +37,7 @@ __all__ = ["StaticServer", "StaticStats"]
 
 # serve_forever() notices shutdown() only between polls: a short poll keeps stop() quick.
 _POLL_INTERVAL = 0.05
-# How long stop() waits for handler threads after their sockets are shut down.
+# How long stop() waits, for all handler threads together, after their sockets are shut down.
 _JOIN_TIMEOUT = 2.0
 # Benchmarks open many connections at once; the stdlib default backlog (5) drops some.
 _LISTEN_BACKLOG = 128
@@ -94,7 +95,8 @@ class _TrackingHTTPServer(ThreadingHTTPServer):
             self.errors += 1
 
     def close_connections(self, timeout: float = _JOIN_TIMEOUT) -> None:
-        """Shut down every open connection and wait (bounded) for its thread."""
+        """Shut down every open connection and wait for their threads, ``timeout`` seconds
+        for all of them together."""
         with self._conn_lock:
             connections = list(self._connections.items())
         for sock, _ in connections:
@@ -102,9 +104,15 @@ class _TrackingHTTPServer(ThreadingHTTPServer):
             # sending to a client that stopped reading; close() alone would not.
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        # One deadline for all: a thread that outlives it must not cost `timeout` again each.
+        deadline = time.monotonic() + timeout
         for _, thread in connections:
             if thread is not threading.current_thread():
-                thread.join(timeout)
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def reset_errors(self) -> None:
+        with self._conn_lock:
+            self.errors = 0
 
 
 class _QuietHandler(BaseHTTPRequestHandler):
@@ -277,8 +285,10 @@ class _StaticHandler(_QuietHandler):
     def _send_file(self, fh: Any, *, send_body: bool) -> None:
         st = os.fstat(fh.fileno())
         size = st.st_size
-        # size+mtime identifies a version well enough for a test store and costs no read.
-        etag = f'"{size:x}-{st.st_mtime_ns:x}"'
+        # A version without reading it: size and mtime, plus the inode (a file replaced by
+        # rename) and ctime (rewritten in place with its mtime kept, as cp -p and copy2 do;
+        # the kernel sets ctime on every change and no call can set it back).
+        etag = f'"{size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}-{st.st_ctime_ns:x}"'
         common = {"ETag": etag, "Accept-Ranges": "bytes"}
 
         if_none_match = self.headers.get("If-None-Match")
@@ -407,12 +417,13 @@ class _StaticHTTPServer(_TrackingHTTPServer):
             self._requests = 0
             self._by_path.clear()
             self._bytes_sent = 0
+        self.reset_errors()
 
 
 class StaticServer(_LoopbackServer):
     """Serve the files under ``root`` over HTTP/1.1 on a background thread.
 
-    ``GET``/``HEAD`` only; ``ETag`` (size and mtime), ``Accept-Ranges: bytes``, one
+    ``GET``/``HEAD`` only; ``ETag`` (size, mtime, inode, ctime), ``Accept-Ranges: bytes``, one
     ``Range`` -> 206 with ``Content-Range``, an unsatisfiable one -> 416, ``If-Range`` and
     ``If-None-Match`` honoured. A path outside ``root``, a directory or a missing file -> 404
     with a JSON error body. Example::
@@ -442,9 +453,12 @@ class StaticServer(_LoopbackServer):
 
     def stop(self) -> None:
         """Stop serving and close every socket; :attr:`stats` keeps its last values."""
-        if isinstance(self._httpd, _StaticHTTPServer):
-            self._last_stats = self._httpd.snapshot()
+        httpd = self._httpd
         super().stop()
+        # Taken once the connections are shut and their threads joined, so the bytes and
+        # errors of responses that were still in flight are in it.
+        if isinstance(httpd, _StaticHTTPServer):
+            self._last_stats = httpd.snapshot()
 
     def __enter__(self) -> StaticServer:
         return self.start()
