@@ -297,3 +297,27 @@ def raised_once_closed(
     waiter.join(5)
     assert not waiter.is_alive(), "close() did not end the call"
     return errors
+
+
+def reachable_buffers(root: object) -> list[int]:
+    """The sizes of the buffers (bytearrays, arrays, memoryviews) that can be reached from
+    ``root`` (an error a caller keeps, say), modules and the main module's globals aside."""
+    import gc
+    import sys
+    import types
+
+    main = getattr(sys.modules.get("__main__"), "__dict__", None)
+    seen: set[int] = set()
+    pending, found = [root], []
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type, types.ModuleType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, (bytearray, memoryview, np.ndarray)):
+            found.append(len(obj) if isinstance(obj, bytearray) else obj.nbytes)
+            if not isinstance(obj, np.ndarray) or obj.base is None:
+                continue
+        if obj is not sys.modules and obj is not main:
+            pending.extend(gc.get_referents(obj))
+    return found

@@ -23,7 +23,14 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_CHUNK_SIZE, UNIFORM_TOTAL
-from helpers import CannedHost, RedirectingFront, close_while_consuming, digest, settles
+from helpers import (
+    CannedHost,
+    RedirectingFront,
+    close_while_consuming,
+    digest,
+    reachable_buffers,
+    settles,
+)
 from pixcrawler import Dataset, config, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.models import Chunk
@@ -1686,26 +1693,6 @@ def test_a_range_that_fails_for_good_stops_the_first_and_is_the_error(
         server.server_close()
 
 
-def _chunk_sized(root: object, size: int) -> int:
-    """How many bytearrays of at least ``size`` bytes can be reached from ``root``."""
-    import gc
-    import sys
-    import types
-
-    seen: set[int] = set()
-    pending, found = [root], 0
-    while pending:
-        obj = pending.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type, types.ModuleType)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, bytearray):
-            found += len(obj) >= size
-        elif obj is not sys.modules:
-            pending.extend(gc.get_referents(obj))
-    return found
-
-
 def test_a_download_error_kept_by_its_caller_keeps_no_chunk_buffer(tmp_path: Path) -> None:
     """The error's traceback holds the frames it passed through: the window of chunks
     fetched ahead and the failed chunk's buffer lived as long as the error did."""
@@ -1724,7 +1711,7 @@ def test_a_download_error_kept_by_its_caller_keeps_no_chunk_buffer(tmp_path: Pat
             kept.append(exc)
         downloader.close()
     assert kept and kept[0].status_code == 404  # type: ignore[attr-defined]
-    assert _chunk_sized(kept[0], size) == 0
+    assert not [n for n in reachable_buffers(kept[0]) if n >= size]
 
 
 def test_a_part_file_complete_already_is_verified_not_downloaded_again(tmp_path: Path) -> None:

@@ -17,14 +17,15 @@ import tempfile
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import LiveServer
-from constants import JOB_UNIFORM, TEST_KEY, UNIFORM_TOTAL
-from helpers import close_while_consuming, settles
+from constants import JOB_UNIFORM, TEST_KEY, UNIFORM_CHUNK_SIZE, UNIFORM_SIZE, UNIFORM_TOTAL
+from helpers import close_while_consuming, corrupt_copy, reachable_buffers, settles
 from imagegen import make_image_folder
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
@@ -257,6 +258,62 @@ def test_a_corrupt_image_with_on_error_raise_leaves_nothing(
     assert sum(1 for _ in skipping) == 11 and skipping.stats.skipped_ids == ["a/0008.png"]
     skipping.close()
     before.all_clean()
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "dropped"])
+@pytest.mark.parametrize("ends", ["finished", "break", "batches"])
+def test_an_iteration_leaves_no_cycle_that_keeps_its_dataset(
+    live_server: LiveServer, ends: str, closed: bool
+) -> None:
+    """fill() and first_done() of an iteration's downloads referred to each other: the
+    downloader (its free chunk buffers), the dataset its URL refresh reads and the
+    dataset's sockets lived until the cycle collector ran, which a large process does
+    rarely: memory grew pass after pass."""
+    gc.collect()
+    gc.disable()
+    try:
+        dataset = open_uniform(live_server, prefetch=2)
+        if ends == "batches":
+            assert sum(len(labels) for _, labels in dataset.iter_batches(8)) == UNIFORM_TOTAL
+        for i, _ in enumerate(dataset):
+            if ends == "break" and i == UNIFORM_CHUNK_SIZE + 2:
+                break
+        if closed:
+            dataset.close()
+        alive = weakref.ref(dataset)
+        del dataset
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("call", ["iterate", "iter_batches", "to_arrays"])
+def test_an_error_its_caller_keeps_keeps_no_chunk_batch_or_array(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path, call: str
+) -> None:
+    """A notebook keeps the last error (sys.last_value); a training loop may keep a list
+    of them. Through its traceback's frames (and its cause's, on the decode thread) one
+    kept the whole chunk and a decode group's images, the half-filled batch or X, and
+    the decoder's image buffers."""
+    bad = UNIFORM_CHUNK_SIZE + 4  # in chunk 1: chunk 0's images went through the buffers
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (bad,)))
+    dataset = open_uniform(live_server, base_url)
+    with pytest.raises(DecompressionError) as info:
+        if call == "iterate":
+            for _ in dataset:
+                pass
+        elif call == "iter_batches":
+            for _ in dataset.iter_batches(32):
+                pass
+        else:
+            dataset.to_arrays()
+    dataset.close()
+    kept = info.value
+    del info
+    gc.collect()
+    image = UNIFORM_SIZE[0] * UNIFORM_SIZE[1] * 3
+    held = reachable_buffers(kept)
+    assert sum(held) <= 3 * image, held  # the last images loop variables hold, at most
 
 
 def test_close_from_another_thread_during_a_stall_leaves_nothing(

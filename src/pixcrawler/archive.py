@@ -116,7 +116,10 @@ class ChunkArchive:
             self.view.release()
         except BufferError:
             return None
-        return self.buffer if isinstance(self.buffer, bytearray) else None
+        # Held no longer here: an error's traceback may keep this archive (a frame's local)
+        # for as long as its caller keeps the error.
+        buffer, self.buffer = self.buffer, b""
+        return buffer if isinstance(buffer, bytearray) else None
 
     def _error(self, message: str, sample_id: str | None = None) -> DecompressionError:
         where = f"chunk {self.chunk_id}" if self.chunk_id is not None else "chunk"

@@ -303,14 +303,21 @@ class Dataset:
         # a process's first pass over 5,000 photos, ~5% of its throughput).
         buffers = None if keeps else ImageBuffers()
         samples = self._decoded(ImageDecoder(self.mode, size, buffers=buffers), chunks)
-        if not self.progress:
-            yield from samples
-            return
-        from tqdm.auto import tqdm
+        try:
+            if not self.progress:
+                yield from samples
+                return
+            from tqdm.auto import tqdm
 
-        total = self.num_images if counts_listed(self.job) else None
-        with tqdm(samples, total=total, unit="img", desc=self.job.id) as bar:
-            yield from bar
+            total = self.num_images if counts_listed(self.job) else None
+            with tqdm(samples, total=total, unit="img", desc=self.job.id) as bar:
+                yield from bar
+        except BaseException:
+            # The frames of an error's traceback keep the decoder, and its buffers with it,
+            # for as long as the caller keeps the error (a notebook keeps the last one).
+            if buffers is not None:
+                buffers.forget()
+            raise
 
     def iter_batches(
         self,
@@ -340,18 +347,22 @@ class Dataset:
         left = self.num_images if counts_listed(self.job) else None
         batch: np.ndarray | None = None
         labels: list[str] = []
-        for sample, image in self.iter_samples(image_size):
-            if batch is None:
-                rows = min(batch_size, _UNCOUNTED_ROWS if left is None else max(1, left))
-                batch = np.empty((rows, *image.shape), dtype=np.uint8)
-            elif len(labels) == len(batch):  # a job listing no counts: grow up to batch_size
-                batch = _grown(batch, limit=batch_size)
-            _put(batch, len(labels), image, sample)
-            labels.append(sample.label)
-            if len(labels) == batch_size:
-                yield batch, labels
-                batch, labels = None, []
-                left = None if left is None else left - batch_size
+        try:
+            for sample, image in self.iter_samples(image_size):
+                if batch is None:
+                    rows = min(batch_size, _UNCOUNTED_ROWS if left is None else max(1, left))
+                    batch = np.empty((rows, *image.shape), dtype=np.uint8)
+                elif len(labels) == len(batch):  # a job listing no counts: up to batch_size
+                    batch = _grown(batch, limit=batch_size)
+                _put(batch, len(labels), image, sample)
+                labels.append(sample.label)
+                if len(labels) == batch_size:
+                    yield batch, labels
+                    batch, labels = None, []
+                    left = None if left is None else left - batch_size
+        except BaseException:
+            batch = None  # not kept, half filled, for as long as the caller keeps the error
+            raise
         if labels and batch is not None and not drop_last:
             yield (batch if len(batch) == len(labels) else batch[: len(labels)]), labels
 
@@ -368,17 +379,21 @@ class Dataset:
         total = self.num_images
         images: np.ndarray | None = None
         labels: list[str] = []
-        for sample, image in self.iter_samples(image_size):
-            if images is None:
-                images = np.empty((total, *image.shape), dtype=np.uint8)
-            if len(labels) >= len(images):
-                if counts_listed(self.job):
-                    raise PixCrawlerError(
-                        f"job {self.job.id} lists {total} images but its chunks hold more"
-                    )
-                images = _grown(images)  # a job that lists no counts: X grows as it fills
-            _put(images, len(labels), image, sample)
-            labels.append(sample.label)
+        try:
+            for sample, image in self.iter_samples(image_size):
+                if images is None:
+                    images = np.empty((total, *image.shape), dtype=np.uint8)
+                if len(labels) >= len(images):
+                    if counts_listed(self.job):
+                        raise PixCrawlerError(
+                            f"job {self.job.id} lists {total} images but its chunks hold more"
+                        )
+                    images = _grown(images)  # a job that lists no counts: X grows as it fills
+                _put(images, len(labels), image, sample)
+                labels.append(sample.label)
+        except BaseException:
+            images = None  # not kept, half filled, for as long as the caller keeps the error
+            raise
         if images is None:  # nothing decoded: the shape the images would have had
             channels = ImageDecoder(self.mode).channels
             size = validate_image_size(image_size) if image_size is not None else None
@@ -739,7 +754,24 @@ def decode_sample(
             message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
         error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
         error.__cause__ = exc.__cause__ or exc
+        # The causes keep their type and message, not their tracebacks: those hold this
+        # decode thread's frames (the chunk's bytes, its decode group's images), which would
+        # live as long as a caller keeps the error (a notebook keeps the last one).
+        _drop_tracebacks(exc)
         return error
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """``exc`` and the exceptions it was raised from or during, without tracebacks."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        pending += [error.__cause__, error.__context__]
 
 
 def group_bounds(count: int, *, ramp: bool = False) -> Iterator[tuple[int, int]]:

@@ -108,6 +108,11 @@ class ImageBuffers:
             sizes[slot] = fresh.nbytes
             return fresh[:nbytes]
 
+    def forget(self) -> None:
+        """Hold no buffer any more (images handed out keep theirs)."""
+        with self._lock:
+            self._buffers, self._sizes, self._next = [], [], 0
+
     def __len__(self) -> int:
         return len(self._buffers)
 

@@ -138,6 +138,10 @@ class BufferPool:
             if len(self._free) < self._keep:
                 self._free.append(buffer)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
 
 _BYTEARRAY_OVERHEAD = sys.getsizeof(bytearray())
 _CANCEL_POLL = 0.05  # seconds between looks at a cancel while the job's URLs are re-read
@@ -469,7 +473,13 @@ class ChunkDownloader:
             # opening of chunk 0, which every transfer started now slows down. None if
             # chunk 0 failed: its error ends the iteration, and must not race a new fetch.
             if not future.cancelled() and future.exception() is None:
-                fill(most=1)
+                for refill in refills:
+                    refill(most=1)
+
+        # first_done() reaches fill() only through this list, emptied when the iteration
+        # ends: fill() refers to first_done(), and a cycle of the two kept this downloader
+        # (its free buffers, the dataset its refresh reads) until the cycle collector ran.
+        refills = [fill]
 
         def released() -> None:
             nonlocal held
@@ -521,6 +531,7 @@ class ChunkDownloader:
             self._abort(cancel)
             pool.shutdown(wait=True)
             window.clear()
+            refills.clear()
 
     def recycle(self, buffer: bytearray | None) -> None:
         """The consumer is done with a chunk: hand back its buffer (None if it cannot be
@@ -591,6 +602,7 @@ class ChunkDownloader:
         if self._part_pool is not None:
             self._part_pool.shutdown(wait=True, cancel_futures=True)
             self._part_pool = None
+        self._buffers.clear()  # (a kept error's traceback may keep this downloader)
 
     # -- one chunk ---------------------------------------------------------------------------
 
