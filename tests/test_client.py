@@ -7,6 +7,7 @@ import logging
 import pickle
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,39 @@ def test_a_closed_client_sends_nothing(live_server: LiveServer) -> None:
     client.close()
     with pytest.raises(NetworkError, match="the client was closed"):
         client.get_job(JOB_UNIFORM)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [Fault("hang", seconds=30), Fault("stall", after_bytes=100, seconds=30)],
+    ids=["no-headers-yet", "mid-body"],
+)
+def test_close_ends_an_api_call_under_way_on_another_thread_at_once(
+    live_server: LiveServer, fault: Fault
+) -> None:
+    """close() cleared the idle connections only: a call in flight (a re-read of the
+    job's URLs on its own thread, say) ran on to its timeout and retries, 300 s each by
+    default, holding the dataset all that time."""
+    schedule = FaultSchedule.script([fault], match=r"/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        client = ApiClient(live_server.api_key, proxy.base_url, timeout=60)
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                client.get_job(JOB_UNIFORM)
+            except BaseException as exc:  # what escapes is the point
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert proxy.wait_for_fault(fault.kind, timeout=10)
+        started = time.monotonic()
+        client.close()
+        caller.join(10)
+        assert not caller.is_alive() and time.monotonic() - started < 3
+    assert len(outcome) == 1 and isinstance(outcome[0], NetworkError), outcome
+    assert "the client was closed" in str(outcome[0])
 
 
 def test_client_repr_hides_the_key() -> None:

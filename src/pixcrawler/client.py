@@ -190,6 +190,10 @@ class ApiClient:
         self.verify_ssl = verify_ssl
         self.retry = retry or RetryPolicy()
         self._closed = threading.Event()
+        # The connections of API calls under way: close() shuts them down, so a call on
+        # another thread (a re-read of the job's URLs, say) ends now, not at its timeout.
+        self._calls: set[HTTPConnection] = set()
+        self._calls_lock = threading.Lock()
         if not verify_ssl:
             warnings.warn(
                 "verify_ssl=False: TLS certificates are not checked; anyone on the network "
@@ -288,7 +292,22 @@ class ApiClient:
         url = self.api_url + path
         if params:
             url += "?" + "&".join(f"{k}={v}" for k, v in params.items())
-        response = self.call_with_retries(lambda: self.request(url), what=f"GET {path}")
+        connections: list[HTTPConnection] = []
+
+        def track(connection: HTTPConnection) -> None:
+            with self._calls_lock:
+                connections.append(connection)
+                self._calls.add(connection)
+            if self._closed.is_set():  # closed before it was tracked
+                shutdown_connection(connection)
+
+        try:
+            response = self.call_with_retries(
+                lambda: self.request(url, on_connection=track), what=f"GET {path}"
+            )
+        finally:
+            with self._calls_lock:
+                self._calls.difference_update(connections)
         try:
             return json.loads(response.data)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
@@ -305,6 +324,8 @@ class ApiClient:
             try:
                 response = attempt()
             except Urllib3Error as exc:
+                if self._closed.is_set():  # close() cut it: no retry, no backoff
+                    raise NetworkError(f"{what}: the client was closed") from exc
                 if certificate_refused(exc):
                     raise NetworkError(f"{what} failed: {refused_certificate(exc)}") from exc
                 failures += 1
@@ -351,6 +372,10 @@ class ApiClient:
 
     def close(self) -> None:
         self._closed.set()
+        with self._calls_lock:
+            calls = list(self._calls)
+        for connection in calls:
+            shutdown_connection(connection)
         self._pool.clear()
 
 
