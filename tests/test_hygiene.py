@@ -378,6 +378,46 @@ def test_ctrl_c_while_waiting_on_a_stalled_chunk_exits_at_once(live_server: Live
         assert child.returncode != 0 and "KeyboardInterrupt" in stderr
 
 
+def test_a_script_that_ends_holding_an_iterator_with_stalled_downloads_exits_at_once(
+    live_server: LiveServer,
+) -> None:
+    """A step-based training loop keeps ``it = iter(...)`` and calls ``next(it)``; the
+    script ends while chunks are stalled on the network. Python joins thread-pool threads
+    at exit before that iterator is collected: the process stayed up until every stalled
+    transfer had used its timeout and retries (20 minutes with the defaults)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from pixcrawler import load_dataset
+        dataset = load_dataset(sys.argv[1], sys.argv[2], sys.argv[3], timeout=60, prefetch=2)
+        steps = iter(dataset)
+        next(steps)
+        print("trained", flush=True)
+        """
+    )
+    stall = Fault("stall", after_bytes=100, seconds=60)
+    with FaultProxy(
+        live_server.base_url, schedule=FaultSchedule.script([stall] * 3, match="/chunks/[1-9]$")
+    ) as proxy:
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "trained"
+            assert proxy.wait_for_fault("stall", timeout=20)  # a chunk is stalled now
+            ended = time.monotonic()
+            _, stderr = child.communicate(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+        assert time.monotonic() - ended < 5, stderr
+        assert child.returncode == 0, stderr
+
+
 # -- downloads to disk are atomic --------------------------------------------------------------
 
 

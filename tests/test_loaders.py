@@ -102,3 +102,19 @@ def test_without_torch_installed_to_torch_says_how_to_get_it() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("MissingDependencyError")
     assert 'pip install "pixcrawler-sdk[torch]"' in result.stdout
+
+
+def test_a_chunks_own_shuffle_is_not_the_chunk_orders_stream_again() -> None:
+    """A SeedSequence ignores trailing zero words: chunk 0's order, drawn under the chunk
+    order's word, was the chunk order's permutation itself (for as many images as chunks)."""
+    from types import SimpleNamespace
+
+    from pixcrawler.loaders import _Sequence
+
+    same = []
+    for seed in range(5):
+        owner = SimpleNamespace(_counts=dict.fromkeys(range(5), 5), shuffle=True, seed=seed)
+        sequence = _Sequence(owner, epoch=0)  # type: ignore[arg-type]
+        # (The chunk order is the permutation drawn of the chunks 0 to 4.)
+        same.append(sequence.offsets(sequence.order.index(0), 0, 5) == sequence.order)
+    assert not all(same)

@@ -29,6 +29,7 @@ and when the next attempt starts.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -38,6 +39,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -292,6 +294,26 @@ class _Refreshing:
     error: BaseException | None = None
 
 
+# Every downloader alive, closed when the interpreter exits (see _close_all_at_exit).
+_LIVE: weakref.WeakSet[ChunkDownloader] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+def _close_all_at_exit() -> None:
+    """At interpreter exit, before its thread pools' threads are joined: cancel every
+    transfer, so a transfer stalled on the network (an iterator the script kept, its
+    downloads in flight) cannot keep the process alive through its timeouts and retries."""
+    with _LIVE_LOCK:
+        downloaders = list(_LIVE)
+    for downloader in downloaders:
+        downloader.close()
+
+
+# threading's exit hooks run before non-daemon threads (concurrent.futures' among them)
+# are joined, the last registered first; atexit's run after them: too late.
+getattr(threading, "_register_atexit", atexit.register)(_close_all_at_exit)
+
+
 class ChunkDownloader:
     """Downloads a job's chunks for one consumer; see the module docstring for guarantees."""
 
@@ -335,6 +357,8 @@ class ChunkDownloader:
         # The re-read of the job's URLs under way, if any: every transfer whose URL expires
         # meanwhile waits for it instead of asking the API again.
         self._refreshing: _Refreshing | None = None
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # -- public ----------------------------------------------------------------------------
 

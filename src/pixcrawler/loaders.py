@@ -56,8 +56,12 @@ log = logging.getLogger("pixcrawler")
 ImageSize = tuple[int, int]
 Transform = Callable[[Any], Any]
 
-_SEQUENCE_STREAM = 1  # SeedSequence words that keep the chunk order and the buffer apart
+# SeedSequence words that keep the chunk order, each chunk's own order and the buffer
+# apart. (A SeedSequence ignores trailing zero words: [seed, epoch, 1, 0], chunk 0's order
+# under one shared word, drew the very numbers of [seed, epoch, 1], the chunk order's.)
+_SEQUENCE_STREAM = 1
 _BUFFER_STREAM = 2
+_CHUNK_STREAM = 3
 
 
 def require(module: str, extra: str) -> Any:
@@ -703,7 +707,7 @@ class _Sequence:
     def offsets(self, slot: int, lo: int, hi: int) -> list[int]:
         if not self.shuffle:
             return list(range(lo, hi))
-        rng = np.random.default_rng([*self.seed_words, _SEQUENCE_STREAM, self.order[slot]])
+        rng = np.random.default_rng([*self.seed_words, _CHUNK_STREAM, self.order[slot]])
         return [int(i) for i in rng.permutation(self.counts[slot])[lo:hi]]
 
     def segments(self, lo: int, hi: int) -> list[tuple[int, list[int]]]:
