@@ -639,7 +639,7 @@ def info(job_id: str, api_key: str | None, base_url: str | None) -> None:
       Chunks: 20
       Size: 2.5 GB
       Created: 2025-10-30 12:00:00
-      Labels: cat, dog, bird (3 classes)
+      Labels: bird, cat, dog (3 classes)
     """
     client = _connect(api_key, base_url)
     try:

@@ -329,8 +329,9 @@ class Dataset:
         """Yield ``(images, labels)``: a ``(B, H, W, C)`` uint8 array and B label names.
 
         Each batch is a new array allocated once, at its full size or at the images left
-        when fewer. Images of different sizes need ``image_size=(H, W)``; without it they
-        raise :class:`MixedImageSizesError`.
+        when fewer (a job that lists no image counts: grown as it fills). Images of
+        different sizes need ``image_size=(H, W)``; without it they raise
+        :class:`MixedImageSizesError`.
 
         Example:
             >>> for images, labels in dataset.iter_batches(batch_size=64):
@@ -370,7 +371,9 @@ class Dataset:
         """Load the whole dataset: ``X`` of shape (N, H, W, C) uint8 and ``y`` label names.
 
         Warning: this holds every image in memory. ``X`` is allocated once at its final size
-        and filled chunk by chunk (no list-then-stack doubling).
+        and filled chunk by chunk (no list-then-stack doubling); for a job that lists no
+        image counts it grows by half again whenever it is full, and is shrunk in place to
+        the images it holds.
 
         Example:
             >>> X, y = dataset.to_arrays()

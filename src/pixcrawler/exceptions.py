@@ -58,7 +58,8 @@ class AuthenticationError(PixCrawlerError):
 
 
 class NotFoundError(PixCrawlerError):
-    """The job (or one of its chunks) does not exist for this API key (HTTP 404)."""
+    """The job does not exist for this API key (HTTP 404). A chunk that is not there is a
+    :class:`DownloadError` with ``status_code=404``."""
 
 
 class JobNotCompleteError(PixCrawlerError):

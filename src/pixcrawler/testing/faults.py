@@ -6,10 +6,13 @@ requests misbehave and how. Faults happen on a real TCP connection, so a client 
 it would see from a real network: a reset is an RST, a truncation is a FIN before
 ``Content-Length`` bytes, a stall is silence on an open socket::
 
-    schedule = FaultSchedule.script([Fault("reset", after_bytes=65536)], match=r"/chunks/")
-    with StaticServer(store) as blobs, FaultProxy(blobs.base_url, schedule=schedule) as proxy:
-        dataset = load_dataset(..., base_url=proxy.base_url)   # first chunk GET is cut
-        assert proxy.stats.faults["reset"] == 1
+    schedule = FaultSchedule.script([Fault("reset", after_bytes=16384)], match=r"/chunks/")
+    with StaticServer(store) as blobs, \
+            FaultProxy(blobs.base_url, schedule=schedule) as proxy, \
+            run_in_thread(create_app(store, keys, chunk_base_url=proxy.base_url)) as api:
+        dataset = load_dataset(job_id, api_key=key, base_url=api)   # nothing fetched yet
+        for image, label in dataset: ...   # the first chunk GET is cut, then resumed
+        assert proxy.stats.faults["reset"] == 1   # (a cut past a body's end is skipped)
 
 A fault is counted in :attr:`FaultProxy.stats` when it takes effect, just before the client
 can see it, so a test can wait for that moment with :meth:`FaultProxy.wait_for_fault`.
