@@ -64,6 +64,25 @@ def test_an_unreadable_login_file_is_no_key(
         load_dataset(JOB_UNIFORM, base_url="http://127.0.0.1:9")
 
 
+def test_a_config_folder_this_user_cannot_look_into_is_no_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Asking whether the login file exists (to say it is unreadable) raised the bare
+    PermissionError of a folder the user may not enter (a container's HOME=/root)."""
+    monkeypatch.delenv("PIXCRAWLER_API_KEY", raising=False)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(tmp_path / "private"))
+    real_stat = Path.stat
+
+    def refused(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.parent == tmp_path / "private":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refused)
+    with pytest.raises(AuthenticationError, match="PIXCRAWLER_API_KEY"):
+        load_dataset(JOB_UNIFORM, base_url="http://127.0.0.1:9")
+
+
 def test_environment_supplies_key_and_url_and_arguments_win(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,6 +345,62 @@ def test_close_ends_an_api_call_under_way_on_another_thread_at_once(
         assert not caller.is_alive() and time.monotonic() - started < 3
     assert len(outcome) == 1 and isinstance(outcome[0], NetworkError), outcome
     assert "the client was closed" in str(outcome[0])
+
+
+def test_close_reaches_a_call_on_a_connection_another_call_used_before() -> None:
+    """Call A got a 503 and backed off, its kept-alive connection back in the pool; call B
+    took it; A retried on a new one and, ending, stopped tracking both: close() no longer
+    reached B, which ran on to its timeout."""
+    from http.server import ThreadingHTTPServer
+
+    from pixcrawler.testing.static import _QuietHandler
+
+    refused: list[str] = []
+    released = threading.Event()
+
+    class Handler(_QuietHandler):
+        def do_GET(self) -> None:
+            status, extra = 200, {}
+            if self.path.endswith("/jobs/a") and not refused:
+                refused.append(self.path)
+                status, extra = 503, {"Retry-After": "1"}
+            elif self.path.endswith("/jobs/b"):
+                released.wait(15)  # slow: close() must cut it
+            self.send_response(status)
+            for name, value in {"Content-Length": "2", **extra}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = ApiClient("k" * 20, f"http://127.0.0.1:{server.server_address[1]}", timeout=60)
+    outcome: dict[str, object] = {}
+
+    def call(name: str) -> None:
+        try:
+            outcome[name] = client.get_json(f"/jobs/{name}")
+        except BaseException as exc:  # what escapes is the point
+            outcome[name] = exc
+
+    try:
+        first = threading.Thread(target=call, args=("a",))
+        first.start()
+        time.sleep(0.3)  # A has its 503 and backs off 1 s; its connection is in the pool
+        second = threading.Thread(target=call, args=("b",))
+        second.start()  # B takes that connection
+        first.join(10)
+        assert outcome["a"] == {} and refused  # A retried on a new connection
+        started = time.monotonic()
+        client.close()
+        second.join(10)
+        assert not second.is_alive() and time.monotonic() - started < 3
+        assert isinstance(outcome["b"], NetworkError), outcome
+    finally:
+        released.set()
+        server.shutdown()
+        server.server_close()
 
 
 def test_client_repr_hides_the_key() -> None:

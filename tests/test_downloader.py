@@ -1756,7 +1756,7 @@ def test_a_blob_hosts_401_is_its_refusal_of_the_url_not_of_the_key() -> None:
     assert info.value.status_code == 401 and info.value.chunk_id == 0
 
 
-def test_a_body_longer_than_listed_is_refused_with_or_without_a_length() -> None:
+def test_a_chunked_body_longer_than_listed_is_refused_as_one_with_a_length_is() -> None:
     """Chunked (no Content-Length), the extra bytes were cut off and the rest handed out."""
     body = os.urandom(100_000)
 
@@ -1796,3 +1796,87 @@ def test_a_chunked_body_of_the_listed_size_is_read_to_its_end() -> None:
         downloader.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("framing", ["close-delimited", "chunked, its end late"])
+def test_every_byte_in_is_a_chunk_whatever_comes_after_it(framing: str) -> None:
+    """The look-past-the-end for a longer body waited on a body whose end comes when its
+    connection closes (or a chunked end marker sent late): a read timeout, a retry, and
+    with no retries left a failed chunk whose every byte had arrived."""
+    body = os.urandom(20_000)
+
+    def answer(n: int, handler: Any) -> None:
+        handler.send_response(200)
+        if framing == "chunked, its end late":
+            handler.send_header("Transfer-Encoding", "chunked")
+            handler.end_headers()
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+            handler.wfile.flush()
+            time.sleep(3)
+            handler.wfile.write(b"0\r\n\r\n")
+        else:
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            handler.wfile.write(body)
+            handler.wfile.flush()
+            time.sleep(3)  # then the close that ends the body
+
+    server, url = _scripted_host(answer)
+    downloader = _downloader({0: (url, len(body))}, retries=0, timeout=1)
+    try:
+        started = time.monotonic()
+        assert bytes(downloader.fetch(0)) == body
+        assert downloader.stats.retries == 0 and time.monotonic() - started < 2.5
+    finally:
+        downloader.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_complete_part_file_of_another_version_is_not_a_failed_download(
+    tmp_path: Path,
+) -> None:
+    """A whole .part an earlier run left of another version was checked, refused and
+    counted as the first of the two downloads a chunk gets: one more fault, and the
+    chunk failed as "corrupt twice"."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    data = os.urandom(1 << 16)
+    (tmp_path / "c.zip").write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c.zip.part").write_bytes(os.urandom(len(data)))  # another version, as long
+    with StaticServer(tmp_path) as host:
+        chunk = Chunk(0, f"{host.base_url}/c.zip", len(data), hashlib.sha256(data).hexdigest())
+        downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), [chunk])
+        assert downloader.fetch_to_file(0, out / "c.zip").read_bytes() == data
+        downloader.close()
+    assert downloader.stats.checksum_failures == 0 and downloader.stats.requests == 1
+
+
+def test_a_forked_child_leaves_its_parents_downloads_alone(tmp_path: Path) -> None:
+    """A DataLoader worker forked while a chunk is in flight runs threading's exit hooks
+    as it exits: it closed its copies of the parent's downloaders, shutting down sockets
+    the parent still read (a retry each time), or hung on a lock held at the fork."""
+    import multiprocessing
+    import warnings
+
+    data = os.urandom(1 << 16)
+    (tmp_path / "c.zip").write_bytes(data)
+    schedule = FaultSchedule.script([Fault("stall", after_bytes=1000, seconds=1.5)])
+    with StaticServer(tmp_path) as host, FaultProxy(host.base_url, schedule=schedule) as proxy:
+        downloader = _downloader({0: (f"{proxy.base_url}/c.zip", len(data))}, timeout=10)
+        got: list[bytes] = []
+        fetching = threading.Thread(target=lambda: got.append(bytes(downloader.fetch(0))))
+        fetching.start()
+        assert proxy.wait_for_fault("stall", timeout=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0,))
+            child.start()
+        child.join(10)
+        assert child.exitcode == 0
+        fetching.join(10)
+        downloader.close()
+    assert got == [data] and downloader.stats.retries == 0

@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -282,7 +283,8 @@ def test_an_iteration_leaves_no_cycle_that_keeps_its_dataset(
             dataset.close()
         alive = weakref.ref(dataset)
         del dataset
-        assert alive() is None
+        # (A pool thread on its way out may hold it a moment: a cycle holds it for good.)
+        assert settles(lambda: alive() is None, timeout=3)
     finally:
         gc.enable()
 
@@ -314,6 +316,9 @@ def test_an_error_its_caller_keeps_keeps_no_chunk_batch_or_array(
     image = UNIFORM_SIZE[0] * UNIFORM_SIZE[1] * 3
     held = reachable_buffers(kept)
     assert sum(held) <= 3 * image, held  # the last images loop variables hold, at most
+    # Only the frames' locals go: the cause still prints where the decode failed.
+    printed = "".join(traceback.format_exception(kept))
+    assert "decode.py" in printed and "in decode" in printed, printed
 
 
 def test_close_from_another_thread_during_a_stall_leaves_nothing(

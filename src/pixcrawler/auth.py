@@ -78,7 +78,11 @@ def resolve_api_key(api_key: str | None) -> str:
     key = (api_key or os.environ.get(config.ENV_API_KEY) or stored_api_key() or "").strip()
     if not key:
         path = credentials_path()
-        if path.exists():  # there, but not a key: not the same as never having logged in
+        try:
+            there = path.exists()  # there, but not a key: not the same as never logged in
+        except OSError:  # a config folder this user may not look into
+            there = False
+        if there:
             raise AuthenticationError(
                 f"No API key given, and the `pixcrawler login` file {path} holds none that "
                 "can be read: run `pixcrawler login` again, or pass api_key=... or set "

@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -192,7 +193,8 @@ class ApiClient:
         self._closed = threading.Event()
         # The connections of API calls under way: close() shuts them down, so a call on
         # another thread (a re-read of the job's URLs, say) ends now, not at its timeout.
-        self._calls: set[HTTPConnection] = set()
+        # (Counted per call: a connection one call left in the pool another may be using.)
+        self._calls: Counter[HTTPConnection] = Counter()
         self._calls_lock = threading.Lock()
         if not verify_ssl:
             warnings.warn(
@@ -292,12 +294,13 @@ class ApiClient:
         url = self.api_url + path
         if params:
             url += "?" + "&".join(f"{k}={v}" for k, v in params.items())
-        connections: list[HTTPConnection] = []
+        connections: set[HTTPConnection] = set()  # this call's, each counted once
 
         def track(connection: HTTPConnection) -> None:
             with self._calls_lock:
-                connections.append(connection)
-                self._calls.add(connection)
+                if connection not in connections:
+                    connections.add(connection)
+                    self._calls[connection] += 1
             if self._closed.is_set():  # closed before it was tracked
                 shutdown_connection(connection)
 
@@ -307,7 +310,10 @@ class ApiClient:
             )
         finally:
             with self._calls_lock:
-                self._calls.difference_update(connections)
+                self._calls.subtract(connections)
+                for connection in connections:
+                    if self._calls[connection] <= 0:
+                        del self._calls[connection]
         try:
             return json.loads(response.data)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -702,6 +704,7 @@ class Dataset:
                 self.stats.images += 1
             return result
         if self.on_error == "raise":
+            _release_frames(result)
             raise result
         with self._count_lock:
             self.stats.skipped += 1
@@ -757,24 +760,30 @@ def decode_sample(
             message = f"chunk {sample.chunk_id}, image {sample.id!r}: {message}"
         error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
         error.__cause__ = exc.__cause__ or exc
-        # The causes keep their type and message, not their tracebacks: those hold this
-        # decode thread's frames (the chunk's bytes, its decode group's images), which would
-        # live as long as a caller keeps the error (a notebook keeps the last one).
-        _drop_tracebacks(exc)
         return error
 
 
-def _drop_tracebacks(exc: BaseException) -> None:
-    """``exc`` and the exceptions it was raised from or during, without tracebacks."""
+def _release_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames behind ``exc``'s causes: those of the decode
+    thread (the chunk's bytes, its decode group's images, the decoder's buffers) would
+    live as long as a caller keeps the error (a notebook keeps the last one). Tracebacks
+    still print every file and line; frames still running are left alone."""
     seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
+    pending: list[BaseException | None] = [exc.__cause__, exc.__context__]
     while pending:
         error = pending.pop()
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
-        error.__traceback__ = None
         pending += [error.__cause__, error.__context__]
+        tb = error.__traceback__
+        while tb is not None:
+            frame: FrameType | None = tb.tb_frame
+            while frame is not None:  # and the frames that called it (a pool's work item)
+                with contextlib.suppress(RuntimeError):  # running, or a suspended generator
+                    frame.clear()
+                frame = frame.f_back
+            tb = tb.tb_next
 
 
 def group_bounds(count: int, *, ramp: bool = False) -> Iterator[tuple[int, int]]:
@@ -793,7 +802,12 @@ def decode_group(
     archive: ChunkArchive, group: list[Sample], decoder: ImageDecoder
 ) -> list[np.ndarray | DecompressionError]:
     """Runs on a decode thread: every sample's pixels, or the error that names it."""
-    return [decode_sample(archive, sample, decoder) for sample in group]
+    # (A loop, not a comprehension: before Python 3.12 that is a function of its own, its
+    # closure holding the chunk beyond the reach of _release_frames.)
+    results = []
+    for sample in group:
+        results.append(decode_sample(archive, sample, decoder))
+    return results
 
 
 def _put(target: np.ndarray, row: int, image: np.ndarray, sample: Sample) -> None:

@@ -309,9 +309,19 @@ def _close_all_at_exit() -> None:
         downloader.close()
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) leaves its parent's downloaders alone: closing
+    its copies would shut down sockets the parent still reads, and a lock a parent thread
+    held at the fork would never be released here."""
+    global _LIVE, _LIVE_LOCK
+    _LIVE, _LIVE_LOCK = weakref.WeakSet(), threading.Lock()
+
+
 # threading's exit hooks run before non-daemon threads (concurrent.futures' among them)
 # are joined, the last registered first; atexit's run after them: too late.
 getattr(threading, "_register_atexit", atexit.register)(_close_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class ChunkDownloader:
@@ -418,6 +428,11 @@ class ChunkDownloader:
                         fh.truncate(0)
                         held = 0
                     hasher = _hash_file(fh, held)
+                    if held and held == chunk.size_bytes and not self._matches(chunk, hasher):
+                        # Another version's whole file, left by an earlier run: not a failed
+                        # download (it would use up one of the two), just not this chunk.
+                        fh.truncate(0)
+                        held, hasher = 0, hashlib.sha256()
                     if held:
                         self.stats.add(resumed=1)
                     try:
@@ -947,6 +962,11 @@ class ChunkDownloader:
             if cancel.wait(delay):
                 raise _Cancelled()
 
+    @staticmethod
+    def _matches(chunk: Chunk, hasher: Any) -> bool:
+        """Whether the bytes ``hasher`` has seen are ``chunk`` (True where no sha256 says)."""
+        return chunk.sha256 is None or hasher.hexdigest() == chunk.sha256.lower()
+
     def _verify(self, chunk: Chunk, digest: str, attempt: int) -> None:
         if chunk.sha256 is not None and digest != chunk.sha256.lower():
             raise _IntegrityError(f"sha256 {digest[:12]}… does not match {chunk.sha256[:12]}…")
@@ -1073,10 +1093,18 @@ def _cancel_each(futures: list[Future[Any]]) -> None:
 
 
 def _more_to_come(response: urllib3.BaseHTTPResponse) -> bool:
-    """Whether a body of no announced length (chunked) goes on past the bytes due: one
-    more byte is asked for, which also reads its end, so the connection can be reused.
-    (_check_length refused an announced length longer than due.)"""
-    return response.length_remaining is None and bool(response.read1(1))
+    """Whether a chunked body goes on past the bytes due: one more byte is asked for, which
+    also reads the body's end marker, so the connection can be reused. (_check_length
+    refused an announced length longer than due; a body that ends when its connection
+    closes has no end to wait for, and is not asked.) The bytes due are all in and are
+    checked: a failure to read past them is not the chunk's."""
+    if response.length_remaining is not None or not getattr(response, "chunked", False):
+        return False
+    try:
+        return bool(response.read1(1))
+    except (Urllib3Error, OSError):
+        response.close()  # not back to the pool half read
+        return False
 
 
 def _first_failure(futures: list[Future[Any]]) -> BaseException | None:
