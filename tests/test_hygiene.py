@@ -345,6 +345,16 @@ def test_close_from_another_thread_during_a_stall_leaves_nothing(
     before.all_clean()  # once the proxy's stalled handler has let go of its sockets too
 
 
+def start_script(script: str, live_server: LiveServer, proxy: FaultProxy) -> subprocess.Popen[str]:
+    """``script`` in a Python process of its own, given job id, key and the proxy's URL."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_ctrl_c_while_waiting_on_a_stalled_chunk_exits_at_once(live_server: LiveServer) -> None:
     """A real SIGINT to a training script blocked on a chunk that will not come for a
     minute: the script is interrupted and the process exits, it does not wait it out."""
@@ -362,12 +372,7 @@ def test_ctrl_c_while_waiting_on_a_stalled_chunk_exits_at_once(live_server: Live
     with FaultProxy(
         live_server.base_url, schedule=FaultSchedule.script([stall], match="/chunks/2$")
     ) as proxy:
-        child = subprocess.Popen(
-            [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        child = start_script(script, live_server, proxy)
         try:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "training"
@@ -404,12 +409,7 @@ def test_a_script_that_ends_holding_an_iterator_with_stalled_downloads_exits_at_
     with FaultProxy(
         live_server.base_url, schedule=FaultSchedule.script([stall] * 3, match="/chunks/[1-9]$")
     ) as proxy:
-        child = subprocess.Popen(
-            [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        child = start_script(script, live_server, proxy)
         try:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "trained"
