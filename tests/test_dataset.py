@@ -7,7 +7,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -752,3 +752,50 @@ def test_framework_conversions_show_their_options_and_return_types() -> None:
     tf_signature = inspect.signature(Dataset.to_tensorflow)
     assert "image_size" in tf_signature.parameters
     assert tf_signature.return_annotation == "tf.data.Dataset"
+
+
+def test_a_decode_error_in_the_callers_except_block_leaves_its_frames_and_generators() -> None:
+    """A decode on the caller's thread (map-style ``ds[i]``, a DataLoader worker) inside
+    the caller's own ``except`` block: the decoder's error picks up the caller's error as
+    its context, and the clearing of the decode's frames (so a kept error keeps no chunk)
+    followed it: it cleared the caller's finished frames and closed its generator."""
+    import inspect
+    from types import SimpleNamespace
+
+    from pixcrawler.dataset import decode_sample
+    from pixcrawler.exceptions import DecompressionError
+
+    dataset = object.__new__(Dataset)  # accept() needs only these
+    dataset.on_error = "raise"
+    dataset._count_lock = threading.Lock()
+    archive = SimpleNamespace(decoded=lambda sample, decode: decode(b"not an image at all"))
+    sample = SimpleNamespace(id="img-7", chunk_id=0)
+
+    def parse(raw: str) -> None:
+        record = {"raw": raw}  # noqa: F841 - a local the caller may inspect
+        raise ValueError(raw)
+
+    def rows() -> Iterator[object]:
+        try:
+            parse("row-1")
+        except ValueError as exc:
+            yield exc
+        yield "second"
+
+    pending = rows()
+    kept = next(pending)
+    try:
+        parse("abc")
+    except ValueError as mine:
+        frame = mine.__traceback__.tb_next.tb_frame  # type: ignore[union-attr]
+        try:
+            try:
+                raise kept  # type: ignore[misc]
+            except ValueError:
+                result = decode_sample(archive, sample, ImageDecoder())  # type: ignore[arg-type]
+                dataset.accept(sample, result)  # type: ignore[arg-type]
+        except DecompressionError:
+            pass
+        assert frame.f_locals["record"] == {"raw": "abc"}
+    assert inspect.getgeneratorstate(pending) == inspect.GEN_SUSPENDED
+    assert next(pending) == "second"

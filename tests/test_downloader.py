@@ -1852,3 +1852,36 @@ def test_a_forked_child_leaves_its_parents_downloads_alone(tmp_path: Path) -> No
         fetching.join(10)
         downloader.close()
     assert got == [data] and downloader.stats.retries == 0
+
+
+def test_a_connection_error_leaves_no_cycle_that_keeps_the_downloader() -> None:
+    """urllib3's urlopen keeps the error it raises in a local of a frame that error's own
+    traceback holds: a cycle through our frames that kept the downloader (and, through its
+    URL refresh, the dataset) until the cycle collector ran."""
+    import gc
+    import socket
+    import weakref
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hang_up() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                connection.close()  # before any response: RemoteDisconnected in urlopen
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/c.bin"
+    gc.collect()
+    gc.disable()
+    try:
+        downloader = _downloader({0: (url, 100)}, retries=1)
+        with pytest.raises(DownloadError):
+            downloader.fetch(0)
+        downloader.close()
+        alive = weakref.ref(downloader)
+        del downloader
+        assert alive() is None
+    finally:
+        gc.enable()
+        listener.close()

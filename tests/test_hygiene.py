@@ -345,10 +345,13 @@ def test_close_from_another_thread_during_a_stall_leaves_nothing(
     before.all_clean()  # once the proxy's stalled handler has let go of its sockets too
 
 
-def start_script(script: str, live_server: LiveServer, proxy: FaultProxy) -> subprocess.Popen[str]:
-    """``script`` in a Python process of its own, given job id, key and the proxy's URL."""
+def start_script(
+    script: str, live_server: LiveServer, proxy: FaultProxy, *args: str
+) -> subprocess.Popen[str]:
+    """``script`` in a Python process of its own, given job id, key, the proxy's URL (and
+    ``args``)."""
     return subprocess.Popen(
-        [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url],
+        [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -421,6 +424,44 @@ def test_a_script_that_ends_holding_an_iterator_with_stalled_downloads_exits_at_
                 child.kill()
         assert time.monotonic() - ended < 5, stderr
         assert child.returncode == 0, stderr
+
+
+def test_a_thread_of_the_programs_own_still_downloading_at_exit_finishes(
+    live_server: LiveServer, tmp_path: Path
+) -> None:
+    """Python waits for a non-daemon thread the script started before it exits; the exit
+    hook that cancels abandoned transfers cancelled that thread's download too."""
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        from pathlib import Path
+        from pixcrawler.client import ApiClient
+        from pixcrawler.downloader import ChunkDownloader
+        client = ApiClient(sys.argv[2], sys.argv[3], timeout=30)
+        downloader = ChunkDownloader(client, client.get_job(sys.argv[1]).chunks)
+        def work():
+            try:
+                size = downloader.fetch_to_file(1, Path(sys.argv[4])).stat().st_size
+                print("saved", size, flush=True)
+            except BaseException as exc:
+                print("failed", type(exc).__name__, exc, flush=True)
+        threading.Thread(target=work).start()
+        print("returning", flush=True)
+        """
+    )
+    stall = Fault("stall", after_bytes=100, seconds=1.5)  # then the rest of the chunk
+    with FaultProxy(
+        live_server.base_url, schedule=FaultSchedule.script([stall], match="/chunks/1$")
+    ) as proxy:
+        child = start_script(script, live_server, proxy, str(tmp_path / "00001.zip"))
+        try:
+            stdout, stderr = child.communicate(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+        assert proxy.stats.faults["stall"] == 1, (stdout, stderr)
+    assert child.returncode == 0, stderr
+    assert stdout.split("\n")[:2] == ["returning", f"saved {len(chunk_file(live_server, 1))}"]
 
 
 # -- downloads to disk are atomic --------------------------------------------------------------

@@ -14,6 +14,7 @@ import re
 import socket
 import ssl
 import threading
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -330,6 +331,7 @@ class ApiClient:
             try:
                 response = attempt()
             except Urllib3Error as exc:
+                traceback.clear_frames(exc.__traceback__)  # (a cycle in urllib3: see downloader)
                 if self._closed.is_set():  # close() cut it: no retry, no backoff
                     raise NetworkError(f"{what}: the client was closed") from exc
                 if certificate_refused(exc):

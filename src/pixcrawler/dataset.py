@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import numbers
 import os
@@ -765,25 +766,34 @@ def decode_sample(
 
 def _release_frames(exc: BaseException) -> None:
     """Clear the locals of the finished frames behind ``exc``'s causes: those of the decode
-    thread (the chunk's bytes, its decode group's images, the decoder's buffers) would
-    live as long as a caller keeps the error (a notebook keeps the last one). Tracebacks
-    still print every file and line; frames still running are left alone."""
+    (the chunk's bytes, its decode group's images, the decoder's buffers) would live as
+    long as a caller keeps the error (a notebook keeps the last one). Tracebacks still
+    print every file and line. Only explicit causes are followed (``raise ... from``, as
+    the decoders raise): an implicit ``__context__`` may be the caller's own error, when
+    the decode ran in its ``except`` block. Running frames are left alone, and so is any
+    generator's or coroutine's (clearing one that is suspended would close it)."""
     seen: set[int] = set()
-    pending: list[BaseException | None] = [exc.__cause__, exc.__context__]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
+    error = exc.__cause__
+    while error is not None and id(error) not in seen:
         seen.add(id(error))
-        pending += [error.__cause__, error.__context__]
         tb = error.__traceback__
         while tb is not None:
             frame: FrameType | None = tb.tb_frame
             while frame is not None:  # and the frames that called it (a pool's work item)
-                with contextlib.suppress(RuntimeError):  # running, or a suspended generator
-                    frame.clear()
+                if not frame.f_code.co_flags & _SUSPENDABLE:
+                    with contextlib.suppress(RuntimeError):  # still running
+                        frame.clear()
                 frame = frame.f_back
             tb = tb.tb_next
+        error = error.__cause__
+
+
+_SUSPENDABLE = (
+    inspect.CO_GENERATOR
+    | inspect.CO_COROUTINE
+    | inspect.CO_ITERABLE_COROUTINE
+    | inspect.CO_ASYNC_GENERATOR
+)
 
 
 def group_bounds(count: int, *, ramp: bool = False) -> Iterator[tuple[int, int]]:

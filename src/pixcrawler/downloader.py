@@ -39,6 +39,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -302,11 +303,31 @@ _LIVE_LOCK = threading.Lock()
 def _close_all_at_exit() -> None:
     """At interpreter exit, before its thread pools' threads are joined: cancel every
     transfer, so a transfer stalled on the network (an iterator the script kept, its
-    downloads in flight) cannot keep the process alive through its timeouts and retries."""
+    downloads in flight) cannot keep the process alive through its timeouts and retries.
+
+    Not while a thread of the program's own still runs: Python waits for it, and the
+    transfers may be its work (a download on a thread the script started and returned
+    from). Then the process ends as it would without this hook."""
+    if any(_works_on(thread) for thread in threading.enumerate()):
+        return
     with _LIVE_LOCK:
         downloaders = list(_LIVE)
     for downloader in downloaders:
-        downloader.close()
+        try:
+            downloader.close()
+        except Exception:  # one failure must not keep the rest (or exit's other hooks) waiting
+            log.debug("closing a downloader at exit failed", exc_info=True)
+
+
+def _works_on(thread: threading.Thread) -> bool:
+    """Whether ``thread`` is one of the program's own that Python waits for at exit: not
+    daemon, not the main thread (ending now), not a pool thread of the SDK's."""
+    return (
+        thread.is_alive()
+        and not thread.daemon
+        and thread is not threading.main_thread()
+        and not thread.name.startswith(config.THREAD_PREFIX)
+    )
 
 
 def _forget_in_child() -> None:
@@ -931,6 +952,10 @@ class ChunkDownloader:
                     f"Chunk {index} could not be downloaded: {exc.message}", chunk_id=index
                 ) from exc
             except Urllib3Error as exc:
+                # urllib3's urlopen keeps its error in a local of a frame its traceback
+                # holds: a cycle that kept this frame, the downloader and its dataset until
+                # the cycle collector ran. Its frames' locals go; its traceback still prints.
+                traceback.clear_frames(exc.__traceback__)
                 if cancel.is_set() or self._closed.is_set():
                     raise _Cancelled() from exc
                 if certificate_refused(exc):
@@ -1102,7 +1127,8 @@ def _more_to_come(response: urllib3.BaseHTTPResponse) -> bool:
         return False
     try:
         return bool(response.read1(1))
-    except (Urllib3Error, OSError):
+    except (Urllib3Error, OSError) as exc:
+        traceback.clear_frames(exc.__traceback__)  # (a cycle in urllib3: see _stream)
         response.close()  # not back to the pool half read
         return False
 
