@@ -89,12 +89,12 @@ def resolve_api_key(api_key: str | None) -> str:
                 "PIXCRAWLER_API_KEY."
             )
         raise AuthenticationError(NO_KEY_MESSAGE)
-    if key_problem(key):
+    problem = key_problem(key)
+    if problem:
         # Refused here, unquoted: the HTTP layer would put the key, escaped, in its error.
         raise AuthenticationError(
-            "The API key contains whitespace, control characters or non-ASCII characters "
-            "inside it; check the value given (api_key=..., PIXCRAWLER_API_KEY or the "
-            "`pixcrawler login` file)."
+            f"The API key cannot be used: {problem} inside it; check the value given "
+            "(api_key=..., PIXCRAWLER_API_KEY or the `pixcrawler login` file)."
         )
     return key
 

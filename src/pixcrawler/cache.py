@@ -618,6 +618,11 @@ def _stamp(st: os.stat_result, sha256: str) -> str:
     return " ".join([sha256, *map(str, _identity(st))]) + "\n"
 
 
+def _stamped_sha256(stamp: str) -> str:
+    """The sha256 a stamp (:func:`_stamp`'s text) records."""
+    return stamp.split(" ", 1)[0]
+
+
 def _read_stamp(path: Path) -> str | None:
     """The stamp's text; None where there is none, or where something else than a small
     regular file stands in its place (a FIFO would block the open, /dev/zero never end)."""
@@ -654,7 +659,7 @@ def _as_written(path: Path, stamp: str | None) -> bool:
     if not stamp:
         return False
     try:
-        return _file_digest(path)[1] == stamp.split(" ", 1)[0]
+        return _file_digest(path)[1] == _stamped_sha256(stamp)
     except OSError:
         return False
 
@@ -669,7 +674,7 @@ def _freshly_written(path: Path, loaded: tuple[int, ...], stamp: str | None) -> 
         st = os.stat(path)
     except OSError:
         return False
-    return _identity(st) != loaded and stamp == _stamp(st, stamp.split(" ")[0])
+    return _identity(st) != loaded and stamp == _stamp(st, _stamped_sha256(stamp))
 
 
 def _unlink_unless_replaced(path: Path, loaded: tuple[int, ...] | None) -> None:

@@ -46,8 +46,10 @@ MANIFEST_BASE_BYTES = 1 << 20  # and a manifest at most this plus so much per me
 MANIFEST_BYTES_PER_MEMBER = 16 << 10
 MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
 
+# Every thread the SDK starts is named so: the exit hook (downloader) tells them by it.
+THREAD_PREFIX = "pixcrawler-"
+
 # Decoding.
-THREAD_PREFIX = "pixcrawler-"  # the start of the name of every thread the SDK starts
 DEFAULT_DECODE_THREADS = 2
 DECODE_GROUP = 16  # images per decode task (one future per image costs ~60 us)
 DECODE_RAMP = (2, 4, 8)  # an iteration's first groups: the first image waits for 2 decodes

@@ -611,7 +611,9 @@ class Dataset:
         is raised after every image before it.
         """
         downloader = self.downloader()
-        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="pixcrawler-decode")
+        pool = ThreadPoolExecutor(
+            self.decode_threads, thread_name_prefix=f"{config.THREAD_PREFIX}decode"
+        )
         inflight: deque[_Inflight] = deque()
         groups = self._groups(downloader, plan, expect)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end

@@ -449,7 +449,8 @@ class ChunkDownloader:
                         fh.truncate(0)
                         held = 0
                     hasher = _hash_file(fh, held)
-                    if held and held == chunk.size_bytes and not self._matches(chunk, hasher):
+                    whole = held > 0 and held == chunk.size_bytes
+                    if whole and not self._matches(chunk, hasher.hexdigest()):
                         # Another version's whole file, left by an earlier run: not a failed
                         # download (it would use up one of the two), just not this chunk.
                         fh.truncate(0)
@@ -490,7 +491,7 @@ class ChunkDownloader:
         cancel = threading.Event()
         # max_workers bounds the transfers at once, however many chunks the window holds.
         workers = min(self.prefetch, self.max_workers)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="pixcrawler-download")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{config.THREAD_PREFIX}download")
         window: deque[tuple[int, Future[bytearray]]] = deque()
         held = 0  # chunks handed out and not recycled yet (counted when recycles=True)
         starved = False  # the consumer found the last chunk it asked for not ready
@@ -711,7 +712,7 @@ class ChunkDownloader:
                 raise _Cancelled()
             if self._part_pool is None:
                 self._part_pool = ThreadPoolExecutor(
-                    self.max_workers, thread_name_prefix="pixcrawler-range"
+                    self.max_workers, thread_name_prefix=f"{config.THREAD_PREFIX}range"
                 )
             pool = self._part_pool
             self._children.setdefault(cancel, []).append(parts_cancel)
@@ -988,13 +989,14 @@ class ChunkDownloader:
                 raise _Cancelled()
 
     @staticmethod
-    def _matches(chunk: Chunk, hasher: Any) -> bool:
-        """Whether the bytes ``hasher`` has seen are ``chunk`` (True where no sha256 says)."""
-        return chunk.sha256 is None or hasher.hexdigest() == chunk.sha256.lower()
+    def _matches(chunk: Chunk, digest: str) -> bool:
+        """Whether bytes of sha256 ``digest`` are ``chunk`` (True where no sha256 says)."""
+        return chunk.sha256 is None or digest == chunk.sha256.lower()
 
     def _verify(self, chunk: Chunk, digest: str, attempt: int) -> None:
-        if chunk.sha256 is not None and digest != chunk.sha256.lower():
-            raise _IntegrityError(f"sha256 {digest[:12]}… does not match {chunk.sha256[:12]}…")
+        if not self._matches(chunk, digest):
+            listed = chunk.sha256 or ""
+            raise _IntegrityError(f"sha256 {digest[:12]}… does not match {listed[:12]}…")
 
     def _integrity_failed(self, chunk: Chunk, attempt: int, why: str) -> None:
         self.stats.add(checksum_failures=1)
@@ -1029,7 +1031,7 @@ class ChunkDownloader:
                 threading.Thread(
                     target=self._reread,
                     args=(refresh, flight),
-                    name="pixcrawler-refresh",
+                    name=f"{config.THREAD_PREFIX}refresh",
                     daemon=True,
                 ).start()
         while not flight.done.wait(_CANCEL_POLL):

@@ -110,7 +110,7 @@ def transfer(
 ) -> None:
     """Fetch ``todo`` with up to ``window`` chunks in flight; process them in order."""
     downloader = dataset.downloader()
-    pool = ThreadPoolExecutor(window, thread_name_prefix="pixcrawler-fetch")
+    pool = ThreadPoolExecutor(window, thread_name_prefix=f"{config.THREAD_PREFIX}fetch")
     pending = iter(todo)
     inflight: deque[tuple[Chunk, Future[Path]]] = deque()
 
@@ -207,7 +207,7 @@ class Progress:
             dynamic_ncols=True,
         )
         self._thread = threading.Thread(
-            target=self._refresh_loop, name="pixcrawler-progress", daemon=True
+            target=self._refresh_loop, name=f"{config.THREAD_PREFIX}progress", daemon=True
         )
         self._thread.start()
 
@@ -701,7 +701,7 @@ class _NumpyWriter(_StagedWriter):
         self.X: np.memmap[Any, Any] | None = None
         self.y: np.memmap[Any, Any] | None = None
         self.pool = ThreadPoolExecutor(
-            config.DEFAULT_DECODE_THREADS, thread_name_prefix="pixcrawler-decode"
+            config.DEFAULT_DECODE_THREADS, thread_name_prefix=f"{config.THREAD_PREFIX}decode"
         )
 
     @property

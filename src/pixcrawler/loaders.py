@@ -459,7 +459,8 @@ class _MapStyle(_TorchBridge):
         with self._local_lock:
             if local.fetch_pool is None:
                 local.fetch_pool = ThreadPoolExecutor(
-                    local.handle.settings.max_workers, thread_name_prefix="pixcrawler-fetch"
+                    local.handle.settings.max_workers,
+                    thread_name_prefix=f"{config.THREAD_PREFIX}fetch",
                 )
             return local.fetch_pool
 
@@ -473,7 +474,7 @@ class _MapStyle(_TorchBridge):
         with self._local_lock:
             if local.pool is None:
                 local.pool = ThreadPoolExecutor(
-                    local.handle.decode_threads, thread_name_prefix="pixcrawler-torch"
+                    local.handle.decode_threads, thread_name_prefix=f"{config.THREAD_PREFIX}torch"
                 )
             return local.pool
 

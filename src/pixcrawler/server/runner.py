@@ -14,6 +14,7 @@ from typing import Any
 
 import uvicorn
 
+from ..config import THREAD_PREFIX
 from .app import create_app
 from .store import KEYS_FILE, ensure_server_keys, existing_store
 
@@ -108,7 +109,7 @@ def run_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[
         thread = threading.Thread(
             target=server.run,
             kwargs={"sockets": [sock]},
-            name=f"pixcrawler-server-{bound_port}",
+            name=f"{THREAD_PREFIX}server-{bound_port}",
             daemon=True,
         )
         thread.start()
