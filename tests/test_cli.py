@@ -741,6 +741,41 @@ def test_numpy_resumes_from_a_partial_sidecar_and_staged_part(cli: Cli, big_job:
     check_output("numpy", root, big_job, key)
 
 
+def test_a_start_over_stopped_midway_leaves_no_record_of_the_rows_it_zeroed(
+    cli: Cli, big_job: BigJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with other options (same array shape) recreates the partial arrays, and is
+    stopped before it records that: the first options' rerun must not keep its chunk 0."""
+    from pixcrawler import cli as cli_module
+    from pixcrawler.export import _NumpyWriter
+
+    key = next(iter(TEST_KEYS))
+    args = ["download", BIG_JOB, "-o", str(cli.cwd / "out"), *api(big_job.base_url, key)]
+    assert cli.run(*args).returncode == 0
+    root = cli.cwd / "out" / BIG_JOB
+    state = json.loads((root / ".progress.json").read_text())
+    state["numpy"].update(done=[0], counts={"0": BIG_CHUNK}, complete=False)
+    (root / ".progress.json").write_text(json.dumps(state))
+    os.replace(root / "X.npy", root / "X.npy.part")
+    os.replace(root / "y.npy", root / "y.npy.part")
+    (root / "labels.json").unlink()
+
+    reset = _NumpyWriter.reset
+
+    def reset_then_stop(self: _NumpyWriter) -> None:
+        reset(self)  # the partial arrays are zeros now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_NumpyWriter, "reset", reset_then_stop)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(cli.config_dir))
+    assert cli_module.run([*args, "--on-error", "skip"]) == 130
+    monkeypatch.undo()
+
+    result = cli.run(*args)
+    assert result.returncode == 0, result
+    check_output("numpy", root, big_job, key)
+
+
 def test_a_sidecar_nested_past_the_parsers_limit_starts_the_download_over(
     cli: Cli, live_server: LiveServer
 ) -> None:

@@ -539,7 +539,12 @@ class _StagedWriter(Writer):
         _sweep_temp_files(self.root)
         fingerprint = self.fingerprint()
         state = self.sidecar.load()
-        if _valid_state(state) and state is not None and state["fingerprint"] == fingerprint:
+        if (
+            _valid_state(state)
+            and state is not None
+            and state["fingerprint"] == fingerprint
+            and not state.get("starting_over")
+        ):
             done = set(state["done"])
             if state.get("renaming") and not state.get("complete") and self.all_in(done):
                 # Stopped inside finish(): every chunk is written, the outputs were taking
@@ -574,6 +579,10 @@ class _StagedWriter(Writer):
         (another version of the job, other options) stay until the new ones replace them:
         a rerun that stops leaves the user what they had."""
         self.state = {"fingerprint": fingerprint, "done": [], "counts": {}, "complete": False}
+        # Recorded before the partial outputs are recreated, as a start over not yet ended:
+        # a run stopped in between must leave no record of the chunks an earlier run wrote
+        # into them (a rerun would keep its rows, zeroed), and the next run starts over too.
+        self.sidecar.save({**self.state, "starting_over": True})
         shutil.rmtree(self.staging, ignore_errors=True)
         self.reset()
         self.sidecar.save(self.state)
