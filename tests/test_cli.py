@@ -697,6 +697,59 @@ def test_a_zip_download_leaves_the_users_own_files_in_its_folder(
         assert (chunks / name).read_bytes() == data
 
 
+def test_a_zip_folder_of_a_shrunk_version_keeps_only_the_chunks_it_lists(
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """The new version's chunks are all there already (unchanged): the old version's last
+    one still goes, though nothing is downloaded."""
+    source = make_image_folder(tmp_path / "src", {"ant": 6}, seed=3)
+    store = tmp_path / "store"
+    pack(source, store, job_id="job_shrink", chunk_size=2)
+    args = ["download", "job_shrink", "--format", "zip", "-o", "out"]
+    args += api(server_factory(store), next(iter(TEST_KEYS)))
+    assert cli.run(*args).returncode == 0
+    for name in ("0004.jpg", "0005.jpg"):
+        (source / "ant" / name).unlink()
+    pack(source, store, job_id="job_shrink", chunk_size=2)
+    result = cli.run(*args)
+    assert result.returncode == 0, result
+    chunks = cli.cwd / "out" / "job_shrink" / "chunks"
+    assert sorted(p.name for p in chunks.iterdir()) == ["00000.zip", "00001.zip"]
+    for name in ("00000.zip", "00001.zip"):
+        assert (chunks / name).read_bytes() == (store / "job_shrink" / "chunks" / name).read_bytes()
+
+
+def test_a_zip_download_of_chunks_listed_without_checksums_follows_a_new_version(
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """No sha256, no size: only the record of what this version wrote can tell a kept
+    chunk from the last version's."""
+    store = tmp_path / "store"
+
+    def publish(seed: int, version: int) -> None:
+        source = make_image_folder(tmp_path / f"src{seed}", {"ant": 2}, seed=seed)
+        pack(source, store, job_id="job_nosum", chunk_size=2)
+        job_path = store / "job_nosum" / "job.json"
+        job = json.loads(job_path.read_text())
+        job["version"] = version
+        for chunk in job["chunks"]:
+            del chunk["sha256"], chunk["size_bytes"]
+        job_path.write_text(json.dumps(job))
+
+    publish(seed=1, version=1)
+    args = ["download", "job_nosum", "--format", "zip", "-o", "out"]
+    args += api(server_factory(store), next(iter(TEST_KEYS)))
+    assert cli.run(*args).returncode == 0
+    rerun = cli.run(*args)
+    assert rerun.returncode == 0 and "already complete" in rerun.stdout, rerun
+    publish(seed=2, version=2)
+    result = cli.run(*args)
+    assert result.returncode == 0, result
+    assert "already complete" not in result.stdout
+    served = (store / "job_nosum" / "chunks" / "00000.zip").read_bytes()
+    assert (cli.cwd / "out" / "job_nosum" / "chunks" / "00000.zip").read_bytes() == served
+
+
 def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> None:
     key = next(iter(TEST_KEYS))
     with FaultProxy(big_job.base_url) as proxy:

@@ -141,7 +141,7 @@ def _obtain(downloader: ChunkDownloader, writer: Writer, chunk: Chunk) -> Path:
     """The chunk's verified archive on disk: kept from an earlier run, or downloaded."""
     path = writer.chunk_path(chunk)
     if path.exists():
-        if _intact(path, chunk):
+        if writer.kept(chunk):
             return path
         # Kept until the download replaces it (renamed over it): another version's chunk
         # in a zip folder stays whole if this run stops.
@@ -274,6 +274,12 @@ class Writer:
     def chunk_path(self, chunk: Chunk) -> Path:
         raise NotImplementedError
 
+    def kept(self, chunk: Chunk) -> bool:
+        """Whether the chunk's archive on disk is the one the job lists, kept from an
+        earlier run."""
+        path = self.chunk_path(chunk)
+        return path.exists() and _intact(path, chunk)
+
     def bytes_to_receive(self, chunk: Chunk) -> int:
         """Bytes of ``chunk`` not yet on disk (an estimate: a stale file is fetched again)."""
         path = self.chunk_path(chunk)
@@ -317,6 +323,10 @@ class _ZipWriter(Writer):
     def __init__(self, dataset: Dataset, root: Path) -> None:
         super().__init__(dataset, root)
         self.counts: dict[int, int] = {}  # images per chunk index, of an uncounted job
+        # The chunks this version has written: a chunk the job lists without a sha256 is
+        # kept only if recorded here (a file of the same size may be another version's).
+        self.sidecar = _Sidecar(root, self.name)
+        self.written: set[int] = set()
 
     def prepare(self) -> list[Chunk]:
         folder = self.root / "chunks"
@@ -326,18 +336,31 @@ class _ZipWriter(Writer):
             name = leftover.name.removesuffix(".part")
             if _CHUNK_FILE.fullmatch(name) and name not in listed:  # another version's
                 leftover.unlink(missing_ok=True)
+        state = self.sidecar.load()
+        if state is not None and state.get("fingerprint") == self.fingerprint():
+            done = state.get("done")
+            if isinstance(done, list):
+                self.written = {i for i in done if isinstance(i, int)}
         todo: list[Chunk] = []
         kept: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
-            path = self.chunk_path(chunk)
-            if path.exists() and _intact(path, chunk):
-                kept.append(chunk)
-            else:
-                todo.append(chunk)
-        self.complete = not todo
-        if todo:  # a complete folder is left as it is, its images uncounted
-            self.done_images = sum(self._count(chunk, self.chunk_path(chunk)) for chunk in kept)
+            (kept if self.kept(chunk) else todo).append(chunk)
+        if not todo:  # whole: an earlier version's chunks go now (a folder left as it is,
+            self._remove_unlisted()  # its images uncounted)
+            self.complete = True
+            return todo
+        self.done_images = sum(self._count(chunk, self.chunk_path(chunk)) for chunk in kept)
+        if any(chunk.sha256 is None for chunk in self.job.chunks):
+            self._record()  # under this version's fingerprint from now on
         return todo
+
+    def kept(self, chunk: Chunk) -> bool:
+        if chunk.sha256 is None and chunk.index not in self.written:
+            return False
+        return super().kept(chunk)
+
+    def _record(self) -> None:
+        self.sidecar.save({"fingerprint": self.fingerprint(), "done": sorted(self.written)})
 
     def chunk_path(self, chunk: Chunk) -> Path:
         return self.root / "chunks" / f"{chunk.index:05d}.zip"
@@ -346,6 +369,9 @@ class _ZipWriter(Writer):
         return {self.chunk_path(chunk).name for chunk in self.job.chunks}
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
+        if chunk.sha256 is None:
+            self.written.add(chunk.index)
+            self._record()
         advance(self._count(chunk, path))
 
     def _count(self, chunk: Chunk, path: Path) -> int:
@@ -359,13 +385,17 @@ class _ZipWriter(Writer):
     def finish(self) -> None:
         if not self.counted:
             self.total_images = sum(self.counts.values())
-        # An earlier version's chunks the job no longer lists stay until this one is whole.
+        self._remove_unlisted()
+        self.complete = True
+
+    def _remove_unlisted(self) -> None:
+        """Delete an earlier version's chunks the job no longer lists: only once this one
+        is whole."""
         listed = self._listed()
         for leftover in (self.root / "chunks").glob("*.zip"):
             # (only files named as this writer names chunks: others are the user's)
             if _CHUNK_FILE.fullmatch(leftover.name) and leftover.name not in listed:
                 leftover.unlink(missing_ok=True)
-        self.complete = True
 
     def describe(self) -> str:
         return "zip: chunks/00000.zip ..."
