@@ -360,6 +360,26 @@ def test_images_export_never_lets_one_image_overwrite_another_or_its_own_files(
     assert result.returncode == 8, result
     assert "'.partial', a name this folder keeps for the export itself" in result.stderr
 
+    # A file named as another image's folder: renamed when the folder came first; where
+    # the file came first, no name serves the folder's image: refused, never an OS error.
+    folder_first = [chunk(["a/b.png/c.png"], "a/b.png"), chunk(["a/b.png"], "a")]
+    write_crafted_job(store, "job_folder_first", folder_first)
+    write_crafted_job(store, "job_file_first", folder_first[::-1])
+    result = cli.run(
+        "download", "job_folder_first", "--format", "images", "-o", "out", *api(url, TEST_KEY)
+    )
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / "job_folder_first"
+    files = sorted(record["file"] for record in metadata_records(root))
+    assert files == ["a/b.png/c.png", "a/b~1-0.png"]
+    for record in metadata_records(root):
+        assert hashlib.sha256((root / record["file"]).read_bytes()).hexdigest() == record["sha256"]
+    result = cli.run(
+        "download", "job_file_first", "--format", "images", "-o", "out", *api(url, TEST_KEY)
+    )
+    assert result.returncode == 8, result
+    assert "where another image of the job is a file of that name" in result.stderr
+
 
 def metadata_records(root: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]

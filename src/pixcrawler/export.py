@@ -988,6 +988,7 @@ class _ImagesWriter(_StagedWriter):
         self.metadata_path = root / METADATA
         self.metadata_part = root / f"{METADATA}.part"
         self.used: set[str] = set()  # file names given so far, folded (_fold)
+        self.folders: set[str] = set()  # and the folders they lie in, folded
         self.reserved = {_fold(name) for name in RESERVED_NAMES}
 
     def outputs_present(self) -> bool:
@@ -1002,8 +1003,11 @@ class _ImagesWriter(_StagedWriter):
                 fh.truncate(length)  # lines of a chunk that was not finished
                 fh.seek(0)
                 lines = fh.read().decode("utf-8").splitlines()
-            self.used = {_fold(json.loads(line)["file"]) for line in lines}
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            self.used, self.folders = set(), set()
+            for line in lines:
+                self._claim(json.loads(line)["file"])
+        # (AttributeError: a hand-edited "file" that is not text)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return False
         return True
 
@@ -1013,7 +1017,7 @@ class _ImagesWriter(_StagedWriter):
         self._remove_listed(self.metadata_part, keep=self.metadata_path)
         self.metadata_part.write_bytes(b"")
         self.state["metadata_bytes"] = 0
-        self.used = set()
+        self.used, self.folders = set(), set()
 
     def rename_outputs(self) -> None:
         if not self.metadata_part.exists():  # renamed by a run that stopped
@@ -1117,16 +1121,37 @@ class _ImagesWriter(_StagedWriter):
             name = PurePosixPath(_safe_relative(sample.path, sample)).name
         rel = f"{label}/{name}"
         folder, _, base = rel.rpartition("/")
-        # Two paths, one file name (or one but for case); or a name too long for a file
-        # system (another producer's: the packer packs only files that had their names).
-        if _fold(rel) in self.used or len(base.encode()) > config.MAX_NAME_BYTES:
+        parents = _prefixes(folder)
+        if any(_fold(parent) in self.used for parent in parents):
+            # A folder where an earlier image of the job is a file (another producer's
+            # names, or one a case-blind file system folds together): no name can serve.
+            raise DecompressionError(
+                f"chunk {sample.chunk_id}: image {sample.id!r} would go into the folder "
+                f"{folder!r}, where another image of the job is a file of that name",
+                chunk_id=sample.chunk_id,
+                sample_id=sample.id,
+            )
+        # Two paths, one file name (or one but for case); a file named as a folder of
+        # another image's; or a name too long for a file system (another producer's: the
+        # packer packs only files that had their names).
+        if self._taken(rel) or len(base.encode()) > config.MAX_NAME_BYTES:
             for n in itertools.count():
                 tag = f"~{sample.chunk_id}-{position}" + (f"-{n}" if n else "")
                 rel = f"{folder}/{_tagged(base, tag)}"
-                if _fold(rel) not in self.used:  # a file of the job may bear it too
+                if not self._taken(rel):  # a file of the job may bear it too
                     break
-        self.used.add(_fold(rel))
+        self._claim(rel)
         return rel
+
+    def _taken(self, rel: str) -> bool:
+        folded = _fold(rel)
+        return folded in self.used or folded in self.folders
+
+    def _claim(self, rel: str) -> None:
+        """Record the file ``rel`` and the folders it lies in as given."""
+        folder = rel.rpartition("/")[0]
+        self.used.add(_fold(rel))
+        self.folders.update(_fold(parent) for parent in _prefixes(folder))
 
     def finish(self) -> None:
         self.check_complete()
@@ -1141,6 +1166,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # either is gone
         return False
+
+
+def _prefixes(folder: str) -> list[str]:
+    """``a/b/c`` -> ``a``, ``a/b``, ``a/b/c``."""
+    parts = folder.split("/") if folder else []
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _tagged(name: str, tag: str) -> str:
