@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,25 @@ def test_the_demo_refuses_a_workdir_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="choose an empty --workdir"):
         run_demo(tmp_path, images_per_class=10, echo=lambda _: None)
     assert (tmp_path / "digits" / "precious.txt").exists()
+
+
+@pytest.mark.timeout(60)
+def test_the_demo_replaces_only_its_own_digits_folder(tmp_path: Path) -> None:
+    """A refused run writes nothing; a folder the user makes where the demo's was is the
+    user's, even in a workdir the demo used before."""
+    with pytest.raises(ValueError, match="images_per_class must be from 1 to 174"):
+        run_demo(tmp_path, images_per_class=500, echo=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+    assert run_demo(tmp_path, images_per_class=10, echo=lambda _: None).num_images == 100
+    assert run_demo(tmp_path, images_per_class=10, echo=lambda _: None).skipped == 0  # again
+
+    shutil.rmtree(tmp_path / "digits")
+    (tmp_path / "digits" / "my_scans").mkdir(parents=True)
+    (tmp_path / "digits" / "my_scans" / "thesis.tif").write_bytes(b"mine")
+    with pytest.raises(ValueError, match="choose an empty --workdir"):
+        run_demo(tmp_path, images_per_class=10, echo=lambda _: None)
+    assert (tmp_path / "digits" / "my_scans" / "thesis.tif").read_bytes() == b"mine"
 
 
 def test_without_scikit_learn_the_demo_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

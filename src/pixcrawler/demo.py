@@ -33,7 +33,7 @@ from PIL import Image
 from .config import DEFAULT_OWNER
 from .dataset import load_dataset
 from .loaders import require
-from .units import human_size
+from .units import counted, human_size
 
 __all__ = ["DemoResult", "run_demo", "write_digits"]
 
@@ -41,7 +41,8 @@ JOB_ID = "demo_digits"
 IMAGE_SIZE = 32  # digits are 8x8; upscaled so the images look like images
 CHUNK_SIZE = 200
 TEST_FRACTION = 0.25
-_MARKER = ".pixcrawler-demo"  # in a workdir: its digits folder is ours to replace
+_MARKER = ".pixcrawler-demo"  # in a digits folder: it is ours to replace
+DIGITS_PER_CLASS = 174  # load_digits' smallest class: the most images_per_class can be
 _JPEG_QUALITY = 95
 _DIGIT_MAX = 16.0  # load_digits pixels are 0..16
 
@@ -93,17 +94,17 @@ def write_digits(
 
 def _fresh_folder(workdir: Path, name: str) -> Path:
     """``workdir/name``, emptied if an earlier demo wrote it, created if missing; a folder
-    the demo did not write is never deleted."""
+    the demo did not write is never deleted. The mark of the demo's folder lies inside it,
+    so a folder of the user's made in its place later is not taken for the demo's."""
     path = workdir / name
-    marker = workdir / _MARKER
     if path.exists() and any(path.iterdir()):
-        if not marker.exists():
+        if not (path / _MARKER).is_file():
             raise ValueError(
                 f"{path} exists and was not written by the demo; choose an empty --workdir"
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    marker.write_text("written by pixcrawler demo; safe to delete\n")
+    (path / _MARKER).write_text("written by pixcrawler demo; safe to delete\n")
     return path
 
 
@@ -120,6 +121,10 @@ def run_demo(
     at the end). The server listens on 127.0.0.1 on a free port; its key is made for this
     run and never shown.
     """
+    if not 1 <= images_per_class <= DIGITS_PER_CLASS:  # before anything is written
+        raise ValueError(
+            f"images_per_class must be from 1 to {DIGITS_PER_CLASS}, got {images_per_class}"
+        )
     model_selection = require("sklearn.model_selection", "demo")
     svm = require("sklearn.svm", "demo")
     from .packer import pack
@@ -143,7 +148,8 @@ def run_demo(
         )
         echo(
             f"2. Packed {packed.job_id}: {packed.total_images:,} images in "
-            f"{packed.num_chunks} chunks ({human_size(packed.size_bytes)}) into {store}"
+            f"{counted(packed.num_chunks, 'chunk')} ({human_size(packed.size_bytes)}) into "
+            f"{store}"
         )
 
         key = secrets.token_urlsafe(24)
@@ -182,7 +188,7 @@ def run_demo(
             job_id=JOB_ID,
             num_images=count,
             num_chunks=dataset.num_chunks,
-            skipped=len(packed.skipped),
+            skipped=sum(1 for path, _ in packed.skipped if path != _MARKER),
             images_per_second=rate,
             accuracy=accuracy,
             train_size=len(X_train),
