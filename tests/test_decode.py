@@ -99,6 +99,15 @@ SOURCES: dict[str, Callable[[], bytes]] = {
 }
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_an_image_pillow_cannot_convert_is_refused_not_given_other_colours(mode: str) -> None:
+    """Pillow opens a LAB TIFF, and "converts" it to RGB with other colours."""
+    out = io.BytesIO()
+    Image.new("LAB", (8, 8), (50, 10, 20)).save(out, "TIFF")
+    with pytest.raises(DecompressionError, match="LAB images are not supported"):
+        ImageDecoder(mode).decode(out.getvalue())
+
+
 def test_the_sources_are_in_the_modes_they_claim() -> None:
     def opened_mode(name: str) -> str:
         with Image.open(io.BytesIO(SOURCES[name]())) as image:

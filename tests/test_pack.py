@@ -457,6 +457,114 @@ def test_another_owners_job_id_is_not_overwritten(packed: PackedStore, tmp_path:
     assert read_job(tmp_path, "job_taken")["owner"] == "alice"
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_another_owners_job_json_is_read_as_the_server_reads_it(
+    packed: PackedStore, tmp_path: Path, encoding: str
+) -> None:
+    """A job.json saved with a byte-order mark (or in UTF-16) is served, so it is a job:
+    not another owner's to take, nor to be written over without being marked unfinished."""
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_taken", owner="alice")
+    job_path = tmp_path / "job_taken" / "job.json"
+    job_path.write_text(json.dumps(read_job(tmp_path, "job_taken")), encoding=encoding)
+    for write in (
+        lambda: pack(src, tmp_path, job_id="job_taken", owner="bob"),
+        lambda: write_job(tmp_path, "job_taken", status="running", progress=0, owner="bob"),
+    ):
+        with pytest.raises(ValueError, match="another owner"):
+            write()
+    assert json.loads(job_path.read_bytes())["owner"] == "alice"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_a_job_being_packed_is_not_written_by_a_second_pack(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    """Two packs of one job at once would publish one's checksums over the other's chunks:
+    the second is refused while the first holds the job."""
+    import fcntl
+
+    src = packed.sources[JOB_UNIFORM]
+    (tmp_path / "job_busy").mkdir()
+    fd = os.open(tmp_path / "job_busy" / ".pack.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another descriptor: as another process's hold
+        for write in (
+            lambda: pack(src, tmp_path, job_id="job_busy"),
+            lambda: write_job(tmp_path, "job_busy", status="running", progress=0),
+        ):
+            with pytest.raises(ValueError, match="being written by another pack"):
+                write()
+        assert not (tmp_path / "job_busy" / "job.json").exists()
+    finally:
+        os.close(fd)
+    assert pack(src, tmp_path, job_id="job_busy").job_id == "job_busy"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+def test_chunks_and_job_json_are_on_disk_before_their_names_are(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file is synced before it is renamed into place, and the chunks' folder before
+    job.json lists them: after a power cut, a completed job's chunks are whole."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd: int) -> None:
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(src: Any, dst: Any) -> None:
+        events.append(("name", str(Path(dst).resolve())))
+        replace(src, dst)
+
+    monkeypatch.setattr(packer_module.os, "fsync", logged_fsync)
+    monkeypatch.setattr(packer_module.os, "replace", logged_replace)
+    result = pack(packed.sources[JOB_MIXED], tmp_path, job_id="job_synced", chunk_size=4)
+    monkeypatch.undo()
+    job_dir = (tmp_path / "job_synced").resolve()
+    chunks = [str(job_dir / "chunks" / f"{i:05d}.zip") for i in range(result.num_chunks)]
+    assert result.num_chunks > 1
+    named = [path for kind, path in events if kind == "name"]
+    assert named == [*chunks, str(job_dir / "job.json")]
+    for path in named:
+        at = events.index(("name", path))
+        synced = events[at - 1]  # its temp file, just before
+        assert synced[0] == "sync" and Path(synced[1]).parent == Path(path).parent, events
+    job_named = events.index(("name", str(job_dir / "job.json")))
+    assert ("sync", str(job_dir / "chunks")) in events[
+        events.index(("name", chunks[-1])) : job_named
+    ]
+    assert events[job_named + 1] == ("sync", str(job_dir))
+
+
+def test_images_readers_cannot_convert_are_skipped_and_reported(tmp_path: Path) -> None:
+    """Pillow opens a LAB TIFF but converts it to other colours (and not at all to L)."""
+    src = make_image_folder(tmp_path / "src", {"cat": 1})
+    Image.new("LAB", (8, 8), (50, 10, 20)).save(src / "cat" / "lab.tif")
+    result = pack(src, tmp_path / "store")
+    assert dict(result.skipped) == {
+        "cat/lab.tif": "unsupported image mode LAB (readers cannot convert it)"
+    }
+    assert result.total_images == 1
+
+
+def test_pillows_warnings_about_an_image_it_decodes_stay_quiet(tmp_path: Path) -> None:
+    import warnings
+
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    bad_exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03"
+    Image.new("RGB", (40, 10), 128).save(src / "cat" / "bad_exif.jpg", exif=bad_exif)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Image.open(src / "cat" / "bad_exif.jpg").getexif()  # Pillow does warn of it
+        assert caught
+        caught.clear()
+        result = pack(src, tmp_path / "store")
+    assert result.total_images == 1 and caught == []
+
+
 # -- unfinished jobs -----------------------------------------------------------------------
 
 

@@ -78,6 +78,36 @@ else:
         fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+@contextlib.contextmanager
+def folder_lock(root: Path, name: str, busy: Callable[[], Exception]) -> Iterator[None]:
+    """Hold the lock file ``name`` inside the folder ``root`` (made if missing) for the
+    block; ``busy()`` is raised at once when another process holds it.
+
+    Inside the folder, every path to it (a symlink, a bind mount) finds the same lock, and
+    it is a file opened for writing, which NFS needs to lock it. Where the file system has
+    no locks, or the folder is read-only (nothing can be written there), the block runs
+    unlocked."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        with contextlib.suppress(OSError):
+            fd = os.open(root / name, flags, 0o644)
+            break
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            _lock_fd(fd, wait=False)
+        except BlockingIOError:
+            raise busy() from None
+        except OSError:  # ENOLCK and the like: no locks here
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # Chunk lock files this process holds open. A forked child (a DataLoader worker) inherits
 # them, and a flock lives as long as any copy of its descriptor: the child closes its
 # copies at once, or it would wait forever on a lock only it still keeps alive.

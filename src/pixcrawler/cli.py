@@ -769,7 +769,8 @@ def pack(
         count = len(result.skipped)
         _echo(f"Skipped {counted(count, 'file')}:")
         for path, reason in result.skipped:
-            _echo(f"  {_printable(path)}: {reason}")
+            # One line each, whatever the name holds (a file may be named "a\n  b: ...").
+            _echo(f"  {_printable(path, lines=False)}: {_printable(reason, lines=False)}")
 
 
 @cli.command()

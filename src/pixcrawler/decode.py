@@ -41,6 +41,9 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 _SIMPLEJPEG_SPACES = {"RGB": "RGB", "L": "GRAY"}
 _CHANNELS = {"RGB": 3, "L": 1, "RGBA": 4}
+# Modes Pillow opens but does not convert right: LAB to RGB gives other colours (and to L
+# it refuses). The packer leaves such images out.
+UNSUPPORTED_MODES = frozenset({"LAB"})
 
 
 class ImageBuffers:
@@ -277,6 +280,11 @@ class ImageDecoder:
         # Load first: a PNG's getexif() loads the image itself, _pillow_orientation
         # swallows errors, and a second load() is a no-op, so a corrupt image would pass.
         image.load()
+        if image.mode in UNSUPPORTED_MODES:
+            raise DecompressionError(
+                f"cannot decode image: {image.mode} images are not supported (Pillow cannot "
+                "convert them to RGB)"
+            )
         sixteen_bit_gray = image.mode.startswith("I;16") or (
             image.mode == "I" and image.format == "PNG"  # (as older Pillows read them)
         )

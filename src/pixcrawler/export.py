@@ -22,7 +22,7 @@ import shutil
 import threading
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -31,7 +31,7 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
-from .cache import _lock_fd
+from .cache import folder_lock
 from .dataset import (
     Dataset,
     count_mismatch,
@@ -69,36 +69,18 @@ class ExportUsageError(ValueError):
     """The job cannot be written as asked (e.g. numpy arrays of images of mixed sizes)."""
 
 
-@contextlib.contextmanager
-def exclusive(root: Path) -> Iterator[None]:
+def exclusive(root: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``root``'s lock (``.download.lock`` inside it) for the block: two downloads
     into one folder would append to the same ``.part`` files and share the staging folder.
-    Inside the folder, every path to it (a symlink, a bind mount) finds the same lock, and
-    it is a file opened for writing, which NFS needs to lock it. Where the file system has
-    no locks, or the folder is read-only (nothing can be written there), the block runs
-    unlocked."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = None
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
-        with contextlib.suppress(OSError):
-            fd = os.open(root / LOCK_FILE, flags, 0o644)
-            break
-    if fd is None:
-        yield
-        return
-    try:
-        try:
-            _lock_fd(fd, wait=False)
-        except BlockingIOError:
-            raise ExportUsageError(
-                f"another download is writing to {root}; wait for it to end, or choose "
-                "another --output-dir"
-            ) from None
-        except OSError:  # ENOLCK and the like: no locks here
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    (See :func:`~pixcrawler.cache.folder_lock`.)"""
+    return folder_lock(
+        root,
+        LOCK_FILE,
+        lambda: ExportUsageError(
+            f"another download is writing to {root}; wait for it to end, or choose "
+            "another --output-dir"
+        ),
+    )
 
 
 def transfer(

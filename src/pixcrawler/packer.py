@@ -12,6 +12,7 @@ same chunk bytes and the same checksums, so re-packing never invalidates a clien
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +32,9 @@ from PIL import Image
 
 from . import config
 from .archive import _safe_name, manifest_limit
+from .cache import _file_digest, folder_lock
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
+from .decode import UNSUPPORTED_MODES
 from .models import JOB_STATUSES
 
 __all__ = ["PackResult", "pack", "write_job"]
@@ -56,7 +59,6 @@ _OPEN_FORMATS = tuple(sorted(_ACCEPTED_FORMATS - {"MPO"}))
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # ImageOps.exif_transpose swaps w and h
 
-_HASH_BLOCK = 1 << 20
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 _CHUNK_TEMP_RE = re.compile(r"\.\d+\.zip\..+\.tmp")  # _write_chunk's, of a pack that died
 # Names `pixcrawler download --format images` keeps for itself at the top of its folder
@@ -64,6 +66,7 @@ _CHUNK_TEMP_RE = re.compile(r"\.\d+\.zip\..+\.tmp")  # _write_chunk's, of a pack
 # of that name is not packed.
 _RESERVED_LABELS = frozenset({config.IMAGES_LISTING, config.IMAGES_LISTING + ".part"})
 _NOT_COMPLETED_STATUSES = tuple(s for s in JOB_STATUSES if s != "completed")
+_PACK_LOCK = ".pack.lock"  # inside a job's folder, held while the job is written
 
 
 @dataclass(frozen=True)
@@ -152,33 +155,65 @@ def pack(
         _check_manifest_size(_manifest(job_id, index, group), index, len(group))
 
     job_dir = store / job_id
-    existing = _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
-    if existing is not None:
-        # Packed again: until the new job.json lands, the job is in progress and lists no
-        # chunk, so no one is served new bytes under the old checksums (even if this stops).
-        unpacked = {**existing, "status": "running", "progress": 0, "total_images": 0, "chunks": []}
-        _write_json_atomic(job_dir / "job.json", unpacked)
-    chunks_dir = job_dir / "chunks"
-    chunks_dir.mkdir(parents=True, exist_ok=True)
-
-    chunk_entries: list[dict[str, Any]] = []
-    for index, group in enumerate(groups):
-        size, digest = _write_chunk(chunks_dir / f"{index:05d}.zip", job_id, index, group)
-        chunk_entries.append(
-            {
-                "index": index,
-                "size_bytes": size,
-                "sha256": digest,
-                "image_count": len(group),
-                "expires_at": None,
+    with _job_lock(job_dir, job_id):
+        existing = _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
+        if existing is not None:
+            # Packed again: until the new job.json lands, the job is in progress and lists
+            # no chunk, so no one is served new bytes under the old checksums (even if this
+            # stops).
+            unpacked = {
+                **existing,
+                "status": "running",
+                "progress": 0,
+                "total_images": 0,
+                "chunks": [],
             }
-        )
-    _remove_stale_chunks(chunks_dir, keep=len(groups))
+            _write_json_atomic(job_dir / "job.json", unpacked)
+        chunks_dir = job_dir / "chunks"
+        chunks_dir.mkdir(parents=True, exist_ok=True)
 
+        chunk_entries: list[dict[str, Any]] = []
+        for index, group in enumerate(groups):
+            size, digest = _write_chunk(chunks_dir / f"{index:05d}.zip", job_id, index, group)
+            chunk_entries.append(
+                {
+                    "index": index,
+                    "size_bytes": size,
+                    "sha256": digest,
+                    "image_count": len(group),
+                    "expires_at": None,
+                }
+            )
+        _remove_stale_chunks(chunks_dir, keep=len(groups))
+        _sync_folder(chunks_dir)  # the chunks' names are on disk before job.json lists them
+        job = _completed_job(job_id, src, name, owner, chunk_size, started, images, chunk_entries)
+        # job.json last: a job is listed as completed only once every chunk is in place.
+        _write_json_atomic(job_dir / "job.json", job)
+    return PackResult(
+        job_id=job_id,
+        total_images=len(images),
+        num_chunks=len(groups),
+        size_bytes=job["size_bytes"],
+        labels=tuple(job["labels"]),
+        skipped=tuple(skipped),
+    )
+
+
+def _completed_job(
+    job_id: str,
+    src: Path,
+    name: str | None,
+    owner: str,
+    chunk_size: int,
+    started: str,
+    images: Sequence[_Image],
+    chunk_entries: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The job.json of a packed job."""
     labels = sorted({image.label for image in images})
     sizes = {(image.height, image.width) for image in images}
     total_bytes = sum(entry["size_bytes"] for entry in chunk_entries)
-    job = {
+    return {
         "id": job_id,
         "name": name if name is not None else _folder_name(src),
         "status": "completed",
@@ -194,16 +229,6 @@ def pack(
         "chunks": chunk_entries,
         "owner": owner,
     }
-    # job.json last: a job is listed as completed only once every chunk is in place.
-    _write_json_atomic(job_dir / "job.json", job)
-    return PackResult(
-        job_id=job_id,
-        total_images=len(images),
-        num_chunks=len(groups),
-        size_bytes=total_bytes,
-        labels=tuple(labels),
-        skipped=tuple(skipped),
-    )
 
 
 def write_job(
@@ -241,7 +266,6 @@ def write_job(
     if not 0 <= progress <= 100:  # also rejects NaN
         raise ValueError(f"progress must be a number from 0 to 100, got {progress!r}")
     job_dir = Path(store) / job_id
-    _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
     job = {
         "id": job_id,
         "name": name if name is not None else job_id,
@@ -259,10 +283,23 @@ def write_job(
         "chunks": [],
         "owner": owner,
     }
-    job_dir.mkdir(parents=True, exist_ok=True)
     path = job_dir / "job.json"
-    _write_json_atomic(path, job)
+    with _job_lock(job_dir, job_id):
+        _check_not_foreign(path, job_id=job_id, owner=owner)
+        _write_json_atomic(path, job)
     return path
+
+
+def _job_lock(job_dir: Path, job_id: str) -> contextlib.AbstractContextManager[None]:
+    """Held while a job's files are written: two packs of one job at once would publish
+    one's checksums over the other's chunks."""
+    return folder_lock(
+        job_dir,
+        _PACK_LOCK,
+        lambda: ValueError(
+            f"job {job_id!r} is being written by another pack in this store; wait for it to end"
+        ),
+    )
 
 
 # -- scanning ----------------------------------------------------------------------------
@@ -366,14 +403,17 @@ def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
         return "empty file"
     try:
         with warnings.catch_warnings():
-            # A large (but not bomb-sized) image is valid data; its warning is noise here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # A large (but not bomb-sized) image is valid data, and Pillow's other warnings
+            # (corrupt EXIF ...) are about an image it decodes, as readers will: noise here.
+            warnings.simplefilter("ignore")
             # formats= keeps Pillow from trying other plugins (EPS would run Ghostscript).
             with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as image:
                 image_format = image.format or "unknown"
                 if image_format not in _ACCEPTED_FORMATS:
                     return f"unsupported image format {image_format}"
                 image.load()
+                if image.mode in UNSUPPORTED_MODES:
+                    return f"unsupported image mode {image.mode} (readers cannot convert it)"
                 width, height = image.size
                 orientation = image.getexif().get(_ORIENTATION_TAG)
     # Pillow signals a bad file with many exception types (OSError, SyntaxError, ValueError,
@@ -458,20 +498,22 @@ def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as archive:
-            _add_member(archive, _MANIFEST_NAME, manifest_bytes, zipfile.ZIP_DEFLATED)
-            for image in images:
-                data = image.source.read_bytes()
-                # The validation pass hashed these bytes; a file edited since then would
-                # make the manifest lie, so stop instead of packing it.
-                if hashlib.sha256(data).hexdigest() != image.sha256:
-                    raise RuntimeError(
-                        f"{image.rel!r} changed while it was being packed; pack again"
-                    )
-                method = (
-                    zipfile.ZIP_STORED if image.format in _STORED_FORMATS else zipfile.ZIP_DEFLATED
-                )
-                _add_member(archive, image.rel, data, method)
+        with os.fdopen(fd, "wb") as raw:
+            with zipfile.ZipFile(raw, "w") as archive:
+                _add_member(archive, _MANIFEST_NAME, manifest_bytes, zipfile.ZIP_DEFLATED)
+                for image in images:
+                    data = image.source.read_bytes()
+                    # The validation pass hashed these bytes; a file edited since then
+                    # would make the manifest lie, so stop instead of packing it.
+                    if hashlib.sha256(data).hexdigest() != image.sha256:
+                        raise RuntimeError(
+                            f"{image.rel!r} changed while it was being packed; pack again"
+                        )
+                    stored = image.format in _STORED_FORMATS
+                    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+                    _add_member(archive, image.rel, data, method)
+            raw.flush()
+            os.fsync(raw.fileno())  # whole on disk before its name is
         size, digest = _file_digest(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; chunks are meant to be served
         os.replace(tmp, path)
@@ -488,16 +530,6 @@ def _add_member(archive: zipfile.ZipFile, name: str, data: bytes, method: int) -
     info.external_attr = _ZIP_EXTERNAL_ATTR
     level = _ZIP_DEFLATE_LEVEL if method == zipfile.ZIP_DEFLATED else None
     archive.writestr(info, data, compress_type=method, compresslevel=level)
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
 
 
 def _remove_stale_chunks(chunks_dir: Path, *, keep: int) -> None:
@@ -518,11 +550,28 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the names just given in ``folder`` last through a power cut (where the system
+    can: Windows opens no folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- validation --------------------------------------------------------------------------
@@ -567,7 +616,11 @@ def _check_not_foreign(job_json: Path, *, job_id: str, owner: str) -> dict[str, 
     """Refuse to overwrite a job that another owner already has under this id (one
     without an owner is ``default``'s, as the server reads it); return the job there."""
     try:
-        existing = json.loads(job_json.read_text(encoding="utf-8"))
+        if not job_json.is_file():  # (a FIFO would never end)
+            return None
+        # Read as the server reads it (bytes: a byte-order mark, UTF-16 ...): a job.json it
+        # serves is one whose owner counts here.
+        existing = json.loads(job_json.read_bytes())
     except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
         return None
     if not isinstance(existing, dict):
