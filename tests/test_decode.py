@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
 from imagegen import make_image
+from pixcrawler import config
 from pixcrawler.decode import (
     UNKNOWN_ORIENTATION,
     ImageBuffers,
@@ -106,6 +107,69 @@ def test_an_image_pillow_cannot_convert_is_refused_not_given_other_colours(mode:
     Image.new("LAB", (8, 8), (50, 10, 20)).save(out, "TIFF")
     with pytest.raises(DecompressionError, match="LAB images are not supported"):
         ImageDecoder(mode).decode(out.getvalue())
+
+
+def tiled_tiff(width: int, height: int, tile: int) -> bytes:
+    """An RGB TIFF of one deflated ``tile`` x ``tile`` tile (of zeros) covering the image."""
+    data = zlib.compress(bytes(tile * tile * 3), 9)
+    tags = [
+        (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 2),
+        (277, 3, 3), (284, 3, 1), (322, 4, tile), (323, 4, tile),
+        (324, 4, 8 + 2 + 12 * 11 + 4), (325, 4, len(data)),
+    ]  # fmt: skip
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, value)
+        if kind == 4
+        else struct.pack("<HHIHH", tag, kind, 1, value, 0)
+        for tag, kind, value in tags
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + data
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_a_tiff_in_tiles_far_larger_than_its_image_is_refused(backend: str) -> None:
+    """libtiff inflates a whole tile: a 3 KB file of an 8x8 image took 35 MB at 1024x1024,
+    800 MB at 16384x16384, whatever the pixel limit said."""
+    decoder = ImageDecoder(backend=backend)
+    with pytest.raises(DecompressionError, match="tiles of 1,048,576 pixels"):
+        decoder.decode(tiled_tiff(8, 8, 1024))
+    for width, height, tile in ((8, 8, 16), (100, 100, 256), (300, 200, 512)):  # usual ones
+        decoded = decoder.decode(tiled_tiff(width, height, tile))
+        assert decoded.shape == (height, width, 3) and not decoded.any()
+
+
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_a_progressive_jpeg_of_more_scans_than_any_encoder_writes_is_refused(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each scan decodes the whole image again: a thousand repeats of one took seconds."""
+    data = encode(photo((64, 64)), "JPEG", quality=80, progressive=True)
+    last = data.rfind(b"\xff\xda")
+    bomb = data[:-2] + data[last:-2] * 300 + b"\xff\xd9"
+    decoder = ImageDecoder(backend=backend)
+    assert decoder.decode(data).shape == (64, 64, 3)  # its own ten scans or so
+    with pytest.raises(DecompressionError, match=r"progressive JPEG of 3\d\d scans, over the"):
+        decoder.decode(bomb)
+    monkeypatch.setattr(config, "MAX_JPEG_SCANS", 1000)
+    assert decoder.decode(bomb).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_tiny_jpegs_scaled_down_are_the_same_pixels_from_either_decoder(mode: str) -> None:
+    """For an image of a few pixels simplejpeg would pick another DCT scale than Pillow's
+    draft (3/8 for 3x3 to 1x1, where Pillow takes 1/2): such images go to Pillow."""
+    rng = np.random.default_rng(0)
+    for side in range(2, 25):
+        for width in (side, side + 1):
+            noise = Image.fromarray((rng.random((side, width, 3)) * 255).astype(np.uint8))
+            data = encode(noise, "JPEG", quality=90)
+            for divisor in (2, 3, 4, 5, 8):
+                if side // divisor < 1:
+                    continue
+                size = (side // divisor, width // divisor)
+                fast = ImageDecoder(mode, size).decode(data)
+                slow = ImageDecoder(mode, size, backend="pillow").decode(data)
+                assert max_diff(fast, slow) <= LOSSY["JPEG"], (side, width, size)
 
 
 def test_the_sources_are_in_the_modes_they_claim() -> None:

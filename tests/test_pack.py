@@ -549,6 +549,26 @@ def test_images_readers_cannot_convert_are_skipped_and_reported(tmp_path: Path) 
     assert result.total_images == 1
 
 
+def test_images_readers_refuse_as_too_costly_are_skipped_before_they_cost_it(
+    tmp_path: Path,
+) -> None:
+    from test_decode import tiled_tiff
+
+    src = make_image_folder(tmp_path / "src", {"cat": 1})
+    (src / "cat" / "tiles.tif").write_bytes(tiled_tiff(8, 8, 1024))
+    progressive = io.BytesIO()
+    make_image("cat", (64, 64)).save(progressive, "JPEG", progressive=True)
+    data = progressive.getvalue()
+    last = data.rfind(b"\xff\xda")
+    (src / "cat" / "scans.jpg").write_bytes(data[:-2] + data[last:-2] * 300 + b"\xff\xd9")
+    result = pack(src, tmp_path / "store")
+    reasons = dict(result.skipped)
+    assert set(reasons) == {"cat/scans.jpg", "cat/tiles.tif"}
+    assert reasons["cat/tiles.tif"].startswith("refused as readers refuse it: ")
+    assert "tiles of 1,048,576 pixels" in reasons["cat/tiles.tif"]
+    assert "progressive JPEG of" in reasons["cat/scans.jpg"]
+
+
 def test_pillows_warnings_about_an_image_it_decodes_stay_quiet(tmp_path: Path) -> None:
     import warnings
 

@@ -45,6 +45,9 @@ MAX_MANIFEST_BYTES = 64 << 20
 MANIFEST_BASE_BYTES = 1 << 20  # and a manifest at most this plus so much per member
 MANIFEST_BYTES_PER_MEMBER = 16 << 10
 MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own default decompression-bomb limit
+# A progressive JPEG decodes every scan over the whole image: a small file of a thousand
+# repeated scans took seconds. Real ones have about 10 (nvImageCodec refuses past 256).
+MAX_JPEG_SCANS = 256
 
 # Every thread the SDK starts is named so: the exit hook (downloader) tells them by it.
 THREAD_PREFIX = "pixcrawler-"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
+from PIL.TiffImagePlugin import TiffImageFile
 
 from . import config
 from .exceptions import DecompressionError
@@ -35,6 +36,11 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
+_TILE_WIDTH, _TILE_LENGTH = 322, 323  # TIFF tags
+_MIN_FAST_SCALED = 8  # a JPEG this many pixels a side or more may be scaled by simplejpeg
+_MAX_SMALL_TILE = 512 * 512  # a tile a small image may have, whatever its own size
+# Start-of-frame markers of progressive JPEGs (Huffman and arithmetic coded).
+_PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # The formats a chunk holds (see the design's "Chunk archive"). Pillow tries every plugin
 # it has otherwise: a hostile member could reach EPS (which runs Ghostscript) or any of
 # dozens of rarely used parsers.
@@ -223,9 +229,17 @@ class ImageDecoder:
     def _decode_jpeg(self, data: bytes | bytearray | memoryview) -> np.ndarray | None:
         sj: Any = self._simplejpeg
         height, width, space, _ = sj.decode_jpeg_header(data)
-        if space not in ("RGB", "YCbCr", "Gray") or jpeg_orientation(data) != 1:
+        orientation, progressive = _jpeg_header(data)
+        if space not in ("RGB", "YCbCr", "Gray") or orientation != 1:
             return None  # CMYK/YCCK, rotated or possibly so: Pillow handles those
         self._check_pixels(width, height)
+        if progressive:
+            _check_scans(data)
+        if self.image_size is not None and min(height, width) < _MIN_FAST_SCALED:
+            # Scaled, an image of a few pixels comes out of simplejpeg other than out of
+            # Pillow (for 3x3 to 1x1 it takes 3/8 where Pillow's draft takes 1/2; 5x5 to
+            # 1x1 differs at one scale too): Pillow decodes these.
+            return None
         if self.mode == "L" and space != "Gray":
             # libjpeg's gray is the Y channel, off by up to ~27 levels from Pillow's
             # convert("L") on saturated colours: decode RGB and convert it as Pillow does.
@@ -272,6 +286,7 @@ class ImageDecoder:
         image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
         width, height = image.size
         self._check_pixels(width, height)
+        check_cost(image, data)
         if self.image_size is not None and isinstance(image, JpegImageFile):
             th, tw = self.image_size
             # A JPEG's EXIF is read at open: asking for it here decodes nothing.
@@ -302,6 +317,43 @@ class ImageDecoder:
             image = image.resize((tw, th), Image.Resampling.BILINEAR)
         array = np.array(image)
         return array.reshape(array.shape[0], array.shape[1], self.channels)
+
+
+def check_cost(image: Image.Image, data: bytes | bytearray | memoryview) -> None:
+    """Refuse an opened image whose decode would cost far more than its size says (on top
+    of the pixel limit): :class:`DecompressionError`."""
+    if isinstance(image, JpegImageFile) and image.info.get("progressive"):
+        _check_scans(data)
+    elif isinstance(image, TiffImageFile):
+        _check_tiles(image)
+
+
+def _check_scans(data: bytes | bytearray | memoryview) -> None:
+    """Refuse a progressive JPEG of more scans than any encoder writes: each costs a pass
+    over the whole image. (A 0xFF in entropy-coded data is followed by 0x00, so every
+    ``FF DA`` starts a scan.)"""
+    scans = bytes(data).count(b"\xff\xda")
+    if scans > config.MAX_JPEG_SCANS:
+        raise DecompressionError(
+            f"cannot decode image: a progressive JPEG of {scans:,} scans, over the limit of "
+            f"{config.MAX_JPEG_SCANS:,} (each decodes the whole image again); raise "
+            "pixcrawler.config.MAX_JPEG_SCANS to allow it"
+        )
+
+
+def _check_tiles(image: TiffImageFile) -> None:
+    """Refuse a TIFF whose tiles are far larger than its image: libtiff inflates a whole
+    tile into memory, so an 8x8 image of one 16384x16384 tile took 800 MB."""
+    width, height = image.size
+    try:
+        tile = int(image.tag_v2.get(_TILE_WIDTH, 0)) * int(image.tag_v2.get(_TILE_LENGTH, 0))
+    except (TypeError, ValueError):  # an odd type: Pillow's own reading decides
+        return
+    if tile > max(4 * width * height, _MAX_SMALL_TILE):
+        raise DecompressionError(
+            f"cannot decode image: a {width}x{height} TIFF in tiles of {tile:,} pixels "
+            "(a decompression bomb?)"
+        )
 
 
 def _drafted(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
@@ -381,37 +433,45 @@ def jpeg_orientation(data: bytes | bytearray | memoryview) -> int:
     segment it does not walk as Pillow does, an Orientation field of a type or in a place
     it does not read, an XMP packet that mentions an orientation. Pillow decides those.
     """
+    return _jpeg_header(data)[0]
+
+
+def _jpeg_header(data: bytes | bytearray | memoryview) -> tuple[int, bool]:
+    """:func:`jpeg_orientation`, and whether a progressive frame header came before the
+    first scan (or before the walk gave up)."""
     view = memoryview(data)
     pos = 2
     end = len(view)
     orientation = 1
+    progressive = False
     while pos + 4 <= end:
         if view[pos] != 0xFF:
-            return UNKNOWN_ORIENTATION
+            return UNKNOWN_ORIENTATION, progressive
         marker = view[pos + 1]
         if marker == 0xFF:  # a fill byte before the marker (ITU T.81 B.1.1.2)
             pos += 1
             continue
         if marker in (0xDA, 0xD9):  # start of scan / end of image: no more metadata
-            return orientation
+            return orientation, progressive
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            return UNKNOWN_ORIENTATION
+            return UNKNOWN_ORIENTATION, progressive
         length = (view[pos + 2] << 8) | view[pos + 3]
         if length < 2:
-            return UNKNOWN_ORIENTATION
+            return UNKNOWN_ORIENTATION, progressive
+        progressive = progressive or marker in _PROGRESSIVE_FRAMES
         segment = view[pos + 4 : pos + 2 + length]
         if marker == 0xE1:
             head = bytes(segment[:29])
             if head.startswith(b"Exif\x00\x00"):
                 if orientation != 1:  # a second EXIF block: which one counts is Pillow's
-                    return UNKNOWN_ORIENTATION
+                    return UNKNOWN_ORIENTATION, progressive
                 orientation = _tiff_orientation(bytes(segment[6:]))
                 if orientation == UNKNOWN_ORIENTATION:
-                    return orientation
+                    return orientation, progressive
             elif head == _XMP and b"Orientation" in bytes(segment):  # Pillow applies XMP's
-                return UNKNOWN_ORIENTATION
+                return UNKNOWN_ORIENTATION, progressive
         pos += 2 + length
-    return orientation
+    return orientation, progressive
 
 
 # The TIFF field types read here, as Pillow reads them (as integers, so it rotates by

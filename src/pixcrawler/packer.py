@@ -34,7 +34,8 @@ from . import config
 from .archive import _safe_name, manifest_limit
 from .cache import _file_digest, folder_lock
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
-from .decode import UNSUPPORTED_MODES
+from .decode import UNSUPPORTED_MODES, check_cost
+from .exceptions import DecompressionError
 from .models import JOB_STATUSES
 
 __all__ = ["PackResult", "pack", "write_job"]
@@ -411,11 +412,14 @@ def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
                 image_format = image.format or "unknown"
                 if image_format not in _ACCEPTED_FORMATS:
                     return f"unsupported image format {image_format}"
+                check_cost(image, data)  # what readers refuse, before it costs the same here
                 image.load()
                 if image.mode in UNSUPPORTED_MODES:
                     return f"unsupported image mode {image.mode} (readers cannot convert it)"
                 width, height = image.size
                 orientation = image.getexif().get(_ORIENTATION_TAG)
+    except DecompressionError as exc:
+        return f"refused as readers refuse it: {exc}"
     # Pillow signals a bad file with many exception types (OSError, SyntaxError, ValueError,
     # struct.error, DecompressionBombError ...); any of them means "not a usable image".
     except Exception as exc:
