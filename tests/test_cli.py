@@ -770,6 +770,42 @@ def test_a_zip_download_of_chunks_listed_without_checksums_follows_a_new_version
     assert (cli.cwd / "out" / "job_nosum" / "chunks" / "00000.zip").read_bytes() == served
 
 
+def test_a_full_disk_is_reported_with_where_and_that_a_rerun_resumes(
+    cli: Cli,
+    live_server: LiveServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A write's ENOSPC names no file ("[Errno 28] No space left on device" alone)."""
+    from pixcrawler import cli as cli_module
+    from pixcrawler.export import _ZipWriter
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_ZipWriter, "process", full)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(cli.config_dir))
+    out = cli.cwd / "out"
+    code = cli_module.run(
+        ["download", JOB_UNIFORM, "--format", "zip", "-o", str(out), *api(live_server)]
+    )
+    assert code == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("Error: No space left on device while writing under ")
+    assert str(out / JOB_UNIFORM) in line and line.endswith("run the same command again to resume")
+
+
+def test_a_file_where_the_download_folder_goes_is_a_usage_error(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    (cli.cwd / "out").mkdir()
+    (cli.cwd / "out" / JOB_UNIFORM).write_text("mine")
+    result = cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server))
+    assert result.returncode == 2, result
+    assert "is a file, where the download's folder goes" in result.stderr
+    assert (cli.cwd / "out" / JOB_UNIFORM).read_text() == "mine"
+
+
 def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> None:
     key = next(iter(TEST_KEYS))
     with FaultProxy(big_job.base_url) as proxy:

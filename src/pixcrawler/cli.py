@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import getpass
 import io
 import logging
@@ -490,6 +491,8 @@ def download(
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
         root = output_dir / job_id
+        if root.exists() and not root.is_dir():
+            raise CliError(f"{root} is a file, where the download's folder goes", EXIT_USAGE)
         try:
             # Refused (mixed sizes for numpy) before the folder or its lock is created.
             writer = export.make_writer(fmt, dataset, root, image_size, on_error)
@@ -514,6 +517,15 @@ def download(
             raise CliError(
                 "interrupted; run the same command again to resume", EXIT_INTERRUPTED
             ) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
+                # A write's error names no file: say where, and that a rerun resumes.
+                raise CliError(
+                    f"{exc.strerror} while writing under {root}; make room and run the same "
+                    "command again to resume",
+                    exit_code_for(exc),
+                ) from exc
+            raise
         finally:
             writer.close()
         left_out = (
