@@ -327,8 +327,10 @@ class _ZipWriter(Writer):
         kept: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
             (kept if self.kept(chunk) else todo).append(chunk)
-        if not todo:  # whole: an earlier version's chunks go now (a folder left as it is,
-            self._remove_unlisted()  # its images uncounted)
+        if not todo:
+            # Whole: an earlier version's chunks go now; the rest is left as it is, its
+            # images uncounted.
+            self._remove_unlisted()
             self.complete = True
             return todo
         self.done_images = sum(self._count(chunk, self.chunk_path(chunk)) for chunk in kept)
