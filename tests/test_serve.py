@@ -30,7 +30,7 @@ KEY = "serve-test-key"
 BIG_CHUNK = 64 << 20  # more than the loopback socket buffers of both ends can hold
 STOP_BOUND = 10.0  # seconds: the graceful shutdown (2 s) plus a slow start on a busy machine
 Start = Callable[..., tuple[subprocess.Popen[str], int]]
-SERVING = re.compile(r"Serving .* on http://127\.0\.0\.1:(\d+) \(Ctrl\+C to stop\)$")
+SERVING = re.compile(r"Serving .* on http://(?:127\.0\.0\.1|\[::1\]):(\d+) \(Ctrl\+C to stop\)$")
 
 
 def _script() -> str:
@@ -193,6 +193,26 @@ def test_ctrl_c_right_after_the_announcement_stops_serve_quietly(
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=STOP_BOUND)
         assert (process.returncode, err) == (0, "")
+
+
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on ::1 (containers often have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def test_serve_listens_on_an_ipv6_host_in_brackets(start_serve: Start, big_store: Path) -> None:
+    """``--host [::1]``, the host as a URL writes it (and as serve announces it), was
+    refused: "Name or service not known"."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    _, port = start_serve("serve", "--store", str(big_store), "--host", "[::1]", "--port", "0")
+    response = urllib3.request("GET", f"http://[::1]:{port}/health", retries=False, timeout=10)
+    assert response.status == 200
 
 
 def test_an_ipv6_host_is_bracketed_once_in_messages() -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import http.client
 import json
+import logging
 import os
+import socket
 import stat
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from constants import (
     JOB_UNIFORM,
     OTHER_KEY,
     TEST_KEY,
+    TEST_KEYS,
     UNFINISHED_JOBS,
     UNIFORM_CHUNK_SIZE,
     UNIFORM_LABELS,
@@ -33,6 +40,7 @@ from pixcrawler.config import DEFAULT_OWNER, ENV_SERVER_KEYS
 from pixcrawler.models import Job
 from pixcrawler.packer import pack, write_job
 from pixcrawler.server import create_app, run_in_thread, runner
+from pixcrawler.server import store as server_store
 from pixcrawler.server.store import (
     KEYS_FILE,
     JobStore,
@@ -68,6 +76,31 @@ def assert_error(response: urllib3.BaseHTTPResponse, status: int, error_type: st
 
 def job_json(store: Path, job_id: str) -> dict[str, Any]:
     return dict(json.loads((store / job_id / "job.json").read_text()))
+
+
+EMPTY_ZIP = b"PK\x05\x06" + bytes(18)
+
+
+def write_completed_job(
+    store: Path, job_id: str, chunk: bytes | None = EMPTY_ZIP, **fields: Any
+) -> Path:
+    """A completed job of one chunk, ``fields`` added to its entry; returns the chunk's
+    path, where ``chunk`` is written unless it is None."""
+    (store / job_id / "chunks").mkdir(parents=True)
+    job = {"id": job_id, "status": "completed", "progress": 100}
+    job["chunks"] = [{"index": 0, **fields}]
+    (store / job_id / "job.json").write_text(json.dumps(job))
+    path = store / job_id / "chunks" / "00000.zip"
+    if chunk is not None:
+        path.write_bytes(chunk)
+    return path
+
+
+def unblock(fifo: Path) -> None:
+    """Let a reader blocked opening ``fifo`` go on (it reads an end of file), so a server
+    that opened it blocking is not left stuck when a test fails."""
+    with contextlib.suppress(OSError):  # ENXIO: no reader waits, nothing to do
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
 # -- health and auth ---------------------------------------------------------------------
@@ -142,6 +175,33 @@ def test_another_owners_job_is_404_like_a_missing_one(
     # The other owner cannot see ours either.
     ours = get(http, f"{base}/api/v1/jobs/{JOB_UNIFORM}", {"X-API-Key": OTHER_KEY})
     assert_error(ours, 404, "NotFoundError")
+
+
+def test_answers_to_a_key_are_kept_by_no_shared_cache(
+    live_server: LiveServer, http: urllib3.PoolManager
+) -> None:
+    """A proxy or CDN in front of the server must not hand one caller's jobs or chunks to
+    the next, nor a job's old status to its owner: answers depend on the key (Vary), job
+    JSON and errors are never stored, chunks only by the caller's own cache."""
+    base = live_server.base_url
+    vary = "Authorization, X-API-Key"
+    for path, headers in [
+        ("/api/v1/jobs", AUTH),
+        (f"/api/v1/jobs/{JOB_UNIFORM}", AUTH),
+        ("/api/v1/jobs/job_does_not_exist", AUTH),
+        (f"/api/v1/jobs/{JOB_UNIFORM}/chunks/99", AUTH),
+        ("/api/v1/jobs", {}),  # 401
+    ]:
+        response = get(http, base + path, headers)
+        assert response.headers["Cache-Control"] == "private, no-store", path
+        assert response.headers["Vary"] == vary, path
+    for headers in (AUTH, {**AUTH, "Range": "bytes=0-9"}):
+        chunk = get(http, f"{base}/api/v1/jobs/{JOB_UNIFORM}/chunks/0", headers)
+        assert chunk.status in (200, 206)
+        assert (chunk.headers["Cache-Control"], chunk.headers["Vary"]) == ("private", vary)
+    # A "healthy" from a cache would say nothing about the server.
+    health = get(http, base + "/api/v1/health", {})
+    assert health.headers["Cache-Control"] == "no-store"
 
 
 # -- listing -----------------------------------------------------------------------------
@@ -533,8 +593,31 @@ def test_rewritten_job_json_is_seen_on_the_next_request(
         [{"index": True}],  # a bool is not an index, though Python calls it an int
         [{"index": 0}, "00001.zip"],  # an entry that is not an object
         {"0": {"index": 0}},  # not a list
+        # A sha256 becomes the ETag header: these were a 500 or a dropped connection.
+        [{"index": 0, "sha256": "\u20ac" * 64}],
+        [{"index": 0, "sha256": "ab\r\nX-Evil: 1"}],
+        [{"index": 0, "sha256": 'a"b'}],
+        [{"index": 0, "sha256": ""}],
+        [{"index": 0, "sha256": "ab" * 31}],
+        [{"index": 0, "sha256": "ab" * 32 + "\n"}],
+        [{"index": 0, "sha256": 12345}],
     ],
-    ids=["no index", "word", "digit string", "negative", "bool", "string entry", "dict"],
+    ids=[
+        "no index",
+        "word",
+        "digit string",
+        "negative",
+        "bool",
+        "string entry",
+        "dict",
+        "sha256 not ASCII",
+        "sha256 with CRLF",
+        "sha256 with quote",
+        "sha256 empty",
+        "sha256 short",
+        "sha256 with newline",
+        "sha256 number",
+    ],
 )
 def test_job_json_with_malformed_chunks_is_not_there(
     tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, chunks: Any
@@ -590,6 +673,179 @@ def test_job_json_without_id_is_served_with_its_folders_id(
     assert Job.from_json(response.json()).id == "job_noid"
     listed = get(http, base_url + "/api/v1/jobs").json()
     assert [job["id"] for job in listed["items"]] == ["job_noid"]
+
+
+def test_a_sha256_in_upper_case_is_one_etag_with_its_lower_case(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager
+) -> None:
+    """Hex digits of either case name one file (the SDK compares them lower-cased); its
+    ETag is the one hexdigest() writes, so a resume's If-Range matches either way."""
+    digest = hashlib.sha256(EMPTY_ZIP).hexdigest()
+    write_completed_job(tmp_path, "job_upper", sha256=digest.upper())
+    url = server_factory(tmp_path) + "/api/v1/jobs/job_upper/chunks/0"
+    whole = get(http, url)
+    assert (whole.status, whole.headers["ETag"]) == (200, f'"{digest}"')
+    part = get(http, url, {**AUTH, "Range": "bytes=4-", "If-Range": f'"{digest}"'})
+    assert (part.status, part.data) == (206, EMPTY_ZIP[4:])
+
+
+def test_a_job_json_past_the_size_cap_is_not_there(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job.json is read whole on each change: one of gigabytes is "not there", as a
+    malformed one is, not read into memory (the cap lowered here to keep the test small)."""
+    monkeypatch.setattr(server_store, "MAX_JOB_BYTES", 4096)
+    write_job(tmp_path, "job_ok", status="pending", progress=0)
+    (tmp_path / "job_big").mkdir()
+    big = {"id": "job_big", "status": "pending", "progress": 0, "name": "x" * 5000}
+    (tmp_path / "job_big" / "job.json").write_text(json.dumps(big))
+    base_url = server_factory(tmp_path)
+    assert_error(get(http, base_url + "/api/v1/jobs/job_big"), 404, "NotFoundError")
+    listed = get(http, base_url + "/api/v1/jobs").json()
+    assert [job["id"] for job in listed["items"]] == ["job_ok"]
+
+
+# -- a store the server cannot read as it should ------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
+@pytest.mark.parametrize("where", ["chunk", "job.json"])
+def test_a_fifo_in_the_store_is_not_there_and_holds_up_nothing(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, where: str
+) -> None:
+    """Opening a FIFO waits for a writer: one at a chunk's or a job.json's path froze the
+    whole server (Ctrl+C too). It is no file: a missing chunk, or no job."""
+    write_job(tmp_path, "job_ok", status="pending", progress=0)
+    chunk = write_completed_job(tmp_path, "job_fifo", chunk=None)
+    fifo = chunk if where == "chunk" else tmp_path / "job_fifo" / "job.json"
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    base_url = server_factory(tmp_path)
+    try:
+        if where == "chunk":
+            response = get(http, base_url + "/api/v1/jobs/job_fifo/chunks/0")
+            assert "missing" in assert_error(response, 404, "NotFoundError")
+        else:
+            assert_error(get(http, base_url + "/api/v1/jobs/job_fifo"), 404, "NotFoundError")
+            listed = get(http, base_url + "/api/v1/jobs").json()
+            assert [job["id"] for job in listed["items"]] == ["job_ok"]
+        assert get(http, base_url + "/health", {}).status == 200
+    finally:
+        unblock(fifo)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges there")
+@pytest.mark.parametrize("where", ["chunk", "job.json"])
+def test_a_store_file_the_server_cannot_open_is_a_500_not_a_missing_one(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, where: str
+) -> None:
+    """Only "no such file" is a 404, which the SDK takes as final. A file that is there but
+    cannot be opened (a symlink loop here; no permission, for a server not run as root) is
+    the server's fault: a 500, logged there and retried by clients, naming no path."""
+    chunk = write_completed_job(tmp_path, "job_loop")
+    looped = chunk if where == "chunk" else tmp_path / "job_loop" / "job.json"
+    looped.unlink()
+    looped.symlink_to(looped.name)  # itself: ELOOP
+    base_url = server_factory(tmp_path)
+    path = "/api/v1/jobs/job_loop" + ("/chunks/0" if where == "chunk" else "")
+    response = get(http, base_url + path)
+    assert assert_error(response, 500, "InternalServerError") == "internal server error"
+    assert str(tmp_path).encode() not in response.data
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges there")
+def test_a_job_json_no_one_can_read_is_left_out_of_listings_and_logged(
+    tmp_path: Path,
+    server_factory: Any,
+    http: urllib3.PoolManager,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It may be anyone's job: it must not fail every owner's listing."""
+    write_completed_job(tmp_path, "job_ok")
+    write_completed_job(tmp_path, "job_loop")
+    looped = tmp_path / "job_loop" / "job.json"
+    looped.unlink()
+    looped.symlink_to(looped.name)  # itself: ELOOP
+    base_url = server_factory(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pixcrawler.server"):
+        listed = get(http, base_url + "/api/v1/jobs")
+    assert listed.status == 200
+    assert [job["id"] for job in listed.json()["items"]] == ["job_ok"]
+    assert "job job_loop left out of listings" in caplog.text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_NOFILE is POSIX")
+def test_out_of_file_descriptors_is_a_503_to_retry_not_a_missing_job_or_chunk(
+    tmp_path: Path, server_factory: Any
+) -> None:
+    """With every descriptor in use (many downloads open), a chunk and a job not read yet
+    were 404s, which the SDK takes as final, and the listing was empty; the SDK retries a
+    503 after its Retry-After."""
+    import resource
+
+    write_completed_job(tmp_path, "job_a")
+    write_job(tmp_path, "job_b", status="pending", progress=0)
+    port = int(server_factory(tmp_path).rsplit(":", 1)[1])
+    # One connection, opened while descriptors are there: the requests need no new one.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def answer(path: str) -> tuple[int, str | None]:
+        conn.request("GET", path, headers=AUTH)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.headers.get("Retry-After")
+
+    chunk_path, job_path = "/api/v1/jobs/job_a/chunks/0", "/api/v1/jobs/job_b"
+    try:
+        assert answer(chunk_path) == (200, None)  # job_a read and cached
+        # The same connection answers in turn: the chunk's file is closed by now.
+        assert answer("/health") == (200, None)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+        try:
+            with contextlib.suppress(OSError):  # EMFILE, once all are taken
+                while True:
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+            out_of_files = [answer(chunk_path), answer(job_path), answer("/api/v1/jobs")]
+        finally:
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert out_of_files == [(503, "1")] * 3
+        assert [answer(chunk_path)[0], answer(job_path)[0], answer("/api/v1/jobs")[0]] == [200] * 3
+    finally:
+        conn.close()
+
+
+def test_a_slow_store_read_holds_up_no_other_request(
+    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is read on worker threads: a listing stuck on a slow disk (thousands of
+    job.json not cached yet) held the event loop, and every other request with it."""
+    entered, release = threading.Event(), threading.Event()
+    jobs_of = JobStore.jobs_of
+
+    def slow_jobs_of(self: JobStore, owner: str) -> list[dict[str, Any]]:
+        entered.set()
+        release.wait(20)
+        return jobs_of(self, owner)
+
+    monkeypatch.setattr(JobStore, "jobs_of", slow_jobs_of)
+    chunk = write_completed_job(tmp_path, "job_a")
+    base_url = server_factory(tmp_path)
+    listing: list[urllib3.BaseHTTPResponse] = []
+    lister = threading.Thread(target=lambda: listing.append(get(http, base_url + "/api/v1/jobs")))
+    lister.start()
+    try:
+        assert entered.wait(10)
+        assert get(http, base_url + "/health", {}).status == 200
+        assert get(http, base_url + "/api/v1/jobs/job_a").status == 200
+        assert get(http, base_url + "/api/v1/jobs/job_a/chunks/0").data == chunk.read_bytes()
+    finally:
+        release.set()
+        lister.join(10)
+    assert [job["id"] for job in listing[0].json()["items"]] == ["job_a"]
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -674,3 +930,28 @@ def test_serve_announces_a_created_key_once_and_the_port_it_bound(
 
     runner.serve(store, port=0)
     assert key not in capsys.readouterr().out
+
+
+def test_run_in_thread_stops_quietly_while_a_download_stalls(tmp_path: Path) -> None:
+    """Stopping cuts off the downloads still open after the graceful shutdown; uvicorn
+    logged each as the traceback of a cancelled task (``serve`` already hid them)."""
+    with open(write_completed_job(tmp_path, "job_big", chunk=None), "wb") as f:
+        f.truncate(64 << 20)  # more than the loopback socket buffers of both ends hold
+    records: list[logging.LogRecord] = []
+    keep = logging.Handler()
+    keep.emit = records.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    request = (
+        f"GET /api/v1/jobs/job_big/chunks/0 HTTP/1.1\r\nHost: x\r\nX-API-Key: {TEST_KEY}\r\n\r\n"
+    )
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(uvicorn_log.removeHandler, keep)
+        with run_in_thread(create_app(tmp_path, TEST_KEYS)) as base_url:
+            # Added once run_in_thread has configured uvicorn's logging (dropping handlers).
+            uvicorn_log.addHandler(keep)
+            port = int(base_url.rsplit(":", 1)[1])
+            # Closed only after the server stopped: the download is open till then.
+            client = cleanup.enter_context(socket.create_connection(("127.0.0.1", port), 10))
+            client.sendall(request.encode())
+            assert client.recv(100).startswith(b"HTTP/1.1 200")
+    assert [record.getMessage() for record in records] == []

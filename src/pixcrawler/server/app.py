@@ -9,16 +9,16 @@ Endpoints (all but the health check need a key, as ``Authorization: Bearer`` or 
 
 Each also answers HEAD with the same status and headers and no body.
 Every error is ``{"error": {"type", "message", "status_code"}}``. A job of another owner
-is a 404, exactly as a job that does not exist, so ids cannot be probed.
+is a 404, exactly as a job that does not exist, so ids cannot be probed. Answers to a key
+are ``Cache-Control: private`` (no shared cache keeps them) and, but for chunks,
+``no-store``. A server out of file descriptors answers 503, which clients retry.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -30,7 +30,14 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import API_PREFIX, DEFAULT_OWNER, DEFAULT_PAGE_SIZE
-from .store import JobStore, KeyRing, existing_store, load_server_keys
+from .store import (
+    OUT_OF_FILES,
+    JobStore,
+    KeyRing,
+    existing_store,
+    load_server_keys,
+    open_regular,
+)
 
 __all__ = ["MAX_PAGE_SIZE", "create_app"]
 
@@ -42,6 +49,15 @@ _SEND_BLOCK = 1 << 20
 _MAX_INDEX_DIGITS = 9
 # A Range bound this long is past the end of any file; int() of it would only cost time.
 _MAX_RANGE_DIGITS = 18
+# Seconds a client out of luck for a file descriptor waits: downloads end all the time.
+_OUT_OF_FILES_RETRY_AFTER = 1
+
+# What a key unlocks is the caller's own: no shared cache may keep it, and the answer
+# differs by key. Job JSON changes as a job runs, so it is not kept at all; a chunk is
+# bytes of one sha256 (its ETag), which the caller's own cache may keep.
+_VARY = {"Vary": "Authorization, X-API-Key"}
+_NO_STORE = {"Cache-Control": "private, no-store", **_VARY}
+_PRIVATE = {"Cache-Control": "private", **_VARY}
 
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -58,7 +74,7 @@ _ERROR_TYPES = {
 _INDEX_RE = re.compile(rf"[0-9]{{1,{_MAX_INDEX_DIGITS}}}", re.ASCII)
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.ASCII | re.IGNORECASE)
 _UNSATISFIABLE = (-1, -1)
-_Endpoint = Callable[..., Awaitable[Any]]
+_Endpoint = Callable[..., Any]  # async, or plain (run on a worker thread)
 
 # The OpenAPI document describes what the endpoints really send (a fuzzer checks it): the
 # error JSON for every error status, and the chunk endpoint's zip bodies.
@@ -233,19 +249,24 @@ def create_app(
 
         return register
 
-    async def health() -> dict[str, str]:
+    async def health(response: Response) -> dict[str, str]:
+        # A cached "healthy" would say nothing about the server.
+        response.headers["Cache-Control"] = "no-store"
         return {"status": "healthy"}
 
     # The contract puts every path under /api/v1; /health stays for probes that expect it.
     get_and_head(API_PREFIX + "/health")(health)
     get_and_head("/health")(health)
 
+    # The endpoints that read the store are plain functions: FastAPI runs them on worker
+    # threads, so a cold listing of thousands of jobs, or a slow disk, holds up no other
+    # request (a health check, the blocks of a download).
     @get_and_head(
         API_PREFIX + "/jobs",
         dependencies=_AUTHENTICATED,
         responses={200: _json(_JOB_LIST_SCHEMA, "The caller's jobs"), **_errors(401, 422)},
     )
-    async def list_jobs(
+    def list_jobs(
         owner: Owner,
         page: Annotated[int, Query(ge=1)] = 1,
         size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
@@ -260,7 +281,8 @@ def create_app(
                 "page": page,
                 "size": size,
                 "pages": math.ceil(len(mine) / size),
-            }
+            },
+            headers=_NO_STORE,
         )
 
     @get_and_head(
@@ -268,12 +290,12 @@ def create_app(
         dependencies=_AUTHENTICATED,
         responses={200: _json(_JOB_SCHEMA, "The job"), **_errors(401, 404, 422)},
     )
-    async def get_job(job_id: str, owner: Owner) -> JSONResponse:
+    def get_job(job_id: str, owner: Owner) -> JSONResponse:
         job = owned_job(job_id, owner)
         body = _public(job)
         chunks = (job.get("chunks") or []) if job.get("status") == "completed" else []
         body["chunks"] = [{**c, "url": chunk_url(job_id, int(c["index"]))} for c in chunks]
-        return JSONResponse(body)
+        return JSONResponse(body, headers=_NO_STORE)
 
     @get_and_head(
         API_PREFIX + "/jobs/{job_id}/chunks/{index}",
@@ -285,7 +307,7 @@ def create_app(
             **_errors(401, 404, 416, 422),
         },
     )
-    async def get_chunk(job_id: str, index: str, owner: Owner, request: Request) -> Response:
+    def get_chunk(job_id: str, index: str, owner: Owner, request: Request) -> Response:
         job = owned_job(job_id, owner)
         if job.get("status") != "completed":
             raise ApiError(
@@ -296,15 +318,13 @@ def create_app(
         chunk = _find_chunk(job, index)
         if chunk is None:
             raise ApiError(404, f"job {job_id!r} has no chunk {index!r}")
+        # Opened here, not in the body iterator, so a missing file is a clean 404. Other
+        # errors are no answer about the chunk: a 503 or a 500 (os_error), both retried.
+        opened = open_regular(jobs.chunk_path(job_id, int(chunk["index"])))
+        if opened is None:
+            raise ApiError(404, f"chunk {index} of job {job_id!r} is missing")
+        f, st = opened
         try:
-            # Opened here, not in the body iterator, so a missing file is a clean 404.
-            f = open(jobs.chunk_path(job_id, int(chunk["index"])), "rb")  # noqa: SIM115
-        except OSError:
-            raise ApiError(404, f"chunk {index} of job {job_id!r} is missing") from None
-        try:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ApiError(404, f"chunk {index} of job {job_id!r} is missing")
             return _chunk_response(f, st.st_size, chunk, request)
         except BaseException:
             f.close()
@@ -338,9 +358,11 @@ def _chunk_response(
     headers = {
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{int(chunk["index"]):05d}.zip"',
+        **_PRIVATE,
     }
-    sha256 = chunk.get("sha256")
-    etag = f'"{sha256}"' if isinstance(sha256, str) and sha256 else None
+    sha256 = chunk.get("sha256")  # 64 hex digits or None (the store checked it)
+    # Lower case, as hexdigest() writes it: one file has one ETag however job.json spells it.
+    etag = f'"{sha256.lower()}"' if isinstance(sha256, str) else None
     if etag is not None:
         headers["ETag"] = etag
     start, end, status = 0, size, 200
@@ -429,7 +451,7 @@ def _error_response(
 ) -> JSONResponse:
     error_type = _ERROR_TYPES.get(status_code, "HTTPError")
     body = {"error": {"type": error_type, "message": message, "status_code": status_code}}
-    return JSONResponse(body, status_code=status_code, headers=dict(headers or {}))
+    return JSONResponse(body, status_code=status_code, headers={**_NO_STORE, **(headers or {})})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -456,10 +478,24 @@ def _install_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {error.get('msg', 'invalid')}")
         return _error_response(422, "; ".join(problems) or "invalid request")
 
+    async def os_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, OSError):  # pragma: no cover - registration
+            raise exc
+        if exc.errno in OUT_OF_FILES:
+            # Out of file descriptors: a moment's shortage (downloads end and free theirs),
+            # not a missing job or chunk, which the SDK would take as final.
+            return _error_response(
+                503,
+                "the server is out of file descriptors; retry shortly",
+                {"Retry-After": str(_OUT_OF_FILES_RETRY_AFTER)},
+            )
+        raise exc  # a store the server cannot read: a 500 (internal_error), logged
+
     async def internal_error(request: Request, exc: Exception) -> Response:
         # The details go to the server log (uvicorn), never to the client.
         return _error_response(500, "internal server error")
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OSError, os_error)
     app.add_exception_handler(Exception, internal_error)

@@ -12,33 +12,47 @@ index, so no request can name a path outside the store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..config import DEFAULT_OWNER, ENV_SERVER_KEYS, JOB_ID_PATTERN
 from ..units import parse_time
 
 __all__ = [
     "KEYS_FILE",
+    "MAX_JOB_BYTES",
     "JobStore",
     "KeyRing",
     "ensure_server_keys",
     "load_server_keys",
+    "open_regular",
     "valid_job_id",
 ]
 
 KEYS_FILE = "keys.json"
+# A job.json lists chunks, not images: some 200 KB per thousand chunks. A larger one is
+# "not there", as a malformed one is, rather than read whole into memory on every change.
+# The SDK caps no API answer itself; this is its cap on a chunk's manifest.
+MAX_JOB_BYTES = 64 << 20
 _JOB_FILE = "job.json"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})  # the process's, or the system's
+
+log = logging.getLogger("pixcrawler.server")
 
 
 def existing_store(store: Path) -> Path:
@@ -53,6 +67,28 @@ def existing_store(store: Path) -> Path:
 def valid_job_id(job_id: str) -> bool:
     """Whether ``job_id`` is a well-formed job id (and so a safe folder name)."""
     return _JOB_ID_RE.fullmatch(job_id) is not None
+
+
+def open_regular(path: Path) -> tuple[IO[bytes], os.stat_result] | None:
+    """``path`` open for reading, with its stat; None when no regular file is there.
+
+    Opened non-blocking: a FIFO put in the store must not block the open (and the request,
+    or the whole server) until something writes to it. Other errors than "no such file"
+    are raised: running out of descriptors, or no permission, says nothing about the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return os.fdopen(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,39 +109,64 @@ class JobStore:
         self._cache: dict[str, _Cached] = {}
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        """The job's job.json as a dict, or None when there is no such (valid) job."""
+        """The job's job.json as a dict, or None when there is no such (valid) job.
+
+        Raises OSError when a job.json is there but cannot be read (out of descriptors, no
+        permission): "no such job" would be taken as final by a client.
+        """
         if not valid_job_id(job_id):
             return None
         path = self.root / job_id / _JOB_FILE
         try:
             st = os.stat(path)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             self._cache.pop(job_id, None)
             return None
-        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._cache.get(job_id)
-        if cached is not None and cached.signature == signature:
+        if cached is not None and cached.signature == _signature(st):
             return cached.job
+        opened = open_regular(path)
+        if opened is None:  # gone since the stat, or a FIFO, a folder...
+            return None
+        f, st = opened  # the stat of what is read, so the cache never pairs it with another
+        with f:
+            if st.st_size > MAX_JOB_BYTES:
+                return None
+            data = f.read(MAX_JOB_BYTES + 1)  # + 1: it may have grown since the stat
+        if len(data) > MAX_JOB_BYTES:
+            return None
         try:
-            job = json.loads(path.read_bytes())
-        except (OSError, ValueError, RecursionError):  # RecursionError: absurd nesting
-            # A job.json being replaced or hand-edited badly is "not there", not a crash.
+            job = json.loads(data)
+        except (ValueError, RecursionError):  # RecursionError: absurd nesting
+            # A job.json half-written or hand-edited badly is "not there", not a crash.
             return None
         if not _well_formed(job, job_id):
             return None
         job = {"id": job_id, **job}  # a job.json may leave its id to its folder's name
-        self._cache[job_id] = _Cached(signature, job)
+        self._cache[job_id] = _Cached(_signature(st), job)
         return job
 
     def jobs_of(self, owner: str) -> list[dict[str, Any]]:
-        """Every job of ``owner``, newest first (ties by id, so pages are stable)."""
+        """Every job of ``owner``, newest first (ties by id, so pages are stable).
+
+        Out of file descriptors, raises OSError (a moment's shortage: clients retry). A
+        job.json that cannot be read for good (no permission ...) is left out, and the
+        server log says so: it may be anyone's, and must not fail every owner's listing.
+        """
         try:
-            names = [entry.name for entry in os.scandir(self.root) if entry.is_dir()]
-        except OSError:
+            with os.scandir(self.root) as entries:
+                names = [entry.name for entry in entries if entry.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):  # the store was removed
             return []
         jobs = []
         for name in names:
-            job = self.get(name)
+            try:
+                job = self.get(name)
+            except OSError as exc:
+                if exc.errno in OUT_OF_FILES:
+                    raise
+                log.warning("job %s left out of listings: %s", name, exc.strerror or exc)
+                continue
             if job is not None and job.get("owner", DEFAULT_OWNER) == owner:
                 jobs.append(job)
         jobs.sort(key=lambda job: str(job.get("id", "")))
@@ -123,6 +184,10 @@ class JobStore:
 _UNDATED = datetime.min.replace(tzinfo=timezone.utc)
 
 
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _created(job: dict[str, Any]) -> datetime | None:
     value = job.get("created_at")
     return parse_time(value) if isinstance(value, str) else None
@@ -130,8 +195,8 @@ def _created(job: dict[str, Any]) -> datetime | None:
 
 def _well_formed(job: Any, job_id: str) -> bool:
     """Whether a parsed job.json can be served: an object of this id, that a JSON answer
-    can carry, whose chunks, if any, are objects with an integer ``index`` >= 0 (what the
-    endpoints rely on)."""
+    can carry, whose chunks, if any, are objects with an integer ``index`` >= 0 and a
+    ``sha256``, if any, of 64 hex digits (what the endpoints rely on)."""
     if not isinstance(job, dict) or job.get("id", job_id) != job_id:
         return False
     try:  # what a JSON response must encode: no NaN or Infinity, no lone surrogate
@@ -142,13 +207,22 @@ def _well_formed(job: Any, job_id: str) -> bool:
     if chunks is None:
         return True
     return isinstance(chunks, list) and all(
-        isinstance(chunk, dict) and _is_index(chunk.get("index")) for chunk in chunks
+        isinstance(chunk, dict)
+        and _is_index(chunk.get("index"))
+        and _is_sha256(chunk.get("sha256"))
+        for chunk in chunks
     )
 
 
 def _is_index(value: Any) -> bool:
     # bool is an int subclass, but "index": true is a hand-editing slip, not chunk 1.
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value: Any) -> bool:
+    # It becomes the chunk's ETag header: anything else could break the header (a 500, or
+    # a dropped connection), and the SDK refuses a job listing it anyway.
+    return value is None or (isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None)
 
 
 class KeyRing:
