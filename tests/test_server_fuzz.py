@@ -110,7 +110,7 @@ def test_the_schema_documents_auth_errors_and_zip_bodies(api_schema: Any) -> Non
     schemes = document["components"]["securitySchemes"]
     assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
     chunk = document["paths"]["/api/v1/jobs/{job_id}/chunks/{index}"]["get"]
-    assert set(chunk["responses"]) == {"200", "206", "401", "404", "416", "422"}
+    assert set(chunk["responses"]) == {"200", "206", "401", "404", "416", "422", "503"}
     assert set(chunk["responses"]["200"]["content"]) == {"application/zip"}
     error = document["paths"]["/api/v1/jobs"]["get"]["responses"]["401"]
     assert error["content"]["application/json"]["schema"]["required"] == ["error"]

@@ -264,7 +264,7 @@ def create_app(
     @get_and_head(
         API_PREFIX + "/jobs",
         dependencies=_AUTHENTICATED,
-        responses={200: _json(_JOB_LIST_SCHEMA, "The caller's jobs"), **_errors(401, 422)},
+        responses={200: _json(_JOB_LIST_SCHEMA, "The caller's jobs"), **_errors(401, 422, 503)},
     )
     def list_jobs(
         owner: Owner,
@@ -288,7 +288,7 @@ def create_app(
     @get_and_head(
         API_PREFIX + "/jobs/{job_id}",
         dependencies=_AUTHENTICATED,
-        responses={200: _json(_JOB_SCHEMA, "The job"), **_errors(401, 404, 422)},
+        responses={200: _json(_JOB_SCHEMA, "The job"), **_errors(401, 404, 422, 503)},
     )
     def get_job(job_id: str, owner: Owner) -> JSONResponse:
         job = owned_job(job_id, owner)
@@ -304,7 +304,7 @@ def create_app(
         responses={
             200: _zip("The chunk archive"),
             206: _zip("The requested byte range of the chunk archive"),
-            **_errors(401, 404, 416, 422),
+            **_errors(401, 404, 416, 422, 503),
         },
     )
     def get_chunk(job_id: str, index: str, owner: Owner, request: Request) -> Response:
