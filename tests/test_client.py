@@ -430,16 +430,57 @@ def test_json_nested_past_the_parsers_limit_is_the_sdks_error(
     assert info.value.status_code == status
 
 
-def test_a_huge_error_message_is_cut_to_one_short_line() -> None:
-    """A 5 MB error message went whole into the exception and the CLI's one line."""
-    words = "no such job\n" + "x" * 5_000_000
+@pytest.mark.parametrize("length", [50_000, 5_000_000])
+def test_a_huge_error_message_is_cut_to_one_short_line(length: int) -> None:
+    """A 5 MB error message went whole into the exception and the CLI's one line. Only
+    the head of an error's body is read: a message past it gives way to the HTTP reason."""
+    words = "no such job\n" + "x" * length
     body = json.dumps({"error": {"type": "NotFoundError", "message": words}}).encode()
     host = CannedHost(404, body, {"Content-Type": "application/json"})
     with host, pytest.raises(NotFoundError) as info:
         ApiClient("k", host.base_url).get_json("/jobs/job_x")
     message = str(info.value)
-    assert "no such job x" in message and "\n" not in message
-    assert len(message) < 2 * config.MAX_ERROR_MESSAGE and message.endswith("…)")
+    assert "\n" not in message and len(message) < 2 * config.MAX_ERROR_MESSAGE
+    if len(body) <= config.MAX_ERROR_BODY:
+        assert "no such job x" in message and message.endswith("…)")
+    else:
+        assert message == "GET /jobs/job_x: not found (HTTP 404: Not Found)"
+
+
+def test_only_the_head_of_an_error_body_is_read() -> None:
+    """A proxy's endless error page was read whole into memory (twice) for a message of
+    300 characters."""
+    import tracemalloc
+
+    host = CannedHost(502, b"<html>" + b"x" * (50 << 20), {"Content-Type": "text/html"})
+    with host:
+        client = ApiClient("k", host.base_url, retry=RetryPolicy(retries=0))
+        tracemalloc.start()
+        try:
+            with pytest.raises(NetworkError, match=r"HTTP 502: Bad Gateway after 1 attempt"):
+                client.get_json("/jobs/job_x")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+def test_a_refusal_from_the_host_a_redirect_led_to_does_not_blame_the_key() -> None:
+    """The API's host sends callers on to another origin, which the key never goes to: its
+    401 is not the key's rejection, and logging in again would never help."""
+    refusal = json.dumps({"error": {"type": "AuthenticationError", "message": "no key"}})
+    canonical = CannedHost(401, refusal.encode(), {"Content-Type": "application/json"})
+    with canonical:
+        moved = {"Location": canonical.base_url + "/api/v1/jobs/job_a"}
+        with CannedHost(301, b"", moved) as front, pytest.raises(AuthenticationError) as info:
+            ApiClient(_ECHOED_KEY, front.base_url).get_json("/jobs/job_a")
+    message = str(info.value)
+    assert f"the API redirected to {canonical.base_url}, which the API key is not sent to" in (
+        message
+    )
+    assert "HTTP 401: no key" in message and "pass it as base_url" in message
+    assert "pixcrawler login" not in message and _ECHOED_KEY not in message
+    assert info.value.status_code == 401
 
 
 _ECHOED_KEY = "SECRETKEY_abcdefghijklmnopqrstuvwxyz0123456789"

@@ -18,7 +18,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
@@ -45,6 +45,16 @@ log = logging.getLogger("pixcrawler")
 
 _JOB_ID_RE = re.compile(config.JOB_ID_PATTERN)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class _Answer(NamedTuple):
+    """An API call's answer: its response, the body read, and the URL that answered."""
+
+    response: urllib3.BaseHTTPResponse
+    body: bytes
+    url: str
+
+
 _MAX_REDIRECTS = 5
 
 Origin = tuple[str, str, int]
@@ -291,7 +301,8 @@ class ApiClient:
     # -- the API, with retries ------------------------------------------------------------
 
     def get_json(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        """GET an API path with retries; map failures to the SDK's exceptions."""
+        """GET an API path with retries; map failures to the SDK's exceptions. An answer is
+        read up to ``config.MAX_API_ANSWER`` bytes, an error's up to its message's."""
         url = self.api_url + path
         if params:
             url += "?" + "&".join(f"{k}={v}" for k, v in params.items())
@@ -305,31 +316,44 @@ class ApiClient:
             if self._closed.is_set():  # closed before it was tracked
                 shutdown_connection(connection)
 
+        def attempt() -> _Answer:
+            response, where = self.request_answered(url, stream=True, on_connection=track)
+            limit = config.MAX_ERROR_BODY if response.status >= 300 else config.MAX_API_ANSWER
+            try:
+                body = response.read(limit + 1)
+                if len(body) > limit:  # more may follow: the connection is not reused
+                    response.close()
+            finally:
+                response.release_conn()
+            return _Answer(response, body[:limit] if response.status >= 300 else body, where)
+
+        what = f"GET {path}"
         try:
-            response = self.call_with_retries(
-                lambda: self.request(url, on_connection=track), what=f"GET {path}"
-            )
+            answer = self.call_with_retries(attempt, what=what)
         finally:
             with self._calls_lock:
                 self._calls.subtract(connections)
                 for connection in connections:
                     if self._calls[connection] <= 0:
                         del self._calls[connection]
+        if len(answer.body) > config.MAX_API_ANSWER:
+            raise PixCrawlerError(
+                f"the API answered {what} with more than {config.MAX_API_ANSWER:,} bytes",
+                status_code=answer.response.status,
+            )
         try:
-            return json.loads(response.data)
+            return json.loads(answer.body)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
             raise PixCrawlerError(
-                f"the API returned invalid JSON for GET {path}", status_code=response.status
+                f"the API returned invalid JSON for {what}", status_code=answer.response.status
             ) from exc
 
-    def call_with_retries(
-        self, attempt: Callable[[], urllib3.BaseHTTPResponse], *, what: str
-    ) -> urllib3.BaseHTTPResponse:
+    def call_with_retries(self, attempt: Callable[[], _Answer], *, what: str) -> _Answer:
         failures = 0
         while True:
             retry_after: float | None = None
             try:
-                response = attempt()
+                answer = attempt()
             except Urllib3Error as exc:
                 traceback.clear_frames(exc.__traceback__)  # (a cycle in urllib3: see downloader)
                 if self._closed.is_set():  # close() cut it: no retry, no backoff
@@ -344,18 +368,37 @@ class ApiClient:
                     ) from exc
                 cause = exc.__class__.__name__
             else:
+                response = answer.response
                 if response.status < 300:
-                    return response
+                    return answer
                 if response.status not in config.RETRY_STATUSES:
-                    raise map_status(response, what, secret=self._api_key)
+                    if response.status in (401, 403) and not self.sends_key_to(answer.url):
+                        raise self._refused_elsewhere(answer, what)
+                    raise map_status(response, what, answer.body, secret=self._api_key)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 failures += 1
                 if self.retry.retry_after_too_long(retry_after) or failures > self.retry.retries:
-                    raise _network_error(response, what, failures, retry_after, self._api_key)
+                    raise _network_error(
+                        response, what, failures, retry_after, self._api_key, answer.body
+                    )
                 cause = status_cause(response.status, retry_after)
             delay = self.retry.delay(failures, retry_after)
             self.retry.announce(what, cause, failures, delay)
             self.sleep(delay)
+
+    def _refused_elsewhere(self, answer: _Answer, what: str) -> AuthenticationError:
+        """A 401/403 from the host a redirect led to: the key is never sent there, so it
+        was not the key that was refused."""
+        status = answer.response.status
+        parts = urlsplit(answer.url)
+        there = _safe_url(f"{parts.scheme}://{parts.netloc}")
+        return AuthenticationError(
+            f"{what}: the API redirected to {there}, which the API key is not sent to "
+            f"(another host), and it answered HTTP {status}: "
+            f"{self.error_message(answer.response, answer.body)}. If {there} is the API, "
+            "pass it as base_url (or PIXCRAWLER_BASE_URL, --base-url).",
+            status_code=status,
+        )
 
     def sleep(self, seconds: float) -> None:
         """Back off, but wake at once when the client is closed."""
@@ -431,8 +474,10 @@ def _network_error(
     attempts: int,
     retry_after: float | None,
     secret: str,
+    body: bytes | None = None,
 ) -> NetworkError:
-    message = f"{what}: HTTP {response.status}: {error_message(response, secret=secret)} after "
+    words = error_message(response, body, secret=secret)
+    message = f"{what}: HTTP {response.status}: {words} after "
     message += counted(attempts, "attempt")
     if retry_after is not None:
         message += f"; the server asks to retry in {retry_after:.0f} s"

@@ -25,6 +25,7 @@ MAX_RETRY_AFTER = 60.0  # a longer Retry-After is raised to the caller, not slep
 MAX_ERROR_MESSAGE = 300  # characters of a server's error message kept in an exception
 MIN_REDACTED_KEY = 4  # a shorter "key" would garble every message it was scrubbed from
 MAX_ERROR_BODY = 64 << 10  # bytes of a streamed error response read for its message
+MAX_API_ANSWER = 64 << 20  # bytes of an API call's JSON answer (a job lists chunks)
 RETRY_STATUSES = frozenset({429, *range(500, 600)})  # DESIGN.md: 429 and every 5xx
 URL_EXPIRED_STATUSES = frozenset({403, 410})
 
