@@ -48,7 +48,15 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import CannedHost, copy_without_counts, corrupt_copy, drop_counts, edited_copy
+from helpers import (
+    CannedHost,
+    _LoopbackHost,
+    _QuietHandler,
+    copy_without_counts,
+    corrupt_copy,
+    drop_counts,
+    edited_copy,
+)
 from imagegen import make_image_folder
 from pixcrawler import load_dataset
 from pixcrawler.config import MAX_ERROR_MESSAGE, MAX_MEMBERS, READ_BLOCK
@@ -1023,6 +1031,53 @@ def test_list_reads_every_page(
     assert result.returncode == 0, result
     ids = {line.split()[0] for line in result.stdout.splitlines()[1:]}
     assert ids == {f"job_{n:03d}" for n in range(57)}
+
+
+class _ListingEditor(_LoopbackHost):
+    """The reference server at ``upstream``, its job listings edited by ``edit`` (as
+    another API might write them)."""
+
+    def __init__(self, upstream: str, edit: Callable[[dict[str, Any]], None]) -> None:
+        pool = urllib3.PoolManager(retries=False)
+
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:
+                answer = pool.request("GET", upstream + self.path, headers=dict(self.headers))
+                body = answer.data
+                if self.path.startswith("/api/v1/jobs?"):
+                    data = json.loads(body)
+                    edit(data)
+                    body = json.dumps(data).encode()
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._listen(Handler, "127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "drop", [("pages",), ("pages", "total"), ("pages", "total", "size")], ids="-".join
+)
+def test_list_reads_every_page_of_a_listing_that_does_not_count_its_pages(
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str], drop: tuple[str, ...]
+) -> None:
+    """Without ``pages`` the listing stopped after the first page, and exited 0."""
+    store = tmp_path / "many"
+    for n in range(120):  # pages of 50: two full, one short
+        write_job(store, f"job_{n:03d}", status="pending", progress=0)
+
+    def edit(data: dict[str, Any]) -> None:
+        data["pages"] = None
+        for name in drop[1:]:
+            del data[name]
+
+    with _ListingEditor(server_factory(store), edit) as front:
+        result = cli.run("list", *api(front.base_url, next(iter(TEST_KEYS))))
+    assert result.returncode == 0, result
+    ids = {line.split()[0] for line in result.stdout.splitlines()[1:]}
+    assert ids == {f"job_{n:03d}" for n in range(120)}
 
 
 def test_list_of_nothing_says_so(

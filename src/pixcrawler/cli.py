@@ -584,13 +584,33 @@ def _all_jobs(client: ApiClient) -> Iterator[Job]:
                     seen.add(job.id)
                     new += 1
                     yield job
-        try:
-            pages = int(data.get("pages") or 1)
-        except (TypeError, ValueError):
-            pages = 1
-        if not new or page >= pages:
+        if not new or page >= _pages(data, len(items), page):
             return
         page += 1
+
+
+def _pages(data: dict[str, Any], listed: int, page: int) -> int:
+    """How many pages a listing says it has: ``pages``, else ``total`` over ``size``; where
+    it says neither, one more than ``page`` while ``page`` came full (a short one is the
+    last)."""
+    pages, total, size = (_whole(data.get(name)) for name in ("pages", "total", "size"))
+    if pages is not None and pages >= 1:
+        return pages
+    size = size if size is not None and size >= 1 else config.DEFAULT_PAGE_SIZE
+    if total is not None and total >= 0:
+        return -(-total // size)
+    return page + 1 if listed >= size else page
+
+
+def _whole(value: Any) -> int | None:
+    """A count as a listing may write it (``3``, ``3.0``, ``"3"``), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def _newest_first(jobs: list[Job]) -> list[Job]:
