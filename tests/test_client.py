@@ -549,6 +549,15 @@ _DONE = {"id": "job_x", "status": "completed"}
         {**_DONE, "chunks": [{"index": 0, "url": "a"}, {"index": 0, "url": "b"}]},
         {**_DONE, "chunks": [{"index": -1, "url": "a"}]},
         {**_DONE, "chunks": [{"index": 0, "url": "a", "image_count": -1}]},
+        # Counts that are no counts were cut (10.7 images: 10; index 1.5 or true: 1) or
+        # past any index (2**63 images: len() raised OverflowError).
+        *({**_DONE, "total_images": n} for n in (10.7, 2**63, 10**30, True, "ten")),
+        *({**_DONE, "version": v} for v in (2.9, -3)),
+        *({**_DONE, "chunks": [{"index": i, "url": "a"}]} for i in (1.5, True, None)),
+        # A null url was fetched, with the key, as the path "None".
+        *({**_DONE, "chunks": [{"index": 0, "url": u}]} for u in (None, 5, {}, "", " ")),
+        # A label listed twice: "3 classes", and an id no image has.
+        {**_DONE, "labels": ["cat", "dog", "cat"]},
     ],
 )
 def test_an_api_answer_of_the_wrong_shape_is_the_sdks_error(body: Any) -> None:
@@ -564,6 +573,9 @@ def test_a_job_is_read_as_the_real_service_writes_it() -> None:
     assert (job.id, job.status, job.image_size) == ("12345", "completed", (32, 48))
     assert Job.from_json({"id": "j", "status": "canceled"}).status == "cancelled"
     assert Job.from_json({"id": "j", "status": "running", "image_size": [32.0, 48]}).image_size
+    # Counts as other serialisers write them; a missing or null version is the first.
+    counted = Job.from_json({**_DONE, "total_images": 60.0, "chunk_size": "20", "version": None})
+    assert (counted.total_images, counted.chunk_size, counted.version) == (60, 20, 1)
     # A summary (GET /jobs) lists no chunks, whichever way a server leaves them out.
     for chunks in ({}, {"chunks": []}, {"chunks": None}):
         summary = Job.from_json({"id": "j", "status": "completed", "total_images": 60, **chunks})

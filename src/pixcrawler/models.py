@@ -34,8 +34,8 @@ class Chunk:
         try:
             _require_object(data)
             return cls(
-                index=int(data["index"]),
-                url=str(data["url"]),
+                index=_count(data["index"], "index", required=True),
+                url=_url(data["url"]),
                 size_bytes=_opt_size(data.get("size_bytes")),
                 sha256=_opt_match(data.get("sha256"), _SHA256_RE, "sha256"),
                 image_count=_opt_count(data.get("image_count"), "image_count"),
@@ -80,7 +80,7 @@ class Job:
                 chunk_size=_count(data.get("chunk_size"), "chunk_size"),
                 size_bytes=_count(data.get("size_bytes"), "size_bytes"),
                 labels=_labels(data.get("labels")),
-                version=int(data.get("version") or 1),
+                version=_count(data.get("version"), "version") or 1,
                 image_size=_image_size(data.get("image_size")),
                 chunks=chunks,
             )
@@ -167,19 +167,41 @@ def _progress(value: Any) -> float:
 
 
 def _labels(value: Any) -> tuple[str, ...]:
-    """The job's label names: a list of strings (a bare string is not a list of letters)."""
+    """The job's label names: a list of distinct strings (a bare string is not a list of
+    letters, and a name listed twice would leave a label id no image has)."""
     if value is None:
         return ()
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"labels {str(value)[:80]!r} is not a list of strings")
+    if len(set(value)) != len(value):
+        twice = next(v for i, v in enumerate(value) if v in value[:i])
+        raise ValueError(f"labels list {twice[:80]!r} twice")
     return tuple(value)
 
 
-def _count(value: Any, name: str) -> int:
-    count = int(value or 0)
-    if count < 0:
-        raise ValueError(f"{name} {count} is negative")
+# Past any real count, and where a float stops counting by one.
+_MAX_COUNT = 1 << 53
+
+
+def _count(value: Any, name: str, *, required: bool = False) -> int:
+    """A whole number from 0 to 2**53 (``32.0`` or ``"32"``, as some serialisers write
+    32); missing (null), 0 unless ``required``. 10.7 images, or 2**63, is no count."""
+    if value is None and not required:
+        return 0
+    number = float(value) if isinstance(value, str) else value
+    if not _whole(number):
+        raise ValueError(f"{name} {str(value)[:80]!r} is not a whole number")
+    count = int(number)
+    if not 0 <= count <= _MAX_COUNT:
+        raise ValueError(f"{name} {count} is out of range (0 to 2**53)")
     return count
+
+
+def _url(value: Any) -> str:
+    """A chunk's URL: text (a null one became the path "None", fetched with the key)."""
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError(f"url {str(value)[:80]!r} is not a URL")
+    return value
 
 
 def _opt_count(value: Any, name: str) -> int | None:
