@@ -587,6 +587,47 @@ def test_a_date_past_the_calendar_once_in_utc_reads_as_unknown(created: str) -> 
     assert parse_time(created) is None
 
 
+@pytest.mark.parametrize(
+    ("written", "utc"),
+    [
+        ("2025-10-30T12:00:00+0530", "2025-10-30 06:30:00"),
+        ("2025-10-30T12:00:00+05", "2025-10-30 07:00:00"),  # an hour-only offset
+        ("2025-10-30 12:00:00+00", "2025-10-30 12:00:00"),  # as Postgres writes it
+        ("2025-10-30T12:00:00,5Z", "2025-10-30 12:00:00.500000"),
+        ("2025-10-30T12:00:00.123456789-05:00", "2025-10-30 17:00:00.123456"),
+        ("2025-10-30", "2025-10-30 00:00:00"),  # its "-30" is the day, not an offset
+    ],
+)
+def test_every_iso_time_form_reads_alike_on_every_python(written: str, utc: str) -> None:
+    """Python 3.10's fromisoformat took none of the first four: "Created: -"."""
+    parsed = parse_time(written)
+    assert parsed is not None and str(parsed) == utc + "+00:00"
+
+
+def test_a_base_url_holding_a_password_is_refused_without_showing_it() -> None:
+    """It was dropped without a word (only the key is sent), and shown by repr()."""
+    with pytest.raises(ValueError, match="must not hold a user name or password") as info:
+        ApiClient("k", "http://user:hunter2@127.0.0.1:9")
+    assert "hunter2" not in str(info.value)
+
+
+def test_a_redirect_to_a_url_no_request_can_take_is_not_retried() -> None:
+    moved = {"Location": "ftp://127.0.0.1/api/v1/jobs/job_a"}
+    with CannedHost(302, b"", moved) as front, pytest.raises(NetworkError) as info:
+        ApiClient("k", front.base_url, retry=RetryPolicy(retries=3, backoff_base=5.0)).get_json(
+            "/jobs/job_a"
+        )
+    assert "no request can take (scheme 'ftp')" in str(info.value)  # at once: no backoff
+
+
+def test_a_retry_after_no_one_would_wait_is_said_as_such() -> None:
+    host = CannedHost(429, b"", {"Retry-After": "1e308"})
+    with host, pytest.raises(NetworkError) as info:
+        ApiClient("k", host.base_url).get_json("/jobs/job_a")
+    first_line = str(info.value).splitlines()[0]
+    assert first_line.endswith("the server asks to retry in more than a year")
+
+
 def test_base_url_must_be_http_or_https() -> None:
     for url in ("ftp://example.com", "file:///etc", "example.com"):
         with pytest.raises(ValueError, match="http"):

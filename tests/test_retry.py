@@ -23,6 +23,12 @@ def test_backoff_doubles_per_failure_with_full_jitter_up_to_its_cap() -> None:
         assert statistics.mean(delays) == pytest.approx(ceiling / 2, rel=0.1)
 
 
+def test_backoff_after_a_thousand_failures_is_its_cap_not_an_overflow() -> None:
+    """backoff_base * 2**1024 raised OverflowError after 1,025 failures (retries=2000)."""
+    policy = RetryPolicy(retries=5000, backoff_base=0.5, backoff_max=4.0)
+    assert all(0.0 <= policy.delay(failures) <= 4.0 for failures in (1025, 5000, 10**9))
+
+
 def test_retry_after_wins_over_the_backoff() -> None:
     policy = RetryPolicy(backoff_base=100.0, backoff_max=100.0)
     assert policy.delay(1, retry_after=2.5) == 2.5
@@ -82,9 +88,16 @@ def test_a_retry_after_longer_than_the_limit_is_not_waited() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"retries": -1}, "retries must be >= 0"),
-        ({"backoff_base": -0.1}, "backoff_base and backoff_max must be >= 0"),
-        ({"backoff_max": -1.0}, "backoff_base and backoff_max must be >= 0"),
+        ({"retries": -1}, "retries must be a whole number >= 0, got -1"),
+        ({"backoff_base": -0.1}, "backoff_base must be a number of seconds >= 0"),
+        ({"backoff_max": -1.0}, "backoff_max must be a number of seconds >= 0"),
+        # Of the wrong type: a raw TypeError from a comparison, or 1.5 retries taken.
+        ({"retries": "3"}, "retries must be a whole number >= 0, got '3'"),
+        ({"retries": 1.5}, "retries must be a whole number >= 0, got 1.5"),
+        ({"retries": True}, "retries must be a whole number >= 0, got True"),
+        ({"backoff_base": "x"}, "backoff_base must be a number of seconds >= 0, got 'x'"),
+        ({"backoff_base": float("nan")}, "backoff_base must be a number of seconds >= 0"),
+        ({"backoff_max": float("inf")}, "backoff_max must be a number of seconds >= 0"),
     ],
 )
 def test_a_negative_setting_is_refused(options: dict[str, float], message: str) -> None:
@@ -94,7 +107,31 @@ def test_a_negative_setting_is_refused(options: dict[str, float], message: str) 
 
 def test_load_dataset_refuses_negative_retries_before_any_request() -> None:
     # Port 9 (discard) is never contacted: the argument is refused first.
-    with pytest.raises(ValueError, match="retries must be >= 0"):
+    with pytest.raises(ValueError, match="retries must be a whole number >= 0"):
         load_dataset("job_x", "k", "http://127.0.0.1:9", retries=-1)
     with pytest.raises(ValueError, match="backoff"):
         load_dataset("job_x", "k", "http://127.0.0.1:9", backoff=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # None turned certificate checks off; "false" or a CA bundle's path checked them
+        # against the system's store.
+        ({"verify_ssl": None}, "verify_ssl must be True or False, got None"),
+        ({"verify_ssl": "false"}, "verify_ssl must be True or False, got 'false'"),
+        ({"verify_ssl": "/etc/ca.pem"}, "verify_ssl must be True or False"),
+        ({"retries": "3"}, "retries must be a whole number >= 0, got '3'"),
+        ({"backoff": "x"}, "backoff_base must be a number of seconds >= 0, got 'x'"),
+        # A key of another type: AttributeError; never shown (it may be the key, as bytes).
+        ({"api_key": b"sk-bytes-key"}, "api_key must be a string, got bytes"),
+        ({"api_key": 12345}, "api_key must be a string, got int"),
+    ],
+)
+def test_load_dataset_refuses_arguments_of_the_wrong_type_before_any_request(
+    options: dict[str, object], message: str
+) -> None:
+    arguments: dict[str, object] = {"api_key": "k", **options}
+    with pytest.raises(ValueError, match=message) as info:
+        load_dataset("job_x", base_url="http://127.0.0.1:9", **arguments)  # type: ignore[arg-type]
+    assert "sk-bytes-key" not in str(info.value)

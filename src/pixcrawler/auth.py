@@ -75,6 +75,8 @@ NO_KEY_MESSAGE = (
 
 def resolve_api_key(api_key: str | None) -> str:
     """The explicit key, else ``PIXCRAWLER_API_KEY``, else the ``pixcrawler login`` file."""
+    if api_key is not None and not isinstance(api_key, str):  # (never shown: it may be one)
+        raise ValueError(f"api_key must be a string, got {type(api_key).__name__}")
     key = (api_key or os.environ.get(config.ENV_API_KEY) or stored_api_key() or "").strip()
     if not key:
         path = credentials_path()

@@ -45,6 +45,7 @@ log = logging.getLogger("pixcrawler")
 
 _JOB_ID_RE = re.compile(config.JOB_ID_PATTERN)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_LONG_WAIT = 366 * 24 * 3600
 
 
 class _Answer(NamedTuple):
@@ -90,6 +91,11 @@ def api_root(base_url: str) -> str:
         raise ValueError(f"base_url takes no query or fragment, got {_safe_url(root)}")
     if not origin_of(root)[1]:  # origin_of: a port of 99999 is a ValueError too
         raise ValueError(f"base_url names no host, got {_safe_url(root)}")
+    if "@" in parts.netloc:  # dropped, never sent: the SDK signs in with the API key alone
+        raise ValueError(
+            f"base_url must not hold a user name or password, got {_safe_url(root)}: the "
+            "API key is the only credential sent"
+        )
     return root + config.API_PREFIX
 
 
@@ -480,7 +486,9 @@ def _network_error(
     message = f"{what}: HTTP {response.status}: {words} after "
     message += counted(attempts, "attempt")
     if retry_after is not None:
-        message += f"; the server asks to retry in {retry_after:.0f} s"
+        # (A Retry-After of 1e308, or inf, is no time anyone waits: said as such.)
+        when = f"{retry_after:.0f} s" if retry_after < _LONG_WAIT else "more than a year"
+        message += f"; the server asks to retry in {when}"
     return NetworkError(message, status_code=response.status, retry_after=retry_after)
 
 
@@ -537,6 +545,10 @@ def _join(base: str, url: str, what: str) -> str:
     """``url`` resolved against ``base`` (RFC 3986); a NetworkError for one that urljoin
     cannot parse (e.g. "Invalid IPv6 URL"), ``what`` saying where it came from."""
     try:
-        return urljoin(base, url)
+        joined = urljoin(base, url)
+        scheme = urlsplit(joined).scheme.lower()
     except ValueError as exc:
         raise NetworkError(f"{what} no request can take ({exc})") from None
+    if scheme not in ("http", "https"):  # ftp:, file: ...: no retry would ever reach it
+        raise NetworkError(f"{what} no request can take (scheme {scheme[:20]!r})")
+    return joined

@@ -956,6 +956,8 @@ def load_dataset(
         ...     print(image.shape)
     """
     positive_int("max_workers", max_workers)
+    if not isinstance(verify_ssl, bool):  # None, "false" or a CA bundle's path: not a switch
+        raise ValueError(f"verify_ssl must be True or False, got {verify_ssl!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < 1e9:
         raise ValueError(
             f"timeout must be a number of seconds above 0 and below 1e9, got {timeout!r}"

@@ -192,8 +192,10 @@ def _count(value: Any, name: str, *, required: bool = False) -> int:
     if not _whole(number):
         raise ValueError(f"{name} {str(value)[:80]!r} is not a whole number")
     count = int(number)
-    if not 0 <= count <= _MAX_COUNT:
-        raise ValueError(f"{name} {count} is out of range (0 to 2**53)")
+    if count < 0:
+        raise ValueError(f"{name} {count} is negative")
+    if count > _MAX_COUNT:
+        raise ValueError(f"{name} {count} is past 2**53")
     return count
 
 

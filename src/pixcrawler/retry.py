@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
+import numbers
 import random
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from datetime import timezone
 from . import config
 
 log = logging.getLogger("pixcrawler")
+_MAX_DOUBLINGS = 64
 
 
 @dataclass(frozen=True)
@@ -31,16 +34,22 @@ class RetryPolicy:
     max_retry_after: float = config.MAX_RETRY_AFTER
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
-        if self.backoff_base < 0 or self.backoff_max < 0:
-            raise ValueError("backoff_base and backoff_max must be >= 0")
+        retries = self.retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        for name in ("backoff_base", "backoff_max", "max_retry_after"):
+            value = getattr(self, name)
+            real = not isinstance(value, bool) and isinstance(value, numbers.Real)
+            if not real or not 0 <= float(value) < math.inf:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
 
     def delay(self, failures: int, retry_after: float | None = None) -> float:
         """Seconds to wait before the next attempt, after ``failures`` failed ones."""
         if retry_after is not None:
             return max(0.0, retry_after)
-        ceiling = min(self.backoff_max, self.backoff_base * (2 ** max(0, failures - 1)))
+        # (The exponent stops growing long past backoff_max: 2.0**1024 would overflow.)
+        doubling = 2.0 ** min(max(0, failures - 1), _MAX_DOUBLINGS)
+        ceiling = min(self.backoff_max, self.backoff_base * doubling)
         return random.uniform(0.0, ceiling)
 
     def announce(self, what: str, cause: str, failures: int, delay: float) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-_FRACTION = re.compile(r"\.(\d+)")
+_FRACTION = re.compile(r"[.,](\d+)")
+# A UTC offset at the end of a time: "+0530", "+05" and "+05:30" are all ISO 8601.
+_OFFSET = re.compile(r"([+-])(\d\d):?(\d\d)?$")
 
 
 def human_size(size: float) -> str:
@@ -27,9 +29,15 @@ def parse_time(value: str | None) -> datetime | None:
     """An ISO 8601 time (``Z`` or an offset; none means UTC) in UTC; None if it is not one."""
     if not value:
         return None
-    # Python 3.10's fromisoformat takes neither "Z" nor fractions of other than 3 or 6
-    # digits (".5", Go's nanoseconds): six digits, then, in every version.
-    text = _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), value.strip(), count=1)
+    # Python 3.10's fromisoformat takes neither "Z", nor fractions of other than 3 or 6
+    # digits (".5", Go's nanoseconds) or after a comma, nor an offset but "+05:30" ("+00",
+    # as Postgres writes it): each in the one form it takes, then, in every version.
+    text = value.strip()
+    date, sep, time = text[:10], text[10:11], text[11:]
+    if sep in ("T", "t", " ") and time:
+        time = _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), time, count=1)
+        time = _OFFSET.sub(lambda m: f"{m[1]}{m[2]}:{m[3] or '00'}", time, count=1)
+        text = date + sep + time
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         if parsed.tzinfo is None:
