@@ -8,11 +8,15 @@ message that says what to do. No message ever contains an API key.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, ClassVar
 
-# A note every error with fields carries (Python 3.11+): a DataLoader re-raises a worker's
-# error as ``type(error)(its traceback's text)``, and the fields come back from this line.
+# A note every error with fields carries: a DataLoader re-raises a worker's error as
+# ``type(error)(its traceback's text)``, and the fields come back from this line. Python
+# 3.10 has no notes: there an error raised in a DataLoader worker prints the line after its
+# message instead (only there: its text is all that leaves the worker).
 _FIELDS_NOTE = "pixcrawler error fields: "
+_NOTES = hasattr(BaseException, "add_note")
 _CHAINED = (  # what a traceback prints between an error and the one it chains
     "\nThe above exception was the direct cause of the following exception:\n",
     "\nDuring handling of the above exception, another exception occurred:\n",
@@ -30,10 +34,21 @@ class PixCrawlerError(Exception):
         self.status_code = status_code
         if message.startswith("Caught ") and _FIELDS_NOTE in message:
             self._restore_fields(message)
-        else:
-            fields = {name: getattr(self, name, None) for name in self._FIELDS}
-            if any(value is not None for value in fields.values()) and hasattr(self, "add_note"):
-                self.add_note(_FIELDS_NOTE + json.dumps(fields, ensure_ascii=False))
+        elif _NOTES and hasattr(self, "add_note") and self._fields_line():
+            self.add_note(self._fields_line())
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if not _NOTES and _in_dataloader_worker() and self._fields_line():
+            text += "\n" + self._fields_line()
+        return text
+
+    def _fields_line(self) -> str:
+        """The note of this error's fields, or "" when it has none."""
+        fields = {name: getattr(self, name, None) for name in self._FIELDS}
+        if all(value is None for value in fields.values()):
+            return ""
+        return _FIELDS_NOTE + json.dumps(fields, ensure_ascii=False)
 
     def _restore_fields(self, text: str) -> None:
         """Fields from the note in ``text``, a worker's traceback as a DataLoader re-raises it
@@ -51,6 +66,11 @@ class PixCrawlerError(Exception):
             for name in self._FIELDS:
                 if name in fields:
                     setattr(self, name, fields[name])
+
+
+def _in_dataloader_worker() -> bool:
+    data = sys.modules.get("torch.utils.data")  # (never imported here for this)
+    return data is not None and data.get_worker_info() is not None
 
 
 class AuthenticationError(PixCrawlerError):
