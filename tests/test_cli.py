@@ -389,6 +389,43 @@ def test_images_export_never_lets_one_image_overwrite_another_or_its_own_files(
     assert "where another image of the job is a file of that name" in result.stderr
 
 
+@pytest.mark.parametrize("change", ["file-to-folder", "folder-to-file"])
+def test_a_new_version_naming_a_folder_as_an_old_file_or_back_is_downloaded(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path, change: str
+) -> None:
+    """The earlier version's files stay until the new listing takes its name: a label of
+    the new version named as an image of the old was an OS error (exit 1) on every rerun,
+    and an image named as an old folder too."""
+    from test_archive import build_chunk, encode, write_crafted_job
+
+    def chunk(images: list[tuple[str, str]]) -> bytes:
+        files = [(path, encode("PNG", index=i)) for i, (path, _) in enumerate(images)]
+        entries = [
+            {"path": path, "label": label, "id": path, "sha256": hashlib.sha256(d).hexdigest()}
+            for (path, label), (_, d) in zip(images, files, strict=True)
+        ]
+        return build_chunk(files, entries=entries)
+
+    as_file, as_folder = [("cat/a.png", "cat")], [("cat/a.png/b.png", "cat/a.png")]
+    versions = [as_file, as_folder] if change == "file-to-folder" else [as_folder, as_file]
+    store = tmp_path / "store"
+    store.mkdir()
+    url = server_factory(store)
+    args = ["download", "job_v", "--format", "images", "-o", "out", *api(url, TEST_KEY)]
+    root = cli.cwd / "out" / "job_v"
+    for images in versions:
+        shutil.rmtree(store / "job_v", ignore_errors=True)
+        write_crafted_job(store, "job_v", [chunk(images)])
+        result = cli.run(*args)
+        assert result.returncode == 0, result
+        records = metadata_records(root)
+        assert len(records) == 1
+        file = root / records[0]["file"]
+        assert hashlib.sha256(file.read_bytes()).hexdigest() == records[0]["sha256"]
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert on_disk - {"metadata.jsonl", ".progress.json", ".download.lock"} == {records[0]["file"]}
+
+
 def metadata_records(root: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
 
@@ -747,11 +784,12 @@ def test_a_zip_folder_of_a_shrunk_version_keeps_only_the_chunks_it_lists(
         assert (chunks / name).read_bytes() == (store / "job_shrink" / "chunks" / name).read_bytes()
 
 
+@pytest.mark.parametrize("left", ["whole", "partial"])
 def test_a_zip_download_of_chunks_listed_without_checksums_follows_a_new_version(
-    cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str], left: str
 ) -> None:
     """No sha256, no size: only the record of what this version wrote can tell a kept
-    chunk from the last version's."""
+    chunk (or a partial one, to resume) from the last version's."""
     store = tmp_path / "store"
 
     def publish(seed: int, version: int) -> None:
@@ -771,11 +809,14 @@ def test_a_zip_download_of_chunks_listed_without_checksums_follows_a_new_version
     rerun = cli.run(*args)
     assert rerun.returncode == 0 and "already complete" in rerun.stdout, rerun
     publish(seed=2, version=2)
+    chunk = cli.cwd / "out" / "job_nosum" / "chunks" / "00000.zip"
+    if left == "partial":  # the last version's download stopped halfway through it
+        chunk.with_name("00000.zip.part").write_bytes(chunk.read_bytes()[:1000])
+        chunk.unlink()
     result = cli.run(*args)
     assert result.returncode == 0, result
     assert "already complete" not in result.stdout
-    served = (store / "job_nosum" / "chunks" / "00000.zip").read_bytes()
-    assert (cli.cwd / "out" / "job_nosum" / "chunks" / "00000.zip").read_bytes() == served
+    assert chunk.read_bytes() == (store / "job_nosum" / "chunks" / "00000.zip").read_bytes()
 
 
 def test_a_full_disk_is_reported_with_where_and_that_a_rerun_resumes(

@@ -127,7 +127,10 @@ def _obtain(downloader: ChunkDownloader, writer: Writer, chunk: Chunk) -> Path:
             return path
         # Kept until the download replaces it (renamed over it): another version's chunk
         # in a zip folder stays whole if this run stops.
-        log.warning("%s is corrupt or stale; downloading it again", path)
+        if chunk.sha256 is None:  # nothing to check it by, and no record of this version's
+            log.warning("%s may be another version's; downloading it again", path)
+        else:
+            log.warning("%s is corrupt or stale; downloading it again", path)
     return downloader.fetch_to_file(chunk.index, path)
 
 
@@ -323,6 +326,13 @@ class _ZipWriter(Writer):
             done = state.get("done")
             if isinstance(done, list):
                 self.written = {i for i in done if isinstance(i, int)}
+        else:
+            # Not this version's record: a partial chunk without a sha256 may be another
+            # version's head, which a resume would complete with this one's tail.
+            for chunk in self.job.chunks:
+                if chunk.sha256 is None:
+                    path = self.chunk_path(chunk)
+                    path.with_name(path.name + ".part").unlink(missing_ok=True)
         todo: list[Chunk] = []
         kept: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
@@ -973,6 +983,7 @@ class _ImagesWriter(_StagedWriter):
         self.metadata_part = root / f"{METADATA}.part"
         self.used: set[str] = set()  # file names given so far, folded (_fold)
         self.folders: set[str] = set()  # and the folders they lie in, folded
+        self._earlier: set[str] | None = None  # the files a complete earlier export lists
         self.reserved = {_fold(name) for name in RESERVED_NAMES}
 
     def outputs_present(self) -> bool:
@@ -1044,7 +1055,8 @@ class _ImagesWriter(_StagedWriter):
             twin = by_case.get(_fold(name))  # the same file where names ignore case (or NFC)
             if twin is not None and _same_file(file, root / twin):
                 continue
-            if file.is_relative_to(root) and file != root:
+            # (A folder there now is the new version's: an old file's name became a label.)
+            if file.is_relative_to(root) and file != root and not file.is_dir():
                 file.unlink(missing_ok=True)
                 folders.update(p for p in file.parents if p.is_relative_to(root) and p != root)
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
@@ -1105,16 +1117,17 @@ class _ImagesWriter(_StagedWriter):
             name = PurePosixPath(_safe_relative(sample.path, sample)).name
         rel = f"{label}/{name}"
         folder, _, base = rel.rpartition("/")
-        parents = _prefixes(folder)
-        if any(_fold(parent) in self.used for parent in parents):
-            # A folder where an earlier image of the job is a file (another producer's
-            # names, or one a case-blind file system folds together): no name can serve.
-            raise DecompressionError(
-                f"chunk {sample.chunk_id}: image {sample.id!r} would go into the folder "
-                f"{folder!r}, where another image of the job is a file of that name",
-                chunk_id=sample.chunk_id,
-                sample_id=sample.id,
-            )
+        for parent in _prefixes(folder):
+            if _fold(parent) in self.used:
+                # A folder where an earlier image of the job is a file (another producer's
+                # names, or one a case-blind file system folds together): no name serves.
+                raise DecompressionError(
+                    f"chunk {sample.chunk_id}: image {sample.id!r} would go into the folder "
+                    f"{folder!r}, where another image of the job is a file of that name",
+                    chunk_id=sample.chunk_id,
+                    sample_id=sample.id,
+                )
+            self._clear_stale(parent)
         # Two paths, one file name (or one but for case); a file named as a folder of
         # another image's; or a name too long for a file system (another producer's: the
         # packer packs only files that had their names).
@@ -1128,8 +1141,22 @@ class _ImagesWriter(_StagedWriter):
         return rel
 
     def _taken(self, rel: str) -> bool:
+        """Whether ``rel`` is another image's file or folder, or a folder already there (an
+        earlier version's, say)."""
         folded = _fold(rel)
-        return folded in self.used or folded in self.folders
+        return folded in self.used or folded in self.folders or (self.root / rel).is_dir()
+
+    def _clear_stale(self, folder: str) -> None:
+        """Delete a file where this job needs the folder ``folder`` if the earlier version's
+        listing names it: it goes when the new listing takes its name, and is in the way
+        now (a label of the new version named as an image of the old)."""
+        path = self.root / folder
+        if path.is_dir() or not (path.exists() or path.is_symlink()):
+            return
+        if self._earlier is None:
+            self._earlier = {_fold(name) for name in self._listed(self.metadata_path)}
+        if _fold(folder) in self._earlier:
+            path.unlink()
 
     def _claim(self, rel: str) -> None:
         """Record the file ``rel`` and the folders it lies in as given."""
