@@ -111,7 +111,8 @@ def test_an_image_pillow_cannot_convert_is_refused_not_given_other_colours(mode:
 
 def tiled_tiff(width: int, height: int, tile: int) -> bytes:
     """An RGB TIFF of one deflated ``tile`` x ``tile`` tile (of zeros) covering the image."""
-    data = zlib.compress(bytes(tile * tile * 3), 9)
+    deflate, row = zlib.compressobj(9), bytes(tile * 3)
+    data = b"".join(deflate.compress(row) for _ in range(tile)) + deflate.flush()
     tags = [
         (256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 2),
         (277, 3, 3), (284, 3, 1), (322, 4, tile), (323, 4, tile),
@@ -128,12 +129,13 @@ def tiled_tiff(width: int, height: int, tile: int) -> bytes:
 
 @pytest.mark.parametrize("backend", ["auto", "pillow"])
 def test_a_tiff_in_tiles_far_larger_than_its_image_is_refused(backend: str) -> None:
-    """libtiff inflates a whole tile: a 3 KB file of an 8x8 image took 35 MB at 1024x1024,
-    800 MB at 16384x16384, whatever the pixel limit said."""
+    """libtiff inflates a whole tile: an 800 KB file of an 8x8 image took 800 MB at
+    16384x16384, whatever the pixel limit said."""
     decoder = ImageDecoder(backend=backend)
-    with pytest.raises(DecompressionError, match="tiles of 1,048,576 pixels"):
-        decoder.decode(tiled_tiff(8, 8, 1024))
-    for width, height, tile in ((8, 8, 16), (100, 100, 256), (300, 200, 512)):  # usual ones
+    with pytest.raises(DecompressionError, match="tiles of 16,908,544 pixels"):
+        decoder.decode(tiled_tiff(8, 8, 4112))
+    usual = ((8, 8, 16), (100, 100, 256), (300, 200, 512), (600, 400, 1024), (8, 8, 4096))
+    for width, height, tile in usual:  # as GDAL, ImageMagick and libtiff write them
         decoded = decoder.decode(tiled_tiff(width, height, tile))
         assert decoded.shape == (height, width, 3) and not decoded.any()
 
@@ -150,6 +152,13 @@ def test_a_progressive_jpeg_of_more_scans_than_any_encoder_writes_is_refused(
     assert decoder.decode(data).shape == (64, 64, 3)  # its own ten scans or so
     with pytest.raises(DecompressionError, match=r"progressive JPEG of 3\d\d scans, over the"):
         decoder.decode(bomb)
+    # Counted only between the first scan and the end of the image: not in a segment
+    # before it (a comment here; an EXIF thumbnail is a whole JPEG), nor in what a phone
+    # appends after it.
+    comment = b"\xff\xda" * 300
+    commented = data[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + data[2:]
+    for padded in (commented, data + b"\xff\xda" * 300):
+        assert decoder.decode(padded).shape == (64, 64, 3)
     monkeypatch.setattr(config, "MAX_JPEG_SCANS", 1000)
     assert decoder.decode(bomb).shape == (64, 64, 3)
 

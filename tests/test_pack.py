@@ -555,7 +555,7 @@ def test_images_readers_refuse_as_too_costly_are_skipped_before_they_cost_it(
     from test_decode import tiled_tiff
 
     src = make_image_folder(tmp_path / "src", {"cat": 1})
-    (src / "cat" / "tiles.tif").write_bytes(tiled_tiff(8, 8, 1024))
+    (src / "cat" / "tiles.tif").write_bytes(tiled_tiff(8, 8, 4112))
     progressive = io.BytesIO()
     make_image("cat", (64, 64)).save(progressive, "JPEG", progressive=True)
     data = progressive.getvalue()
@@ -565,7 +565,7 @@ def test_images_readers_refuse_as_too_costly_are_skipped_before_they_cost_it(
     reasons = dict(result.skipped)
     assert set(reasons) == {"cat/scans.jpg", "cat/tiles.tif"}
     assert reasons["cat/tiles.tif"].startswith("refused as readers refuse it: ")
-    assert "tiles of 1,048,576 pixels" in reasons["cat/tiles.tif"]
+    assert "tiles of 16,908,544 pixels" in reasons["cat/tiles.tif"]
     assert "progressive JPEG of" in reasons["cat/scans.jpg"]
 
 

@@ -38,7 +38,9 @@ _TRANSPOSE = {
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _TILE_WIDTH, _TILE_LENGTH = 322, 323  # TIFF tags
 _MIN_FAST_SCALED = 8  # a JPEG this many pixels a side or more may be scaled by simplejpeg
-_MAX_SMALL_TILE = 512 * 512  # a tile a small image may have, whatever its own size
+# A tile any image may have, whatever its own size (GDAL and ImageMagick write 1024x1024
+# ones; 48 MiB of RGB at most): past it, a tile must not exceed 4 times the image.
+_MAX_SMALL_TILE = 4096 * 4096
 # Start-of-frame markers of progressive JPEGs (Huffman and arithmetic coded).
 _PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # The formats a chunk holds (see the design's "Chunk archive"). Pillow tries every plugin
@@ -330,15 +332,37 @@ def check_cost(image: Image.Image, data: bytes | bytearray | memoryview) -> None
 
 def _check_scans(data: bytes | bytearray | memoryview) -> None:
     """Refuse a progressive JPEG of more scans than any encoder writes: each costs a pass
-    over the whole image. (A 0xFF in entropy-coded data is followed by 0x00, so every
-    ``FF DA`` starts a scan.)"""
-    scans = bytes(data).count(b"\xff\xda")
+    over the whole image. Counted from its first scan to its end-of-image marker (a 0xFF
+    in entropy-coded data is followed by 0x00, so every ``FF DA`` there starts a scan);
+    not in the metadata before it (an EXIF thumbnail is a JPEG of its own) nor in what a
+    phone appends after it."""
+    image = bytes(data)
+    start = _first_scan(image)
+    end = image.find(b"\xff\xd9", start)
+    scans = image.count(b"\xff\xda", start, end if end >= 0 else len(image))
     if scans > config.MAX_JPEG_SCANS:
         raise DecompressionError(
             f"cannot decode image: a progressive JPEG of {scans:,} scans, over the limit of "
             f"{config.MAX_JPEG_SCANS:,} (each decodes the whole image again); raise "
             "pixcrawler.config.MAX_JPEG_SCANS to allow it"
         )
+
+
+def _first_scan(data: bytes) -> int:
+    """Where a JPEG's first scan starts: its segments walked by their lengths (0 where
+    they cannot be: the whole file is counted then)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:
+            return pos
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:
+            return 0
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return 0
 
 
 def _check_tiles(image: TiffImageFile) -> None:
