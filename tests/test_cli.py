@@ -1121,6 +1121,25 @@ def test_list_reads_every_page_of_a_listing_that_does_not_count_its_pages(
     assert ids == {f"job_{n:03d}" for n in range(120)}
 
 
+def test_list_shows_every_job_but_one_the_api_listed_oddly(
+    cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """One summary the SDK cannot read failed the whole listing."""
+    store = tmp_path / "jobs"
+    for n in range(3):
+        write_job(store, f"job_{n}", status="pending", progress=0)
+
+    def edit(data: dict[str, Any]) -> None:
+        data["items"][0]["total_images"] = "ten"
+
+    with _ListingEditor(server_factory(store), edit) as front:
+        result = cli.run("list", *api(front.base_url, next(iter(TEST_KEYS))))
+    assert result.returncode == 0, result
+    assert len(result.stdout.splitlines()) == 1 + 2
+    assert "Warning: a job the API listed is left out: " in result.stderr
+    assert "total_images 'ten' is not a whole number" in result.stderr
+
+
 def test_list_of_nothing_says_so(
     cli: Cli, tmp_path: Path, server_factory: Callable[..., str]
 ) -> None:

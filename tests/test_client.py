@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -465,6 +466,35 @@ def test_only_the_head_of_an_error_body_is_read() -> None:
     assert peak < 4 << 20, peak
 
 
+@pytest.mark.timeout(30)
+def test_a_redirect_with_an_endless_body_is_followed_not_read_to_its_end() -> None:
+    """A 302 whose chunked body never ends was drained for ever (data kept coming, so no
+    timeout fired): 16 GB read in 10 s."""
+    import socketserver
+
+    class Endless(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            head = b"HTTP/1.1 302 Found\r\nLocation: /next\r\nTransfer-Encoding: chunked\r\n\r\n"
+            block = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+            with contextlib.suppress(OSError):
+                self.request.sendall(head)
+                while True:
+                    self.request.sendall(block)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Endless)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = ApiClient("k", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(NetworkError, match="too many redirects"):
+            client.get_json("/jobs/job_a")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_refusal_from_the_host_a_redirect_led_to_does_not_blame_the_key() -> None:
     """The API's host sends callers on to another origin, which the key never goes to: its
     401 is not the key's rejection, and logging in again would never help."""
@@ -475,12 +505,28 @@ def test_a_refusal_from_the_host_a_redirect_led_to_does_not_blame_the_key() -> N
         with CannedHost(301, b"", moved) as front, pytest.raises(AuthenticationError) as info:
             ApiClient(_ECHOED_KEY, front.base_url).get_json("/jobs/job_a")
     message = str(info.value)
-    assert f"the API redirected to {canonical.base_url}, which the API key is not sent to" in (
+    assert f"the API redirected to {canonical.base_url}, another origin, which the API key" in (
         message
     )
     assert "HTTP 401: no key" in message and "pass it as base_url" in message
     assert "pixcrawler login" not in message and _ECHOED_KEY not in message
     assert info.value.status_code == 401
+
+
+def test_a_refusal_after_a_redirect_to_plain_http_never_advises_sending_the_key_there() -> None:
+    import urllib3
+
+    from pixcrawler.client import _Answer
+
+    client = ApiClient(_ECHOED_KEY, "https://api.example.com")
+    refusal = urllib3.HTTPResponse(body=b'{"error": {"message": "no key"}}', status=401)
+    error = client._refused_elsewhere(
+        _Answer(refusal, refusal.data, "http://api.example.com/api/v1/jobs"), "GET /jobs"
+    )
+    assert "a redirect from https to plain http, where the key would travel unencrypted" in (
+        str(error)
+    )
+    assert "pass it as base_url" not in str(error)
 
 
 _ECHOED_KEY = "SECRETKEY_abcdefghijklmnopqrstuvwxyz0123456789"
@@ -576,6 +622,10 @@ def test_a_job_is_read_as_the_real_service_writes_it() -> None:
     # Counts as other serialisers write them; a missing or null version is the first.
     counted = Job.from_json({**_DONE, "total_images": 60.0, "chunk_size": "20", "version": None})
     assert (counted.total_images, counted.chunk_size, counted.version) == (60, 20, 1)
+    exact = Job.from_json({**_DONE, "size_bytes": "9007199254740992", "chunk_size": ""})
+    assert (exact.size_bytes, exact.chunk_size) == (2**53, 0)  # digits exactly; "" as none
+    with pytest.raises(PixCrawlerError, match="size_bytes 9007199254740993 is past 2"):
+        Job.from_json({**_DONE, "size_bytes": "9007199254740993"})  # not rounded to 2**53
     # A summary (GET /jobs) lists no chunks, whichever way a server leaves them out.
     for chunks in ({}, {"chunks": []}, {"chunks": None}):
         summary = Job.from_json({"id": "j", "status": "completed", "total_images": 60, **chunks})

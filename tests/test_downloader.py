@@ -1629,6 +1629,16 @@ def _downloader(urls: dict[int, tuple[str, int]], **options: Any) -> Any:
     return ChunkDownloader(client, chunks, **options)
 
 
+def test_a_chunks_retry_after_no_one_would_wait_is_said_as_such() -> None:
+    """A Retry-After of 1e308 was printed with its 309 digits."""
+    with CannedHost(429, b"", {"Retry-After": "1e308"}) as host:
+        downloader = _downloader({0: (host.base_url + "/c0", 100)})
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+        downloader.close()
+    assert str(info.value).splitlines()[0].endswith("retry in more than a year")
+
+
 def test_close_wakes_a_fetch_asleep_in_its_retry_after_once_a_sibling_has_finished(
     tmp_path: Path,
 ) -> None:

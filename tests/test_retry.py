@@ -29,6 +29,13 @@ def test_backoff_after_a_thousand_failures_is_its_cap_not_an_overflow() -> None:
     assert all(0.0 <= policy.delay(failures) <= 4.0 for failures in (1025, 5000, 10**9))
 
 
+def test_a_numpy_int_is_a_number_of_retries() -> None:
+    import numpy as np
+
+    policy = RetryPolicy(retries=np.int64(3))  # type: ignore[arg-type]
+    assert policy.retries == 3 and type(policy.retries) is int
+
+
 def test_retry_after_wins_over_the_backoff() -> None:
     policy = RetryPolicy(backoff_base=100.0, backoff_max=100.0)
     assert policy.delay(1, retry_after=2.5) == 2.5

@@ -579,7 +579,11 @@ def _all_jobs(client: ApiClient) -> Iterator[Job]:
         new = 0
         for item in items:
             if isinstance(item, dict):
-                job = Job.from_json(item)
+                try:
+                    job = Job.from_json(item)
+                except PixCrawlerError as exc:  # one odd summary must not hide the rest
+                    log.warning("a job the API listed is left out: %s", exc)
+                    continue
                 if job.id not in seen:
                     seen.add(job.id)
                     new += 1

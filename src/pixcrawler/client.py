@@ -38,14 +38,13 @@ from .exceptions import (
     PixCrawlerError,
 )
 from .models import Job, check_counts
-from .retry import RetryPolicy, parse_retry_after, status_cause
+from .retry import RetryPolicy, parse_retry_after, status_cause, wait_in_words
 from .units import counted
 
 log = logging.getLogger("pixcrawler")
 
 _JOB_ID_RE = re.compile(config.JOB_ID_PATTERN)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_LONG_WAIT = 366 * 24 * 3600
 
 
 class _Answer(NamedTuple):
@@ -299,7 +298,10 @@ class ApiClient:
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
                 return response, url
-            response.drain_conn()
+            # A redirect's body is read as far as an error's, never to an end a host may
+            # put off for ever; the connection is reused only if that was all of it.
+            if len(response.read(config.MAX_ERROR_BODY + 1)) > config.MAX_ERROR_BODY:
+                response.close()
             response.release_conn()
             url = _join(url, location, "a redirect to a URL")
         raise NetworkError(f"too many redirects fetching {_safe_url(url)}")
@@ -398,11 +400,17 @@ class ApiClient:
         status = answer.response.status
         parts = urlsplit(answer.url)
         there = _safe_url(f"{parts.scheme}://{parts.netloc}")
+        said = f"HTTP {status}: {self.error_message(answer.response, answer.body)}"
+        if self.origin[0] == "https" and parts.scheme.lower() != "https":
+            advice = (  # never the advice to send the key in the clear
+                "a redirect from https to plain http, where the key would travel "
+                "unencrypted: check base_url, or the server's redirects"
+            )
+        else:
+            advice = f"if {there} is the API, pass it as base_url (or PIXCRAWLER_BASE_URL)"
         return AuthenticationError(
-            f"{what}: the API redirected to {there}, which the API key is not sent to "
-            f"(another host), and it answered HTTP {status}: "
-            f"{self.error_message(answer.response, answer.body)}. If {there} is the API, "
-            "pass it as base_url (or PIXCRAWLER_BASE_URL, --base-url).",
+            f"{what}: the API redirected to {there}, another origin, which the API key is "
+            f"not sent to, and it answered {said}; {advice}.",
             status_code=status,
         )
 
@@ -486,9 +494,7 @@ def _network_error(
     message = f"{what}: HTTP {response.status}: {words} after "
     message += counted(attempts, "attempt")
     if retry_after is not None:
-        # (A Retry-After of 1e308, or inf, is no time anyone waits: said as such.)
-        when = f"{retry_after:.0f} s" if retry_after < _LONG_WAIT else "more than a year"
-        message += f"; the server asks to retry in {when}"
+        message += f"; the server asks to retry in {wait_in_words(retry_after)}"
     return NetworkError(message, status_code=response.status, retry_after=retry_after)
 
 

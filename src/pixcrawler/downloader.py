@@ -63,7 +63,7 @@ from .client import (
 )
 from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
-from .retry import parse_retry_after, status_cause
+from .retry import parse_retry_after, status_cause, wait_in_words
 from .units import counted, human_size
 
 log = logging.getLogger("pixcrawler")
@@ -931,7 +931,7 @@ class ChunkDownloader:
                     raise DownloadError(
                         f"Chunk {index} failed with HTTP {status} after "
                         f"{counted(failures, 'attempt')}"
-                        + (f"; retry in {retry_after:.0f} s" if retry_after else ""),
+                        + (f"; retry in {wait_in_words(retry_after)}" if retry_after else ""),
                         chunk_id=index,
                         status_code=status,
                         retry_after=retry_after,

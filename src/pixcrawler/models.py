@@ -173,9 +173,11 @@ def _labels(value: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"labels {str(value)[:80]!r} is not a list of strings")
-    if len(set(value)) != len(value):
-        twice = next(v for i, v in enumerate(value) if v in value[:i])
-        raise ValueError(f"labels list {twice[:80]!r} twice")
+    seen: set[str] = set()
+    for label in value:
+        if label in seen:
+            raise ValueError(f"labels list {label[:80]!r} twice")
+        seen.add(label)
     return tuple(value)
 
 
@@ -186,9 +188,12 @@ _MAX_COUNT = 1 << 53
 def _count(value: Any, name: str, *, required: bool = False) -> int:
     """A whole number from 0 to 2**53 (``32.0`` or ``"32"``, as some serialisers write
     32); missing (null), 0 unless ``required``. 10.7 images, or 2**63, is no count."""
-    if value is None and not required:
+    if (value is None or value == "") and not required:  # ("" == 0 is False: not 0)
         return 0
-    number = float(value) if isinstance(value, str) else value
+    number = value
+    if isinstance(value, str):  # digits read exactly; "32.0" as a float would be
+        text = value.strip()
+        number = int(text) if text.isascii() and text.isdigit() else _float(text)
     if not _whole(number):
         raise ValueError(f"{name} {str(value)[:80]!r} is not a whole number")
     count = int(number)
@@ -197,6 +202,13 @@ def _count(value: Any, name: str, *, required: bool = False) -> int:
     if count > _MAX_COUNT:
         raise ValueError(f"{name} {count} is past 2**53")
     return count
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _url(value: Any) -> str:

@@ -35,8 +35,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         retries = self.retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        if isinstance(retries, bool) or not isinstance(retries, numbers.Integral) or retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        object.__setattr__(self, "retries", int(retries))  # (a numpy int, as a plain one)
         for name in ("backoff_base", "backoff_max", "max_retry_after"):
             value = getattr(self, name)
             real = not isinstance(value, bool) and isinstance(value, numbers.Real)
@@ -78,6 +79,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     current = time.time() if now is None else now
     return max(0.0, at - current)
+
+
+_LONG_WAIT = 366 * 24 * 3600
+
+
+def wait_in_words(seconds: float) -> str:
+    """``30 s``; a Retry-After of 1e308 (or inf) is no time anyone waits: said as such."""
+    return f"{seconds:.0f} s" if seconds < _LONG_WAIT else "more than a year"
 
 
 def status_cause(status: int, retry_after: float | None) -> str:

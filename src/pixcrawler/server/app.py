@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -219,7 +220,8 @@ def create_app(
     _install_error_handlers(app)
 
     def owned_job(job_id: str, owner: str) -> dict[str, Any]:
-        job = jobs.get(job_id)
+        with _store_errors():
+            job = jobs.get(job_id)
         # A job.json without "owner" belongs to "default", as jobs_of() lists it.
         if job is None or job.get("owner", DEFAULT_OWNER) != owner:
             raise ApiError(404, f"job {job_id!r} not found")
@@ -271,7 +273,8 @@ def create_app(
         page: Annotated[int, Query(ge=1)] = 1,
         size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     ) -> JSONResponse:
-        mine = jobs.jobs_of(owner)
+        with _store_errors():
+            mine = jobs.jobs_of(owner)
         start = (page - 1) * size
         items = [_public(job) for job in mine[start : start + size]]
         return JSONResponse(
@@ -320,7 +323,8 @@ def create_app(
             raise ApiError(404, f"job {job_id!r} has no chunk {index!r}")
         # Opened here, not in the body iterator, so a missing file is a clean 404. Other
         # errors are no answer about the chunk: a 503 or a 500 (os_error), both retried.
-        opened = open_regular(jobs.chunk_path(job_id, int(chunk["index"])))
+        with _store_errors():
+            opened = open_regular(jobs.chunk_path(job_id, int(chunk["index"])))
         if opened is None:
             raise ApiError(404, f"chunk {index} of job {job_id!r} is missing")
         f, st = opened
@@ -446,6 +450,23 @@ async def _file_blocks(f: IO[bytes], start: int, end: int) -> AsyncIterator[byte
 # -- errors ------------------------------------------------------------------------------
 
 
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Out of file descriptors, reading the store: a 503 to retry shortly (downloads end and
+    free theirs), not a missing job or chunk, which the SDK would take as final. Any other
+    error reading it is the server's: a 500, logged (no path sent)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in OUT_OF_FILES:
+            raise ApiError(
+                503,
+                "the server is out of file descriptors; retry shortly",
+                {"Retry-After": str(_OUT_OF_FILES_RETRY_AFTER)},
+            ) from exc
+        raise
+
+
 def _error_response(
     status_code: int, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -478,24 +499,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             problems.append(f"{where}: {error.get('msg', 'invalid')}")
         return _error_response(422, "; ".join(problems) or "invalid request")
 
-    async def os_error(request: Request, exc: Exception) -> Response:
-        if not isinstance(exc, OSError):  # pragma: no cover - registration
-            raise exc
-        if exc.errno in OUT_OF_FILES:
-            # Out of file descriptors: a moment's shortage (downloads end and free theirs),
-            # not a missing job or chunk, which the SDK would take as final.
-            return _error_response(
-                503,
-                "the server is out of file descriptors; retry shortly",
-                {"Retry-After": str(_OUT_OF_FILES_RETRY_AFTER)},
-            )
-        raise exc  # a store the server cannot read: a 500 (internal_error), logged
-
     async def internal_error(request: Request, exc: Exception) -> Response:
         # The details go to the server log (uvicorn), never to the client.
         return _error_response(500, "internal server error")
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(OSError, os_error)
     app.add_exception_handler(Exception, internal_error)

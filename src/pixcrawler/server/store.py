@@ -44,8 +44,9 @@ __all__ = [
 KEYS_FILE = "keys.json"
 # A job.json lists chunks, not images: some 200 KB per thousand chunks. A larger one is
 # "not there", as a malformed one is, rather than read whole into memory on every change.
-# The SDK caps no API answer itself; this is its cap on a chunk's manifest.
-MAX_JOB_BYTES = 64 << 20
+# Half the SDK's cap on an API answer (config.MAX_API_ANSWER): the answer adds each
+# chunk's URL.
+MAX_JOB_BYTES = 32 << 20
 _JOB_FILE = "job.json"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
