@@ -844,15 +844,20 @@ def test_a_full_disk_is_reported_with_where_and_that_a_rerun_resumes(
     assert str(out / JOB_UNIFORM) in line and line.endswith("run the same command again to resume")
 
 
+@pytest.mark.parametrize("there", ["file", "broken-link"])
 def test_a_file_where_the_download_folder_goes_is_a_usage_error(
-    cli: Cli, live_server: LiveServer
+    cli: Cli, live_server: LiveServer, there: str
 ) -> None:
     (cli.cwd / "out").mkdir()
-    (cli.cwd / "out" / JOB_UNIFORM).write_text("mine")
+    target = cli.cwd / "out" / JOB_UNIFORM
+    if there == "file":
+        target.write_text("mine")
+    else:
+        target.symlink_to(cli.cwd / "nowhere")
     result = cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server))
     assert result.returncode == 2, result
     assert "is a file, where the download's folder goes" in result.stderr
-    assert (cli.cwd / "out" / JOB_UNIFORM).read_text() == "mine"
+    assert target.is_symlink() if there == "broken-link" else target.read_text() == "mine"
 
 
 def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> None:
@@ -1078,12 +1083,20 @@ class _ListingEditor(_LoopbackHost):
     """The reference server at ``upstream``, its job listings edited by ``edit`` (as
     another API might write them)."""
 
-    def __init__(self, upstream: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        edit: Callable[[dict[str, Any]], None],
+        page_size: int | None = None,
+    ) -> None:
         pool = urllib3.PoolManager(retries=False)
 
         class Handler(_QuietHandler):
             def do_GET(self) -> None:
-                answer = pool.request("GET", upstream + self.path, headers=dict(self.headers))
+                path = self.path
+                if page_size is not None:  # a server keeping to its own page size
+                    path = re.sub(r"size=\d+", f"size={page_size}", path)
+                answer = pool.request("GET", upstream + path, headers=dict(self.headers))
                 body = answer.data
                 if self.path.startswith("/api/v1/jobs?"):
                     data = json.loads(body)
@@ -1098,13 +1111,19 @@ class _ListingEditor(_LoopbackHost):
         self._listen(Handler, "127.0.0.1")
 
 
+@pytest.mark.parametrize("page_size", [None, 20], ids=["pages-as-asked", "pages-of-20"])
 @pytest.mark.parametrize(
     "drop", [("pages",), ("pages", "total"), ("pages", "total", "size")], ids="-".join
 )
 def test_list_reads_every_page_of_a_listing_that_does_not_count_its_pages(
-    cli: Cli, tmp_path: Path, server_factory: Callable[..., str], drop: tuple[str, ...]
+    cli: Cli,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    drop: tuple[str, ...],
+    page_size: int | None,
 ) -> None:
-    """Without ``pages`` the listing stopped after the first page, and exited 0."""
+    """Without ``pages`` the listing stopped after the first page, and exited 0; and so
+    it did where the server keeps to pages smaller than asked for."""
     store = tmp_path / "many"
     for n in range(120):  # pages of 50: two full, one short
         write_job(store, f"job_{n:03d}", status="pending", progress=0)
@@ -1114,7 +1133,7 @@ def test_list_reads_every_page_of_a_listing_that_does_not_count_its_pages(
         for name in drop[1:]:
             del data[name]
 
-    with _ListingEditor(server_factory(store), edit) as front:
+    with _ListingEditor(server_factory(store), edit, page_size) as front:
         result = cli.run("list", *api(front.base_url, next(iter(TEST_KEYS))))
     assert result.returncode == 0, result
     ids = {line.split()[0] for line in result.stdout.splitlines()[1:]}

@@ -538,6 +538,19 @@ def test_chunks_and_job_json_are_on_disk_before_their_names_are(
     assert events[job_named + 1] == ("sync", str(job_dir))
 
 
+def test_a_file_system_that_refuses_fsync_still_takes_a_pack(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def refused(fd: int) -> None:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(packer_module.os, "fsync", refused)
+    result = pack(packed.sources[JOB_UNIFORM], tmp_path, job_id="job_nosync")
+    assert read_job(tmp_path, "job_nosync")["status"] == "completed" and result.num_chunks
+
+
 def test_images_readers_cannot_convert_are_skipped_and_reported(tmp_path: Path) -> None:
     """Pillow opens a LAB TIFF but converts it to other colours (and not at all to L)."""
     src = make_image_folder(tmp_path / "src", {"cat": 1})

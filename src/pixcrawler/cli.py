@@ -491,7 +491,7 @@ def download(
     with contextlib.ExitStack() as stack:
         dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
         root = output_dir / job_id
-        if root.exists() and not root.is_dir():
+        if (root.exists() or root.is_symlink()) and not root.is_dir():  # (or a broken link)
             raise CliError(f"{root} is a file, where the download's folder goes", EXIT_USAGE)
         try:
             # Refused (mixed sizes for numpy) before the folder or its lock is created.
@@ -573,9 +573,11 @@ def _all_jobs(client: ApiClient) -> Iterator[Job]:
     listing: a server that ignores ``page`` (or claims endless pages) cannot loop it."""
     page = 1
     seen: set[str] = set()
+    first_page = 0  # the first page's length: the page size the server keeps to
     while True:
         data = client.list_jobs(page=page, size=config.DEFAULT_PAGE_SIZE)
         items = data["items"]
+        first_page = first_page or len(items)
         new = 0
         for item in items:
             if isinstance(item, dict):
@@ -588,22 +590,21 @@ def _all_jobs(client: ApiClient) -> Iterator[Job]:
                     seen.add(job.id)
                     new += 1
                     yield job
-        if not new or page >= _pages(data, len(items), page):
+        if not new or not _more(data, page, len(seen), len(items), first_page):
             return
         page += 1
 
 
-def _pages(data: dict[str, Any], listed: int, page: int) -> int:
-    """How many pages a listing says it has: ``pages``, else ``total`` over ``size``; where
-    it says neither, one more than ``page`` while ``page`` came full (a short one is the
-    last)."""
-    pages, total, size = (_whole(data.get(name)) for name in ("pages", "total", "size"))
+def _more(data: dict[str, Any], page: int, seen: int, listed: int, first_page: int) -> bool:
+    """Whether a listing has a page after ``page``: by its ``pages``, else by its ``total``
+    (jobs not seen yet), else by this page being as full as the first (a server may keep
+    to a smaller page size than asked for, saying so or not)."""
+    pages, total = _whole(data.get("pages")), _whole(data.get("total"))
     if pages is not None and pages >= 1:
-        return pages
-    size = size if size is not None and size >= 1 else config.DEFAULT_PAGE_SIZE
+        return page < pages
     if total is not None and total >= 0:
-        return -(-total // size)
-    return page + 1 if listed >= size else page
+        return seen < total
+    return listed >= first_page > 0
 
 
 def _whole(value: Any) -> int | None:
@@ -612,7 +613,7 @@ def _whole(value: Any) -> int | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
         return None
     return int(number) if number.is_integer() else None
 

@@ -13,6 +13,7 @@ same chunk bytes and the same checksums, so re-packing never invalidates a clien
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -67,6 +68,7 @@ _CHUNK_TEMP_RE = re.compile(r"\.\d+\.zip\..+\.tmp")  # _write_chunk's, of a pack
 # of that name is not packed.
 _RESERVED_LABELS = frozenset({config.IMAGES_LISTING, config.IMAGES_LISTING + ".part"})
 _NOT_COMPLETED_STATUSES = tuple(s for s in JOB_STATUSES if s != "completed")
+_NO_SYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 _PACK_LOCK = ".pack.lock"  # inside a job's folder, held while the job is written
 
 
@@ -517,7 +519,7 @@ def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) 
                     method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
                     _add_member(archive, image.rel, data, method)
             raw.flush()
-            os.fsync(raw.fileno())  # whole on disk before its name is
+            _sync(raw.fileno())  # whole on disk before its name is
         size, digest = _file_digest(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; chunks are meant to be served
         os.replace(tmp, path)
@@ -555,13 +557,22 @@ def _write_json_atomic(path: Path, value: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data + b"\n")
             f.flush()
-            os.fsync(f.fileno())
+            _sync(f.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _sync_folder(path.parent)
+
+
+def _sync(fd: int) -> None:
+    """fsync, where the file system has it (some refuse it: EINVAL, ENOTSUP)."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_SYNC:
+            raise
 
 
 def _sync_folder(folder: Path) -> None:
