@@ -878,6 +878,17 @@ def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> N
     check_output("zip", cli.cwd / "out" / BIG_JOB, big_job, key)
 
 
+def stopped_after_chunk_0(root: Path) -> None:
+    """A complete numpy download of the big job made into one stopped after its chunk 0
+    (by hand, not by a kill)."""
+    state = json.loads((root / ".progress.json").read_text())
+    state["numpy"].update(done=[0], counts={"0": BIG_CHUNK}, complete=False)
+    (root / ".progress.json").write_text(json.dumps(state))
+    os.replace(root / "X.npy", root / "X.npy.part")
+    os.replace(root / "y.npy", root / "y.npy.part")
+    (root / "labels.json").unlink()
+
+
 def test_numpy_resumes_from_a_partial_sidecar_and_staged_part(cli: Cli, big_job: BigJob) -> None:
     """Made by hand, not by a kill: chunk 0 written, chunk 1 half received."""
     key = next(iter(TEST_KEYS))
@@ -885,12 +896,7 @@ def test_numpy_resumes_from_a_partial_sidecar_and_staged_part(cli: Cli, big_job:
         args = ["download", BIG_JOB, "-o", "out", *api(proxy.base_url, key)]
         assert cli.run(*args).returncode == 0
         root = cli.cwd / "out" / BIG_JOB
-        state = json.loads((root / ".progress.json").read_text())
-        state["numpy"].update(done=[0], counts={"0": BIG_CHUNK}, complete=False)
-        (root / ".progress.json").write_text(json.dumps(state))
-        os.replace(root / "X.npy", root / "X.npy.part")
-        os.replace(root / "y.npy", root / "y.npy.part")
-        (root / "labels.json").unlink()
+        stopped_after_chunk_0(root)
         half = big_job.chunk_sizes[1] // 2
         (root / ".partial").mkdir()
         served = big_job.store / BIG_JOB / "chunks" / "00001.zip"
@@ -916,12 +922,7 @@ def test_a_start_over_stopped_midway_leaves_no_record_of_the_rows_it_zeroed(
     args = ["download", BIG_JOB, "-o", str(cli.cwd / "out"), *api(big_job.base_url, key)]
     assert cli.run(*args).returncode == 0
     root = cli.cwd / "out" / BIG_JOB
-    state = json.loads((root / ".progress.json").read_text())
-    state["numpy"].update(done=[0], counts={"0": BIG_CHUNK}, complete=False)
-    (root / ".progress.json").write_text(json.dumps(state))
-    os.replace(root / "X.npy", root / "X.npy.part")
-    os.replace(root / "y.npy", root / "y.npy.part")
-    (root / "labels.json").unlink()
+    stopped_after_chunk_0(root)
 
     reset = _NumpyWriter.reset
 
