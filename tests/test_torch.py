@@ -3,6 +3,7 @@ streaming one (ranks × workers, padding, shuffle), real DDP, and the spec's PyT
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -43,6 +44,7 @@ from helpers import (
     corrupt_copy,
     hold_lock,
     raised_once_closed,
+    reachable_buffers,
     sdk_threads_left,
 )
 from pixcrawler import Dataset, config, load_dataset
@@ -584,6 +586,22 @@ def test_map_style_warn_serves_a_remembered_bad_index_by_the_next_valid_one_each
         np.testing.assert_array_equal(image, expected)
         assert got_label == label
     assert dataset.stats.skipped == 1
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_a_bad_image_remembered_pins_no_chunk(corrupt_server: str, on_error: str) -> None:
+    """Remembered with its traceback (and its cause's), a bad image kept its chunk alive:
+    one chunk per chunk with a bad image, past the memory budget and the mapping limit."""
+    dataset = open_uniform(corrupt_server, "test-key", on_error=on_error)
+    torch_dataset = dataset.to_torch(cache_dir=False)
+    for position in CORRUPT:
+        with contextlib.suppress(DecompressionError):
+            torch_dataset[position]
+    remembered = list(torch_dataset._process().bad.values())
+    assert len(remembered) == len(CORRUPT)
+    gc.collect()
+    assert reachable_buffers(remembered) == []
+    assert all(e.__traceback__ is None and e.__cause__ is None for e in remembered)
 
 
 def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:

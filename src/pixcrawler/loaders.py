@@ -492,7 +492,7 @@ class _MapStyle(_TorchBridge):
             error = local.bad.get(current)
             if error is not None:
                 if local.handle.on_error == "raise":
-                    raise error.with_traceback(None)  # each time asked, with a fresh traceback
+                    raise _detached(error)  # a fresh one each time: the kept one stays bare
                 continue
             chunk, offset = self._locate(current)
             archive = self._archive(local, store, chunk)
@@ -509,11 +509,17 @@ class _MapStyle(_TorchBridge):
                     archive, sample = fresh, fresh.samples[offset]
                     result = decode_sample(archive, sample, local.decoder)
             if not isinstance(result, np.ndarray):
-                local.bad[current] = result  # before on_error may raise
+                local.bad[current] = _detached(result)  # before on_error may raise
             image = local.handle.accept(sample, result)
             if image is not None:
                 return image, sample
         raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
+
+
+def _detached(error: DecompressionError) -> DecompressionError:
+    """``error`` without its traceback, cause or context, to be kept: their frames would
+    hold the chunk its image was in (one per chunk with a bad image, past any budget)."""
+    return DecompressionError(error.message, chunk_id=error.chunk_id, sample_id=error.sample_id)
 
 
 class _Streaming(_TorchBridge):
