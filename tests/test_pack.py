@@ -385,6 +385,19 @@ def test_packing_again_marks_the_job_unfinished_until_the_new_one_is_whole(
     assert read_job(tmp_path, "job_x")["status"] == "completed"
 
 
+def test_a_job_packed_again_with_other_images_is_a_new_version(
+    packed: PackedStore, tmp_path: Path
+) -> None:
+    """Readers tell versions apart by it where a chunk lists no sha256; it stayed 1."""
+    src = make_image_folder(tmp_path / "src", {"cat": 3})
+    pack(src, tmp_path / "store", job_id="job_v")
+    pack(src, tmp_path / "store", job_id="job_v")  # the same bytes: the same version
+    assert read_job(tmp_path / "store", "job_v")["version"] == 1
+    (src / "cat" / "0000.jpg").unlink()
+    pack(src, tmp_path / "store", job_id="job_v")
+    assert read_job(tmp_path / "store", "job_v")["version"] == 2
+
+
 def test_a_job_without_an_owner_is_defaults_and_not_taken_over(
     packed: PackedStore, tmp_path: Path
 ) -> None:

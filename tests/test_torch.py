@@ -461,6 +461,45 @@ def test_closing_the_dataset_ends_its_torch_datasets_threads(live_server: LiveSe
     assert torch_dataset._local is None  # its cached chunks are let go
 
 
+def test_a_chunk_without_a_sha256_is_cached_per_version_of_its_job(
+    tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """Re-packed by a producer that keeps the version and lists no sha256, a chunk of the
+    same size was served from the disk cache with the last version's pixels."""
+    from PIL import Image
+
+    from pixcrawler.packer import pack
+
+    colours = {"0000.png": (255, 0, 0), "0001.png": (0, 0, 255)}
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    base_url = server_factory(store)
+
+    def publish(order: list[str], completed_at: str) -> None:
+        for name, colour in zip(order, colours.values(), strict=True):
+            # Stored PNGs of one size are files of one size: the chunk keeps its size.
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "src" / "cat" / name, compress_level=0)
+        pack(tmp_path / "src", store, job_id="job_nosum")
+        job_path = store / "job_nosum" / "job.json"
+        job = json.loads(job_path.read_text())
+        job.update(version=1, completed_at=completed_at)
+        for chunk in job["chunks"]:
+            chunk["sha256"] = None
+        job_path.write_text(json.dumps(job))
+
+    def first_pixels() -> list[int]:
+        dataset = load_dataset("job_nosum", "test-key", base_url)
+        with dataset:
+            torch_dataset = dataset.to_torch(cache_dir=tmp_path / "cache")
+            return [int(torch_dataset[i][0][0, 0, 0]) for i in range(len(torch_dataset))]
+
+    publish(["0000.png", "0001.png"], "2025-01-01T00:00:00Z")
+    assert first_pixels() == [255, 0]
+    publish(["0001.png", "0000.png"], "2025-01-02T00:00:00Z")
+    assert first_pixels() == [0, 255]
+
+
 def test_a_bad_cache_dir_is_refused_by_to_torch(live_server: LiveServer) -> None:
     """At the call, as a ValueError, not as pathlib's error at the first item."""
     with open_uniform(live_server) as dataset:

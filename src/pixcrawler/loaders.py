@@ -397,7 +397,19 @@ class _MapStyle(_TorchBridge):
             job_id=handle.job.id,
             memory_budget=self.memory_budget,
             cache_dir=self.cache_dir,
-            origin=f"{handle.settings.base_url}|{handle.job.id}|v{handle.job.version}",
+            # What tells this version of the job from another where no sha256 does (a
+            # producer that re-packs without a new version still gives a new time).
+            origin="|".join(
+                str(part)
+                for part in (
+                    handle.settings.base_url,
+                    handle.job.id,
+                    f"v{handle.job.version}",
+                    handle.job.created_at,
+                    handle.job.completed_at,
+                    handle.job.total_images,
+                )
+            ),
         )
         return local
 

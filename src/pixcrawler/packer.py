@@ -190,6 +190,7 @@ def pack(
         _remove_stale_chunks(chunks_dir, keep=len(groups))
         _sync_folder(chunks_dir)  # the chunks' names are on disk before job.json lists them
         job = _completed_job(job_id, src, name, owner, chunk_size, started, images, chunk_entries)
+        job["version"] = _version(existing, chunk_entries)
         # job.json last: a job is listed as completed only once every chunk is in place.
         _write_json_atomic(job_dir / "job.json", job)
     return PackResult(
@@ -200,6 +201,19 @@ def pack(
         labels=tuple(job["labels"]),
         skipped=tuple(skipped),
     )
+
+
+def _version(existing: dict[str, Any] | None, chunks: list[dict[str, Any]]) -> int:
+    """The packed job's version: the one there if its chunks are the same bytes, else one
+    more (readers tell versions apart by it, where a chunk's sha256 does not say)."""
+    if existing is None:
+        return 1
+    version = existing.get("version")
+    version = version if isinstance(version, int) and not isinstance(version, bool) else 1
+    listed = existing.get("chunks")
+    listed = listed if isinstance(listed, list) else []
+    before = [c.get("sha256") for c in listed if isinstance(c, dict)]
+    return version if before == [c["sha256"] for c in chunks] else max(version, 0) + 1
 
 
 def _completed_job(
