@@ -45,6 +45,7 @@ log = logging.getLogger("pixcrawler")
 
 _JOB_ID_RE = re.compile(config.JOB_ID_PATTERN)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
 
 
 class _Answer(NamedTuple):
@@ -54,8 +55,6 @@ class _Answer(NamedTuple):
     body: bytes
     url: str
 
-
-_MAX_REDIRECTS = 5
 
 Origin = tuple[str, str, int]
 
