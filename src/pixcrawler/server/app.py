@@ -322,7 +322,7 @@ def create_app(
         if chunk is None:
             raise ApiError(404, f"job {job_id!r} has no chunk {index!r}")
         # Opened here, not in the body iterator, so a missing file is a clean 404. Other
-        # errors are no answer about the chunk: a 503 or a 500 (os_error), both retried.
+        # errors are no answer about the chunk: a 503 (_store_errors) or a 500, both retried.
         with _store_errors():
             opened = open_regular(jobs.chunk_path(job_id, int(chunk["index"])))
         if opened is None:
