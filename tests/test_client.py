@@ -624,6 +624,8 @@ def test_a_job_is_read_as_the_real_service_writes_it() -> None:
     assert (counted.total_images, counted.chunk_size, counted.version) == (60, 20, 1)
     exact = Job.from_json({**_DONE, "size_bytes": "9007199254740992", "chunk_size": ""})
     assert (exact.size_bytes, exact.chunk_size) == (2**53, 0)  # digits exactly; "" as none
+    unlisted = Job.from_json({**_DONE, "chunks": [{"index": 0, "url": "a", "image_count": ""}]})
+    assert unlisted.chunks[0].image_count is None  # not 0 images
     with pytest.raises(PixCrawlerError, match="size_bytes 9007199254740993 is past 2"):
         Job.from_json({**_DONE, "size_bytes": "9007199254740993"})  # not rounded to 2**53
     # A summary (GET /jobs) lists no chunks, whichever way a server leaves them out.

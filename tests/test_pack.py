@@ -396,6 +396,11 @@ def test_a_job_packed_again_with_other_images_is_a_new_version(
     (src / "cat" / "0000.jpg").unlink()
     pack(src, tmp_path / "store", job_id="job_v")
     assert read_job(tmp_path / "store", "job_v")["version"] == 2
+    # Another producer's 7.0 is version 7: kept for the same bytes, never set back to 1.
+    job_path = tmp_path / "store" / "job_v" / "job.json"
+    job_path.write_text(json.dumps({**read_job(tmp_path / "store", "job_v"), "version": 7.0}))
+    pack(src, tmp_path / "store", job_id="job_v")
+    assert read_job(tmp_path / "store", "job_v")["version"] == 7
 
 
 def test_a_job_without_an_owner_is_defaults_and_not_taken_over(

@@ -753,6 +753,30 @@ def test_a_store_file_the_server_cannot_open_is_a_500_not_a_missing_one(
     assert str(tmp_path).encode() not in response.data
 
 
+def test_a_job_whose_answer_the_sdk_would_refuse_is_not_served(
+    tmp_path: Path,
+    server_factory: Any,
+    http: urllib3.PoolManager,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The answer adds each chunk's URL to job.json: a compact job.json under the store's
+    cap could make an answer over what the SDK reads of one."""
+    from pixcrawler.server import app as server_app
+
+    write_completed_job(tmp_path, "job_wide")
+    job_path = tmp_path / "job_wide" / "job.json"
+    job = json.loads(job_path.read_text())
+    job["chunks"] = [{"index": i} for i in range(100)]
+    job_path.write_text(json.dumps(job, separators=(",", ":")))
+    monkeypatch.setattr(server_app, "MAX_API_ANSWER", len(job_path.read_bytes()) * 2)
+    base_url = server_factory(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pixcrawler.server"):
+        response = get(http, base_url + "/api/v1/jobs/job_wide")
+    assert_error(response, 404, "NotFoundError")
+    assert "job job_wide is not served: its answer would be over" in caplog.text
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges there")
 def test_a_job_json_no_one_can_read_is_left_out_of_listings_and_logged(
     tmp_path: Path,

@@ -193,7 +193,8 @@ def _count(value: Any, name: str, *, required: bool = False) -> int:
     number = value
     if isinstance(value, str):  # digits read exactly; "32.0" as a float would be
         text = value.strip()
-        number = int(text) if text.isascii() and text.isdigit() else _float(text)
+        digits = text.isascii() and text.isdigit() and len(text) <= 20  # (past int()'s limit)
+        number = int(text) if digits else _float(text)
     if not _whole(number):
         raise ValueError(f"{name} {str(value)[:80]!r} is not a whole number")
     count = int(number)
@@ -219,7 +220,7 @@ def _url(value: Any) -> str:
 
 
 def _opt_count(value: Any, name: str) -> int | None:
-    return None if value is None else _count(value, name)
+    return None if value is None or value == "" else _count(value, name)
 
 
 def _opt_size(value: Any) -> int | None:

@@ -208,12 +208,14 @@ def _version(existing: dict[str, Any] | None, chunks: list[dict[str, Any]]) -> i
     more (readers tell versions apart by it, where a chunk's sha256 does not say)."""
     if existing is None:
         return 1
-    version = existing.get("version")
-    version = version if isinstance(version, int) and not isinstance(version, bool) else 1
+    listed_version = existing.get("version")
+    version = 1
+    if isinstance(listed_version, int | float) and not isinstance(listed_version, bool):
+        version = int(listed_version) if float(listed_version).is_integer() else 1  # 7.0: 7
     listed = existing.get("chunks")
     listed = listed if isinstance(listed, list) else []
     before = [c.get("sha256") for c in listed if isinstance(c, dict)]
-    return version if before == [c["sha256"] for c in chunks] else max(version, 0) + 1
+    return max(version, 1) if before == [c["sha256"] for c in chunks] else max(version, 0) + 1
 
 
 def _completed_job(

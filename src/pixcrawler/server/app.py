@@ -16,6 +16,7 @@ are ``Cache-Control: private`` (no shared cache keeps them) and, but for chunks,
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import API_PREFIX, DEFAULT_OWNER, DEFAULT_PAGE_SIZE
+from ..config import API_PREFIX, DEFAULT_OWNER, DEFAULT_PAGE_SIZE, MAX_API_ANSWER
 from .store import (
     OUT_OF_FILES,
     JobStore,
@@ -41,6 +42,8 @@ from .store import (
 )
 
 __all__ = ["MAX_PAGE_SIZE", "create_app"]
+
+log = logging.getLogger("pixcrawler.server")
 
 MAX_PAGE_SIZE = 1000
 # Bytes per read when streaming a chunk: large enough that the per-block cost (a thread
@@ -298,7 +301,15 @@ def create_app(
         body = _public(job)
         chunks = (job.get("chunks") or []) if job.get("status") == "completed" else []
         body["chunks"] = [{**c, "url": chunk_url(job_id, int(c["index"]))} for c in chunks]
-        return JSONResponse(body, headers=_NO_STORE)
+        response = JSONResponse(body, headers=_NO_STORE)
+        if len(response.body) > MAX_API_ANSWER:
+            # More than the SDK reads of an answer (each chunk's URL added to job.json):
+            # "not there", as a job.json past the store's cap is.
+            log.warning(
+                "job %s is not served: its answer would be over %d bytes", job_id, MAX_API_ANSWER
+            )
+            raise ApiError(404, f"job {job_id!r} not found")
+        return response
 
     @get_and_head(
         API_PREFIX + "/jobs/{job_id}/chunks/{index}",

@@ -44,8 +44,8 @@ __all__ = [
 KEYS_FILE = "keys.json"
 # A job.json lists chunks, not images: some 200 KB per thousand chunks. A larger one is
 # "not there", as a malformed one is, rather than read whole into memory on every change.
-# Half the SDK's cap on an API answer (config.MAX_API_ANSWER): the answer adds each
-# chunk's URL.
+# (The answer adds each chunk's URL: get_job checks it against the SDK's cap on an API
+# answer, config.MAX_API_ANSWER, which a packed job.json of this size stays under.)
 MAX_JOB_BYTES = 32 << 20
 _JOB_FILE = "job.json"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
