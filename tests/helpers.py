@@ -13,6 +13,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable
 from http.server import ThreadingHTTPServer
@@ -309,15 +310,19 @@ def reachable_buffers(root: object) -> list[int]:
     main = getattr(sys.modules.get("__main__"), "__dict__", None)
     seen: set[int] = set()
     pending, found = [root], []
-    while pending:
-        obj = pending.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type, types.ModuleType)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, (bytearray, memoryview, np.ndarray)):
-            found.append(len(obj) if isinstance(obj, bytearray) else obj.nbytes)
-            if not isinstance(obj, np.ndarray) or obj.base is None:
+    with warnings.catch_warnings():
+        # (Some objects reached warn when their type is asked: torch's deprecated reduce_op.)
+        warnings.simplefilter("ignore", FutureWarning)
+        while pending:
+            obj = pending.pop()
+            skipped = (str, bytes, int, float, type, types.ModuleType)
+            if id(obj) in seen or isinstance(obj, skipped):
                 continue
-        if obj is not sys.modules and obj is not main:
-            pending.extend(gc.get_referents(obj))
+            seen.add(id(obj))
+            if isinstance(obj, (bytearray, memoryview, np.ndarray)):
+                found.append(len(obj) if isinstance(obj, bytearray) else obj.nbytes)
+                if not isinstance(obj, np.ndarray) or obj.base is None:
+                    continue
+            if obj is not sys.modules and obj is not main:
+                pending.extend(gc.get_referents(obj))
     return found
