@@ -168,7 +168,7 @@ def test_unreachable_api_without_retries_says_one_attempt() -> None:
     assert isinstance(info.value.__cause__, Exception)
 
 
-def test_5xx_burst_is_retried_with_backoff(live_server: LiveServer) -> None:
+def test_every_5xx_of_a_burst_is_retried(live_server: LiveServer) -> None:
     burst = [Fault("status", status=code) for code in (500, 502, 503, 507, 520)]
     schedule = FaultSchedule.script(burst, match="/jobs/")
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
@@ -176,6 +176,26 @@ def test_5xx_burst_is_retried_with_backoff(live_server: LiveServer) -> None:
         dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, **options)
         assert len(dataset) == UNIFORM_TOTAL
         assert proxy.stats.requests == 6  # every 5xx retried, as DESIGN.md says
+
+
+def test_each_retry_of_an_api_call_waits_twice_as_long_as_the_last(
+    live_server: LiveServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy's backoff is the one the client sleeps (a client retrying at once passed
+    every test of the policy)."""
+    import random
+
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # full jitter's longest
+    schedule = FaultSchedule.script([Fault("status", status=503)] * 3, match="/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        started = time.monotonic()
+        load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url, retries=3, backoff=0.1)
+        assert time.monotonic() - started >= 0.1 + 0.2 + 0.4
+    messages = [r.getMessage() for r in caplog.records]
+    for retry, delay in ((1, 0.1), (2, 0.2), (3, 0.4)):
+        line = f"GET /jobs/{JOB_UNIFORM}: HTTP 503; retry {retry} of 3 in {delay:.1f} s"
+        assert line in messages, messages
 
 
 def test_5xx_after_retries_is_a_network_error_with_the_status(live_server: LiveServer) -> None:

@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -337,6 +338,23 @@ def test_to_dataframe_has_image_label_metadata_columns(uniform: Dataset) -> None
     meta = df["metadata"].iloc[0]
     assert {"id", "path", "chunk", "width", "height", "sha256"} - set(meta) <= {"sha256"}
     assert meta["width"] == UNIFORM_SIZE[1]
+
+
+@pytest.mark.parametrize("on_error", ["skip", "warn"])
+def test_to_dataframe_leaves_corrupt_images_out_with_skip_and_warn(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str], on_error: str
+) -> None:
+    pytest.importorskip("pandas")
+    bad = (3, 17, 40)
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, bad))
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, base_url, on_error=on_error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = dataset.to_dataframe()
+    assert len(df) == UNIFORM_TOTAL - len(bad)
+    assert dataset.stats.skipped == len(bad)
+    skipped = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(skipped) == (len(bad) if on_error == "warn" else 0)
 
 
 def test_to_dataframe_of_no_rows_keeps_the_columns_dtypes(

@@ -176,6 +176,28 @@ def test_a_rate_limited_chunk_logs_its_retry_and_the_wait_names_the_cause(
     assert live_server.api_key not in caplog.text
 
 
+def test_each_retry_of_a_chunk_waits_twice_as_long_as_the_last(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    clean_digest: tuple[int, str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy's backoff is the one the downloader sleeps (the policy had tests of its
+    own, and a downloader retrying at once passed them all)."""
+    import random
+
+    caplog.set_level(logging.WARNING, logger="pixcrawler")
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)  # full jitter's longest
+    faults = [Fault("status", status=503)] * 3
+    dataset, _ = through_proxy(faults, prefetch=1, max_workers=1, backoff=0.1)
+    started = time.monotonic()
+    assert digest(dataset) == clean_digest
+    assert time.monotonic() - started >= 0.1 + 0.2 + 0.4
+    messages = [r.getMessage() for r in caplog.records]
+    for retry, delay in ((1, 0.1), (2, 0.2), (3, 0.4)):
+        assert f"chunk 0: HTTP 503; retry {retry} of 3 in {delay:.1f} s" in messages, messages
+
+
 def test_a_consumer_served_in_time_logs_nothing(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
     clean_digest: tuple[int, str],

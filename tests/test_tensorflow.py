@@ -6,6 +6,7 @@ import contextlib
 import gc
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -200,6 +201,23 @@ def test_an_sdk_error_in_the_pipeline_reaches_the_caller_naming_its_class_and_im
             pass
     assert "DecompressionError" in info.value.message
     assert bad_id in info.value.message
+
+
+@pytest.mark.parametrize("on_error", ["skip", "warn"])
+def test_corrupt_images_are_left_out_of_the_pipeline_with_skip_and_warn(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str], on_error: str
+) -> None:
+    """One corrupt image must not end a fit(): with skip or warn, the rest stream on."""
+    bad = (3, 17, 40)
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, bad))
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, base_url, on_error=on_error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = sum(1 for _ in dataset.to_tensorflow())
+    assert count == UNIFORM_TOTAL - len(bad)
+    assert dataset.stats.skipped == len(bad)
+    skipped = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(skipped) == (len(bad) if on_error == "warn" else 0)
 
 
 def test_a_job_listing_no_image_counts_streams_with_an_unknown_cardinality(
