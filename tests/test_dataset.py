@@ -512,16 +512,25 @@ def test_stats_time_the_first_image_once_and_add_up_every_wait(
     assert waited is not None and float(waited.group(1)) >= 0.9, str(stats)
 
 
-def test_memory_does_not_grow_pass_after_pass(uniform: Dataset) -> None:
+@pytest.mark.parametrize("consumer", ["iterate", "iter_batches", "torch-streaming"])
+def test_memory_does_not_grow_pass_after_pass(uniform: Dataset, consumer: str) -> None:
     """What a pass allocates, it gives back: eight more passes over the job leave less than
     two chunks of Python and numpy memory behind. Keeping one chunk's bytes per chunk would
     leave 32, one decoded image per chunk 6; Pillow's and the threads' own bookkeeping
     measured ~12-16 KB."""
     import tracemalloc
 
+    if consumer == "torch-streaming":
+        pytest.importorskip("torch")
+    source: Any = {
+        "iterate": lambda: uniform,
+        "iter_batches": lambda: uniform.iter_batches(8),
+        "torch-streaming": lambda: uniform.to_torch(streaming=True),
+    }[consumer]
+
     def passes(count: int) -> None:
         for _ in range(count):
-            for _ in uniform:
+            for _ in source():
                 pass
         gc.collect()
 
