@@ -50,7 +50,7 @@ from .exceptions import (
     NotFoundError,
     PixCrawlerError,
 )
-from .models import Job
+from .models import Job, count_or_none
 from .units import counted, human_size, parse_time
 
 __all__ = ["EXIT_CODES", "cli", "main", "run"]
@@ -599,23 +599,12 @@ def _more(data: dict[str, Any], page: int, seen: int, listed: int, first_page: i
     """Whether a listing has a page after ``page``: by its ``pages``, else by its ``total``
     (jobs not seen yet), else by this page being as full as the first (a server may keep
     to a smaller page size than asked for, saying so or not)."""
-    pages, total = _whole(data.get("pages")), _whole(data.get("total"))
-    if pages is not None and pages >= 1:
+    pages, total = count_or_none(data.get("pages")), count_or_none(data.get("total"))
+    if pages:  # (0 pages is no count of them)
         return page < pages
-    if total is not None and total >= 0:
+    if total is not None:
         return seen < total
     return listed >= first_page > 0
-
-
-def _whole(value: Any) -> int | None:
-    """A count as a listing may write it (``3``, ``3.0``, ``"3"``), or None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int of 400 digits
-        return None
-    return int(number) if number.is_integer() else None
 
 
 def _newest_first(jobs: list[Job]) -> list[Job]:

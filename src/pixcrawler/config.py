@@ -71,6 +71,7 @@ DEFAULT_CHUNK_SIZE = 500
 DEFAULT_OWNER = "default"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 JOB_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+SHA256_PATTERN = r"[0-9a-fA-F]{64}"  # a chunk's or an image's, as the API lists it
 
 # The map-style torch cache and the streaming dataset.
 DEFAULT_SHUFFLE_BUFFER = 500  # decoded images a streaming worker holds to shuffle across chunks

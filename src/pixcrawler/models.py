@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import JOB_ID_PATTERN
+from .config import JOB_ID_PATTERN, SHA256_PATTERN
 from .exceptions import DecompressionError, PixCrawlerError
 
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 # Both name files on disk (the chunk cache, downloads), so the API's word is checked: a
 # "sha256" of "/../x" or a job id of "../../y" must not reach a path.
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_SHA256_RE = re.compile(SHA256_PATTERN)
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 
 
@@ -203,6 +203,15 @@ def _count(value: Any, name: str, *, required: bool = False) -> int:
     if count > _MAX_COUNT:
         raise ValueError(f"{name} {count} is past 2**53")
     return count
+
+
+def count_or_none(value: Any) -> int | None:
+    """A count as a job's fields are read (``3``, ``3.0``, ``"3"``; 0 to 2**53), or None
+    where there is none: missing, or not a count."""
+    try:
+        return _count(value, "count", required=True)
+    except (TypeError, ValueError):
+        return None
 
 
 def _float(text: str) -> float | None:

@@ -37,7 +37,7 @@ from .cache import _file_digest, folder_lock
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
 from .decode import UNSUPPORTED_MODES, check_cost
 from .exceptions import DecompressionError
-from .models import JOB_STATUSES
+from .models import JOB_STATUSES, count_or_none
 
 __all__ = ["PackResult", "pack", "write_job"]
 
@@ -189,8 +189,10 @@ def pack(
             )
         _remove_stale_chunks(chunks_dir, keep=len(groups))
         _sync_folder(chunks_dir)  # the chunks' names are on disk before job.json lists them
-        job = _completed_job(job_id, src, name, owner, chunk_size, started, images, chunk_entries)
-        job["version"] = _version(existing, chunk_entries)
+        version = _version(existing, chunk_entries)
+        job = _completed_job(
+            job_id, src, name, owner, chunk_size, started, images, chunk_entries, version
+        )
         # job.json last: a job is listed as completed only once every chunk is in place.
         _write_json_atomic(job_dir / "job.json", job)
     return PackResult(
@@ -208,14 +210,11 @@ def _version(existing: dict[str, Any] | None, chunks: list[dict[str, Any]]) -> i
     more (readers tell versions apart by it, where a chunk's sha256 does not say)."""
     if existing is None:
         return 1
-    listed_version = existing.get("version")
-    version = 1
-    if isinstance(listed_version, int | float) and not isinstance(listed_version, bool):
-        version = int(listed_version) if float(listed_version).is_integer() else 1  # 7.0: 7
+    version = count_or_none(existing.get("version")) or 1  # as readers read it (7.0: 7)
     listed = existing.get("chunks")
     listed = listed if isinstance(listed, list) else []
     before = [c.get("sha256") for c in listed if isinstance(c, dict)]
-    return max(version, 1) if before == [c["sha256"] for c in chunks] else max(version, 0) + 1
+    return version if before == [c["sha256"] for c in chunks] else version + 1
 
 
 def _completed_job(
@@ -227,6 +226,7 @@ def _completed_job(
     started: str,
     images: Sequence[_Image],
     chunk_entries: list[dict[str, Any]],
+    version: int,
 ) -> dict[str, Any]:
     """The job.json of a packed job."""
     labels = sorted({image.label for image in images})
@@ -243,7 +243,7 @@ def _completed_job(
         "chunk_size": chunk_size,
         "size_bytes": total_bytes,
         "labels": labels,
-        "version": 1,
+        "version": version,
         "image_size": list(next(iter(sizes))) if len(sizes) == 1 else None,
         "chunks": chunk_entries,
         "owner": owner,

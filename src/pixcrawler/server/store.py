@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from ..config import DEFAULT_OWNER, ENV_SERVER_KEYS, JOB_ID_PATTERN
+from ..config import DEFAULT_OWNER, ENV_SERVER_KEYS, JOB_ID_PATTERN, SHA256_PATTERN
 from ..units import parse_time
 
 __all__ = [
@@ -49,7 +49,7 @@ KEYS_FILE = "keys.json"
 MAX_JOB_BYTES = 32 << 20
 _JOB_FILE = "job.json"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_SHA256_RE = re.compile(SHA256_PATTERN)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})  # the process's, or the system's
 
