@@ -1127,7 +1127,8 @@ class _ImagesWriter(_StagedWriter):
                     chunk_id=sample.chunk_id,
                     sample_id=sample.id,
                 )
-            self._clear_stale(parent)
+            if _fold(parent) not in self.folders:  # (one an earlier image made is clear)
+                self._clear_stale(parent)
         # Two paths, one file name (or one but for case); a file named as a folder of
         # another image's; or a name too long for a file system (another producer's: the
         # packer packs only files that had their names).
