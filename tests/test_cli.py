@@ -259,7 +259,24 @@ def test_no_command_shows_the_help_not_an_error_line(cli: Cli) -> None:
 def test_a_usage_error_met_before_the_key_is_read_never_shows_it(cli: Cli, args: list[str]) -> None:
     result = cli.run(*args)
     assert result.returncode == 2, result
-    assert SECRET not in result.output and "***" in result.stderr
+    assert SECRET not in result.output
+    assert "***" in result.stderr or "(not shown: it may be a key)" in result.stderr, result
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info", JOB_UNIFORM, SECRET],  # `--api-key` forgotten before the key
+        ["list", SECRET],
+        ["download", JOB_UNIFORM, SECRET, "--output-dir", "out"],
+    ],
+)
+def test_an_unexpected_argument_is_counted_not_shown(cli: Cli, args: list[str]) -> None:
+    """Click's error echoed every extra argument: a key typed without its flag was shown."""
+    result = cli.run(*args)
+    assert result.returncode == 2, result
+    assert SECRET[:8] not in result.output, result
+    assert "Got unexpected extra argument (not shown" in result.stderr, result
 
 
 def test_only_the_login_command_takes_its_arguments_for_keys(cli: Cli) -> None:
@@ -1496,6 +1513,43 @@ def test_login_saves_no_key_later_commands_would_refuse_and_reads_past_a_bom(
     assert result.returncode == 3 and "holds none that can be read" in result.stderr, result
 
 
+@pytest.mark.parametrize("quoted", [f'"{SECRET}"', f"'{SECRET}'", f' " {SECRET} "\r'])
+def test_login_saves_a_key_copied_with_its_quotes_without_them(
+    cli: Cli, secret_server: str, quoted: str
+) -> None:
+    """A key copied from a .env or JSON file was saved quoted, and every command got 401."""
+    assert cli.run("login", input=quoted + "\n").returncode == 0
+    assert json.loads((cli.config_dir / "credentials.json").read_text())["api_key"] == SECRET
+    assert cli.run("info", JOB_UNIFORM, "--base-url", secret_server).returncode == 0
+    env = {"PIXCRAWLER_API_KEY": quoted}  # as Docker's --env-file passes it on
+    assert cli.run("info", JOB_UNIFORM, "--base-url", secret_server, **env).returncode == 0
+
+
+@pytest.mark.parametrize("blank", [" ", "\r", '""'])
+def test_a_blank_key_in_the_environment_leaves_the_saved_key_in_use(
+    cli: Cli, secret_server: str, blank: str
+) -> None:
+    """PIXCRAWLER_API_KEY=$'\\r' (a CRLF .env file) hid the saved key, and the error then
+    blamed the login file, which a new login did not mend."""
+    assert cli.run("login", input=SECRET + "\n").returncode == 0
+    result = cli.run("info", JOB_UNIFORM, "--base-url", secret_server, PIXCRAWLER_API_KEY=blank)
+    assert result.returncode == 0, result
+
+
+def test_login_with_stdin_closed_is_a_usage_error(cli: Cli) -> None:
+    """Started with stdin closed (``<&-``), it failed on an AttributeError, exit 1."""
+    done = subprocess.run(
+        ["bash", "-c", f'"{cli.script}" login <&-'],
+        cwd=cli.cwd,
+        env=cli.env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 2, done
+    assert "no API key given" in done.stderr and "Error" not in done.stderr[6:], done
+
+
 def test_login_writes_through_no_planted_link_and_makes_its_folder_private(
     cli: Cli, tmp_path: Path
 ) -> None:
@@ -1543,6 +1597,27 @@ def test_info_shows_a_label_holding_a_line_break_on_the_labels_line(cli: Cli) ->
     lines = result.stdout.splitlines()
     assert [line for line in lines if line.startswith("Status:")] == ["Status: running (0%)"]
     assert "Labels: cat?Status: ok (1 class)" in lines
+
+
+def test_a_size_the_job_does_not_list_is_unknown_not_0_bytes(cli: Cli) -> None:
+    """A completed job listing no size_bytes, or not for every chunk, printed ``0 B`` (or
+    the listed chunks' sum) as if it were its size."""
+    chunks = [{"index": 0, "url": "/c/0", "image_count": 5, "size_bytes": 2048},
+              {"index": 1, "url": "/c/1", "image_count": 5}]  # fmt: skip
+    job = {"id": "job_x", "status": "completed", "total_images": 10, "chunks": chunks}
+    with _canned_json(200, job) as host:
+        result = cli.run("info", "job_x", *api(host.base_url, SECRET))
+    assert result.returncode == 0, result
+    assert "Size: unknown" in result.stdout.splitlines(), result
+    chunks[1]["size_bytes"] = 1024
+    with _canned_json(200, job) as host:
+        result = cli.run("info", "job_x", *api(host.base_url, SECRET))
+    assert "Size: 3.0 KB" in result.stdout.splitlines(), result
+    listing = {"items": [{"id": "job_x", "status": "completed", "total_images": 10}]}
+    with _canned_json(200, listing) as host:
+        result = cli.run("list", *api(host.base_url, SECRET))
+    assert result.returncode == 0, result
+    assert result.stdout.splitlines()[1].split()[-3:] == ["10", "-", "-"], result
 
 
 def test_list_is_newest_first_ends_on_a_page_of_nothing_new_and_fits_any_console(

@@ -58,6 +58,16 @@ def stored_api_key() -> str | None:
     return key if isinstance(key, str) and key else None
 
 
+def clean_key(text: str) -> str:
+    """A key as pasted or saved, without what surrounds it: white space, an editor's
+    byte-order mark, and one pair of quotes around it (a value copied from a .env or JSON
+    file: Docker's --env-file keeps them)."""
+    key = text.lstrip("\ufeff").strip()
+    if len(key) >= 2 and key[0] == key[-1] and key[0] in "\"'":
+        key = key[1:-1].strip()
+    return key
+
+
 def key_problem(key: str) -> str | None:
     """What makes ``key`` unusable in an ``Authorization`` header, or None."""
     if not key:
@@ -77,7 +87,10 @@ def resolve_api_key(api_key: str | None) -> str:
     """The explicit key, else ``PIXCRAWLER_API_KEY``, else the ``pixcrawler login`` file."""
     if api_key is not None and not isinstance(api_key, str):  # (never shown: it may be one)
         raise ValueError(f"api_key must be a string, got {type(api_key).__name__}")
-    key = (api_key or os.environ.get(config.ENV_API_KEY) or stored_api_key() or "").strip()
+    sources = (api_key, os.environ.get(config.ENV_API_KEY), stored_api_key())
+    # A blank value is no key, as an empty one is: PIXCRAWLER_API_KEY=$'\r' from a CRLF
+    # .env file must not hide the key `pixcrawler login` saved.
+    key = next((clean for value in sources if value and (clean := clean_key(value))), "")
     if not key:
         path = credentials_path()
         try:

@@ -31,6 +31,7 @@ import click
 from . import __version__, config, export
 from .auth import (
     NO_KEY_MESSAGE,
+    clean_key,
     key_problem,
     resolve_api_key,
     resolve_base_url,
@@ -203,6 +204,9 @@ def _report(exc: BaseException, code: int, message: str) -> int:
     return code
 
 
+_EXTRA_ARGUMENTS = "Got unexpected extra argument"  # click's words, then the arguments
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     global _session
@@ -234,6 +238,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
         # One line, as every other error (not click's usage block and hint before it).
         message = exc.format_message()
+        if message.startswith(_EXTRA_ARGUMENTS):  # `info <key> ...`, --api-key forgotten
+            words = message.partition(" (")[0]
+            message = f"{words} (not shown: {'one' if words.endswith('s') else 'it'} may be a key)"
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             message += f" (see `{exc.ctx.command_path} --help`)"
         sys.stderr.write(_printable(redact(f"Error: {message}\n")))
@@ -633,7 +640,7 @@ def format_table(jobs: Sequence[Job]) -> str:
                 name,
                 status,
                 f"{images:,}" if images else "-",  # a summary of an uncounted job says 0
-                human_size(job.size_bytes) if completed or job.size_bytes else "-",
+                human_size(job.size_bytes) if job.size_bytes else "-",  # 0: not listed
                 created.strftime("%Y-%m-%d %H:%M:%S") if created else "-",
             )
         )
@@ -712,6 +719,8 @@ def login(api_key: str | None) -> None:
       pixcrawler login < my_key.txt
     """
     if api_key is None:
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise CliError("no API key given (no input to read it from)", EXIT_USAGE)
         if sys.stdin.isatty():
             try:  # (click's prompt turns end of input into Abort, which reads as Ctrl-C)
                 api_key = getpass.getpass("PixCrawler API key: ", stream=sys.stderr)
@@ -720,8 +729,7 @@ def login(api_key: str | None) -> None:
                 raise CliError("no API key given (end of input)", EXIT_USAGE) from None
         else:
             api_key = sys.stdin.readline()
-    # (A key file saved by a Windows editor starts with a byte-order mark.)
-    api_key = (api_key or "").lstrip("\ufeff").strip()
+    api_key = clean_key(api_key or "")
     _session.remember(api_key)
     if not api_key:
         raise CliError("no API key given", EXIT_USAGE)

@@ -77,6 +77,9 @@ class DatasetInfo:
     # False for a job that lists no image counts (other producers may omit them):
     # num_images is then 0 and printed as unknown.
     counts_listed: bool = True
+    # False for a job that lists its size neither whole nor for every chunk: size_bytes is
+    # then what the chunks list (0 if none) and printed as unknown.
+    size_listed: bool = True
 
     @classmethod
     def from_job(cls, job: Job) -> DatasetInfo:
@@ -89,6 +92,7 @@ class DatasetInfo:
             num_chunks=len(job.chunks),
             chunk_size=job.chunk_size,
             size_bytes=job.size_bytes or sum(c.size_bytes or 0 for c in job.chunks),
+            size_listed=bool(job.size_bytes) or all(c.size_bytes for c in job.chunks),
             labels=job.labels,
             created_at=parse_time(job.created_at),
             completed_at=parse_time(job.completed_at),
@@ -110,7 +114,7 @@ class DatasetInfo:
                 f"Status: {self.status}",
                 f"Images: {self.num_images:,}" if self.counts_listed else "Images: unknown",
                 f"Chunks: {self.num_chunks:,}",
-                f"Size: {human_size(self.size_bytes)}",
+                f"Size: {human_size(self.size_bytes)}" if self.size_listed else "Size: unknown",
                 f"Created: {created}",
                 f"Labels: {', '.join(self.labels) or '-'} ({len(self.labels)} {noun})",
             ]
