@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import urllib3
 
+import pixcrawler
 from constants import (
     EXIF_ROTATED_ID,
     EXIF_ROTATED_STORED_SIZE,
@@ -43,6 +45,13 @@ from constants import (
 from imagegen import make_image, make_image_folder, save_image
 from pixcrawler import config
 from pixcrawler.packer import PackResult, pack, write_job
+
+# This checkout's code, in the tests (pyproject's pythonpath) and in every process they
+# start, whatever copy of the package the environment has installed.
+SRC = Path(__file__).resolve().parents[1] / "src"
+if not Path(pixcrawler.__file__).resolve().is_relative_to(SRC):
+    raise ImportError(f"the tests import pixcrawler from {pixcrawler.__file__}, not from {SRC}")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
 
 __all__ = ["TEST_KEY", "LiveServer", "PackedStore"]
 
