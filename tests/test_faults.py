@@ -241,6 +241,47 @@ def test_stop_wakes_handlers_blocked_on_a_silent_upstream(headers: bool) -> None
         silent.close()
 
 
+@pytest.mark.timeout(20)
+def test_stop_wakes_a_handler_blocked_connecting_to_its_upstream() -> None:
+    # An upstream that listens and never accepts: with its accept queue full (listen(0)
+    # holds one connection) the kernel drops every further SYN, so a connect() blocks.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    address = listener.getsockname()
+    fillers: list[socket.socket] = []
+    clients: list[socket.socket] = []
+    before = set(threading.enumerate())
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(address)
+            fillers.append(filler)
+        with socket.socket() as probe:  # the trick works here: a connect does block
+            probe.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                probe.connect(address)
+        proxy = FaultProxy(f"http://127.0.0.1:{address[1]}", upstream_timeout=30).start()
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        clients.append(client)
+        client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 5
+        while proxy.stats.requests < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.stats.requests == 1
+        time.sleep(0.2)  # the handler is now in connect(), which nothing answers
+        handlers = [t for t in threading.enumerate() if t not in before and "-conn" in t.name]
+        assert len(handlers) == 1
+        started = time.monotonic()
+        proxy.stop()
+        assert time.monotonic() - started < 1.0  # not the 2 s join, nor upstream_timeout
+        assert [t for t in handlers if t.is_alive()] == []
+    finally:
+        for sock in clients + fillers:
+            sock.close()
+        listener.close()
+
+
 def test_stop_returns_quickly_during_a_stall(
     upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
 ) -> None:
@@ -385,6 +426,18 @@ def test_ignore_range_on_a_request_without_range_is_not_applied(
         stats = proxy.stats
     assert ranged.status == 200 and ranged.data == data
     assert stats.faults == {"ignore_range": 1}
+    assert stats.faults_skipped == {"ignore_range": 1}
+
+
+def test_ignore_range_on_a_request_with_only_if_range_is_not_applied(
+    upstream: StaticServer, pool: urllib3.PoolManager, data: bytes
+) -> None:
+    # If-Range without Range asks for no range (RFC 9110 ignores it): nothing to ignore.
+    with proxy_with(upstream, Fault("ignore_range")) as proxy:
+        response = pool.request("GET", proxy.base_url + CHUNK, headers={"If-Range": '"x"'})
+        stats = proxy.stats
+    assert response.status == 200 and response.data == data
+    assert stats.faults == {}
     assert stats.faults_skipped == {"ignore_range": 1}
 
 

@@ -368,9 +368,43 @@ class _TrackedConnection(http.client.HTTPConnection):
     ) -> None:
         super().__init__(host, port, timeout=timeout)
         self._server = server
+        # http.client's connect() opens its socket with this, then sets TCP_NODELAY.
+        self._create_connection = self._open_tracked
+
+    def _open_tracked(
+        self,
+        address: tuple[str, int],
+        timeout: float | None,
+        source_address: tuple[str, int] | None = None,
+    ) -> socket.socket:
+        """socket.create_connection, but each socket is registered before it connects:
+        stop() shuts it down, which aborts a connect() blocked on an upstream that does not
+        accept (its accept queue full, SYNs dropped) at once, not after ``timeout``."""
+        host, port = address
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM
+        ):
+            sock = None
+            try:
+                sock = socket.socket(family, kind, proto)
+                # Refused (the socket closed) once stopping began: so is every next address.
+                self._server.track_upstream(sock)
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                error = exc
+                continue
+            return sock
+        raise error if error is not None else OSError(f"getaddrinfo found no address for {host}")
 
     def connect(self) -> None:
         super().connect()
+        # HTTPS: the TLS socket that wraps (and took over) the one registered above.
         self._server.track_upstream(self.sock)
 
 
@@ -448,7 +482,7 @@ class _ProxyHandler(_QuietHandler):
         drop = None
         if fault is not None and fault.kind == "ignore_range":
             drop = _RANGE_HEADERS
-            if any(name.lower() in _RANGE_HEADERS for name in self.headers):
+            if "Range" in self.headers:  # If-Range alone asks for no range: nothing to ignore
                 self._applied()
         try:
             response = self._forward(target, body, drop)
