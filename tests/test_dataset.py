@@ -34,7 +34,7 @@ from helpers import copy_without_counts, corrupt_copy, digest, edited_copy
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
-from pixcrawler.client import ApiClient
+from pixcrawler.client import ApiClient, job_path
 from pixcrawler.dataset import group_bounds
 from pixcrawler.decode import ImageDecoder
 from pixcrawler.exceptions import DecompressionError, MixedImageSizesError, PixCrawlerError
@@ -462,6 +462,95 @@ def test_an_iterator_still_held_when_its_dataset_closes_says_the_dataset_is_clos
     with pytest.raises(PixCrawlerError, match=r"^the dataset is closed$"):
         for _ in images:
             pass
+
+
+def test_a_held_iterator_gives_nothing_more_once_its_dataset_closes_and_its_threads_end(
+    live_server: LiveServer,
+) -> None:
+    """It went on handing out the decode group in hand (31 images), and its decode
+    threads lived until it was dropped."""
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    images = iter(dataset)
+    next(images)
+    time.sleep(0.2)  # the groups in flight have decoded
+    decoding = [t for t in threading.enumerate() if t.name.startswith("pixcrawler-decode")]
+    assert decoding
+    dataset.close()
+    for thread in decoding:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    more = 0
+    with pytest.raises(PixCrawlerError, match=r"^the dataset is closed$"):
+        for _ in images:
+            more += 1
+    assert more == 0
+
+
+def test_an_iterator_collected_on_its_own_decode_thread_cleans_up(live_server: LiveServer) -> None:
+    """The garbage collector may finalize an iterator it finds in a cycle on any thread, one
+    of its own decode threads too: that thread cannot wait for its own pool to end, and
+    the RuntimeError skipped the rest of the cleanup (the downloader stayed registered)."""
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    samples = dataset.iter_samples()
+    next(samples)
+    (pool,) = dataset._pools
+    pool.submit(samples.close).result(timeout=30)  # as the collector would, on that thread
+    assert not dataset._downloaders
+    assert digest(dataset) == digest(load_dataset(JOB_UNIFORM, live_server.api_key,
+                                                   live_server.base_url))  # fmt: skip
+    dataset.close()
+
+
+def test_num_images_of_a_job_listing_some_chunks_counts_is_unknown_not_their_sum(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """It said the counted chunks' sum, so tqdm(total=dataset.num_images) ran past 100%."""
+
+    def drop_last_count(job: dict[str, Any]) -> None:
+        del job["total_images"], job["chunks"][-1]["image_count"]
+
+    base_url = server_factory(
+        edited_copy(live_server.store, tmp_path, JOB_UNIFORM, drop_last_count)
+    )
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, base_url)
+    assert dataset.num_images == 0 and dataset.info.num_images == 0
+    assert "images=0" in repr(dataset) and "Images: unknown" in str(dataset.info)
+    with pytest.raises(TypeError, match="no image counts"):
+        len(dataset)
+    assert len(list(dataset)) == UNIFORM_TOTAL
+
+
+def test_a_warning_with_progress_on_points_at_the_callers_loop_not_at_tqdm(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    pytest.importorskip("tqdm")
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (3,)))
+    dataset = load_dataset(
+        JOB_UNIFORM, live_server.api_key, base_url, on_error="warn", progress=True
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in dataset:
+            pass
+    skipped = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert [w.filename for w in skipped] == [__file__], [str(w) for w in skipped]
+
+
+@pytest.mark.parametrize("job_id", [None, float("nan"), 1.0, True])
+def test_a_job_id_of_another_type_is_refused_not_asked_for_as_text(
+    live_server: LiveServer, job_id: Any
+) -> None:
+    """None was asked for as GET /jobs/None: "job 'None' not found"."""
+    with pytest.raises(ValueError, match="job_id must be an int or a string"):
+        load_dataset(job_id, live_server.api_key, live_server.base_url)
+    assert job_path(np.int64(7)) == "/jobs/7"  # type: ignore[arg-type]
+
+
+def test_chunks_of_another_type_are_refused_by_name(uniform: Dataset) -> None:
+    """chunks=["1"] said "the job lists no chunk 1", though it does."""
+    with pytest.raises(ValueError, match=r"chunks must list chunk indexes \(ints\), got '1'"):
+        next(uniform.iter_samples(chunks=["1"]))  # type: ignore[list-item]
+    assert [s.chunk_id for s, _ in uniform.iter_samples(chunks=[np.int64(1)])][:1] == [1]
 
 
 def test_repr_never_shows_the_key(uniform: Dataset, live_server: LiveServer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import signal
@@ -21,12 +22,13 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, TEST_KEY, UNIFORM_CHUNK_SIZE, UNIFORM_SIZE, UNIFORM_TOTAL
-from helpers import close_while_consuming, corrupt_copy, reachable_buffers, settles
+from helpers import close_while_consuming, corrupt_copy, edited_copy, reachable_buffers, settles
 from imagegen import make_image_folder
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
@@ -319,6 +321,43 @@ def test_an_error_its_caller_keeps_keeps_no_chunk_batch_or_array(
     # Only the frames' locals go: the cause still prints where the decode failed.
     printed = "".join(traceback.format_exception(kept))
     assert "decode.py" in printed and "in decode" in printed, printed
+
+
+@pytest.mark.parametrize("fault", ["count", "not a zip", "missing"])
+def test_a_chunk_error_its_caller_keeps_keeps_no_chunk_or_decode_group(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path, fault: str
+) -> None:
+    """Through the frames it came out of, a chunk's error (a count the chunk disagrees
+    with, bytes that are no zip, a chunk the host has lost) kept that chunk's bytes, the
+    open archive and the last decode group's images for as long as it was kept."""
+    store = tmp_path / "store"
+    chunk = store / JOB_UNIFORM / "chunks" / "00001.zip"
+    garbage = b"not a zip at all " * 20_000
+
+    def edit(job: dict[str, Any]) -> None:
+        if fault == "count":
+            job["chunks"][1]["image_count"] += 1
+            job["total_images"] += 1
+        elif fault == "not a zip":
+            job["chunks"][1]["sha256"] = hashlib.sha256(garbage).hexdigest()
+            job["chunks"][1]["size_bytes"] = len(garbage)
+            job.pop("size_bytes", None)
+
+    edited_copy(live_server.store, store, JOB_UNIFORM, edit)
+    if fault == "not a zip":
+        chunk.write_bytes(garbage)
+    elif fault == "missing":
+        chunk.unlink()
+    dataset = open_uniform(live_server, server_factory(store))
+    with pytest.raises(PixCrawlerError) as info:
+        for _ in dataset:
+            pass
+    dataset.close()
+    kept = info.value
+    del info
+    gc.collect()
+    held = reachable_buffers(kept)
+    assert sum(held) <= 3 * UNIFORM_SIZE[0] * UNIFORM_SIZE[1] * 3, (kept, held)
 
 
 def test_close_from_another_thread_during_a_stall_leaves_nothing(

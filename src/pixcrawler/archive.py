@@ -128,16 +128,17 @@ class ChunkArchive:
         )
 
     def _read_directory(self, max_members: int) -> dict[str, Member]:
+        problem = None
         try:
             entries = _central_directory(self.view, max_members)
         except _TooMany as exc:
-            raise self._error(
-                f"{exc.count} members, more than the limit of {max_members}"
-            ) from None
+            problem = f"{exc.count} members, more than the limit of {max_members}"
         except UnicodeDecodeError as exc:
             raise self._error("a member name is not valid UTF-8") from exc
         except _BadZip as exc:
-            raise self._error(f"not a valid zip archive ({exc})") from None
+            problem = f"not a valid zip archive ({exc})"
+        if problem is not None:  # raised out here: what was caught would be its context,
+            raise self._error(problem)  # its frames keeping the chunk's bytes
         members: dict[str, Member] = {}
         headers: list[tuple[int, Member]] = []  # where each member's local header starts
         for entry in entries:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import operator
 import re
 import socket
 import ssl
@@ -98,9 +99,13 @@ def api_root(base_url: str) -> str:
 
 
 def job_path(job_id: str | int) -> str:
-    if isinstance(job_id, bool):  # an int to Python, never a job id
-        raise ValueError(f"job_id must be an int or a string, got {job_id!r}")
-    text = str(job_id)
+    # Not str() of anything: None or a float nan reads as a job id that matches the pattern.
+    try:
+        if isinstance(job_id, bool):  # an int to Python, never a job id
+            raise TypeError
+        text = job_id if isinstance(job_id, str) else str(operator.index(job_id))
+    except TypeError:
+        raise ValueError(f"job_id must be an int or a string, got {job_id!r}") from None
     if not _JOB_ID_RE.fullmatch(text):
         raise ValueError(
             f"job_id must be an int or match {config.JOB_ID_PATTERN}, got {text[:80]!r}"

@@ -18,7 +18,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -230,6 +230,7 @@ class Dataset:
         # Weak, as _views: a downloader dropped unclosed (a map-style torch dataset's, say)
         # is freed with its chunk buffers instead of living as long as this dataset.
         self._downloaders: weakref.WeakSet[ChunkDownloader] = weakref.WeakSet()
+        self._pools: weakref.WeakSet[ThreadPoolExecutor] = weakref.WeakSet()  # decoding now
         self._views: weakref.WeakSet[Any] = weakref.WeakSet()  # to_torch()'s datasets
         self._closed = False
 
@@ -319,11 +320,13 @@ class Dataset:
             total = self.num_images if counts_listed(self.job) else None
             with tqdm(samples, total=total, unit="img", desc=self.job.id) as bar:
                 yield from bar
-        except BaseException:
+        except BaseException as exc:
             # The frames of an error's traceback keep the decoder, and its buffers with it,
-            # for as long as the caller keeps the error (a notebook keeps the last one).
+            # for as long as the caller keeps the error (a notebook keeps the last one); a
+            # chunk's error, that chunk's bytes and the last decode group's images too.
             if buffers is not None:
                 buffers.forget()
+            _release_left(exc)
             raise
 
     def iter_batches(
@@ -497,9 +500,12 @@ class Dataset:
         with self._lock:
             self._closed = True
             downloaders = list(self._downloaders)
+            pools = list(self._pools)
             views = list(self._views)
         for downloader in downloaders:
             downloader.close()
+        for pool in pools:  # an iterator the caller still holds: its decode threads end now
+            pool.shutdown(wait=False, cancel_futures=True)
         for view in views:  # their decode threads and cached chunks, in this process
             view.close()
         if self._client is not None:
@@ -513,8 +519,9 @@ class Dataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for live in ("_client", "_lock", "_count_lock", "_downloaders", "_views", "stats"):
-            del state[live]
+        live = ("_client", "_lock", "_count_lock", "_downloaders", "_pools", "_views", "stats")
+        for name in live:
+            del state[name]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -523,6 +530,7 @@ class Dataset:
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._downloaders = weakref.WeakSet()
+        self._pools = weakref.WeakSet()
         self._views = weakref.WeakSet()
         self.stats = DatasetStats()
 
@@ -584,7 +592,7 @@ class Dataset:
     ) -> Iterator[tuple[Sample, np.ndarray]]:
         """Decoded samples in order, ``on_error`` applied, counted in ``stats``."""
         started = time.perf_counter()
-        plan = None if chunks is None else [(index, None) for index in chunks]
+        plan = None if chunks is None else [(_chunk_index(index), None) for index in chunks]
         decoded = self.decode_chunks(decoder, plan)
         try:
             for sample, result in decoded:
@@ -615,9 +623,9 @@ class Dataset:
         is raised after every image before it.
         """
         downloader = self.downloader()
-        pool = ThreadPoolExecutor(
-            self.decode_threads, thread_name_prefix=f"{config.THREAD_PREFIX}decode"
-        )
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix=_DECODE_THREAD)
+        with self._lock:
+            self._pools.add(pool)
         inflight: deque[_Inflight] = deque()
         groups = self._groups(downloader, plan, expect)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
@@ -641,6 +649,8 @@ class Dataset:
                     if item is None:
                         break
                     archive, group, last = item
+                    if self._closed:  # (its pool is shut: submit would raise RuntimeError)
+                        raise PixCrawlerError("the dataset is closed")
                     future = pool.submit(decode_group, archive, group, decoder)
                     inflight.append(_Inflight(group, future, archive if last else None))
                     if last:
@@ -652,19 +662,32 @@ class Dataset:
                     return
                 chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)
                 done = inflight.popleft()
-                results = done.future.result()
+                try:
+                    results = done.future.result()
+                except CancelledError:  # close() came: it cancelled what had not started
+                    raise PixCrawlerError("the dataset is closed") from None
                 if done.finished is not None:  # the chunk's groups have all decoded, in order
                     downloader.recycle(done.finished.close())
                 self.stats.wait_seconds += time.perf_counter() - waited
                 group = done.group
                 del done
-                yield from zip(group, results, strict=True)
+                for pair in zip(group, results, strict=True):
+                    if self._closed:  # an iterator held past close(): nothing more from it
+                        raise PixCrawlerError("the dataset is closed")
+                    yield pair
         finally:
-            groups.close()
-            for pending in inflight:
-                pending.future.cancel()
-            pool.shutdown(wait=True)
-            self.release_downloader(downloader)
+            # Each step whatever the one before raised. The garbage collector may finalize
+            # an iterator it found in a cycle on one of this pool's own threads, which
+            # cannot wait for itself to end.
+            try:
+                groups.close()
+            finally:
+                for pending in inflight:
+                    pending.future.cancel()
+                inflight.clear()
+                on_pool = threading.current_thread().name.startswith(_DECODE_THREAD)
+                pool.shutdown(wait=not on_pool)
+                self.release_downloader(downloader)
 
     def _groups(
         self,
@@ -723,6 +746,9 @@ class Dataset:
         return None
 
 
+_DECODE_THREAD = f"{config.THREAD_PREFIX}decode"
+
+
 @dataclass
 class _Inflight:
     group: list[Sample]
@@ -738,7 +764,10 @@ def _caller_level() -> int:
     first frame outside the SDK: the user's loop, or the framework that drives it."""
     frame = sys._getframe(2)  # the caller's caller: stacklevel 2
     level = 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE)
+        or frame.f_globals.get("__name__", "").startswith("tqdm.")  # progress=True's bar
+    ):
         frame = frame.f_back
         level += 1
     return level
@@ -768,6 +797,19 @@ def decode_sample(
         error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
         error.__cause__ = exc.__cause__ or exc
         return error
+
+
+def _release_left(exc: BaseException) -> None:
+    """Clear the locals of the frames ``exc`` was raised in and came out of (every entry of
+    its traceback but the first, which is the frame handling it: they have all ended, a
+    generator's too), then those behind its causes (:func:`_release_frames`)."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None else None
+    while tb is not None:
+        with contextlib.suppress(RuntimeError):  # (none is running: only to be safe)
+            tb.tb_frame.clear()
+        tb = tb.tb_next
+    _release_frames(exc)
 
 
 def _release_frames(exc: BaseException) -> None:
@@ -875,6 +917,12 @@ def check_options(
     return size
 
 
+def _chunk_index(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):  # not "1": no chunk
+        raise ValueError(f"chunks must list chunk indexes (ints), got {value!r}")
+    return int(value)
+
+
 def positive_int(name: str, value: Any) -> int:
     """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -909,9 +957,11 @@ def _grown(images: np.ndarray, limit: int | None = None) -> np.ndarray:
 
 
 def num_images_of(job: Job) -> int:
-    if job.total_images:
-        return job.total_images
-    return sum(c.image_count or 0 for c in job.chunks)
+    """The images the job says it holds: 0 where it does not say it (see counts_listed),
+    never the sum of the counts some of its chunks list."""
+    if not counts_listed(job):
+        return 0
+    return job.total_images or sum(c.image_count or 0 for c in job.chunks)
 
 
 def load_dataset(
