@@ -681,28 +681,29 @@ class _Streaming(_TorchBridge):
         # Pad as DistributedSampler does, with what follows the slice, wrapping as often as
         # it takes (a slice may skip more images than the rest of the job holds). Errors
         # met here are some other worker's to report (or this one's, met again): skip them.
+        # As many positions at a time as images are missing: a plan reaching further would
+        # download (and prefetch) chunks for images never taken, every epoch.
         start = hi
-        while True:
-            found = 0
+        barren = 0  # positions met in a row that did not decode
+        while missing:
+            span = missing
             extra = handle.decode_chunks(
-                local.decoder,
-                sequence.segments(start, start + self._total),
-                expect=self._counts,
+                local.decoder, sequence.segments(start, start + span), expect=self._counts
             )
             try:
                 for sample, result in extra:
                     if isinstance(result, np.ndarray):
                         handle.accept(sample, result)  # counts it
                         yield result, sample
-                        found += 1
                         missing -= 1
-                        if not missing:
-                            return
+                        barren = 0
+                    else:
+                        barren += 1
             finally:
                 extra.close()
-            if not found:  # a whole pass over the job and not one image decoded
+            if barren >= self._total:  # a whole pass over the job and not one image decoded
                 raise PixCrawlerError(f"no image of job {self.dataset.job.id} could be decoded")
-            start += self._total
+            start += span
 
 
 class _Sequence:
