@@ -20,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -1534,6 +1535,28 @@ def test_a_blank_key_in_the_environment_leaves_the_saved_key_in_use(
     assert cli.run("login", input=SECRET + "\n").returncode == 0
     result = cli.run("info", JOB_UNIFORM, "--base-url", secret_server, PIXCRAWLER_API_KEY=blank)
     assert result.returncode == 0, result
+
+
+def test_run_returns_its_exit_code_when_the_reader_of_its_output_is_gone() -> None:
+    """run() is documented to return the exit code; click's EPIPE handling raised
+    SystemExit through it."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        read, write = os.pipe()
+        os.close(read)
+        os.dup2(write, 1)
+        from pixcrawler.cli import run
+        try:
+            print("returned", run(["--version"]), file=sys.stderr)
+        except SystemExit as exc:
+            print("SystemExit", exc.code, file=sys.stderr)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50
+    )
+    assert done.stderr.splitlines()[-1] == "returned 1", done
 
 
 def test_login_with_stdin_closed_is_a_usage_error(cli: Cli) -> None:

@@ -228,6 +228,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             prog_name="pixcrawler",
             standalone_mode=False,
         )
+    except SystemExit as exc:  # click's answer to a reader gone (EPIPE): exit 1, said here
+        return exc.code if isinstance(exc.code, int) else EXIT_UNEXPECTED
     except click.exceptions.Abort as exc:  # click's wrapper of a Ctrl-C
         return _report(exc, EXIT_INTERRUPTED, "interrupted")
     except click.ClickException as exc:
