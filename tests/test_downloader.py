@@ -1621,11 +1621,220 @@ def test_a_range_shorter_than_asked_is_never_handed_out_as_the_chunk() -> None:
     data = os.urandom(10_000)
     host = _ReplacedFileHost(data, data, short_ranges=True)
     try:
-        # Unsized, 4,000 bytes looked complete; refused, the chunk is fetched whole again.
+        # Unsized, 4,000 bytes looked complete. The 206 names the file's length: the rest
+        # is asked for, 1,000 bytes an answer, each resumed where the last one ended.
         assert bytes(_fetch_unverified(host, size=None)) == data
-        assert "Range" not in host.requests[-1]
+        starts = [r["Range"].split("=")[1].split("-")[0] for r in host.requests[1:]]
+        assert starts == [str(n) for n in range(3000, 10_000, 1000)]
     finally:
         host.close()
+
+
+class _OddRanges:
+    """A blob host of ``body`` whose 206s need not be the range asked: ``answer(lo, hi)``
+    (the first and last byte asked) gives the first and last byte it sends and the file
+    length it names. A GET without ``Range`` gets the whole body, cut after ``cut`` bytes
+    when set: the first time, or every time if ``cut_every``. Keep-alive, as a CDN. An
+    answer past the range asked sends what was asked at once, the rest 0.2 s later: a
+    client that put its connection back in the pool would send its next request there, and
+    read the rest as the answer. Such requests are counted."""
+
+    def __init__(
+        self,
+        body: bytes,
+        answer: Callable[[int, int], tuple[int, int, int]],
+        cut: int | None = None,
+        cut_every: bool = False,
+    ) -> None:
+        self.ranges: list[str | None] = []
+        self.after_unread = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(_QuietHandler):
+            unread = False  # the last answer on this connection went past what was asked
+
+            def do_GET(self) -> None:
+                asked = self.headers.get("Range")
+                with lock:
+                    outer.ranges.append(asked)
+                    outer.after_unread += self.unread
+                    whole_once = outer.ranges.count(None) == 1
+                    cut_now = cut if whole_once or cut_every else None
+                if asked is None:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:cut_now])
+                    self.close_connection = cut_now is not None
+                    return
+                match = re.fullmatch(r"bytes=(\d+)-(\d*)", asked)
+                assert match is not None
+                lo, hi = int(match[1]), int(match[2] or len(body) - 1)
+                first, last, total = answer(lo, hi)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
+                self.send_header("Content-Length", str(last - first + 1))
+                self.end_headers()
+                self.unread = last > hi
+                with contextlib.suppress(OSError):  # a client that read what it asked and left
+                    self.wfile.write(body[first : min(last, hi) + 1])
+                    if self.unread:
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                        self.wfile.write(body[hi + 1 : last + 1])
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/c.bin"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> _OddRanges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _verified_downloader(host: _OddRanges, body: bytes, **options: Any) -> Any:
+    """A downloader of ``body`` from ``host`` as chunk 0, its sha256 listed; quick retries."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    client = ApiClient("k", "http://127.0.0.1:9", retry=RetryPolicy(backoff_base=0.01), timeout=5)
+    chunk = Chunk(0, host.url, len(body), hashlib.sha256(body).hexdigest())
+    return ChunkDownloader(client, [chunk], **options)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["ranges", "first of an iteration", "resume", "to a file"])
+def test_a_host_that_caps_each_range_answer_is_asked_for_the_rest(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 206 ends after 48 KiB at most, its Content-Range saying so (some CDNs cap
+    ranged answers): its bytes are kept and the rest asked for, no failure and no backoff.
+    Each split range, and a resume, was refused as corrupt, so a chunk split into ranges
+    failed twice: "the server's copy may be bad", though one stream worked."""
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    body, cap = os.urandom(512 * 1024), 48 * 1024
+    cut = 100_000 if how == "resume" else None
+    with _OddRanges(body, lambda lo, hi: (lo, min(hi, lo + cap - 1), len(body)), cut) as host:
+        downloader = _verified_downloader(host, body, max_workers=4)
+        try:
+            if how == "ranges":
+                assert bytes(downloader.fetch(0, ranges=4)) == body
+            elif how == "first of an iteration":
+                assert [bytes(data) for _, data in downloader.iter_chunks()] == [body]
+            elif how == "resume":
+                assert bytes(downloader.fetch(0, ranges=1)) == body
+            else:
+                (tmp_path / "c.bin.part").write_bytes(body[:100_000])
+                downloader.fetch_to_file(0, tmp_path / "c.bin")
+                assert (tmp_path / "c.bin").read_bytes() == body
+        finally:
+            downloader.close()
+        transfer = downloader.stats
+        assert transfer.checksum_failures == 0
+        assert transfer.retries == (1 if how == "resume" else 0)  # the cut, nothing more
+        if how in ("ranges", "first of an iteration"):  # 128 KiB a range, 3 answers each
+            assert None not in host.ranges and len(host.ranges) == transfer.requests == 12
+        else:  # whatever was held, then every answer from where the last one ended
+            held = [100_000 + n * cap for n in range(-(-(len(body) - 100_000) // cap))]
+            asked = [r.split("=")[1].split("-")[0] for r in host.ranges if r is not None]
+            assert asked == [str(n) for n in held]
+        assert host.after_unread == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_range_answered_to_the_end_of_the_file_is_read_only_as_far_as_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host that sends the rest of the file from a range's first byte (its end ignored,
+    Content-Range saying so): each range takes the bytes it asked for, and its connection,
+    the rest unread, is closed, not handed to the next request. It was refused as corrupt."""
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    body = os.urandom(512 * 1024)
+    with _OddRanges(body, lambda lo, hi: (lo, len(body) - 1, len(body))) as host:
+        downloader = _verified_downloader(host, body, max_workers=4)
+        try:
+            for _ in range(2):  # the second on the connections the first left, if any
+                assert bytes(downloader.fetch(0, ranges=4)) == body
+        finally:
+            downloader.close()
+        assert downloader.stats.checksum_failures == downloader.stats.retries == 0
+        assert len(host.ranges) == 8 and None not in host.ranges
+        assert host.after_unread == 0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("odd", ["another first byte", "another file length"])
+def test_a_range_answered_from_another_byte_or_file_is_still_refused(
+    odd: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 206 that starts at another byte than asked, or names a file of another length,
+    is not part of this chunk, whatever its end: corrupt, fetched again, then the error."""
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    body = os.urandom(512 * 1024)
+
+    def answer(lo: int, hi: int) -> tuple[int, int, int]:
+        if odd == "another first byte":
+            return max(lo - 1, 0), hi, len(body)  # (the first range starts where asked)
+        return lo, hi, len(body) + 1
+
+    with _OddRanges(body, answer) as host:
+        downloader = _verified_downloader(host, body, max_workers=4)
+        try:
+            with pytest.raises(DownloadError, match=r"is corrupt: chunk 0: .*twice") as info:
+                downloader.fetch(0, ranges=4)
+        finally:
+            downloader.close()
+        assert info.value.chunk_id == 0 and downloader.stats.checksum_failures == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["ranges", "resume"])
+def test_a_host_that_answers_a_range_a_byte_at_a_time_is_not_asked_for_ever(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 206 carries one byte: ranges are of no use on that host, and "ask for the
+    rest" alone would make ~500,000 requests. A chunk split into ranges comes as one
+    stream instead; a resume starts over from byte 0, asking for no range, as a failure
+    (with its backoff, within the retries). Refused as corrupt, it cost a resume one of
+    the chunk's two downloads, and a chunk split into ranges the chunk."""
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 64 * 1024)
+    body = os.urandom(512 * 1024)
+    cut = 100_000 if how == "resume" else None
+    with _OddRanges(body, lambda lo, hi: (lo, lo, len(body)), cut) as host:
+        downloader = _verified_downloader(host, body, max_workers=4)
+        try:
+            assert bytes(downloader.fetch(0, ranges=4 if how == "ranges" else 1)) == body
+        finally:
+            downloader.close()
+        assert downloader.stats.checksum_failures == 0
+        if how == "ranges":  # up to four ranges, one byte each, then one stream
+            assert host.ranges.count(None) == 1 and len(host.ranges) <= 5
+            assert downloader.stats.retries == 0
+        else:  # cut; one byte from where the cut left off; then the whole body
+            assert host.ranges == [None, f"bytes=100000-{len(body) - 1}", None]
+            assert downloader.stats.retries == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_given_a_byte_at_a_time_ends_within_its_retries() -> None:
+    """Every whole body cut after 100,000 bytes, every range answered with one byte: each
+    try is a failure, so the chunk fails after its retries (four requests), not a byte at
+    a time."""
+    body = os.urandom(512 * 1024)
+    with _OddRanges(body, lambda lo, hi: (lo, lo, len(body)), 100_000, cut_every=True) as host:
+        downloader = _verified_downloader(host, body, max_workers=1)
+        try:
+            with pytest.raises(DownloadError, match="after 4 attempts: ranges of no use: 1 byte"):
+                downloader.fetch(0, ranges=1)
+        finally:
+            downloader.close()
+        assert host.ranges == [None, f"bytes=100000-{len(body) - 1}"] * 2
 
 
 def test_a_length_header_with_a_digit_int_refuses_is_no_length() -> None:

@@ -152,6 +152,13 @@ _MAX_DIGITS = 20
 _CONTENT_RANGE = re.compile(
     r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)", re.ASCII | re.IGNORECASE
 )
+# A 206 that ends before the byte asked for (a host that caps each ranged answer, as some
+# CDNs do) is kept, and the rest asked for at once: progress, not a failure, while it
+# brings 64 KiB or 1/1024 of the stream, whichever is less. So a stream takes at most
+# max(1024, its bytes / 64 KiB) such answers; a shorter one says that ranges are of no use
+# on that host (see _ShortRange).
+_SHORT_RANGE_FLOOR = 64 << 10
+_SHORT_RANGES = 1024
 
 
 @functools.cache
@@ -244,7 +251,16 @@ class _IntegrityError(Exception):
 
 
 class _RangeIgnored(Exception):
-    """The server answered a ranged request with the whole body."""
+    """The server answered a ranged request with the whole body, or with too little of the
+    range to be worth asking again (see _ShortRange)."""
+
+
+class _ShortRange(Exception):
+    """A 206 brought less of the range than a short answer must (see _SHORT_RANGES): on
+    that host ranges are of no use. A single stream starts over from byte 0, asking for no
+    range (as it does when a host answers a range with the whole body), but as a failure,
+    after a backoff: a host that answers a byte at a time costs a few requests, not one a
+    byte. (A part raises _RangeIgnored instead: the chunk comes as one stream.)"""
 
 
 class _Cancelled(PixCrawlerError):
@@ -818,6 +834,7 @@ class ChunkDownloader:
                 if (etag := self._etags.get(index)) is not None:
                     headers["If-Range"] = etag
             retry_after: float | None = None
+            until = end  # where this answer's bytes end (a 206's range may end elsewhere)
             response: urllib3.BaseHTTPResponse | None = None
             connections: list[HTTPConnection] = []  # tracked while the headers are due
             complete = False
@@ -862,7 +879,7 @@ class ChunkDownloader:
                     sink.restart()
                     hasher = _reset(hasher)
                 elif status == 206:
-                    total = _check_content_range(response, pos, end, chunk.size_bytes, index)
+                    until, total = _check_content_range(response, pos, end, chunk.size_bytes, index)
                     if end is None and not part:
                         end = total  # an unsized chunk: the rest ends where its file does
                 elif status == 416 and not part and pos > 0:
@@ -875,8 +892,14 @@ class ChunkDownloader:
                         hasher = _reset(hasher)
                         continue
                 if status in (200, 206):
-                    _check_length(response, pos, end)
-                    while block := _receive_block(response, sink, pos, end):
+                    _check_length(response, pos, until)
+                    # A range that runs past the bytes due (a host that sent the rest of the
+                    # file) is read only up to them; its connection, the rest unread, is
+                    # closed, not reused.
+                    late = until is not None and end is not None and until > end
+                    due = end if late or until is None else until
+                    begun = pos
+                    while block := _receive_block(response, sink, pos, due):
                         if cancel.is_set():
                             raise _Cancelled()
                         if hasher is not None:
@@ -884,15 +907,31 @@ class ChunkDownloader:
                         pos += len(block)
                         progress.received[key] = pos - key
                         self.stats.add(bytes_received=len(block))
-                    if end is not None and pos >= end and _more_to_come(response):
+                    if end is not None and pos >= end and not late and _more_to_come(response):
                         raise _IntegrityError(
                             "the server sent more bytes than the chunk's listed size"
                         )
                     if end is None or pos >= end:
-                        complete = True
+                        complete = not late
                         return hasher
-                    raise urllib3.exceptions.ProtocolError(
-                        f"connection closed at byte {pos} of {end}"
+                    if due is None or pos < due:
+                        raise urllib3.exceptions.ProtocolError(
+                            f"connection closed at byte {pos} of {due}"
+                        )
+                    # A range that ended early, every byte of it in (a host that caps its
+                    # ranged answers): kept, and the rest asked for at once, unless it
+                    # brought too little to be worth asking again (see _SHORT_RANGES).
+                    if _more_to_come(response):
+                        raise _IntegrityError("the server sent more bytes than its range named")
+                    complete = True
+                    floor = min(_SHORT_RANGE_FLOOR, -(-(end - start) // _SHORT_RANGES))
+                    if pos - begun >= floor:
+                        continue
+                    if part:
+                        raise _RangeIgnored()  # one stream, asked for no range, instead
+                    raise _ShortRange(
+                        f"ranges of no use: {counted(pos - begun, 'byte')} of the "
+                        f"{end - begun} asked from byte {begun}"
                     )
                 # Whether the host that refused is a blob host: where the URL led, which
                 # an API path redirecting to a presigned URL makes another host than its own.
@@ -936,7 +975,8 @@ class ChunkDownloader:
                         status_code=status,
                         retry_after=retry_after,
                     )
-            except _Changed as exc:  # from byte 0 again, after a backoff, as a failure
+            except (_Changed, _ShortRange) as exc:
+                # From byte 0 again, after a backoff, as a failure.
                 pos = start = 0
                 end = listed_end
                 sink.restart()
@@ -1181,26 +1221,34 @@ def _check_length(response: urllib3.BaseHTTPResponse, pos: int, end: int | None)
 
 def _check_content_range(
     response: urllib3.BaseHTTPResponse, pos: int, end: int | None, size: int | None, index: int
-) -> int | None:
-    """A 206 must be the range asked for (to ``end``, or to the end of the file when the
-    chunk's size is not listed) of a file of the chunk's listed size; returns that file's
-    length when the server says it. Blob stores answer a range whole; anything else (a
-    part of it, a range of a file of another length) is not stitched into the chunk."""
+) -> tuple[int, int | None]:
+    """A 206 must start at the byte asked for, in a file of the chunk's listed size; returns
+    where its range ends (exclusive) and that file's length when the server says it.
+
+    Its end may differ from the one asked: a host that caps each ranged answer ends it
+    early (the caller asks for the rest), one that sends the rest of the file from the
+    range's start ends it late (the caller reads no further than it asked). Anything else
+    (another first byte, a range of a file of another length, bytes past the file's end)
+    is not stitched into the chunk. Without a listed size, a range that names no file
+    length is refused: nothing would say where the chunk ends."""
     value = response.headers.get("Content-Range", "")
     match = _CONTENT_RANGE.fullmatch(value.strip())
     if match is None or int(match[1]) != pos:
         raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value[:100]!r}")
-    last = int(match[2])
+    stop = int(match[2]) + 1
     total = None if match[3] == "*" else int(match[3])
-    due = end if end is not None else total
-    if due is None or last != due - 1:
+    if stop <= pos or (total is not None and stop > total) or (end is None and total is None):
         asked = f"{pos}-{'' if end is None else end - 1}"
         raise _IntegrityError(f"chunk {index}: asked for bytes {asked}, got range {value[:100]!r}")
     if size is not None and total is not None and total != size:
         raise _IntegrityError(
             f"chunk {index}: the server's file is {total} bytes, not the {size} listed"
         )
-    return total
+    if size is not None and stop > size:
+        raise _IntegrityError(
+            f"chunk {index}: got range {value[:100]!r} of a file listed as {size} bytes"
+        )
+    return stop, total
 
 
 def _unsatisfied_length(response: urllib3.BaseHTTPResponse) -> int | None:
