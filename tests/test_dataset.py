@@ -467,16 +467,20 @@ def test_an_iterator_still_held_when_its_dataset_closes_says_the_dataset_is_clos
 def test_a_held_iterator_gives_nothing_more_once_its_dataset_closes_and_its_threads_end(
     live_server: LiveServer,
 ) -> None:
-    """It went on handing out the decode group in hand (31 images), and its decode
-    threads lived until it was dropped."""
+    """It went on handing out the decode group in hand (31 images), and its decode and
+    download threads lived until it was dropped."""
     dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
     images = iter(dataset)
     next(images)
     time.sleep(0.2)  # the groups in flight have decoded
-    decoding = [t for t in threading.enumerate() if t.name.startswith("pixcrawler-decode")]
-    assert decoding
+    working = [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(("pixcrawler-decode", "pixcrawler-download"))
+    ]
+    assert {t.name.split("_")[0] for t in working} == {"pixcrawler-decode", "pixcrawler-download"}
     dataset.close()
-    for thread in decoding:
+    for thread in working:
         thread.join(timeout=5)
         assert not thread.is_alive()
     more = 0

@@ -1011,6 +1011,38 @@ def test_the_first_chunk_is_fetched_alone(tmp_path: Path, monkeypatch: pytest.Mo
         downloader.close()
 
 
+def test_an_iteration_closed_on_its_own_download_thread_cleans_up_and_close_ends_its_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The garbage collector may finalize an iteration it found in a cycle on one of its
+    own download threads, which cannot wait for its pool to end: the RuntimeError skipped
+    the rest of the cleanup. And close() left the threads of an iteration its caller still
+    held running until the iteration was dropped."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    chunks = _ranged_blobs(tmp_path, 3, monkeypatch)
+    with StaticServer(tmp_path) as host:
+        downloader = ChunkDownloader(ApiClient("k", "http://127.0.0.1:9"), chunks(host.base_url))
+        iteration = downloader.iter_chunks(recycles=True)
+        next(iteration)
+        (pool,) = downloader._pools
+        pool.submit(iteration.close).result(timeout=30)  # as the collector would, there
+        assert not downloader._recycling  # its hooks went with the rest of the cleanup
+
+        held = downloader.iter_chunks()
+        next(held)
+        time.sleep(0.2)  # the window's fetches have ended: the pool's threads idle
+        threads = [t for t in threading.enumerate() if t.name.startswith("pixcrawler-download")]
+        assert threads
+        downloader.close()
+        for thread in threads:
+            thread.join(timeout=5)
+            assert not thread.is_alive()
+        with pytest.raises(PixCrawlerError, match="cancelled"):
+            next(held)  # not the chunks fetched ahead before close(), nor a silent end
+
+
 def test_a_first_chunk_that_fails_starts_no_other_transfer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -159,6 +159,7 @@ _CONTENT_RANGE = re.compile(
 # on that host (see _ShortRange).
 _SHORT_RANGE_FLOOR = 64 << 10
 _SHORT_RANGES = 1024
+_DOWNLOAD_THREAD = f"{config.THREAD_PREFIX}download"
 
 
 @functools.cache
@@ -400,6 +401,7 @@ class ChunkDownloader:
         self._part_pool: ThreadPoolExecutor | None = None
         self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
         self._recycling: list[_Recycling] = []  # the recycling iteration's hooks
+        self._pools: weakref.WeakSet[ThreadPoolExecutor] = weakref.WeakSet()  # iter_chunks'
         self._progress: dict[int, _Progress] = {}  # chunks being fetched
         # The re-read of the job's URLs under way, if any: every transfer whose URL expires
         # meanwhile waits for it instead of asking the API again.
@@ -507,7 +509,9 @@ class ChunkDownloader:
         cancel = threading.Event()
         # max_workers bounds the transfers at once, however many chunks the window holds.
         workers = min(self.prefetch, self.max_workers)
-        pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{config.THREAD_PREFIX}download")
+        pool = ThreadPoolExecutor(workers, thread_name_prefix=_DOWNLOAD_THREAD)
+        with self._lock:
+            self._pools.add(pool)
         window: deque[tuple[int, Future[bytearray]]] = deque()
         held = 0  # chunks handed out and not recycled yet (counted when recycles=True)
         starved = False  # the consumer found the last chunk it asked for not ready
@@ -518,7 +522,7 @@ class ChunkDownloader:
             nonlocal first
             started = None
             with lock:
-                if cancel.is_set():  # closed: the pool may be shut down
+                if cancel.is_set() or self._closed.is_set():  # the pool may be shut down
                     return
                 room = self.prefetch + 1 - held if recycles else self.prefetch
                 want = max(least, min(room, self.prefetch))
@@ -538,7 +542,10 @@ class ChunkDownloader:
                         ranges: int | None = self.max_workers
                     else:
                         ranges = None if starved or (least > 0 and not window) else 1
-                    future = pool.submit(self.fetch, index, cancel, ranges=ranges)
+                    try:
+                        future = pool.submit(self.fetch, index, cancel, ranges=ranges)
+                    except RuntimeError:  # close() shut the pool down meanwhile
+                        return
                     window.append((index, future))
                     if first is None:
                         first = started = future
@@ -579,13 +586,18 @@ class ChunkDownloader:
             self._recycling.append(hooks)
         try:
             while True:
+                if self._closed.is_set():  # nothing more, nor an end that looks complete
+                    raise _Cancelled()
                 fill(least=1)  # the consumer waits for a chunk: fetch one even when it holds many
                 if not window:
                     return
                 index, future = window.popleft()
                 # The first chunk is always waited for; later waits mean the network lags.
                 starved = future is not first and not future.done()
-                data = self.wait_for(index, future)
+                try:
+                    data = self.wait_for(index, future)
+                except CancelledError:  # close() shut the pool down before it started
+                    raise _Cancelled() from None
                 if recycles:
                     # The window refills when a chunk comes back or the next is asked for,
                     # not now: a fetch started now would compete with the opening and
@@ -606,7 +618,9 @@ class ChunkDownloader:
             # last chunk fetched ahead through it, as it would through the window.)
             _cancel_each([future for _, future in window])
             self._abort(cancel)
-            pool.shutdown(wait=True)
+            # Not waiting on a thread of this pool: the garbage collector may finalize an
+            # iteration it found in a cycle on one, which cannot wait for itself to end.
+            pool.shutdown(wait=not threading.current_thread().name.startswith(_DOWNLOAD_THREAD))
             window.clear()
             refills.clear()
 
@@ -673,9 +687,12 @@ class ChunkDownloader:
         self._closed.set()
         with self._lock:
             events = list(self._active)
+            pools = list(self._pools)
         for event in events:
             event.set()
             self._abort(event)
+        for pool in pools:  # an iteration its caller still holds: its threads end now
+            pool.shutdown(wait=False, cancel_futures=True)
         if self._part_pool is not None:
             self._part_pool.shutdown(wait=True, cancel_futures=True)
             self._part_pool = None
