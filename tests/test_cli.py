@@ -1636,6 +1636,9 @@ def test_a_size_the_job_does_not_list_is_unknown_not_0_bytes(cli: Cli) -> None:
     with _canned_json(200, job) as host:
         result = cli.run("info", "job_x", *api(host.base_url, SECRET))
     assert "Size: 3.0 KB" in result.stdout.splitlines(), result
+    with _canned_json(200, {"id": "job_x", "status": "running", "progress": 40}) as host:
+        result = cli.run("info", "job_x", *api(host.base_url, SECRET))
+    assert "Size: unknown" in result.stdout.splitlines(), result  # not yet: not 0 B
     listing = {"items": [{"id": "job_x", "status": "completed", "total_images": 10}]}
     with _canned_json(200, listing) as host:
         result = cli.run("list", *api(host.base_url, SECRET))

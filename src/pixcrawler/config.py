@@ -19,7 +19,7 @@ DEFAULT_PAGE_SIZE = 50
 
 # Retries: "3 retries" is up to 4 attempts, exponential backoff with full jitter.
 DEFAULT_RETRIES = 3
-DEFAULT_BACKOFF_BASE = 0.5  # seconds; attempt n waits uniform(0, min(cap, base * 2**n))
+DEFAULT_BACKOFF_BASE = 0.5  # seconds; after n failures, uniform(0, min(cap, base * 2**(n-1)))
 DEFAULT_BACKOFF_MAX = 30.0
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After is raised to the caller, not slept
 MAX_ERROR_MESSAGE = 300  # characters of a server's error message kept in an exception

@@ -92,7 +92,7 @@ class DatasetInfo:
             num_chunks=len(job.chunks),
             chunk_size=job.chunk_size,
             size_bytes=job.size_bytes or sum(c.size_bytes or 0 for c in job.chunks),
-            size_listed=bool(job.size_bytes) or all(c.size_bytes for c in job.chunks),
+            size_listed=size_listed(job),
             labels=job.labels,
             created_at=parse_time(job.created_at),
             completed_at=parse_time(job.completed_at),
@@ -945,6 +945,14 @@ def counts_listed(job: Job) -> bool:
         return True
     # Only a completed job lists its chunks: no chunk of another one is no count.
     return job.status == "completed" and all(c.image_count is not None for c in job.chunks)
+
+
+def size_listed(job: Job) -> bool:
+    """Whether the job says how many bytes it holds: ``size_bytes``, or every chunk's (only
+    a completed job lists its chunks: one still running has no size yet)."""
+    if job.size_bytes:
+        return True
+    return job.status == "completed" and all(c.size_bytes for c in job.chunks)
 
 
 def _grown(images: np.ndarray, limit: int | None = None) -> np.ndarray:

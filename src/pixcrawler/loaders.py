@@ -877,8 +877,9 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
 
     The image shape is fixed when ``image_size`` (here or at ``load_dataset``) or the job's
     own uniform size fixes it, else ``(None, None, C)``; mixed sizes then need
-    ``image_size`` (or a ``map`` that resizes) before ``batch``. With ``on_error="raise"``
-    the cardinality is known (``len(tf_dataset)`` works). Each iteration (each Keras epoch)
+    ``image_size`` (or a ``map`` that resizes) before ``batch``. With ``on_error="raise"``,
+    on a job that lists its image counts, the cardinality is known (``len(tf_dataset)``
+    works). Each iteration (each Keras epoch)
     streams the chunks again.
 
     Example:

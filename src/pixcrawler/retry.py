@@ -1,7 +1,7 @@
 """Retry policy shared by the API client and the chunk downloader.
 
-"3 retries" means up to 4 attempts. Attempt ``n`` (0-based count of failures so far)
-waits ``uniform(0, min(backoff_max, backoff_base * 2**n))`` -- exponential backoff with
+"3 retries" means up to 4 attempts. After ``n`` failures (n >= 1) the next attempt
+waits ``uniform(0, min(backoff_max, backoff_base * 2**(n-1)))`` -- exponential backoff with
 full jitter, so many clients hitting one rate-limited API spread out instead of hammering
 it in lockstep. A server's ``Retry-After`` is honoured up to ``max_retry_after``; a longer
 one is not slept but raised to the caller, saying when to retry.
