@@ -1532,7 +1532,8 @@ def test_a_blank_key_in_the_environment_leaves_the_saved_key_in_use(
 ) -> None:
     """PIXCRAWLER_API_KEY=$'\\r' (a CRLF .env file) hid the saved key, and the error then
     blamed the login file, which a new login did not mend."""
-    assert cli.run("login", input=SECRET + "\n").returncode == 0
+    result = cli.run("login", input=SECRET + "\n", PIXCRAWLER_API_KEY=blank)
+    assert result.returncode == 0 and "takes precedence" not in result.stderr, result
     result = cli.run("info", JOB_UNIFORM, "--base-url", secret_server, PIXCRAWLER_API_KEY=blank)
     assert result.returncode == 0, result
 

@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -488,6 +489,59 @@ def test_a_held_iterator_gives_nothing_more_once_its_dataset_closes_and_its_thre
         for _ in images:
             more += 1
     assert more == 0
+
+
+def test_a_close_landing_just_before_a_decode_group_is_submitted_says_the_dataset_is_closed(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() from another thread after the iterator's look at it, before its submit: the
+    shut pool's RuntimeError came out instead."""
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    submitted = 0
+
+    class ClosingPool(ThreadPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal submitted
+            submitted += 1
+            if submitted == 3:
+                dataset.close()  # as if another thread's close() landed now
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "ThreadPoolExecutor", ClosingPool)
+    with pytest.raises(PixCrawlerError, match=r"^the dataset is closed$"):
+        for _ in dataset:
+            pass
+
+
+def test_an_error_the_caller_throws_in_leaves_the_callers_frames_alone(
+    live_server: LiveServer,
+) -> None:
+    """The frames an error comes out of are cleared (they hold a chunk); one the caller
+    throws in brings the caller's own frames too: a generator of theirs was finalized."""
+    log: list[str] = []
+
+    def watcher() -> Iterator[Exception]:
+        try:
+            while True:
+                try:
+                    raise TimeoutError("budget spent")
+                except TimeoutError as exc:
+                    yield exc  # suspended here: its frame is in the error's traceback
+                log.append("resumed")
+        finally:
+            log.append("finalized")
+
+    watch = watcher()
+    reason = next(watch)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    samples = dataset.iter_samples()
+    next(samples)
+    with pytest.raises(TimeoutError):
+        samples.throw(reason)
+    assert log == []
+    next(watch)
+    assert log == ["resumed"]
+    dataset.close()
 
 
 def test_an_iterator_collected_on_its_own_decode_thread_cleans_up(live_server: LiveServer) -> None:

@@ -860,20 +860,30 @@ def test_streaming_skip_pads_so_ranks_yield_equal_counts(corrupt_server: str) ->
     assert len(set(everything)) == UNIFORM_TOTAL - len(CORRUPT)  # every valid one, padded
 
 
+@pytest.mark.parametrize(
+    ("bad", "fetches"),
+    [((3,), [1, 2]), ((3, *range(30, 40)), [1, 2, 1])],
+    ids=["one bad image", "then a run of bad images to pad past"],
+)
 def test_streaming_skip_pads_from_the_next_chunk_alone(
-    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+    live_server: LiveServer,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    bad: tuple[int, ...],
+    fetches: list[int],
 ) -> None:
     """Padding for one skipped image planned a whole job's worth of positions: the rank
-    downloaded (and prefetched) chunks for images it never took, every epoch. (Rank 0's
-    slice ends inside chunk 1, which is fetched again for the image that follows it.)"""
-    store = corrupt_copy(live_server.store, tmp_path, (3,))  # in chunk 0, rank 0's
+    downloaded (and prefetched) chunks for images it never took, every epoch; planned one
+    position at a time, it downloaded a chunk again for each bad image it met. (Rank 0's
+    slice ends inside chunk 1, which is fetched again for the images that follow it.)"""
+    store = corrupt_copy(live_server.store, tmp_path, bad)  # 3: in chunk 0, rank 0's
     with StaticServer(store) as blobs:
         api = server_factory(store, chunk_base_url=blobs.base_url)
         dataset = open_uniform(api, live_server.api_key, on_error="skip")
         stream = dataset.to_torch(streaming=True, rank=0, world_size=2)
         assert len(list(stream)) == len(stream) == UNIFORM_TOTAL // 2
         path = f"/{JOB_UNIFORM}/chunks/{{:05d}}.zip"
-        assert chunk_requests(blobs) == {path.format(0): 1, path.format(1): 2}
+        assert chunk_requests(blobs) == {path.format(i): n for i, n in enumerate(fetches)}
 
 
 @pytest.mark.parametrize("valid", [20, 0])

@@ -740,7 +740,7 @@ def login(api_key: str | None) -> None:
         raise CliError(f"not saved: the API key given is not one ({problem})", EXIT_USAGE)
     path = save_api_key(api_key)
     _echo(f"API key saved to {path} (readable by you only).")
-    if os.environ.get(config.ENV_API_KEY):
+    if clean_key(os.environ.get(config.ENV_API_KEY, "")):  # (a blank one is no key)
         _echo(
             f"Note: ${config.ENV_API_KEY} is set here and takes precedence over the saved key.",
             err=True,

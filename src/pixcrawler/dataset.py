@@ -649,9 +649,12 @@ class Dataset:
                     if item is None:
                         break
                     archive, group, last = item
-                    if self._closed:  # (its pool is shut: submit would raise RuntimeError)
-                        raise PixCrawlerError("the dataset is closed")
-                    future = pool.submit(decode_group, archive, group, decoder)
+                    try:
+                        future = pool.submit(decode_group, archive, group, decoder)
+                    except RuntimeError:  # close() shut the pool down
+                        if not self._closed:
+                            raise
+                        raise PixCrawlerError("the dataset is closed") from None
                     inflight.append(_Inflight(group, future, archive if last else None))
                     if last:
                         chunk_ends.append(len(inflight))
@@ -800,16 +803,20 @@ def decode_sample(
 
 
 def _release_left(exc: BaseException) -> None:
-    """Clear the locals of the frames ``exc`` was raised in and came out of (every entry of
-    its traceback but the first, which is the frame handling it: they have all ended, a
-    generator's too), then those behind its causes (:func:`_release_frames`)."""
+    """Clear the locals of the SDK's frames ``exc`` was raised in and came out of (the
+    entries of its traceback after the first, which is the frame handling it: they have
+    all ended, a generator's too), then, for an error of the SDK's, those behind its causes
+    (:func:`_release_frames`). The walk stops at the first frame that is not the SDK's: an
+    error the caller threw in (``throw()``) brings the caller's own frames, which may be a
+    generator still to run, and a debugger may want their locals."""
     tb = exc.__traceback__
     tb = tb.tb_next if tb is not None else None
-    while tb is not None:
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
         with contextlib.suppress(RuntimeError):  # (none is running: only to be safe)
             tb.tb_frame.clear()
         tb = tb.tb_next
-    _release_frames(exc)
+    if isinstance(exc, PixCrawlerError):
+        _release_frames(exc)
 
 
 def _release_frames(exc: BaseException) -> None:

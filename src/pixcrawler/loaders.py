@@ -681,12 +681,14 @@ class _Streaming(_TorchBridge):
         # Pad as DistributedSampler does, with what follows the slice, wrapping as often as
         # it takes (a slice may skip more images than the rest of the job holds). Errors
         # met here are some other worker's to report (or this one's, met again): skip them.
-        # As many positions at a time as images are missing: a plan reaching further would
-        # download (and prefetch) chunks for images never taken, every epoch.
+        # As many positions at a time as images are missing, and the rest of the chunk that
+        # holds the first: a plan of the whole job would download (and prefetch) chunks for
+        # images never taken, and one of fewer positions the same chunk again and again
+        # over a run of bad images (streaming keeps no chunk), every epoch.
         start = hi
         barren = 0  # positions met in a row that did not decode
         while missing:
-            span = missing
+            span = max(missing, sequence.chunk_end(start) - start)
             extra = handle.decode_chunks(
                 local.decoder, sequence.segments(start, start + span), expect=self._counts
             )
@@ -697,6 +699,8 @@ class _Streaming(_TorchBridge):
                         yield result, sample
                         missing -= 1
                         barren = 0
+                        if not missing:
+                            return
                     else:
                         barren += 1
             finally:
@@ -729,6 +733,12 @@ class _Sequence:
             return list(range(lo, hi))
         rng = np.random.default_rng([*self.seed_words, _CHUNK_STREAM, self.order[slot]])
         return [int(i) for i in rng.permutation(self.counts[slot])[lo:hi]]
+
+    def chunk_end(self, position: int) -> int:
+        """The position just past the last of the chunk that holds ``position``."""
+        wrapped = position % self.total
+        slot = bisect.bisect_right(self.starts, wrapped) - 1
+        return position - wrapped + self.starts[slot + 1]
 
     def segments(self, lo: int, hi: int) -> list[tuple[int, list[int]]]:
         """``(chunk index, images in it)`` covering positions ``[lo, hi)`` in order."""
