@@ -1560,6 +1560,18 @@ def test_run_returns_its_exit_code_when_the_reader_of_its_output_is_gone() -> No
     assert done.stderr.splitlines()[-1] == "returned 1", done
 
 
+@pytest.mark.parametrize("command", ["info", "download"])
+def test_the_key_given_as_the_job_id_is_never_sent(
+    cli: Cli, secret_server: str, command: str
+) -> None:
+    """`pixcrawler info <key>` (the job id forgotten) put the key in a URL's path, where
+    access logs keep it."""
+    assert cli.run("login", input=SECRET + "\n").returncode == 0
+    result = cli.run(command, SECRET, "--base-url", secret_server)
+    assert result.returncode == 2, result
+    assert "job_id is the API key" in result.stderr and SECRET[:8] not in result.output
+
+
 def test_login_with_stdin_closed_is_a_usage_error(cli: Cli) -> None:
     """Started with stdin closed (``<&-``), it failed on an AttributeError, exit 1."""
     done = subprocess.run(

@@ -498,7 +498,10 @@ def download(
         raise CliError("--on-error applies to --format numpy only", EXIT_USAGE)
     key, url = _resolve_key(api_key), _resolve_url(base_url)
     with contextlib.ExitStack() as stack:
-        dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
+        try:
+            dataset = stack.enter_context(load_dataset(job_id, key, url, max_workers=max_workers))
+        except ValueError as exc:  # the key given as the job id
+            raise CliError(str(exc), EXIT_USAGE) from None
         root = output_dir / job_id
         if (root.exists() or root.is_symlink()) and not root.is_dir():  # (or a broken link)
             raise CliError(f"{root} is a file, where the download's folder goes", EXIT_USAGE)
@@ -679,6 +682,8 @@ def info(job_id: str, api_key: str | None, base_url: str | None) -> None:
     client = _connect(api_key, base_url)
     try:
         job = client.get_job(job_id)
+    except ValueError as exc:  # the key given as the job id
+        raise CliError(str(exc), EXIT_USAGE) from None
     finally:
         client.close()
     _echo(format_info(job))

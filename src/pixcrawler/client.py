@@ -424,6 +424,8 @@ class ApiClient:
             raise NetworkError("the client was closed")
 
     def get_job(self, job_id: str | int) -> Job:
+        if job_id == self._api_key:  # pasted where the job id goes: not into a URL, a log
+            raise ValueError("job_id is the API key, not a job id")
         return Job.from_json(self.get_json(job_path(job_id)))
 
     def get_completed_job(self, job_id: str | int) -> Job:
