@@ -483,6 +483,48 @@ def test_images_export_writes_names_up_to_the_file_system_limit_and_renames_with
         assert hashlib.sha256((root / record["file"]).read_bytes()).hexdigest() == record["sha256"]
 
 
+def test_images_export_of_labels_too_long_for_a_folder_name_or_that_are_no_text(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """A label of 90 CJK characters (270 bytes: a Windows crawl takes it) failed with
+    "File name too long", exit 1, on every run; one holding a lone surrogate (valid JSON)
+    with a UnicodeEncodeError. The first gets a folder cut to fit, one per label; the
+    second is bad data, exit 8."""
+    from test_archive import build_chunk, encode, write_crafted_job
+
+    def chunk(labels: list[str], folder: str | None = None) -> bytes:
+        paths = [f"{folder or label}/a.png" for label in labels]
+        images = [(path, encode("PNG", index=i)) for i, path in enumerate(paths)]
+        entries = [
+            {"path": p, "label": label, "id": p, "sha256": digest(d)}
+            for (p, d), label in zip(images, labels, strict=True)
+        ]
+        return build_chunk(images, entries=entries)
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    long = ["猫" * 90, "猫" * 89 + "犬", "猫" * 90]  # the third: the first's folder again
+    store = tmp_path / "store"
+    write_crafted_job(store, "job_long_labels", [chunk(long[:2]), chunk(long[2:])])
+    write_crafted_job(store, "job_surrogate", [chunk(["\ud800cat"], folder="cat")])
+    url = server_factory(store)
+    for _ in range(2):  # and again, as complete
+        root, _ = download(cli, url, "job_long_labels", "--format", "images")
+    records = metadata_records(root)
+    folders = [record["file"].rpartition("/")[0] for record in records]
+    assert all(len(folder.encode()) <= 255 for folder in folders), folders
+    assert folders[0] == folders[2] != folders[1]
+    assert [record["label"] for record in records] == long
+    for record in records:
+        assert digest((root / record["file"]).read_bytes()) == record["sha256"]
+
+    result = cli.run(
+        "download", "job_surrogate", "--format", "images", "-o", "out", *api(url, TEST_KEY)
+    )
+    assert result.returncode == 8 and "unsafe path or label" in result.stderr, result
+
+
 def test_images_export_keeps_an_image_named_like_another_ones_temp_file(
     cli: Cli, server_factory: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -837,6 +879,51 @@ def test_a_zip_download_of_chunks_listed_without_checksums_follows_a_new_version
     assert chunk.read_bytes() == (store / "job_nosum" / "chunks" / "00000.zip").read_bytes()
 
 
+def test_a_zip_download_drops_another_versions_part_file_beside_a_chunk_it_keeps(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    """A .part left by another version's stopped download, beside a chunk of this version
+    that is whole and kept, outlived every later run ("nothing of the earlier version
+    outlives the new one")."""
+    root, _ = download(cli, live_server.base_url, JOB_UNIFORM, "--format", "zip")
+    part = root / "chunks" / "00001.zip.part"
+    part.write_bytes(b"another version's head")
+    _, stdout = download(cli, live_server.base_url, JOB_UNIFORM, "--format", "zip")
+    assert "already complete" in stdout and not part.exists()
+
+
+def test_a_numpy_skip_download_stopped_after_its_final_cut_downloads_nothing_again(
+    cli: Cli,
+    store: Path,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """finish() cuts the arrays to the images written (one skipped) before it records the
+    renames: a run stopped in between made the next download every chunk again."""
+    from pixcrawler import cli as cli_module
+    from pixcrawler.export import _NumpyWriter
+
+    url = server_factory(corrupt_copy(store, tmp_path, (3,)))
+    out = cli.cwd / "out"
+    args = ["download", JOB_UNIFORM, "-o", str(out), "--no-progress", "--on-error", "skip"]
+
+    def stop(self: _NumpyWriter) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_NumpyWriter, "check_complete", stop)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(cli.config_dir))
+    assert cli_module.run([*args, *api(url, TEST_KEY)]) == 130
+    monkeypatch.undo()
+    assert len(np.load(out / JOB_UNIFORM / "X.npy.part", mmap_mode="r")) == UNIFORM_TOTAL - 1
+    with FaultProxy(url) as proxy:
+        root, _ = download(cli, proxy.base_url, JOB_UNIFORM, "--on-error", "skip")
+        fetched = {p: n for p, n in proxy.stats.requests_by_path.items() if "/chunks/" in p}
+    assert sum(fetched.values()) == 0, fetched
+    assert np.load(root / "X.npy").shape == (UNIFORM_TOTAL - 1, *UNIFORM_SIZE, 3)
+    assert np.load(root / "y.npy").shape == (UNIFORM_TOTAL - 1,)
+
+
 def test_a_full_disk_is_reported_with_where_and_that_a_rerun_resumes(
     cli: Cli,
     live_server: LiveServer,
@@ -860,6 +947,31 @@ def test_a_full_disk_is_reported_with_where_and_that_a_rerun_resumes(
     line = capsys.readouterr().err.strip()
     assert line.startswith("Error: No space left on device while writing under ")
     assert str(out / JOB_UNIFORM) in line and line.endswith("run the same command again to resume")
+
+
+def test_a_file_too_large_for_the_file_system_says_where_and_what_to_do(
+    cli: Cli,
+    live_server: LiveServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """EFBIG (a FAT32 drive's 4 GiB, a ulimit) printed "[Errno 27] File too large" alone."""
+    from pixcrawler import cli as cli_module
+    from pixcrawler.export import _ZipWriter
+
+    def too_large(*args: object) -> None:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(_ZipWriter, "process", too_large)
+    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(cli.config_dir))
+    out = cli.cwd / "out"
+    code = cli_module.run(
+        ["download", JOB_UNIFORM, "--format", "zip", "-o", str(out), *api(live_server)]
+    )
+    assert code == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("Error: File too large while writing under ")
+    assert str(out / JOB_UNIFORM) in line and "choose another --output-dir or --format" in line
 
 
 @pytest.mark.parametrize("there", ["file", "broken-link"])

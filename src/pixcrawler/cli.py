@@ -537,6 +537,13 @@ def download(
                     "command again to resume",
                     exit_code_for(exc),
                 ) from exc
+            if exc.errno == errno.EFBIG and exc.filename is None:  # FAT32's 4 GiB, a ulimit
+                raise CliError(
+                    f"{exc.strerror} while writing under {root}: a file there would be larger "
+                    "than that file system (or this process's limit) allows; choose another "
+                    "--output-dir or --format",
+                    exit_code_for(exc),
+                ) from exc
             raise
         finally:
             writer.close()

@@ -336,7 +336,13 @@ class _ZipWriter(Writer):
         todo: list[Chunk] = []
         kept: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
-            (kept if self.kept(chunk) else todo).append(chunk)
+            if self.kept(chunk):
+                kept.append(chunk)
+                # A kept chunk never resumes a .part: one beside it is another version's.
+                path = self.chunk_path(chunk)
+                path.with_name(path.name + ".part").unlink(missing_ok=True)
+            else:
+                todo.append(chunk)
         if not todo:
             # Whole: an earlier version's chunks go now; the rest is left as it is, its
             # images uncounted.
@@ -762,8 +768,14 @@ class _NumpyWriter(_StagedWriter):
         if X.dtype != np.uint8 or y.dtype != np.int64 or X.ndim != 4 or y.ndim != 1:
             return False
         if self.counted:
-            if X.shape != self.shape or y.shape != self.shape[:1]:
+            # Or already cut to the images written, every chunk in (images skipped): a run
+            # stopped in finish() between the cut and recording the renames.
+            cut = self.all_in(set(state["done"])) and len(X) == _written(state)
+            if X.shape[1:] != self.shape[1:] or len(y) != len(X):
                 return False
+            if len(X) != self.rows and not cut:
+                return False
+            self.rows = len(X)
         else:
             # Rows past those written are the chunk that was cut short (overwritten), and
             # a run stopped while growing the two (or out of disk) left one longer.
@@ -1115,8 +1127,9 @@ class _ImagesWriter(_StagedWriter):
             name = _safe_relative(sample.path[len(prefix) :], sample)
         else:
             name = PurePosixPath(_safe_relative(sample.path, sample)).name
-        rel = f"{label}/{name}"
-        folder, _, base = rel.rpartition("/")
+        folder, _, base = f"{label}/{name}".rpartition("/")
+        folder = "/".join(_fitted(part) for part in folder.split("/"))
+        rel = f"{folder}/{base}"
         for parent in _prefixes(folder):
             if _fold(parent) in self.used:
                 # A folder where an earlier image of the job is a file (another producer's
@@ -1201,11 +1214,24 @@ def _tagged(name: str, tag: str) -> str:
     return f"{stem}{tag}{suffix}"
 
 
+def _fitted(folder: str) -> str:
+    """The folder name ``folder`` if a file system takes it, else cut to fit with a hash of
+    the whole appended (a label of 90 CJK characters is 270 bytes): one name per label,
+    and two labels that share their first 240 bytes still two folders."""
+    if len(folder.encode()) <= config.MAX_NAME_BYTES:
+        return folder
+    tag = "~" + hashlib.sha256(folder.encode()).hexdigest()[:12]
+    # Cut on a character boundary: a UTF-8 sequence cut short would not decode.
+    return folder.encode()[: config.MAX_NAME_BYTES - len(tag)].decode(errors="ignore") + tag
+
+
 def _safe_relative(text: str, sample: Sample) -> str:
-    """``text`` as a relative POSIX path that cannot leave the folder it is joined to."""
+    """``text`` as a relative POSIX path that cannot leave the folder it is joined to, and
+    that a file system can be given (no lone surrogate, which UTF-8 cannot encode)."""
     parts = text.split("/")
     unsafe = (
         not text
+        or not _encodable(text)
         or text.startswith("/")
         or "\\" in text
         or "\x00" in text
@@ -1219,6 +1245,14 @@ def _safe_relative(text: str, sample: Sample) -> str:
             sample_id=sample.id,
         )
     return text
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def make_writer(
