@@ -109,6 +109,23 @@ def test_an_image_pillow_cannot_convert_is_refused_not_given_other_colours(mode:
         ImageDecoder(mode).decode(out.getvalue())
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.uint32, np.float32])
+def test_a_grey_tiff_deeper_than_16_bits_unsigned_is_refused_not_clipped(dtype: Any) -> None:
+    """Pillow opens these as 32-bit integer or float grey and clips them to 0..255: a dark
+    to bright ramp came back black and white (or, 0..1 floats, black)."""
+    ramp = np.linspace(0, 1, 12) * (1.0 if dtype == np.float32 else np.iinfo(dtype).max)
+    out = io.BytesIO()
+    Image.fromarray(np.tile(ramp.astype(dtype), (4, 1))).save(out, "TIFF")
+    for mode in ("RGB", "L"):
+        with pytest.raises(DecompressionError, match=r"TIFF (I|F) images are not supported"):
+            ImageDecoder(mode).decode(out.getvalue())
+    # A 16-bit grey PNG still decodes, to its high byte.
+    out = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 65535, 12).astype(np.uint16), (4, 1))).save(out, "PNG")
+    image = ImageDecoder("L").decode(out.getvalue())
+    assert image[0, :, 0].tolist() == (np.linspace(0, 65535, 12).astype(np.uint16) >> 8).tolist()
+
+
 def tiled_tiff(width: int, height: int, tile: int) -> bytes:
     """An RGB TIFF of one deflated ``tile`` x ``tile`` tile (of zeros) covering the image."""
     deflate, row = zlib.compressobj(9), bytes(tile * 3)

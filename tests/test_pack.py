@@ -573,9 +573,11 @@ def test_images_readers_cannot_convert_are_skipped_and_reported(tmp_path: Path) 
     """Pillow opens a LAB TIFF but converts it to other colours (and not at all to L)."""
     src = make_image_folder(tmp_path / "src", {"cat": 1})
     Image.new("LAB", (8, 8), (50, 10, 20)).save(src / "cat" / "lab.tif")
+    Image.new("F", (8, 8), 0.5).save(src / "cat" / "float.tif")  # clipped to 0..255
     result = pack(src, tmp_path / "store")
     assert dict(result.skipped) == {
-        "cat/lab.tif": "unsupported image mode LAB (readers cannot convert it)"
+        "cat/lab.tif": "unsupported image mode LAB (readers cannot convert it)",
+        "cat/float.tif": "unsupported image mode F (readers cannot convert it)",
     }
     assert result.total_images == 1
 

@@ -49,9 +49,15 @@ _PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _FORMATS = ("BMP", "GIF", "JPEG", "PNG", "TIFF", "WEBP")
 _SIMPLEJPEG_SPACES = {"RGB": "RGB", "L": "GRAY"}
 _CHANNELS = {"RGB": 3, "L": 1, "RGBA": 4}
-# Modes Pillow opens but does not convert right: LAB to RGB gives other colours (and to L
-# it refuses). The packer leaves such images out.
-UNSUPPORTED_MODES = frozenset({"LAB"})
+
+
+def unsupported_mode(image: Image.Image) -> bool:
+    """Whether Pillow opens ``image`` in a mode it does not convert right, so that no image
+    is better than the one it would give (the packer leaves such images out): LAB to RGB
+    gives other colours (to L it refuses); 32-bit integer and float grey (TIFF) are clipped
+    to 0..255, a ramp becoming black and white (signed 16-bit opens as 32-bit). A 16-bit
+    grey PNG, which older Pillows open as 32-bit, is not: its high byte is kept."""
+    return image.mode in ("LAB", "F") or (image.mode == "I" and image.format != "PNG")
 
 
 class ImageBuffers:
@@ -297,10 +303,10 @@ class ImageDecoder:
         # Load first: a PNG's getexif() loads the image itself, _pillow_orientation
         # swallows errors, and a second load() is a no-op, so a corrupt image would pass.
         image.load()
-        if image.mode in UNSUPPORTED_MODES:
+        if unsupported_mode(image):
             raise DecompressionError(
-                f"cannot decode image: {image.mode} images are not supported (Pillow cannot "
-                "convert them to RGB)"
+                f"cannot decode image: {image.format} {image.mode} images are not supported "
+                "(Pillow cannot convert them to 8 bits)"
             )
         sixteen_bit_gray = image.mode.startswith("I;16") or (
             image.mode == "I" and image.format == "PNG"  # (as older Pillows read them)

@@ -35,7 +35,7 @@ from . import config
 from .archive import _safe_name, manifest_limit
 from .cache import _file_digest, folder_lock
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
-from .decode import UNSUPPORTED_MODES, check_cost
+from .decode import check_cost, unsupported_mode
 from .exceptions import DecompressionError
 from .models import JOB_STATUSES, count_or_none
 
@@ -432,7 +432,7 @@ def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
                     return f"unsupported image format {image_format}"
                 check_cost(image, data)  # what readers refuse, before it costs the same here
                 image.load()
-                if image.mode in UNSUPPORTED_MODES:
+                if unsupported_mode(image):
                     return f"unsupported image mode {image.mode} (readers cannot convert it)"
                 width, height = image.size
                 orientation = image.getexif().get(_ORIENTATION_TAG)
