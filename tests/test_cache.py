@@ -384,6 +384,30 @@ def test_a_stamp_is_void_once_the_file_changes_even_with_its_mtime_restored(
     assert len(hashed) == 1 and again.stats.corrupt_files == 1 and remote.calls == {1: 2}
 
 
+def test_a_stamp_holds_on_another_machine_sharing_the_cache_over_nfs(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS numbers a file's device per client mount: a stamp naming the device was never
+    taken on another machine, so each re-hashed every chunk the other last stamped."""
+    from types import SimpleNamespace
+
+    from pixcrawler import cache as cache_module
+
+    remote.store(tmp_path).get(1)  # downloaded, written and stamped here
+    real_stat = cache_module.os.fstat
+
+    def elsewhere(fd: int) -> Any:
+        st = real_stat(fd)
+        fields = {name: getattr(st, name) for name in dir(st) if name.startswith("st_")}
+        return SimpleNamespace(**{**fields, "st_dev": st.st_dev + 1})
+
+    monkeypatch.setattr(cache_module.os, "fstat", elsewhere)
+    hashed = _counting_hashes(monkeypatch)
+    there = remote.store(tmp_path)
+    assert bytes(there.get(1)) == remote.bytes_of(1)
+    assert hashed == [] and there.stats.disk_hits == 1 and remote.calls == {1: 1}
+
+
 def test_a_bad_image_in_a_chunk_taken_on_its_stamp_gets_the_file_hashed_and_replaced(
     remote: Remote, tmp_path: Path
 ) -> None:

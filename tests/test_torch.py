@@ -42,6 +42,7 @@ from constants import (
 from helpers import (
     copy_without_counts,
     corrupt_copy,
+    edited_copy,
     hold_lock,
     raised_once_closed,
     reachable_buffers,
@@ -363,6 +364,85 @@ def test_a_rotted_cache_file_with_a_valid_stamp_is_downloaded_again_not_served(
     np.testing.assert_array_equal(image, reference.images[0])
     assert label == reference.label_ids[0]
     assert fresh.store.stats.corrupt_files == 1 and fresh.store.stats.downloads == 1
+
+
+@pytest.mark.parametrize("listed", ["sha256", "size only"])
+def test_a_rotted_file_in_a_cache_this_process_cannot_write_is_not_trusted_again(
+    live_server: LiveServer,
+    reference: Reference,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    listed: str,
+) -> None:
+    """A bad image makes a stamped (or, without a sha256, size-checked) file be looked at
+    again by deleting its stamp or the file; in a cache this process cannot change (a
+    read-only mount, another user's files in a shared folder) the deletes failed in
+    silence and the same rotted bytes were trusted again: the image failed on every run."""
+    from pixcrawler import cache as cache_module
+
+    def drop_sha256(job: dict[str, Any]) -> None:
+        for chunk in job["chunks"]:
+            del chunk["sha256"]
+
+    base_url = live_server.base_url
+    if listed == "size only":
+        base_url = server_factory(
+            edited_copy(live_server.store, tmp_path, JOB_UNIFORM, drop_sha256)
+        )
+    first = open_uniform(base_url, live_server.api_key).to_torch()
+    first[0]  # downloads, caches and stamps chunk 0
+    path = first.store.path(0)
+    assert path is not None
+    data = bytearray(path.read_bytes())
+    data[first.store.archive(0).samples[0].member.offset + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if listed == "sha256":
+        cache_module._write_stamp(path, path.stat(), path.name.split("-")[1][:-4])
+
+    def refused(target: Any, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(target))
+
+    real_unlink, real_replace = Path.unlink, os.replace
+    for owner, name, real in (
+        (Path, "unlink", real_unlink),
+        (cache_module.os, "replace", real_replace),
+    ):
+
+        def guarded(target: Any, *args: Any, real: Any = real, **kwargs: Any) -> Any:
+            if str(path.parent) in str(target):  # nothing in the cache folder changes
+                refused(target)
+            return real(target, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, guarded)
+    monkeypatch.setattr(cache_module.os, "unlink", refused)
+
+    for _ in range(2):  # another process, and another again: the same file each time
+        fresh = open_uniform(base_url, live_server.api_key).to_torch()
+        image, _ = fresh[0]
+        np.testing.assert_array_equal(image, reference.images[0])
+        assert fresh.store.stats.downloads == 1
+
+
+def test_a_batch_over_chunks_of_unlisted_size_fetches_each_once_within_the_budget(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """A chunk listed without size_bytes counted as 0 bytes against the memory budget: a
+    batch fetched all its chunks at once, the budget evicted them at once, and each was
+    fetched again as its images were read."""
+
+    def drop_sizes(job: dict[str, Any]) -> None:
+        job.pop("size_bytes", None)
+        for chunk in job["chunks"]:
+            del chunk["size_bytes"]
+
+    base_url = server_factory(edited_copy(live_server.store, tmp_path, JOB_UNIFORM, drop_sizes))
+    one_chunk = (live_server.store / JOB_UNIFORM / "chunks" / "00000.zip").stat().st_size
+    torch_dataset = open_uniform(base_url, live_server.api_key).to_torch(
+        memory_budget=one_chunk, cache_dir=False
+    )
+    assert len(torch_dataset.__getitems__(list(range(UNIFORM_TOTAL)))) == UNIFORM_TOTAL
+    assert torch_dataset.store.stats.downloads == -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
 
 
 def test_a_rotted_cache_file_is_replaced_once_for_a_batch_of_decode_threads(

@@ -13,7 +13,7 @@ folder shared by the DataLoader's worker processes, by later epochs and by later
   tear a file, which is not fsynced: the next check below catches that);
 - a file is verified (sha256, else size) once, by the process that writes it or first
   opens it, which then leaves a stamp beside it (``<name>.verified``: the sha256 and the
-  file's device, inode, size, mtime and ctime). A process that finds the file exactly as
+  file's inode, size, mtime and ctime). A process that finds the file exactly as
   stamped does not hash it again (a DataLoader starts new workers every epoch: each would
   re-read the whole cache); any change to the file, even one that restores its mtime,
   moves its ctime and voids the stamp. Each image's own sha256 from the manifest is still
@@ -271,6 +271,10 @@ class ChunkStore:
         self._loading: dict[int, threading.Lock] = {}
         self._verified: dict[Path, tuple[int, ...]] = {}
         self._trusted: set[int] = set()  # chunks read from disk without hashing them
+        # Files a bad image put in doubt, as they stood: never taken on a stamp or on their
+        # size again, even where their stamp or the file itself could not be deleted (a
+        # read-only cache, another user's file in a shared folder).
+        self._doubted: dict[Path, tuple[int, ...]] = {}
         self._swept = False
         self._closed = threading.Event()
 
@@ -338,6 +342,11 @@ class ChunkStore:
                 return False
         with self._lock:
             if path is not None:
+                if loaded is None:
+                    with contextlib.suppress(OSError):
+                        loaded = _identity(os.stat(path))
+                if loaded is not None:
+                    self._doubted[path] = loaded
                 # Forgotten before the bytes go, so no thread reloads them as verified.
                 self._forget_verified(path)
                 if sized_only:  # only a download can tell what it should hold
@@ -474,13 +483,18 @@ class ChunkStore:
         finally:
             os.close(fd)
         seen = _identity(st)
+        doubted = self._doubted.get(path) == seen
         if not chunk.sha256:  # its size, checked above, is all there is to check
+            if doubted:  # found torn, and still here: only a download says what it holds
+                if isinstance(buffer, mmap.mmap):
+                    buffer.close()
+                return None
             with self._lock:
                 self._trusted.add(index)
         if self._verified.get(path) != seen:
             expected = chunk.sha256.lower() if chunk.sha256 else None
             if expected is not None:
-                if _read_stamp(path) == _stamp(st, expected):
+                if not doubted and _read_stamp(path) == _stamp(st, expected):
                     with self._lock:
                         self._trusted.add(index)
                 elif _sha256(buffer) != expected:
@@ -642,10 +656,11 @@ def _stamp_path(path: Path) -> Path:
 
 
 def _stamp(st: os.stat_result, sha256: str) -> str:
-    """What a stamp says: this sha256 was verified for the file with exactly this identity
-    and these timestamps (a write moves both; ``utime`` can set the mtime back, not the
-    ctime)."""
-    return " ".join([sha256, *map(str, _identity(st))]) + "\n"
+    """What a stamp says: this sha256 was verified for the file with exactly this inode,
+    size and timestamps (a write moves both; ``utime`` can set the mtime back, not the
+    ctime). Not its device: NFS numbers that per client mount, so machines sharing a cache
+    would never take each other's stamps (the inode and times are the server's)."""
+    return " ".join([sha256, *map(str, _identity(st)[1:])]) + "\n"
 
 
 def _stamped_sha256(stamp: str) -> str:

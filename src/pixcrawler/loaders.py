@@ -426,7 +426,10 @@ class _MapStyle(_TorchBridge):
         for index in sorted({self._locate(p)[0] for p in positions}):
             if store.in_memory(index):
                 continue
-            room -= self._chunk_bytes.get(index) or 0
+            # A size the job does not list takes all the room left: counted as 0, every
+            # chunk of a batch was fetched at once, evicted at once, and fetched again.
+            size = self._chunk_bytes.get(index)
+            room -= size if size is not None else max(room, 1)
             if missing and room < 0:
                 break
             missing.append(index)
