@@ -445,6 +445,24 @@ def test_a_batch_over_chunks_of_unlisted_size_fetches_each_once_within_the_budge
     assert torch_dataset.store.stats.downloads == -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_shuffled_batch_over_more_chunks_than_the_budget_holds_fetches_each_once(
+    live_server: LiveServer, reference: Reference, threads: int
+) -> None:
+    """Images loaded in the batch's order evicted, one after another, chunks the same batch
+    needed again (a batch of 60 over 4 chunks, a budget of about one: ~49 downloads)."""
+    one_chunk = (live_server.store / JOB_UNIFORM / "chunks" / "00000.zip").stat().st_size
+    torch_dataset = open_uniform(live_server, decode_threads=threads).to_torch(
+        memory_budget=one_chunk, cache_dir=False
+    )
+    order = np.random.default_rng(7).permutation(UNIFORM_TOTAL).tolist()
+    batch = torch_dataset.__getitems__(order)
+    for position, (image, label) in zip(order, batch, strict=True):
+        np.testing.assert_array_equal(image, reference.images[position])
+        assert label == reference.label_ids[position]
+    assert torch_dataset.store.stats.downloads == -(-UNIFORM_TOTAL // UNIFORM_CHUNK_SIZE)
+
+
 def test_a_rotted_cache_file_is_replaced_once_for_a_batch_of_decode_threads(
     live_server: LiveServer, reference: Reference
 ) -> None:

@@ -360,13 +360,20 @@ class _MapStyle(_TorchBridge):
         positions = [self._position(i) for i in indices]
         local = self._process()
         self._fetch_missing(local, positions)
+        # Loaded chunk by chunk, handed out in the batch's order: a shuffled batch over more
+        # chunks than the memory budget holds evicted, image by image, chunks it needed next.
+        by_chunk = sorted(range(len(positions)), key=lambda i: self._locate(positions[i])[0])
+        loaded: list[Any] = [None] * len(positions)
         worker = _worker_info()
         if worker is not None or len(positions) < 2 or local.handle.decode_threads < 2:
-            return [self._output(*self._load(local, p)) for p in positions]
-        pool = self._pool(local)
-        with _unless_closed(local), self._stopped_if_interrupted():
-            futures = [pool.submit(self._load, local, p) for p in positions]
-            loaded = [future.result() for future in futures]
+            for i in by_chunk:
+                loaded[i] = self._load(local, positions[i])
+        else:
+            pool = self._pool(local)
+            with _unless_closed(local), self._stopped_if_interrupted():
+                futures = [(i, pool.submit(self._load, local, positions[i])) for i in by_chunk]
+                for i, future in futures:
+                    loaded[i] = future.result()
         return [self._output(*item) for item in loaded]
 
     @property
