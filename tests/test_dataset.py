@@ -942,6 +942,7 @@ def test_a_decode_error_in_the_callers_except_block_leaves_its_frames_and_genera
     dataset = object.__new__(Dataset)  # accept() needs only these
     dataset.on_error = "raise"
     dataset._count_lock = threading.Lock()
+    dataset._closed = False
     archive = SimpleNamespace(decoded=lambda sample, decode: decode(b"not an image at all"))
     sample = SimpleNamespace(id="img-7", chunk_id=0)
 

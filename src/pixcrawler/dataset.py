@@ -674,10 +674,7 @@ class Dataset:
                 self.stats.wait_seconds += time.perf_counter() - waited
                 group = done.group
                 del done
-                for pair in zip(group, results, strict=True):
-                    if self._closed:  # an iterator held past close(): nothing more from it
-                        raise PixCrawlerError("the dataset is closed")
-                    yield pair
+                yield from zip(group, results, strict=True)
         finally:
             # Each step whatever the one before raised. The garbage collector may finalize
             # an iterator it found in a cycle on one of this pool's own threads, which
@@ -731,7 +728,10 @@ class Dataset:
 
     def accept(self, sample: Sample, result: np.ndarray | DecompressionError) -> np.ndarray | None:
         """One decode result, as every consumer takes it: an image is counted in ``stats``
-        and returned; an error gets ``on_error`` (raised, or counted as skipped: None)."""
+        and returned; an error gets ``on_error`` (raised, or counted as skipped: None).
+        Nothing once the dataset is closed: an iterator held past close() ends there."""
+        if self._closed:
+            raise PixCrawlerError("the dataset is closed")
         if isinstance(result, np.ndarray):
             with self._count_lock:  # (decode threads of a map-style batch call this too)
                 self.stats.images += 1
