@@ -323,9 +323,14 @@ def test_an_error_its_caller_keeps_keeps_no_chunk_batch_or_array(
     assert "decode.py" in printed and "in decode" in printed, printed
 
 
+@pytest.mark.parametrize("progress", [False, True])
 @pytest.mark.parametrize("fault", ["count", "not a zip", "missing"])
 def test_a_chunk_error_its_caller_keeps_keeps_no_chunk_or_decode_group(
-    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path, fault: str
+    live_server: LiveServer,
+    server_factory: Callable[..., str],
+    tmp_path: Path,
+    fault: str,
+    progress: bool,
 ) -> None:
     """Through the frames it came out of, a chunk's error (a count the chunk disagrees
     with, bytes that are no zip, a chunk the host has lost) kept that chunk's bytes, the
@@ -348,7 +353,7 @@ def test_a_chunk_error_its_caller_keeps_keeps_no_chunk_or_decode_group(
         chunk.write_bytes(garbage)
     elif fault == "missing":
         chunk.unlink()
-    dataset = open_uniform(live_server, server_factory(store))
+    dataset = open_uniform(live_server, server_factory(store), progress=progress)
     with pytest.raises(PixCrawlerError) as info:
         for _ in dataset:
             pass

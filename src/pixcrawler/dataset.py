@@ -767,13 +767,17 @@ def _caller_level() -> int:
     first frame outside the SDK: the user's loop, or the framework that drives it."""
     frame = sys._getframe(2)  # the caller's caller: stacklevel 2
     level = 2
-    while frame.f_back is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGE)
-        or frame.f_globals.get("__name__", "").startswith("tqdm.")  # progress=True's bar
-    ):
+    while frame.f_back is not None and _ours(frame):
         frame = frame.f_back
         level += 1
     return level
+
+
+def _ours(frame: FrameType) -> bool:
+    """Whether ``frame`` runs the SDK's code, or the progress bar it wraps around it."""
+    return frame.f_code.co_filename.startswith(_PACKAGE) or frame.f_globals.get(
+        "__name__", ""
+    ).startswith("tqdm.")
 
 
 def count_mismatch(
@@ -803,15 +807,16 @@ def decode_sample(
 
 
 def _release_left(exc: BaseException) -> None:
-    """Clear the locals of the SDK's frames ``exc`` was raised in and came out of (the
-    entries of its traceback after the first, which is the frame handling it: they have
-    all ended, a generator's too), then, for an error of the SDK's, those behind its causes
-    (:func:`_release_frames`). The walk stops at the first frame that is not the SDK's: an
-    error the caller threw in (``throw()``) brings the caller's own frames, which may be a
-    generator still to run, and a debugger may want their locals."""
+    """Clear the locals of the SDK's frames (and its progress bar's) ``exc`` was raised in
+    and came out of (the entries of its traceback after the first, which is the frame
+    handling it: they have all ended, a generator's too), then, for an error of the SDK's,
+    those behind its causes (:func:`_release_frames`). The walk stops at the first frame
+    that is not the SDK's: an error the caller threw in (``throw()``) brings the caller's
+    own frames, which may be a generator still to run, and a debugger may want their
+    locals."""
     tb = exc.__traceback__
     tb = tb.tb_next if tb is not None else None
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+    while tb is not None and _ours(tb.tb_frame):
         with contextlib.suppress(RuntimeError):  # (none is running: only to be safe)
             tb.tb_frame.clear()
         tb = tb.tb_next
