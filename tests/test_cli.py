@@ -924,54 +924,39 @@ def test_a_numpy_skip_download_stopped_after_its_final_cut_downloads_nothing_aga
     assert np.load(root / "y.npy").shape == (UNIFORM_TOTAL - 1,)
 
 
-def test_a_full_disk_is_reported_with_where_and_that_a_rerun_resumes(
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (errno.ENOSPC, "run the same command again to resume"),
+        (errno.EFBIG, "choose another --output-dir or --format"),  # FAT32's 4 GiB, a ulimit
+    ],
+)
+def test_a_full_disk_or_too_large_a_file_is_reported_with_where_and_what_to_do(
     cli: Cli,
     live_server: LiveServer,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    code: int,
+    said: str,
 ) -> None:
-    """A write's ENOSPC names no file ("[Errno 28] No space left on device" alone)."""
+    """A write's ENOSPC or EFBIG names no file ("[Errno 28] No space left on device", or
+    "[Errno 27] File too large", alone)."""
     from pixcrawler import cli as cli_module
     from pixcrawler.export import _ZipWriter
 
-    def full(*args: object) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def failing(*args: object) -> None:
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(_ZipWriter, "process", full)
+    monkeypatch.setattr(_ZipWriter, "process", failing)
     monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(cli.config_dir))
     out = cli.cwd / "out"
-    code = cli_module.run(
+    exit_code = cli_module.run(
         ["download", JOB_UNIFORM, "--format", "zip", "-o", str(out), *api(live_server)]
     )
-    assert code == 1
+    assert exit_code == 1
     line = capsys.readouterr().err.strip()
-    assert line.startswith("Error: No space left on device while writing under ")
-    assert str(out / JOB_UNIFORM) in line and line.endswith("run the same command again to resume")
-
-
-def test_a_file_too_large_for_the_file_system_says_where_and_what_to_do(
-    cli: Cli,
-    live_server: LiveServer,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """EFBIG (a FAT32 drive's 4 GiB, a ulimit) printed "[Errno 27] File too large" alone."""
-    from pixcrawler import cli as cli_module
-    from pixcrawler.export import _ZipWriter
-
-    def too_large(*args: object) -> None:
-        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-
-    monkeypatch.setattr(_ZipWriter, "process", too_large)
-    monkeypatch.setenv("PIXCRAWLER_CONFIG_DIR", str(cli.config_dir))
-    out = cli.cwd / "out"
-    code = cli_module.run(
-        ["download", JOB_UNIFORM, "--format", "zip", "-o", str(out), *api(live_server)]
-    )
-    assert code == 1
-    line = capsys.readouterr().err.strip()
-    assert line.startswith("Error: File too large while writing under ")
-    assert str(out / JOB_UNIFORM) in line and "choose another --output-dir or --format" in line
+    assert line.startswith(f"Error: {os.strerror(code)} while writing under ")
+    assert str(out / JOB_UNIFORM) in line and said in line
 
 
 @pytest.mark.parametrize("there", ["file", "broken-link"])
