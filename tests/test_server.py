@@ -923,6 +923,31 @@ def test_malformed_env_keys_raise_without_the_key(tmp_path: Path, value: str) ->
     assert "secret-key" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("keys_json", "env"),
+    [({"my secret": "alice"}, ""), ({"secret-clé": "bob"}, ""), ({}, "secret key:alice")],
+)
+def test_keys_no_client_can_send_are_refused_without_the_key(
+    tmp_path: Path, keys_json: dict[str, str], env: str
+) -> None:
+    """The SDK refuses a key holding white space or non-ASCII: a server that took one
+    started cleanly and nobody could ever use it."""
+    (tmp_path / KEYS_FILE).write_text(json.dumps(keys_json))
+    with pytest.raises(ValueError, match="cannot be used as an API key") as info:
+        load_server_keys(tmp_path, environ={ENV_SERVER_KEYS: env})
+    assert "secret" not in str(info.value)
+
+
+def test_env_keys_quoted_whole_as_an_env_file_passes_them_are_read_without_the_quotes(
+    tmp_path: Path,
+) -> None:
+    """Docker's --env-file keeps a value's quotes: '"mykey:default"' gave the key '"mykey'
+    to the owner 'default"', and the server created no key of its own."""
+    for value in ('"k1:alice,k2:bob"', "'k1:alice,k2:bob'"):
+        keys = load_server_keys(tmp_path, environ={ENV_SERVER_KEYS: value})
+        assert keys == {"k1": "alice", "k2": "bob"}
+
+
 def test_serve_announces_a_created_key_once_and_the_port_it_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from ..auth import clean_key, key_problem
 from ..config import DEFAULT_OWNER, ENV_SERVER_KEYS, JOB_ID_PATTERN, SHA256_PATTERN
 from ..units import parse_time
 
@@ -270,9 +271,22 @@ def load_server_keys(store: Path, environ: Mapping[str, str] | None = None) -> d
             raise ValueError(f'{path} must be a JSON object {{"<api key>": "<owner>", ...}}')
         # Stripped as the request headers are (and the SDK's keys): a key pasted with its
         # newline would otherwise never match.
-        keys.update({k.strip(): v.strip() for k, v in data.items()})
-    keys.update(_parse_env_keys(env.get(ENV_SERVER_KEYS, "")))
+        for number, (key, owner) in enumerate(data.items(), start=1):
+            keys[_usable(key.strip(), f"key {number} of {path}")] = owner.strip()
+    # Quoted whole, as Docker's --env-file passes a quoted value on: not a key '"k', an
+    # owner 'default"'.
+    keys.update(_parse_env_keys(clean_key(env.get(ENV_SERVER_KEYS, ""))))
     return keys
+
+
+def _usable(key: str, where: str) -> str:
+    """``key`` if a client can send it (the SDK refuses white space, control characters
+    and non-ASCII), else a ValueError naming ``where``, never the key: a server that
+    starts with only such keys is one nobody can use."""
+    problem = key_problem(key)
+    if problem:
+        raise ValueError(f"{where} cannot be used as an API key: {problem}")
+    return key
 
 
 def _parse_env_keys(value: str) -> dict[str, str]:
@@ -285,7 +299,7 @@ def _parse_env_keys(value: str) -> dict[str, str]:
         key, sep, owner = entry.rpartition(":")
         if not sep or not key.strip() or not owner.strip():
             raise ValueError(f"entry {number} of {ENV_SERVER_KEYS} is not of the form key:owner")
-        keys[key.strip()] = owner.strip()
+        keys[_usable(key.strip(), f"entry {number} of {ENV_SERVER_KEYS}")] = owner.strip()
     return keys
 
 
