@@ -1892,6 +1892,19 @@ def _downloader(urls: dict[int, tuple[str, int]], **options: Any) -> Any:
     return ChunkDownloader(client, chunks, **options)
 
 
+def test_a_chunk_whose_retries_run_out_on_5xx_says_what_the_host_said() -> None:
+    """The API's error gave the server's words; the chunk's gave the status alone."""
+    body = json.dumps({"detail": "storage node 7 is rebuilding"}).encode()
+    with CannedHost(503, body, {"Content-Type": "application/json"}) as host:
+        downloader = _downloader({0: (host.base_url + "/c0", 100)}, retries=1)
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+        downloader.close()
+    assert str(info.value).splitlines()[0] == (
+        "Chunk 0 failed with HTTP 503 after 2 attempts (storage node 7 is rebuilding)"
+    )
+
+
 def test_a_chunks_retry_after_no_one_would_wait_is_said_as_such() -> None:
     """A Retry-After of 1e308 was printed with its 309 digits."""
     with CannedHost(429, b"", {"Retry-After": "1e308"}) as host:

@@ -422,6 +422,7 @@ def test_a_rotted_file_in_a_cache_this_process_cannot_write_is_not_trusted_again
         image, _ = fresh[0]
         np.testing.assert_array_equal(image, reference.images[0])
         assert fresh.store.stats.downloads == 1
+        assert fresh.store.stats.corrupt_files == 1  # (one without a sha256 too)
 
 
 def test_a_batch_over_chunks_of_unlisted_size_fetches_each_once_within_the_budget(

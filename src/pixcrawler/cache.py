@@ -275,6 +275,9 @@ class ChunkStore:
         # size again, even where their stamp or the file itself could not be deleted (a
         # read-only cache, another user's file in a shared folder).
         self._doubted: dict[Path, tuple[int, ...]] = {}
+        # Files found corrupt, as they stood: passed over, not hashed again, where they
+        # could not be deleted.
+        self._condemned: set[tuple[Path, tuple[int, ...]]] = set()
         self._swept = False
         self._closed = threading.Event()
 
@@ -340,6 +343,12 @@ class ChunkStore:
                 return True
             if _as_written(path, stamp):
                 return False
+            self._count("corrupt_files")  # torn since it was written, or never recorded
+            log.warning(
+                "chunk %d: cached file %s no longer holds what was written; downloading it again",
+                index,
+                path,
+            )
         with self._lock:
             if path is not None:
                 if loaded is None:
@@ -476,6 +485,8 @@ class ChunkStore:
             if not stat.S_ISREG(st.st_mode):
                 log.warning("chunk %d: %s is not a regular file; not using it", index, path)
                 return None
+            if (path, _identity(st)) in self._condemned:  # found corrupt, not deletable
+                return None
             if st.st_size == 0 or (chunk.size_bytes is not None and st.st_size != chunk.size_bytes):
                 self._discard(index, path, st, f"{st.st_size} bytes, expected {chunk.size_bytes}")
                 return None
@@ -512,6 +523,7 @@ class ChunkStore:
         return _Entry(buffer, st.st_size)
 
     def _discard(self, index: int, path: Path, st: os.stat_result, why: str) -> None:
+        self._condemned.add((path, _identity(st)))
         self._count("corrupt_files")
         log.warning(
             "chunk %d: cached file %s is corrupt (%s); downloading it again", index, path, why

@@ -984,9 +984,11 @@ class ChunkDownloader:
                 failures += 1
                 why = status_cause(status, retry_after)
                 if policy.retry_after_too_long(retry_after) or failures > policy.retries:
+                    # The host's own words, as the API client's error gives them.
+                    said = self.client.error_message(response, error_body(response))
                     raise DownloadError(
                         f"Chunk {index} failed with HTTP {status} after "
-                        f"{counted(failures, 'attempt')}"
+                        f"{counted(failures, 'attempt')} ({said})"
                         + (f"; retry in {wait_in_words(retry_after)}" if retry_after else ""),
                         chunk_id=index,
                         status_code=status,
