@@ -435,6 +435,9 @@ def test_ignore_range_on_a_request_with_only_if_range_is_not_applied(
     # If-Range without Range asks for no range (RFC 9110 ignores it): nothing to ignore.
     with proxy_with(upstream, Fault("ignore_range")) as proxy:
         response = pool.request("GET", proxy.base_url + CHUNK, headers={"If-Range": '"x"'})
+        # A skip is counted once the answer is out: the next request on the connection
+        # is read after that (the first test of this kind read the count too early).
+        assert pool.request("GET", proxy.base_url + CHUNK).data == data
         stats = proxy.stats
     assert response.status == 200 and response.data == data
     assert stats.faults == {}
