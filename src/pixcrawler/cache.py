@@ -482,10 +482,11 @@ class ChunkStore:
             return None
         try:
             st = os.fstat(fd)
+            seen = _identity(st)
             if not stat.S_ISREG(st.st_mode):
                 log.warning("chunk %d: %s is not a regular file; not using it", index, path)
                 return None
-            if (path, _identity(st)) in self._condemned:  # found corrupt, not deletable
+            if (path, seen) in self._condemned:  # found corrupt, not deletable
                 return None
             if st.st_size == 0 or (chunk.size_bytes is not None and st.st_size != chunk.size_bytes):
                 self._discard(index, path, st, f"{st.st_size} bytes, expected {chunk.size_bytes}")
@@ -493,7 +494,6 @@ class ChunkStore:
             buffer = _map(fd, path, st.st_size)
         finally:
             os.close(fd)
-        seen = _identity(st)
         doubted = self._doubted.get(path) == seen
         if not chunk.sha256:  # its size, checked above, is all there is to check
             if doubted:  # found torn, and still here: only a download says what it holds

@@ -1209,9 +1209,7 @@ def _tagged(name: str, tag: str) -> str:
     if room < 1:
         stem, suffix = name, ""
         room = config.MAX_NAME_BYTES - len(tag.encode())
-    # Cut on a character boundary: a UTF-8 sequence cut short would not decode.
-    stem = stem.encode()[:room].decode(errors="ignore")
-    return f"{stem}{tag}{suffix}"
+    return f"{_cut(stem, room)}{tag}{suffix}"
 
 
 def _fitted(folder: str) -> str:
@@ -1221,8 +1219,13 @@ def _fitted(folder: str) -> str:
     if len(folder.encode()) <= config.MAX_NAME_BYTES:
         return folder
     tag = "~" + hashlib.sha256(folder.encode()).hexdigest()[:12]
-    # Cut on a character boundary: a UTF-8 sequence cut short would not decode.
-    return folder.encode()[: config.MAX_NAME_BYTES - len(tag)].decode(errors="ignore") + tag
+    return _cut(folder, config.MAX_NAME_BYTES - len(tag)) + tag
+
+
+def _cut(text: str, room: int) -> str:
+    """``text`` cut to at most ``room`` bytes of UTF-8, on a character boundary (a sequence
+    cut short would not decode)."""
+    return text.encode()[:room].decode(errors="ignore")
 
 
 def _safe_relative(text: str, sample: Sample) -> str:

@@ -744,10 +744,14 @@ class _Sequence:
         rng = np.random.default_rng([*self.seed_words, _CHUNK_STREAM, self.order[slot]])
         return [int(i) for i in rng.permutation(self.counts[slot])[lo:hi]]
 
+    def _slot(self, position: int) -> tuple[int, int]:
+        """``position`` within the epoch (positions wrap), and the slot of its chunk."""
+        wrapped = position % self.total
+        return wrapped, bisect.bisect_right(self.starts, wrapped) - 1
+
     def chunk_end(self, position: int) -> int:
         """The position just past the last of the chunk that holds ``position``."""
-        wrapped = position % self.total
-        slot = bisect.bisect_right(self.starts, wrapped) - 1
+        wrapped, slot = self._slot(position)
         return position - wrapped + self.starts[slot + 1]
 
     def segments(self, lo: int, hi: int) -> list[tuple[int, list[int]]]:
@@ -755,8 +759,7 @@ class _Sequence:
         segments: list[tuple[int, list[int]]] = []
         position = lo
         while position < hi and self.total:
-            wrapped = position % self.total
-            slot = bisect.bisect_right(self.starts, wrapped) - 1
+            wrapped, slot = self._slot(position)
             first = wrapped - self.starts[slot]
             take = min(hi - position, self.counts[slot] - first)
             segments.append((self.order[slot], self.offsets(slot, first, first + take)))
