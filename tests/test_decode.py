@@ -907,6 +907,63 @@ def test_16_bit_gray_keeps_its_high_byte() -> None:
         )
 
 
+def _keyed_png(bit_depth: int, color_type: int, rows: list[bytes], key: bytes) -> bytes:
+    """A PNG of ``rows`` (each unfiltered) whose tRNS chunk names one transparent level or
+    colour (``key``), as Pillow cannot write one below 8 or at 16 bits."""
+    width = len(rows[0]) * 8 // (bit_depth * (3 if color_type == 2 else 1))
+    header = struct.pack(">IIBBBBB", width, len(rows), bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"tRNS", key)
+        + _png_chunk(b"IDAT", zlib.compress(b"".join(b"\0" + row for row in rows)))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "grey", "transparent"),
+    [
+        # 2-bit grey 0, 1, 2, 3 (Pillow gives 0, 85, 170, 255), the key 1
+        (_keyed_png(2, 0, [bytes([0b00_01_10_11])], struct.pack(">H", 1)), True, [1]),
+        # 4-bit grey 0, 5, 10, 15 (0, 85, 170, 255), the key 5
+        (_keyed_png(4, 0, [bytes([0x05, 0xAF])], struct.pack(">H", 5)), True, [1]),
+        # 16-bit grey 0, 300, 65535, 257: the key 300; 257 shares its high byte (1)
+        (_keyed_png(16, 0, [struct.pack(">4H", 0, 300, 65535, 257)], b"\x01\x2c"), True, [1]),
+        # 16-bit RGB: the key (100, 100, 100); black shares its high bytes (0, 0, 0)
+        (
+            _keyed_png(
+                16, 2, [struct.pack(">9H", 0, 0, 0, 100, 100, 100, 60000, 0, 0)], b"\0d" * 3
+            ),
+            False,
+            [1],
+        ),
+        # 16-bit RGB keyed black: (100, 100, 100), whose high bytes are black's, stays
+        (
+            _keyed_png(16, 2, [struct.pack(">6H", 0, 0, 0, 100, 100, 100)], b"\0\0" * 3),
+            False,
+            [0],
+        ),
+    ],
+    ids=["grey-2-bit", "grey-4-bit", "grey-16-bit", "rgb-16-bit", "rgb-16-bit-black"],
+)
+def test_a_png_colour_key_is_applied_exactly_as_alpha(
+    data: bytes, grey: bool, transparent: list[int]
+) -> None:
+    """Pillow compares a tRNS key with its 8-bit pixels: a 2- or 4-bit grey key (a sample
+    value, never scaled up) and a 16-bit one (against pixels cut to their high byte) made
+    every pixel opaque, or a near one transparent. RGBA carries the key exactly; the
+    colours are the ones RGB gives."""
+    rgb = ImageDecoder("RGB").decode(data)
+    rgba = ImageDecoder("RGBA").decode(data)
+    assert (rgba[..., :3] == rgb).all()
+    alpha = rgba[0, :, 3].tolist()
+    assert alpha == [0 if x in transparent else 255 for x in range(len(alpha))]
+    if grey:
+        assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+        assert ImageDecoder("L").decode(data)[..., 0].tolist() == rgb[..., 0].tolist()
+
+
 # -- corrupt, truncated and foreign bytes ---------------------------------------------------
 
 

@@ -300,6 +300,7 @@ class ImageDecoder:
             # A JPEG's EXIF is read at open: asking for it here decodes nothing.
             swaps = _pillow_orientation(image) in _SWAPS_AXES
             image.draft(image.mode, (th, tw) if swaps else (tw, th))
+        rawmode = _png_rawmode(image)
         # Load first: a PNG's getexif() loads the image itself, _pillow_orientation
         # swallows errors, and a second load() is a no-op, so a corrupt image would pass.
         image.load()
@@ -308,10 +309,12 @@ class ImageDecoder:
                 f"cannot decode image: {image.format} {image.mode} images are not supported "
                 "(Pillow cannot convert them to 8 bits)"
             )
+        orientation = _pillow_orientation(image)
+        if self.mode == "RGBA" and rawmode is not None and "transparency" in image.info:
+            image = _colour_keyed(image, rawmode, data)
         sixteen_bit_gray = image.mode.startswith("I;16") or (
             image.mode == "I" and image.format == "PNG"  # (as older Pillows read them)
         )
-        orientation = _pillow_orientation(image)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
         if sixteen_bit_gray:
@@ -325,6 +328,50 @@ class ImageDecoder:
             image = image.resize((tw, th), Image.Resampling.BILINEAR)
         array = np.array(image)
         return array.reshape(array.shape[0], array.shape[1], self.channels)
+
+
+def _png_rawmode(image: Image.Image) -> str | None:
+    """How a PNG's samples are stored (``"L;4"``, ``"I;16B"``, ``"RGB;16B"``…), read before
+    ``load()`` empties the tile; None for any other format."""
+    tiles = getattr(image, "tile", None) if image.format == "PNG" else None
+    if not tiles or not isinstance(tiles[0].args, str):
+        return None
+    return tiles[0].args
+
+
+# Grey samples of fewer than 8 bits, as Pillow scales them up to 0..255.
+_LOW_BIT_GRAY_SCALE = {"L;2": 255 // 3, "L;4": 255 // 15}
+
+
+def _colour_keyed(
+    image: Image.Image, rawmode: str, data: bytes | bytearray | memoryview
+) -> Image.Image:
+    """A loaded PNG whose tRNS chunk names one transparent grey level or colour, with that
+    key applied exactly as RGBA: Pillow compares the key with its 8-bit pixels, so a 2- or
+    4-bit grey key (a sample value, never scaled) and a 16-bit one (a 16-bit value, against
+    pixels cut to their high byte) became opaque everywhere, or transparent wherever the
+    high byte happened to equal the key. Other images (palette, 1- and 8-bit keys) are
+    returned as they are: Pillow's convert() gets them right."""
+    key = image.info["transparency"]
+    if image.mode == "L" and rawmode in _LOW_BIT_GRAY_SCALE and isinstance(key, int):
+        image.info["transparency"] = key * _LOW_BIT_GRAY_SCALE[rawmode]
+        return image
+    if image.mode in ("I;16", "I;16B", "I") and isinstance(key, int):
+        samples = np.asarray(image)
+        gray = (samples >> 8).astype(np.uint8)
+        opaque = samples != key
+        return Image.fromarray(np.dstack([gray, gray, gray, opaque * np.uint8(255)]), "RGBA")
+    if image.mode == "RGB" and rawmode == "RGB;16B" and isinstance(key, tuple):
+        # Pillow keeps each 16-bit sample's high byte; a second decode of the same rows
+        # unpacked as little-endian keeps the low one.
+        low = Image.open(io.BytesIO(data), formats=("PNG",))
+        low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+        low.load()
+        high = np.asarray(image)
+        samples = (high.astype(np.uint16) << 8) | np.asarray(low)
+        opaque = (samples != np.array(key, dtype=np.uint16)).any(axis=2)
+        return Image.fromarray(np.dstack([high, opaque * np.uint8(255)]), "RGBA")
+    return image
 
 
 def check_cost(image: Image.Image, data: bytes | bytearray | memoryview) -> None:
