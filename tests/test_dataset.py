@@ -31,7 +31,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy, digest, edited_copy
+from helpers import copy_without_counts, corrupt_copy, digest, drop_counts, edited_copy
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
@@ -243,6 +243,41 @@ def test_a_chunk_holding_another_count_than_listed_stops_iteration_before_its_im
         for _ in dataset:
             seen += 1
     assert seen == UNIFORM_CHUNK_SIZE  # chunk 0 whole, none of chunk 1
+
+
+@pytest.mark.parametrize("listed", [UNIFORM_TOTAL + 1, UNIFORM_TOTAL - 1])
+def test_a_total_listed_without_chunk_counts_is_held_to_what_the_chunks_hold(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path, listed: int
+) -> None:
+    """A job listing ``total_images`` but no chunk's ``image_count``: len() said the total
+    and iteration quietly ended short of it, or ran past it (TensorFlow's cardinality then
+    failed with an error naming nothing). Either is bad data, named at the chunk that shows
+    it, after every image before it."""
+
+    def total_only(job: dict[str, Any]) -> None:
+        drop_counts(job)
+        job["total_images"] = listed
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, total_only)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    assert len(dataset) == listed
+    if listed > UNIFORM_TOTAL:
+        message, before = (
+            f"lists {listed} images but its chunks hold {UNIFORM_TOTAL}$",
+            UNIFORM_TOTAL,
+        )
+    else:  # the last chunk (3) is the one too many: none of its images
+        message, before = (
+            f"lists {listed} images but its chunks hold more \\(chunk 3",
+            3 * UNIFORM_CHUNK_SIZE,
+        )
+    seen = 0
+    with pytest.raises(DecompressionError, match=message):
+        for _ in dataset:
+            seen += 1
+    assert seen == before
+    with pytest.raises(DecompressionError, match=message):
+        dataset.to_arrays()
 
 
 def test_the_pixel_limit_a_decode_error_names_is_one_a_user_can_raise(

@@ -9,6 +9,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy, edited_copy
+from helpers import copy_without_counts, corrupt_copy, drop_counts, edited_copy
 from pixcrawler import Dataset, load_dataset
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -228,3 +229,26 @@ def test_a_job_listing_no_image_counts_streams_with_an_unknown_cardinality(
     tf_dataset = dataset.to_tensorflow()
     assert tf_dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY
     assert sum(1 for _ in tf_dataset) == UNIFORM_TOTAL
+
+
+@pytest.mark.parametrize("off_by", [1, -1])
+def test_a_listed_total_the_chunks_do_not_hold_is_the_sdks_error_naming_the_job(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str], off_by: int
+) -> None:
+    """A job listing its total but no chunk's count gets that total as its cardinality:
+    where the chunks hold another number, TensorFlow's own check ("expected to contain 61
+    elements but contained only 60") named neither the job nor what was wrong with it."""
+
+    def total_only(job: dict[str, Any]) -> None:
+        drop_counts(job)
+        job["total_images"] = UNIFORM_TOTAL + off_by
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, total_only)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    tf_dataset = dataset.to_tensorflow()
+    assert tf_dataset.cardinality() == UNIFORM_TOTAL + off_by
+    with pytest.raises(tf.errors.OpError) as info:
+        for _ in tf_dataset:
+            pass
+    assert "DecompressionError" in info.value.message
+    assert f"job {JOB_UNIFORM} lists {UNIFORM_TOTAL + off_by} images" in info.value.message

@@ -396,12 +396,8 @@ class Dataset:
             for sample, image in self.iter_samples(image_size):
                 if images is None:
                     images = np.empty((total, *image.shape), dtype=np.uint8)
-                if len(labels) >= len(images):
-                    if counts_listed(self.job):
-                        raise PixCrawlerError(
-                            f"job {self.job.id} lists {total} images but its chunks hold more"
-                        )
-                    images = _grown(images)  # a job that lists no counts: X grows as it fills
+                if len(labels) >= len(images):  # a job that lists no counts (the listed
+                    images = _grown(images)  # ones are checked as chunks open): X grows
                 _put(images, len(labels), image, sample)
                 labels.append(sample.label)
         except BaseException:
@@ -696,12 +692,17 @@ class Dataset:
         expect: Mapping[int, int] | None,
     ) -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
         """(archive, group of samples, whether it is the chunk's last group)."""
+        # A job listing its total but not every chunk's count: the whole job is held to it.
+        total = None
         if plan is None:
             plan = [(index, None) for index in downloader.indexes]
+            if any(c.image_count is None for c in self.job.chunks) and self.job.total_images:
+                total = self.job.total_images
         if expect is None:  # the counts the job lists, so len() never says more than comes
             expect = {c.index: c.image_count for c in self.job.chunks if c.image_count is not None}
         chunks = downloader.iter_chunks([index for index, _ in plan], recycles=True)
         first = True
+        held = 0
         try:
             for (chunk, data), (_, offsets) in zip(chunks, plan, strict=True):
                 archive = ChunkArchive(data, chunk_id=chunk.index)
@@ -709,6 +710,13 @@ class Dataset:
                 listed = expect.get(chunk.index)
                 if listed is not None and len(archive.samples) != listed:
                     raise count_mismatch(self.job.id, chunk.index, listed, archive)
+                held += len(archive.samples)
+                if total is not None and held > total:
+                    raise DecompressionError(
+                        f"job {self.job.id} lists {total:,} images but its chunks hold more "
+                        f"(chunk {chunk.index} holds {len(archive.samples):,})",
+                        chunk_id=chunk.index,
+                    )
                 self.stats.chunks += 1
                 log.debug("chunk %d: %d images", chunk.index, len(archive))
                 samples = archive.samples
@@ -719,6 +727,10 @@ class Dataset:
                 for start, end in group_bounds(len(samples), ramp=first):
                     yield archive, samples[start:end], end >= len(samples)
                 first = first and not samples
+            if total is not None and held < total:
+                raise DecompressionError(
+                    f"job {self.job.id} lists {total:,} images but its chunks hold {held:,}"
+                )
         except PixCrawlerError as exc:
             if self._closed:  # close() cancelled the chunks an iterator still held waits for
                 raise PixCrawlerError("the dataset is closed") from exc
