@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pixcrawler.demo import JOB_ID, run_demo, write_digits
+from pixcrawler import cli
+from pixcrawler.demo import DIGITS_PER_CLASS, JOB_ID, MIN_IMAGES_PER_CLASS, run_demo, write_digits
 from pixcrawler.exceptions import MissingDependencyError
 
 pytest.importorskip("sklearn", reason="the demo needs the [demo] extra")
@@ -64,8 +65,14 @@ def test_the_demo_refuses_a_workdir_it_did_not_write(tmp_path: Path) -> None:
 def test_the_demo_replaces_only_its_own_digits_folder(tmp_path: Path) -> None:
     """A refused run writes nothing; a folder the user makes where the demo's was is the
     user's, even in a workdir the demo used before."""
-    with pytest.raises(ValueError, match="images_per_class must be from 1 to 174"):
+    with pytest.raises(ValueError, match="images_per_class must be from 10 to 174"):
         run_demo(tmp_path, images_per_class=500, echo=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+    # Fewer than 10 failed in scikit-learn's split, once the whole job was packed and loaded.
+    (option,) = [p for p in cli.demo.params if p.name == "images_per_class"]
+    assert (option.type.min, option.type.max) == (MIN_IMAGES_PER_CLASS, DIGITS_PER_CLASS)
+    with pytest.raises(ValueError, match="images_per_class must be from 10 to 174, got 3"):
+        run_demo(tmp_path, images_per_class=3, echo=lambda _: None)
     assert list(tmp_path.iterdir()) == []
 
     assert run_demo(tmp_path, images_per_class=10, echo=lambda _: None).num_images == 100

@@ -906,6 +906,22 @@ def test_keys_json_keys_are_stripped_as_request_headers_are(tmp_path: Path) -> N
     assert KeyRing(keys).owner_of("pasted-key") == "alice"
 
 
+def test_keys_json_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad and PowerShell 5 save UTF-8 with a BOM: serve refused such a keys.json with
+    "cannot read …: JSONDecodeError"."""
+    (tmp_path / KEYS_FILE).write_bytes(b"\xef\xbb\xbf" + json.dumps({"k1": "alice"}).encode())
+    assert load_server_keys(tmp_path, environ={}) == {"k1": "alice"}
+
+
+def test_a_keys_json_that_is_not_json_is_refused_saying_where_never_what(tmp_path: Path) -> None:
+    """A trailing comma said only "JSONDecodeError": now the line and column, and never the
+    text around them (a key)."""
+    (tmp_path / KEYS_FILE).write_text('{\n  "secret-key": "alice",\n}\n')
+    with pytest.raises(ValueError, match=r"not JSON \(.*, line 3 column 1\)") as info:
+        load_server_keys(tmp_path, environ={})
+    assert "secret-key" not in str(info.value) and KEYS_FILE in str(info.value)
+
+
 @pytest.mark.parametrize("entry", [{" ": "alice"}, {"secret-key": "\t"}])
 def test_blank_keys_json_entries_raise_without_the_key(
     tmp_path: Path, entry: dict[str, str]

@@ -858,7 +858,8 @@ def serve(store: Path, host: str, port: int) -> None:
 )
 @click.option(
     "--images-per-class",
-    type=click.IntRange(min=10, max=174),  # demo.DIGITS_PER_CLASS (imported lazily)
+    # demo.MIN_IMAGES_PER_CLASS and DIGITS_PER_CLASS (the module is imported lazily)
+    type=click.IntRange(min=10, max=174),
     default=100,
     show_default=True,
     help="Digits per class (0-9).",

@@ -43,6 +43,9 @@ CHUNK_SIZE = 200
 TEST_FRACTION = 0.25
 _MARKER = ".pixcrawler-demo"  # in a digits folder: it is ours to replace
 DIGITS_PER_CLASS = 174  # load_digits' smallest class: the most images_per_class can be
+# The fewest: a stratified split needs a test image of each of the 10 classes (a fifth of
+# the images) and two training images of each.
+MIN_IMAGES_PER_CLASS = 10
 _JPEG_QUALITY = 95
 _DIGIT_MAX = 16.0  # load_digits pixels are 0..16
 
@@ -121,9 +124,10 @@ def run_demo(
     at the end). The server listens on 127.0.0.1 on a free port; its key is made for this
     run and never shown.
     """
-    if not 1 <= images_per_class <= DIGITS_PER_CLASS:  # before anything is written
+    if not MIN_IMAGES_PER_CLASS <= images_per_class <= DIGITS_PER_CLASS:  # before any write
         raise ValueError(
-            f"images_per_class must be from 1 to {DIGITS_PER_CLASS}, got {images_per_class}"
+            f"images_per_class must be from {MIN_IMAGES_PER_CLASS} to {DIGITS_PER_CLASS}, "
+            f"got {images_per_class}"
         )
     model_selection = require("sklearn.model_selection", "demo")
     svm = require("sklearn.svm", "demo")

@@ -261,7 +261,12 @@ def load_server_keys(store: Path, environ: Mapping[str, str] | None = None) -> d
     path = Path(store) / KEYS_FILE
     if path.exists():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            # utf-8-sig: Notepad and PowerShell 5 begin a UTF-8 file with a byte-order mark.
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except json.JSONDecodeError as exc:  # where, never what (the text may hold a key)
+            raise ValueError(
+                f"cannot read {path}: not JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+            ) from None
         except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"cannot read {path}: {type(exc).__name__}") from None
         if not isinstance(data, dict) or not all(
