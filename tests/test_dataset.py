@@ -280,6 +280,27 @@ def test_a_total_listed_without_chunk_counts_is_held_to_what_the_chunks_hold(
         dataset.to_arrays()
 
 
+def test_to_arrays_of_more_images_than_memory_holds_is_the_sdks_error_naming_the_need(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """X is allocated once at the job's count: numpy's bare MemoryError ("Unable to allocate
+    43.7 TiB") named neither the job nor a way out."""
+
+    def huge(job: dict[str, Any]) -> None:
+        drop_counts(job)
+        job["total_images"] = 10**12
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, huge)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    height, width = UNIFORM_SIZE
+    with pytest.raises(
+        PixCrawlerError,
+        match=rf"job {JOB_UNIFORM}: 1,000,000,000,000 images "
+        rf"of {height}x{width}x3 need .*; iterate with iter_batches\(\) instead",
+    ):
+        dataset.to_arrays()
+
+
 def test_the_pixel_limit_a_decode_error_names_is_one_a_user_can_raise(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

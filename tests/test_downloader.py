@@ -28,6 +28,7 @@ from helpers import (
     RedirectingFront,
     close_while_consuming,
     digest,
+    edited_copy,
     reachable_buffers,
     settles,
 )
@@ -1560,6 +1561,51 @@ def test_a_chunk_listed_without_a_size_or_with_size_0_is_read_to_its_end(
     downloader = ChunkDownloader(ApiClient(live_server.api_key, live_server.base_url), [chunk])
     try:
         assert bytes(downloader.fetch(1)) == chunk_bytes(live_server, 1)
+    finally:
+        downloader.close()
+
+
+def test_a_chunk_listed_at_an_impossible_size_fails_alone_and_typed(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path
+) -> None:
+    """One chunk listed at 10**15 bytes sized every chunk's buffer: the first, good chunk
+    failed with a bare MemoryError before any image (and CPython printed a SystemError).
+    Now only that chunk fails, as a DownloadError naming it and the limit."""
+
+    def impossible(job: dict[str, Any]) -> None:
+        job["chunks"][1]["size_bytes"] = 10**15
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, impossible)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    seen = 0
+    with pytest.raises(
+        DownloadError,
+        match="Chunk 1 is listed at 1,000,000,000,000,000 bytes, "
+        r"more than the 8,589,934,592 a chunk may hold .*MAX_CHUNK_BYTES",
+    ) as info:
+        for _ in dataset:
+            seen += 1
+    assert seen == UNIFORM_CHUNK_SIZE and info.value.chunk_id == 1
+
+
+def test_a_chunk_listed_without_a_size_stops_at_the_most_a_chunk_may_hold(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body that never ends, for a chunk listed with no size, grew until the process ran
+    out of memory."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+
+    expected = chunk_bytes(live_server, 1)
+    monkeypatch.setattr(config, "MAX_CHUNK_BYTES", len(expected) - 1)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    chunk = replace(dataset.downloader().chunk(1), size_bytes=None)
+    downloader = ChunkDownloader(ApiClient(live_server.api_key, live_server.base_url), [chunk])
+    try:
+        with pytest.raises(DownloadError, match=r"Chunk 1 is larger than the .* bytes a chunk"):
+            downloader.fetch(1)
+        monkeypatch.setattr(config, "MAX_CHUNK_BYTES", len(expected))  # exactly: it fits
+        assert bytes(downloader.fetch(1)) == expected
     finally:
         downloader.close()
 

@@ -35,6 +35,10 @@ DEFAULT_PREFETCH = 2
 # glibc's arenas ~4 MiB bigger and peak RSS less steady.
 READ_BLOCK = 256 << 10
 MIN_RANGE_PART = 8 << 20  # a chunk is split into parallel ranges only above 2 x this
+# The most bytes a chunk held in memory may have (500 images of 16 MiB): a job listing more
+# for one (a bad size_bytes, 10**15) or a body running past it (a chunk listed without a
+# size) fails that chunk instead of asking malloc for it.
+MAX_CHUNK_BYTES = 8 << 30
 # A consumer kept waiting this long for one chunk logs what holds it up, and again after
 # each further stretch as long. Retries are logged as they happen.
 SLOW_WAIT_SECONDS = 10.0

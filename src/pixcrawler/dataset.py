@@ -395,7 +395,7 @@ class Dataset:
         try:
             for sample, image in self.iter_samples(image_size):
                 if images is None:
-                    images = np.empty((total, *image.shape), dtype=np.uint8)
+                    images = _allocated_images(self.job.id, total, image.shape)
                 if len(labels) >= len(images):  # a job that lists no counts (the listed
                     images = _grown(images)  # ones are checked as chunks open): X grows
                 _put(images, len(labels), image, sample)
@@ -977,6 +977,19 @@ def size_listed(job: Job) -> bool:
     if job.size_bytes:
         return True
     return job.status == "completed" and all(c.size_bytes for c in job.chunks)
+
+
+def _allocated_images(job_id: str, count: int, shape: tuple[int, ...]) -> np.ndarray:
+    """``to_arrays``' X, allocated once: numpy's MemoryError named what asked for it."""
+    try:
+        return np.empty((count, *shape), dtype=np.uint8)
+    except MemoryError:
+        need = count * int(np.prod(shape))
+        raise PixCrawlerError(
+            f"job {job_id}: {count:,} images of {'x'.join(map(str, shape))} need "
+            f"{human_size(need)}, more memory than there is; iterate with iter_batches() "
+            "instead"
+        ) from None
 
 
 def _grown(images: np.ndarray, limit: int | None = None) -> np.ndarray:

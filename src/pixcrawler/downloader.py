@@ -132,8 +132,10 @@ class BufferPool:
                 return buffer
             except BufferError:
                 pass
+        if size < self.capacity // 2:  # a shrink by over half would give the rest back
+            return unfilled_bytearray(size)
         buffer = unfilled_bytearray(self.capacity)
-        del buffer[size:]  # keeps the allocation whenever size >= capacity / 2
+        del buffer[size:]  # keeps the allocation (size >= capacity / 2)
         return buffer
 
     def give(self, buffer: bytearray) -> None:
@@ -194,11 +196,27 @@ def _allocated(buffer: bytearray) -> int:
 class _MemorySink:
     """Bytes into one buffer, preallocated when the size is known (no doubling on growth)."""
 
-    def __init__(self, size: int | None, pool: BufferPool | None = None) -> None:
+    def __init__(self, chunk: Chunk, pool: BufferPool | None = None) -> None:
+        self.chunk_id = chunk.index
+        size = chunk.size_bytes
         if size is None:
             self.buffer = bytearray()
         else:
-            self.buffer = pool.take(size) if pool is not None else unfilled_bytearray(size)
+            if size > config.MAX_CHUNK_BYTES:
+                raise DownloadError(
+                    f"Chunk {chunk.index} is listed at {size:,} bytes, more than the "
+                    f"{config.MAX_CHUNK_BYTES:,} a chunk may hold "
+                    "(pixcrawler.config.MAX_CHUNK_BYTES)",
+                    chunk_id=chunk.index,
+                )
+            try:
+                self.buffer = pool.take(size) if pool is not None else unfilled_bytearray(size)
+            except MemoryError:
+                raise DownloadError(
+                    f"Chunk {chunk.index} is listed at {size:,} bytes, more memory than "
+                    "there is to hold it",
+                    chunk_id=chunk.index,
+                ) from None
         self.view = memoryview(self.buffer) if size is not None else None
 
     def detach(self) -> bytearray:
@@ -219,6 +237,13 @@ class _MemorySink:
             if pos + len(data) > len(self.buffer):
                 raise _IntegrityError("the server sent more bytes than the chunk's listed size")
             self.view[pos : pos + len(data)] = data
+        elif pos + len(data) > config.MAX_CHUNK_BYTES:
+            raise DownloadError(
+                f"Chunk {self.chunk_id} is larger than the {config.MAX_CHUNK_BYTES:,} bytes a "
+                "chunk may hold (pixcrawler.config.MAX_CHUNK_BYTES); the job lists no size "
+                "for it",
+                chunk_id=self.chunk_id,
+            )
         else:
             self.buffer[pos:] = data
 
@@ -399,7 +424,11 @@ class ChunkDownloader:
         self._children: dict[threading.Event, list[threading.Event]] = {}
         self._closed = threading.Event()
         self._part_pool: ThreadPoolExecutor | None = None
-        self._buffers = BufferPool(max((c.size_bytes or 0 for c in chunks), default=0))
+        sizes = (c.size_bytes or 0 for c in chunks)
+        # (A size past MAX_CHUNK_BYTES fails its own chunk; it must not size every buffer.)
+        self._buffers = BufferPool(
+            max((n for n in sizes if n <= config.MAX_CHUNK_BYTES), default=0)
+        )
         self._recycling: list[_Recycling] = []  # the recycling iteration's hooks
         self._pools: weakref.WeakSet[ThreadPoolExecutor] = weakref.WeakSet()  # iter_chunks'
         self._progress: dict[int, _Progress] = {}  # chunks being fetched
@@ -432,7 +461,7 @@ class ChunkDownloader:
         with self._transfer(index, cancel):
             for attempt in (1, 2):
                 chunk = self.chunk(index)
-                sink = _MemorySink(chunk.size_bytes, self._buffers)
+                sink = _MemorySink(chunk, self._buffers)
                 try:
                     self._etags.pop(index, None)  # no bytes held: any version will do
                     digest = self._receive(chunk, sink, cancel, ranges=ranges)
