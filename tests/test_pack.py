@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import PackedStore, build_mixed_source
+from conftest import LiveServer, PackedStore, build_mixed_source
 from constants import (
     EXIF_ROTATED_DISPLAY_SIZE,
     EXIF_ROTATED_ID,
@@ -33,6 +33,7 @@ from imagegen import make_image, make_image_folder, save_image
 from pixcrawler import config, export
 from pixcrawler import packer as packer_module
 from pixcrawler.archive import ChunkArchive
+from pixcrawler.client import ApiClient
 from pixcrawler.config import JOB_ID_PATTERN
 from pixcrawler.packer import pack, write_job
 
@@ -342,6 +343,33 @@ def test_chunk_size_is_capped_by_the_members_a_reader_accepts(
     assert sum(len(ChunkArchive(c.read_bytes(), max_members=8)) for c in chunks) == UNIFORM_TOTAL
 
 
+def test_a_job_too_long_for_the_server_to_read_is_refused_before_anything_is_written(
+    packed: PackedStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    live_server: LiveServer,
+    server_factory: Any,
+) -> None:
+    """A job.json past config.MAX_JOB_BYTES is "not there" to the server: a pack of some
+    175,000 chunks said "Packed" and every client got 404. (The cap is lowered here.)"""
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path / "measure", job_id="job_long", chunk_size=1)
+    length = (tmp_path / "measure" / "job_long" / "job.json").stat().st_size
+    monkeypatch.setattr(config, "MAX_JOB_BYTES", length - 1)
+    with pytest.raises(
+        ValueError,
+        match=r"would list 60 chunks in a job\.json of about .* "
+        "a server reads: pack with a larger chunk size",
+    ):
+        pack(src, tmp_path / "store", job_id="job_long", chunk_size=1)
+    assert not (tmp_path / "store" / "job_long").exists()
+    # With room for the chunks' sizes at any length, it packs, and the server reads it.
+    monkeypatch.setattr(config, "MAX_JOB_BYTES", length * 6 // 5)
+    pack(src, tmp_path / "store", job_id="job_long", chunk_size=1)
+    job = ApiClient(live_server.api_key, server_factory(tmp_path / "store")).get_job("job_long")
+    assert (job.status, len(job.chunks)) == ("completed", UNIFORM_TOTAL)
+
+
 def test_a_label_folder_named_like_an_images_export_file_is_skipped_and_reported(
     tmp_path: Path,
 ) -> None:
@@ -362,10 +390,16 @@ def test_a_label_folder_named_like_an_images_export_file_is_skipped_and_reported
 
 
 def test_packing_again_marks_the_job_unfinished_until_the_new_one_is_whole(
-    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    packed: PackedStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    live_server: LiveServer,
+    server_factory: Any,
 ) -> None:
     """A re-pack replaces chunks in place: meanwhile (and for good, if it stops) the job is
-    listed as running with no chunks, never as the old job over the new bytes."""
+    listed as running with no chunks, never as the old job over the new bytes. The pack
+    that follows one that stopped keeps the version of the same bytes (the stopped one's
+    job.json had dropped the chunks it compares with: version 2, for nothing)."""
     src = packed.sources[JOB_UNIFORM]
     pack(src, tmp_path, job_id="job_x", chunk_size=7)
     real = packer_module._write_chunk
@@ -377,12 +411,16 @@ def test_packing_again_marks_the_job_unfinished_until_the_new_one_is_whole(
 
     monkeypatch.setattr(packer_module, "_write_chunk", crash_on_chunk_1)
     with pytest.raises(KeyboardInterrupt):
-        pack(src, tmp_path, job_id="job_x", chunk_size=30)
-    job = read_job(tmp_path, "job_x")
-    assert job["status"] == "running" and job["chunks"] == []
+        pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    assert read_job(tmp_path, "job_x")["status"] == "running"
+    job = ApiClient(live_server.api_key, server_factory(tmp_path)).get_job("job_x")
+    assert (job.status, job.chunks) == ("running", ())
     monkeypatch.undo()
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    job = read_job(tmp_path, "job_x")
+    assert (job["status"], job["version"]) == ("completed", 1)
     pack(src, tmp_path, job_id="job_x", chunk_size=30)
-    assert read_job(tmp_path, "job_x")["status"] == "completed"
+    assert read_job(tmp_path, "job_x")["version"] == 2
 
 
 def test_a_job_packed_again_with_other_images_is_a_new_version(

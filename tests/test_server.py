@@ -36,11 +36,11 @@ from constants import (
 )
 from helpers import raw_get
 from imagegen import make_image_folder
+from pixcrawler import config
 from pixcrawler.config import DEFAULT_OWNER, ENV_SERVER_KEYS
 from pixcrawler.models import Job
 from pixcrawler.packer import pack, write_job
 from pixcrawler.server import create_app, run_in_thread, runner
-from pixcrawler.server import store as server_store
 from pixcrawler.server.store import (
     KEYS_FILE,
     JobStore,
@@ -690,19 +690,28 @@ def test_a_sha256_in_upper_case_is_one_etag_with_its_lower_case(
 
 
 def test_a_job_json_past_the_size_cap_is_not_there(
-    tmp_path: Path, server_factory: Any, http: urllib3.PoolManager, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    server_factory: Any,
+    http: urllib3.PoolManager,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A job.json is read whole on each change: one of gigabytes is "not there", as a
     malformed one is, not read into memory (the cap lowered here to keep the test small)."""
-    monkeypatch.setattr(server_store, "MAX_JOB_BYTES", 4096)
+    monkeypatch.setattr(config, "MAX_JOB_BYTES", 4096)
     write_job(tmp_path, "job_ok", status="pending", progress=0)
     (tmp_path / "job_big").mkdir()
     big = {"id": "job_big", "status": "pending", "progress": 0, "name": "x" * 5000}
     (tmp_path / "job_big" / "job.json").write_text(json.dumps(big))
     base_url = server_factory(tmp_path)
-    assert_error(get(http, base_url + "/api/v1/jobs/job_big"), 404, "NotFoundError")
-    listed = get(http, base_url + "/api/v1/jobs").json()
+    with caplog.at_level(logging.WARNING, logger="pixcrawler.server"):
+        assert_error(get(http, base_url + "/api/v1/jobs/job_big"), 404, "NotFoundError")
+        listed = get(http, base_url + "/api/v1/jobs").json()
+        assert_error(get(http, base_url + "/api/v1/jobs/job_big"), 404, "NotFoundError")
     assert [job["id"] for job in listed["items"]] == ["job_ok"]
+    # The operator is told why, once (it said nothing: the job was simply not there).
+    said = [r.getMessage() for r in caplog.records if "job_big" in r.getMessage()]
+    assert said == ["job job_big is not served: its job.json is over 4096 bytes"]
 
 
 # -- a store the server cannot read as it should ------------------------------------------

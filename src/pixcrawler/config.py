@@ -72,6 +72,12 @@ MAX_NAME_BYTES = 255  # a file name on the common file systems (ext4, XFS, APFS,
 
 # The packer.
 DEFAULT_CHUNK_SIZE = 500
+# A job.json lists chunks, not images: some 200 KB per thousand chunks. The reference
+# server takes a larger one as "not there", as a malformed one, rather than read it whole
+# into memory on every change; the packer refuses to write one. (The answer adds each
+# chunk's URL: get_job checks it against MAX_API_ANSWER, which a job.json this size stays
+# under.)
+MAX_JOB_BYTES = 32 << 20
 DEFAULT_OWNER = "default"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 JOB_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"

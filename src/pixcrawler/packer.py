@@ -156,21 +156,19 @@ def pack(
         job_id = _default_job_id(images, owner=owner, chunk_size=chunk_size)
     for index, group in enumerate(groups):  # before anything is written
         _check_manifest_size(_manifest(job_id, index, group), index, len(group))
+    _check_job_size(
+        _completed_job(job_id, src, name, owner, chunk_size, started, images, [], 1), groups
+    )
 
     job_dir = store / job_id
     with _job_lock(job_dir, job_id):
         existing = _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
         if existing is not None:
-            # Packed again: until the new job.json lands, the job is in progress and lists
-            # no chunk, so no one is served new bytes under the old checksums (even if this
-            # stops).
-            unpacked = {
-                **existing,
-                "status": "running",
-                "progress": 0,
-                "total_images": 0,
-                "chunks": [],
-            }
+            # Packed again: until the new job.json lands, the job is in progress, and the
+            # server lists no chunk of it, so no one is served new bytes under the old
+            # checksums (even if this stops). Its chunks stay in the store's job.json: a
+            # pack after one that stopped gives the same bytes their version again.
+            unpacked = {**existing, "status": "running", "progress": 0, "total_images": 0}
             _write_json_atomic(job_dir / "job.json", unpacked)
         chunks_dir = job_dir / "chunks"
         chunks_dir.mkdir(parents=True, exist_ok=True)
@@ -514,6 +512,24 @@ def _check_manifest_size(manifest: bytes, index: int, images: int) -> None:
         )
 
 
+def _check_job_size(job: dict[str, Any], groups: Sequence[Sequence[_Image]]) -> None:
+    """A job.json longer than the server reads (config.MAX_JOB_BYTES) would make a job
+    nobody can load: the pack said "Packed" and every client got 404. Measured on the job
+    as it will be written, each chunk listed at a size of as many digits as any may have."""
+    most = 10**15  # bytes: more digits than any chunk's size or the job's will have
+    entry = {"index": len(groups), "size_bytes": most, "sha256": "0" * 64}
+    entry |= {"image_count": max(map(len, groups)), "expires_at": None}
+    one = len(_json_bytes({**job, "size_bytes": most, "chunks": [entry]}))
+    two = len(_json_bytes({**job, "size_bytes": most, "chunks": [entry, entry]}))
+    length = one + (len(groups) - 1) * (two - one) + 1  # + 1: its last newline
+    if length > config.MAX_JOB_BYTES:
+        raise ValueError(
+            f"the job would list {len(groups):,} chunks in a job.json of about {length:,} "
+            f"bytes, over the {config.MAX_JOB_BYTES:,} a server reads: pack with a larger "
+            "chunk size"
+        )
+
+
 def _write_chunk(path: Path, job_id: str, index: int, images: Sequence[_Image]) -> tuple[int, str]:
     """Write one chunk archive atomically; return its size and sha256."""
     manifest_bytes = _manifest(job_id, index, images)
@@ -566,8 +582,12 @@ def _remove_stale_chunks(chunks_dir: Path, *, keep: int) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
 def _write_json_atomic(path: Path, value: Any) -> None:
-    data = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    data = _json_bytes(value)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -27,13 +27,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from .. import config
 from ..auth import clean_key, key_problem
 from ..config import DEFAULT_OWNER, ENV_SERVER_KEYS, JOB_ID_PATTERN, SHA256_PATTERN
 from ..units import parse_time
 
 __all__ = [
     "KEYS_FILE",
-    "MAX_JOB_BYTES",
     "JobStore",
     "KeyRing",
     "ensure_server_keys",
@@ -43,11 +43,6 @@ __all__ = [
 ]
 
 KEYS_FILE = "keys.json"
-# A job.json lists chunks, not images: some 200 KB per thousand chunks. A larger one is
-# "not there", as a malformed one is, rather than read whole into memory on every change.
-# (The answer adds each chunk's URL: get_job checks it against the SDK's cap on an API
-# answer, config.MAX_API_ANSWER, which a packed job.json of this size stays under.)
-MAX_JOB_BYTES = 32 << 20
 _JOB_FILE = "job.json"
 _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 _SHA256_RE = re.compile(SHA256_PATTERN)
@@ -96,7 +91,7 @@ def open_regular(path: Path) -> tuple[IO[bytes], os.stat_result] | None:
 @dataclass(frozen=True)
 class _Cached:
     signature: tuple[int, int, int]  # (inode, size, mtime_ns) of the job.json read
-    job: dict[str, Any]
+    job: dict[str, Any] | None  # None: too large to be served
 
 
 class JobStore:
@@ -131,11 +126,14 @@ class JobStore:
         if opened is None:  # gone since the stat, or a FIFO, a folder...
             return None
         f, st = opened  # the stat of what is read, so the cache never pairs it with another
+        limit = config.MAX_JOB_BYTES
         with f:
-            if st.st_size > MAX_JOB_BYTES:
-                return None
-            data = f.read(MAX_JOB_BYTES + 1)  # + 1: it may have grown since the stat
-        if len(data) > MAX_JOB_BYTES:
+            # + 1: it may have grown since the stat
+            data = None if st.st_size > limit else f.read(limit + 1)
+        if data is None or len(data) > limit:
+            # Said once per version of the file (remembered as "not there"), not per request.
+            log.warning("job %s is not served: its job.json is over %d bytes", job_id, limit)
+            self._cache[job_id] = _Cached(_signature(st), None)
             return None
         try:
             job = json.loads(data)
