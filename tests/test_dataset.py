@@ -911,6 +911,66 @@ def test_the_first_chunk_decodes_in_small_groups_first(
     assert sizes[1] == [16]
 
 
+def test_decode_groups_of_large_images_are_cut_by_their_decoded_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config, "DECODE_GROUP_BYTES", 100)
+    assert list(group_bounds(5, weights=[60] * 5)) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert list(group_bounds(5, weights=[40] * 5)) == [(0, 2), (2, 4), (4, 5)]
+    # One image past the bound is a group of its own; images of no listed size weigh 0.
+    assert list(group_bounds(4, weights=[30, 500, 0, 0])) == [(0, 1), (1, 2), (2, 4)]
+    assert [b - a for a, b in group_bounds(9, ramp=True, weights=[25] * 9)] == [2, 4, 3]
+
+    def sample(width: int | None, height: int | None) -> Sample:
+        return Sample("x", "x", "x", None, 0, None, width, height, {})  # type: ignore[arg-type]
+
+    # Photos small enough that no group of DECODE_GROUP reaches the bound: by count alone.
+    monkeypatch.setattr(config, "DECODE_GROUP_BYTES", 16 * 10 * 10 * 3)
+    assert dataset_module.decoded_bytes([sample(10, 10)] * 3, ImageDecoder()) is None
+    assert dataset_module.decoded_bytes([sample(10, 11), sample(None, 9)], ImageDecoder()) == [
+        330,
+        0,
+    ]
+    assert dataset_module.decoded_bytes([sample(10, 11)], ImageDecoder("L")) is None
+    assert dataset_module.decoded_bytes([sample(1, 1)] * 2, ImageDecoder(image_size=(11, 10))) == [
+        330,
+        330,
+    ]
+
+
+def test_decoded_images_held_ahead_are_bounded_by_bytes_where_the_manifest_lists_sizes(
+    uniform: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lookahead was 4 groups of 16 images whatever their size: 64 twelve-megapixel
+    photos held ahead of the consumer were 2.3 GB. (The bounds are lowered here to a few of
+    this job's images.)"""
+    each = UNIFORM_SIZE[0] * UNIFORM_SIZE[1] * 3
+    monkeypatch.setattr(config, "DECODE_GROUP_BYTES", 3 * each)
+    monkeypatch.setattr(config, "DECODE_AHEAD_BYTES", 6 * each)
+    lock = threading.Lock()
+    sizes: list[int] = []
+    counts = {"decoded": 0, "consumed": 0, "most": 0}
+    real = dataset_module.decode_group
+
+    def spy(archive: ChunkArchive, group: list[Sample], decoder: ImageDecoder) -> list[Any]:
+        results = real(archive, group, decoder)
+        with lock:
+            sizes.append(len(group))
+            counts["decoded"] += len(group)
+            counts["most"] = max(counts["most"], counts["decoded"] - counts["consumed"])
+        return results
+
+    monkeypatch.setattr(dataset_module, "decode_group", spy)
+    for _ in uniform:
+        time.sleep(0.005)  # a slow consumer: the decoders run as far ahead as they may
+        with lock:
+            counts["consumed"] += 1
+    assert counts["consumed"] == UNIFORM_TOTAL and max(sizes) == 3
+    # Two groups in flight (the bytes of two, and one per decode thread) and the rest of
+    # the group being handed out: 3 + 2 x 3. By count alone it was up to 4 groups.
+    assert counts["most"] <= 9
+
+
 def test_iteration_reuses_image_buffers_and_images_kept_stay_intact(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

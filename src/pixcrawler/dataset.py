@@ -623,15 +623,18 @@ class Dataset:
         with self._lock:
             self._pools.add(pool)
         inflight: deque[_Inflight] = deque()
-        groups = self._groups(downloader, plan, expect)
+        groups = self._groups(downloader, plan, expect, decoder)
         chunk_ends: deque[int] = deque()  # inflight lengths at which a chunk's groups end
         at_edge = False  # every group of the chunks opened so far is submitted
         failed: Exception | None = None  # the next chunk's error, raised after what precedes
+        ahead = 0  # bytes the groups in flight decode to, as far as the manifests say
         try:
             while True:
                 waited = time.perf_counter()
                 while len(inflight) < config.DECODE_GROUPS_IN_FLIGHT and len(chunk_ends) < 2:
                     if failed is not None:
+                        break
+                    if ahead >= config.DECODE_AHEAD_BYTES and len(inflight) >= self.decode_threads:
                         break
                     if at_edge and inflight and not downloader.next_chunk_ready():
                         break  # hand out what is decoded; ask again after the next group
@@ -644,14 +647,15 @@ class Dataset:
                         break
                     if item is None:
                         break
-                    archive, group, last = item
+                    archive, group, last, nbytes = item
                     try:
                         future = pool.submit(decode_group, archive, group, decoder)
                     except RuntimeError:  # close() shut the pool down
                         if not self._closed:
                             raise
                         raise PixCrawlerError("the dataset is closed") from None
-                    inflight.append(_Inflight(group, future, archive if last else None))
+                    inflight.append(_Inflight(group, future, archive if last else None, nbytes))
+                    ahead += nbytes
                     if last:
                         chunk_ends.append(len(inflight))
                     at_edge = last
@@ -661,6 +665,7 @@ class Dataset:
                     return
                 chunk_ends = deque(end - 1 for end in chunk_ends if end > 1)
                 done = inflight.popleft()
+                ahead -= done.nbytes
                 try:
                     results = done.future.result()
                 except CancelledError:  # close() came: it cancelled what had not started
@@ -690,8 +695,10 @@ class Dataset:
         downloader: ChunkDownloader,
         plan: Sequence[tuple[int, Sequence[int] | None]] | None,
         expect: Mapping[int, int] | None,
-    ) -> Generator[tuple[ChunkArchive, list[Sample], bool], None, None]:
-        """(archive, group of samples, whether it is the chunk's last group)."""
+        decoder: ImageDecoder,
+    ) -> Generator[tuple[ChunkArchive, list[Sample], bool, int], None, None]:
+        """(archive, group of samples, whether it is the chunk's last group, the bytes it
+        decodes to as far as the manifest says: 0 where it lists no sizes)."""
         # A job listing its total but not every chunk's count: the whole job is held to it.
         total = None
         if plan is None:
@@ -723,9 +730,11 @@ class Dataset:
                 if offsets is not None:
                     samples = [samples[offset] for offset in offsets]
                 if not samples:  # one empty group: its chunk is an edge like any other
-                    yield archive, [], True
-                for start, end in group_bounds(len(samples), ramp=first):
-                    yield archive, samples[start:end], end >= len(samples)
+                    yield archive, [], True, 0
+                weights = decoded_bytes(samples, decoder)
+                for start, end in group_bounds(len(samples), ramp=first, weights=weights):
+                    nbytes = sum(weights[start:end]) if weights is not None else 0
+                    yield archive, samples[start:end], end >= len(samples), nbytes
                 first = first and not samples
             if total is not None and held < total:
                 raise DecompressionError(
@@ -769,6 +778,7 @@ class _Inflight:
     group: list[Sample]
     future: Future[list[np.ndarray | DecompressionError]]
     finished: ChunkArchive | None  # set on a chunk's last group: free its bytes after it
+    nbytes: int  # what it decodes to, as far as the manifest says
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -868,16 +878,43 @@ _SUSPENDABLE = (
 )
 
 
-def group_bounds(count: int, *, ramp: bool = False) -> Iterator[tuple[int, int]]:
+def group_bounds(
+    count: int, *, ramp: bool = False, weights: Sequence[int] | None = None
+) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of each decode group over ``count`` samples. With ``ramp`` (an
     iteration's first chunk) the first groups are small (config.DECODE_RAMP): the first
-    image then waits for a couple of decodes, not for a whole group."""
+    image then waits for a couple of decodes, not for a whole group. With ``weights`` (each
+    sample's decoded bytes) a group also ends before it would pass DECODE_GROUP_BYTES."""
     sizes = iter(config.DECODE_RAMP if ramp else ())
     start = 0
     while start < count:
         end = min(count, start + next(sizes, config.DECODE_GROUP))
+        if weights is not None:
+            held = weights[start]
+            for cut in range(start + 1, end):
+                held += weights[cut]
+                if held > config.DECODE_GROUP_BYTES:
+                    end = cut
+                    break
         yield start, end
         start = end
+
+
+def decoded_bytes(samples: Sequence[Sample], decoder: ImageDecoder) -> list[int] | None:
+    """Each sample's decoded bytes as its manifest's size (or the decoder's ``image_size``)
+    says, 0 where none is listed; None where no group of them can reach DECODE_GROUP_BYTES
+    (photos of a few hundred pixels a side: the groups go by count alone)."""
+    if decoder.image_size is not None:
+        height, width = decoder.image_size
+        each = height * width * decoder.channels
+        if each * config.DECODE_GROUP <= config.DECODE_GROUP_BYTES:
+            return None
+        return [each] * len(samples)
+    channels = decoder.channels
+    weights = [(s.width or 0) * (s.height or 0) * channels for s in samples]
+    if max(weights, default=0) * config.DECODE_GROUP <= config.DECODE_GROUP_BYTES:
+        return None
+    return weights
 
 
 def decode_group(
