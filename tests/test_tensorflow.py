@@ -25,6 +25,7 @@ from constants import (
 )
 from helpers import copy_without_counts, corrupt_copy, drop_counts, edited_copy
 from pixcrawler import Dataset, load_dataset
+from pixcrawler.exceptions import PixCrawlerError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Loading triton (a dependency of CUDA builds of torch, imported by torch.optim on first use)
@@ -252,3 +253,16 @@ def test_a_listed_total_the_chunks_do_not_hold_is_the_sdks_error_naming_the_job(
             pass
     assert "DecompressionError" in info.value.message
     assert f"job {JOB_UNIFORM} lists {UNIFORM_TOTAL + off_by} images" in info.value.message
+
+
+def test_a_job_listing_no_labels_is_refused_before_any_download(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    def unlabelled(job: dict[str, Any]) -> None:
+        del job["labels"]
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, unlabelled)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    with pytest.raises(PixCrawlerError, match=f"job {JOB_UNIFORM} lists no labels"):
+        dataset.to_tensorflow()
+    assert dataset.stats.transfer.requests == 0

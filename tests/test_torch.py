@@ -1351,3 +1351,21 @@ def test_a_stream_made_before_the_process_group_says_every_rank_reads_everything
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         list(explicit)  # asked for: no warning
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_job_listing_no_labels_is_refused_before_any_download(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path, streaming: bool
+) -> None:
+    """Another producer's job may list no ``labels``: the class ids are positions in it, so
+    to_torch() failed at the first image, after chunks had downloaded (in every worker)."""
+
+    def unlabelled(job: dict[str, Any]) -> None:
+        del job["labels"]
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, unlabelled)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    with pytest.raises(PixCrawlerError, match=f"job {JOB_UNIFORM} lists no labels.*to_arrays"):
+        dataset.to_torch(streaming=streaming)
+    assert dataset.stats.transfer.requests == 0
+    assert len(dataset.to_arrays()[1]) == UNIFORM_TOTAL  # names it gives still

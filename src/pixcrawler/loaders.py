@@ -206,7 +206,7 @@ class _TorchBridge:
         self.image_size = (
             validate_image_size(image_size) if image_size is not None else dataset.image_size
         )
-        self.labels: tuple[str, ...] = dataset.labels
+        self.labels: tuple[str, ...] = label_names(dataset)
         self._label_ids = {name: i for i, name in enumerate(self.labels)}
         self._counts = _chunk_counts(dataset)
         self._owner_pid = os.getpid()
@@ -841,6 +841,19 @@ def _shuffled(
         yield buffer[slot]
 
 
+def label_names(dataset: Dataset) -> tuple[str, ...]:
+    """The names whose positions are the class ids the frameworks give: the job's
+    ``labels``. A job with images that lists none (another producer) is refused here, not
+    at its first image, once chunks have downloaded and a training loop has started."""
+    empty = counts_listed(dataset.job) and dataset.num_images == 0
+    if not dataset.labels and dataset.job.chunks and not empty:
+        raise PixCrawlerError(
+            f"job {dataset.job.id} lists no labels, so its images' labels have no class ids: "
+            "iterate it, or use to_arrays() or to_dataframe(), which give label names"
+        )
+    return dataset.labels
+
+
 def _chunk_counts(dataset: Dataset) -> dict[int, int]:
     """Images per chunk, from the job; a chunk the API lists without a count is opened."""
     counts: dict[int, int] = {}
@@ -917,7 +930,7 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
     # A size only the job lists is the producer's word, not a resize: an image that
     # differs gets the error to_arrays() gives, not TensorFlow's mid-epoch shape error.
     listed = None if size or dataset.image_size else dataset.job.image_size
-    label_ids = {name: i for i, name in enumerate(dataset.labels)}
+    label_ids = {name: i for i, name in enumerate(label_names(dataset))}
 
     def generate() -> Iterator[tuple[np.ndarray, np.int64]]:
         for sample, image in dataset.iter_samples(size):
