@@ -924,6 +924,8 @@ def _keyed_png(bit_depth: int, color_type: int, rows: list[bytes], key: bytes) -
 @pytest.mark.parametrize(
     ("data", "grey", "transparent"),
     [
+        # 1-bit grey 0, 1, 0, 1, 0, 1, 0, 1, the key 1 (Pillow before 13 kept it as 1)
+        (_keyed_png(1, 0, [bytes([0b0101_0101])], struct.pack(">H", 1)), True, [1, 3, 5, 7]),
         # 2-bit grey 0, 1, 2, 3 (Pillow gives 0, 85, 170, 255), the key 1
         (_keyed_png(2, 0, [bytes([0b00_01_10_11])], struct.pack(">H", 1)), True, [1]),
         # 4-bit grey 0, 5, 10, 15 (0, 85, 170, 255), the key 5
@@ -945,15 +947,28 @@ def _keyed_png(bit_depth: int, color_type: int, rows: list[bytes], key: bytes) -
             [0],
         ),
     ],
-    ids=["grey-2-bit", "grey-4-bit", "grey-16-bit", "rgb-16-bit", "rgb-16-bit-black"],
+    ids=["grey-1-bit", "grey-2-bit", "grey-4-bit", "grey-16-bit", "rgb-16-bit", "rgb-16-bit-black"],
 )
+@pytest.mark.parametrize("tiles", ["pillow", "plain-tuples"])
 def test_a_png_colour_key_is_applied_exactly_as_alpha(
-    data: bytes, grey: bool, transparent: list[int]
+    data: bytes, grey: bool, transparent: list[int], tiles: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pillow compares a tRNS key with its 8-bit pixels: a 2- or 4-bit grey key (a sample
     value, never scaled up) and a 16-bit one (against pixels cut to their high byte) made
     every pixel opaque, or a near one transparent. RGBA carries the key exactly; the
-    colours are the ones RGB gives."""
+    colours are the ones RGB gives. Pillow before 11 gives its tiles as plain tuples (the
+    first version of this read them by name, and every PNG failed there)."""
+    if tiles == "plain-tuples":
+        from PIL import PngImagePlugin
+
+        opened = PngImagePlugin.PngImageFile._open
+
+        def plain(self: PngImagePlugin.PngImageFile) -> None:
+            opened(self)
+            self.tile = [tuple(tile) for tile in self.tile]  # type: ignore[misc]
+
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "_open", plain)
+        assert ImageDecoder().decode(encode(photo(), "PNG")).shape[2] == 3
     rgb = ImageDecoder("RGB").decode(data)
     rgba = ImageDecoder("RGBA").decode(data)
     assert (rgba[..., :3] == rgb).all()

@@ -334,9 +334,17 @@ def _png_rawmode(image: Image.Image) -> str | None:
     """How a PNG's samples are stored (``"L;4"``, ``"I;16B"``, ``"RGB;16B"``…), read before
     ``load()`` empties the tile; None for any other format."""
     tiles = getattr(image, "tile", None) if image.format == "PNG" else None
-    if not tiles or not isinstance(tiles[0].args, str):
+    # By position: a tile is a named tuple from Pillow 11, a plain one before.
+    if not tiles or len(tiles[0]) < 4 or not isinstance(tiles[0][3], str):
         return None
-    return tiles[0].args
+    rawmode: str = tiles[0][3]
+    return rawmode
+
+
+def _with_rawmode(tile: Any, rawmode: str) -> Any:
+    """``tile`` unpacking its samples as ``rawmode``, of the type Pillow gave it."""
+    fields = (*tuple(tile)[:3], rawmode)
+    return type(tile)._make(fields) if hasattr(tile, "_make") else fields
 
 
 # Grey samples of fewer than 8 bits, as Pillow scales them up to 0..255.
@@ -350,9 +358,13 @@ def _colour_keyed(
     key applied exactly as RGBA: Pillow compares the key with its 8-bit pixels, so a 2- or
     4-bit grey key (a sample value, never scaled) and a 16-bit one (a 16-bit value, against
     pixels cut to their high byte) became opaque everywhere, or transparent wherever the
-    high byte happened to equal the key. Other images (palette, 1- and 8-bit keys) are
-    returned as they are: Pillow's convert() gets them right."""
+    high byte happened to equal the key; before Pillow 13, a 1-bit key of 1 (white) never
+    met the pixels' 255. Other images (palette, 8-bit keys) are returned as they are:
+    Pillow's convert() gets them right."""
     key = image.info["transparency"]
+    if image.mode == "1" and isinstance(key, int):  # Pillow before 13 kept the bit (0 or 1)
+        image.info["transparency"] = 255 if key else 0
+        return image
     if image.mode == "L" and rawmode in _LOW_BIT_GRAY_SCALE and isinstance(key, int):
         image.info["transparency"] = key * _LOW_BIT_GRAY_SCALE[rawmode]
         return image
@@ -365,7 +377,7 @@ def _colour_keyed(
         # Pillow keeps each 16-bit sample's high byte; a second decode of the same rows
         # unpacked as little-endian keeps the low one.
         low = Image.open(io.BytesIO(data), formats=("PNG",))
-        low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+        low.tile = [_with_rawmode(tile, "RGB;16L") for tile in low.tile]
         low.load()
         high = np.asarray(image)
         samples = (high.astype(np.uint16) << 8) | np.asarray(low)
