@@ -915,10 +915,11 @@ def test_keys_json_keys_are_stripped_as_request_headers_are(tmp_path: Path) -> N
     assert KeyRing(keys).owner_of("pasted-key") == "alice"
 
 
-def test_keys_json_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
-    """Notepad and PowerShell 5 save UTF-8 with a BOM: serve refused such a keys.json with
-    "cannot read …: JSONDecodeError"."""
-    (tmp_path / KEYS_FILE).write_bytes(b"\xef\xbb\xbf" + json.dumps({"k1": "alice"}).encode())
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_keys_json_saved_as_windows_editors_save_it_is_read(tmp_path: Path, encoding: str) -> None:
+    """Notepad saves UTF-8 with a byte-order mark, PowerShell 5's > UTF-16: serve refused
+    such a keys.json with "cannot read …: JSONDecodeError" (or UnicodeDecodeError)."""
+    (tmp_path / KEYS_FILE).write_bytes(json.dumps({"k1": "alice"}).encode(encoding))
     assert load_server_keys(tmp_path, environ={}) == {"k1": "alice"}
 
 

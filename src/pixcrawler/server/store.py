@@ -259,8 +259,9 @@ def load_server_keys(store: Path, environ: Mapping[str, str] | None = None) -> d
     path = Path(store) / KEYS_FILE
     if path.exists():
         try:
-            # utf-8-sig: Notepad and PowerShell 5 begin a UTF-8 file with a byte-order mark.
-            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+            # Bytes: json reads UTF-8 with or without a byte-order mark (Notepad) and UTF-16
+            # (what PowerShell 5's > writes), as job.json is read.
+            data = json.loads(path.read_bytes())
         except json.JSONDecodeError as exc:  # where, never what (the text may hold a key)
             raise ValueError(
                 f"cannot read {path}: not JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
