@@ -589,6 +589,28 @@ def test_numpy_of_mixed_sizes_needs_image_size_and_writes_nothing_without_it(
         assert labels[y[row]] == sample.label
 
 
+def test_numpy_of_a_job_listing_no_labels_is_refused_before_anything_is_written(
+    cli: Cli, live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """y.npy holds label ids, positions in the job's labels: a job listing none (another
+    producer's) downloaded chunks and reserved X.npy.part, then failed at its first image
+    (exit 8), naming no format that works. The images format still does."""
+
+    def unlabelled(job: dict[str, Any]) -> None:
+        del job["labels"]
+
+    url = server_factory(edited_copy(live_server.store, tmp_path, JOB_UNIFORM, unlabelled))
+    result = cli.run("download", JOB_UNIFORM, "-o", "out", *api(url, live_server.api_key))
+    assert result.returncode == 2, result
+    assert f"job {JOB_UNIFORM} lists no labels" in result.stderr
+    assert "--format images" in result.stderr and result.stderr.count("\n") == 1
+    assert not (cli.cwd / "out").exists()
+    result = cli.run(
+        "download", JOB_UNIFORM, "-o", "out", "--format", "images", *api(url, live_server.api_key)
+    )
+    assert result.returncode == 0, result
+
+
 # -- resume ------------------------------------------------------------------------------------
 
 BIG_JOB = "job_big"

@@ -1008,6 +1008,14 @@ def counts_listed(job: Job) -> bool:
     return job.status == "completed" and all(c.image_count is not None for c in job.chunks)
 
 
+def unlabelled(job: Job) -> bool:
+    """Whether the job may hold images but lists no ``labels`` (another producer's): its
+    labels then have no class ids, which the frameworks and numpy's y.npy give."""
+    return (
+        not job.labels and bool(job.chunks) and not (counts_listed(job) and not num_images_of(job))
+    )
+
+
 def size_listed(job: Job) -> bool:
     """Whether the job says how many bytes it holds: ``size_bytes``, or every chunk's (only
     a completed job lists its chunks: one still running has no size yet)."""

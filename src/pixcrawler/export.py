@@ -39,6 +39,7 @@ from .dataset import (
     decode_sample,
     group_bounds,
     num_images_of,
+    unlabelled,
 )
 from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
@@ -716,6 +717,11 @@ class _NumpyWriter(_StagedWriter):
         on_error: str = "raise",
     ) -> None:
         super().__init__(dataset, root)
+        if unlabelled(self.job):
+            raise ExportUsageError(
+                f"job {self.job.id} lists no labels, so y.npy has no label ids to hold: use "
+                "--format images (label folders and metadata.jsonl) or --format zip"
+            )
         self.skip = on_error == "skip"
         size = image_size or self.job.image_size
         # The packer's null size: the images differ (a job of no images has none to differ).

@@ -38,7 +38,7 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore, resolve_cache_root
-from .dataset import count_mismatch, counts_listed, decode_sample, positive_int
+from .dataset import count_mismatch, counts_listed, decode_sample, positive_int, unlabelled
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import (
     DecompressionError,
@@ -845,8 +845,7 @@ def label_names(dataset: Dataset) -> tuple[str, ...]:
     """The names whose positions are the class ids the frameworks give: the job's
     ``labels``. A job with images that lists none (another producer) is refused here, not
     at its first image, once chunks have downloaded and a training loop has started."""
-    empty = counts_listed(dataset.job) and dataset.num_images == 0
-    if not dataset.labels and dataset.job.chunks and not empty:
+    if unlabelled(dataset.job):
         raise PixCrawlerError(
             f"job {dataset.job.id} lists no labels, so its images' labels have no class ids: "
             "iterate it, or use to_arrays() or to_dataframe(), which give label names"
