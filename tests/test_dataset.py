@@ -31,7 +31,15 @@ from constants import (
     UNIFORM_SIZE,
     UNIFORM_TOTAL,
 )
-from helpers import copy_without_counts, corrupt_copy, digest, drop_counts, edited_copy
+from helpers import (
+    copy_without_counts,
+    corrupt_copy,
+    digest,
+    drop_counts,
+    edited_copy,
+    sdk_threads_left,
+    settles,
+)
 from pixcrawler import Dataset, DatasetInfo, config, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
@@ -609,10 +617,60 @@ def test_an_iterator_collected_on_its_own_decode_thread_cleans_up(live_server: L
     next(samples)
     (pool,) = dataset._pools
     pool.submit(samples.close).result(timeout=30)  # as the collector would, on that thread
-    assert not dataset._downloaders
+    assert settles(lambda: not dataset._downloaders, 10)  # (ended on the cleanup thread)
     assert digest(dataset) == digest(load_dataset(JOB_UNIFORM, live_server.api_key,
                                                    live_server.base_url))  # fmt: skip
     dataset.close()
+
+
+@pytest.mark.parametrize("held", ["dataset", "downloader"])
+def test_an_iterator_the_collector_ends_under_one_of_the_sdks_locks_does_not_deadlock(
+    live_server: LiveServer, held: str
+) -> None:
+    """The collector runs a dropped iterator's cleanup wherever it allocates: under a plain
+    lock of the SDK's (close() builds lists under the dataset's), the cleanup took that
+    lock again and waited for ever; in a thread still starting, it waited for threads
+    inside threading's own lock. The cleanup runs on a thread of its own there."""
+    before = set(threading.enumerate())
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    samples = dataset.iter_samples()
+    next(samples)
+    (downloader,) = dataset._downloaders
+    lock = dataset._lock if held == "dataset" else downloader._lock
+    box: list[Any] = [samples]
+    box.append(box)  # a cycle: only the collector frees it
+    del samples, box
+    collected = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        with lock:
+            gc.collect()
+        collected.set()
+
+    threading.Thread(target=collect_under_the_lock, daemon=True).start()
+    assert collected.wait(10), "the cleanup waited for a lock its own thread held"
+    assert settles(lambda: not dataset._downloaders, 10)
+    assert sdk_threads_left(before) == []
+    assert digest(dataset) == digest(load_dataset(JOB_UNIFORM, live_server.api_key,
+                                                   live_server.base_url))  # fmt: skip
+
+
+def test_an_iterator_collected_on_a_thread_of_its_byte_ranges_cleans_up(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk over twice MIN_RANGE_PART downloads in ranges on threads of their own, which
+    cannot wait for their own pool to end either: "cannot join current thread", and the
+    downloader stayed registered. (The part size is lowered here: these chunks split.)"""
+    monkeypatch.setattr(config, "MIN_RANGE_PART", 1024)
+    before = set(threading.enumerate())
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, max_workers=4)
+    samples = dataset.iter_samples()
+    next(samples)
+    (downloader,) = dataset._downloaders
+    assert downloader._part_pool is not None
+    downloader._part_pool.submit(samples.close).result(timeout=30)  # as the collector would
+    assert settles(lambda: not dataset._downloaders, 10)
+    assert sdk_threads_left(before) == []
 
 
 def test_num_images_of_a_job_listing_some_chunks_counts_is_unknown_not_their_sum(

@@ -1029,7 +1029,8 @@ def test_an_iteration_closed_on_its_own_download_thread_cleans_up_and_close_ends
         next(iteration)
         (pool,) = downloader._pools
         pool.submit(iteration.close).result(timeout=30)  # as the collector would, there
-        assert not downloader._recycling  # its hooks went with the rest of the cleanup
+        # Its hooks go with the rest of the cleanup (on the cleanup thread).
+        assert settles(lambda: not downloader._recycling, 10)
 
         held = downloader.iter_chunks()
         next(held)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import numbers
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from . import config
+from . import cleanup, config
 from .archive import ChunkArchive, Sample
 from .auth import resolve_api_key, resolve_base_url
 from .client import ApiClient
@@ -628,6 +629,7 @@ class Dataset:
         at_edge = False  # every group of the chunks opened so far is submitted
         failed: Exception | None = None  # the next chunk's error, raised after what precedes
         ahead = 0  # bytes the groups in flight decode to, as far as the manifests say
+        cleanup.begun()
         try:
             while True:
                 waited = time.perf_counter()
@@ -677,18 +679,26 @@ class Dataset:
                 del done
                 yield from zip(group, results, strict=True)
         finally:
-            # Each step whatever the one before raised. The garbage collector may finalize
-            # an iterator it found in a cycle on one of this pool's own threads, which
-            # cannot wait for itself to end.
-            try:
+            cleanup.end(functools.partial(self._end_decoding, groups, inflight, pool, downloader))
+
+    def _end_decoding(
+        self,
+        groups: Generator[Any, None, None],
+        inflight: deque[_Inflight],
+        pool: ThreadPoolExecutor,
+        downloader: ChunkDownloader,
+    ) -> None:
+        """The end of :meth:`decode_chunks`: each step whatever the one before raised."""
+        try:
+            # (Unless the garbage collector is closing it on another thread right now.)
+            if inspect.getgeneratorstate(groups) != inspect.GEN_RUNNING:
                 groups.close()
-            finally:
-                for pending in inflight:
-                    pending.future.cancel()
-                inflight.clear()
-                on_pool = threading.current_thread().name.startswith(_DECODE_THREAD)
-                pool.shutdown(wait=not on_pool)
-                self.release_downloader(downloader)
+        finally:
+            for pending in inflight:
+                pending.future.cancel()
+            inflight.clear()
+            pool.shutdown(wait=True)
+            self.release_downloader(downloader)
 
     def _groups(
         self,

@@ -53,7 +53,7 @@ import urllib3
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from . import config
+from . import cleanup, config
 from .client import (
     ApiClient,
     certificate_refused,
@@ -613,6 +613,21 @@ class ChunkDownloader:
         hooks = _Recycling(released, upcoming)
         if recycles:
             self._recycling.append(hooks)
+
+        def end() -> None:
+            nonlocal first
+            with lock:  # no fill() submits to the pool once this is set
+                cancel.set()
+            first = None  # its callback refers back to fill(): a cycle that held a chunk
+            if recycles:
+                self._recycling.remove(hooks)
+            _cancel_each([future for _, future in window])
+            self._abort(cancel)
+            pool.shutdown(wait=True)
+            window.clear()
+            refills.clear()
+
+        cleanup.begun()
         try:
             while True:
                 if self._closed.is_set():  # nothing more, nor an end that looks complete
@@ -638,20 +653,9 @@ class ChunkDownloader:
                 yield self.chunk(index), data
                 del data
         finally:
-            with lock:  # no fill() submits to the pool once this is set
-                cancel.set()
-            first = None  # its callback refers back to fill(): a cycle that held a chunk
-            if recycles:
-                self._recycling.remove(hooks)
-            # (No loop variable here: the frame an error's traceback keeps would hold the
-            # last chunk fetched ahead through it, as it would through the window.)
-            _cancel_each([future for _, future in window])
-            self._abort(cancel)
-            # Not waiting on a thread of this pool: the garbage collector may finalize an
-            # iteration it found in a cycle on one, which cannot wait for itself to end.
-            pool.shutdown(wait=not threading.current_thread().name.startswith(_DOWNLOAD_THREAD))
-            window.clear()
-            refills.clear()
+            # (In a function of its own: the frame an error's traceback keeps would hold
+            # the last chunk fetched ahead through a loop variable here.)
+            cleanup.end(end)
 
     def recycle(self, buffer: bytearray | None) -> None:
         """The consumer is done with a chunk: hand back its buffer (None if it cannot be
