@@ -26,6 +26,7 @@ from . import config
 log = logging.getLogger(__name__)
 
 _IDLE_SECONDS = 0.5  # the cleanup thread ends this long after the last iteration's end
+_STOP_SECONDS = 5.0  # the longest the end of the last iteration waits for it to end
 
 _state = threading.local()  # .collecting: this thread is inside a garbage collection
 _queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # put() is reentrant
@@ -50,23 +51,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def begun() -> None:
+def begun() -> int:
     """An iteration begins (on its caller's thread, a safe place to start a thread): the
-    cleanup thread is there until it has ended. Each call is matched by one of
-    :func:`end`."""
+    cleanup thread is there until it has ended. Returns what :func:`end` takes, once."""
     global _live, _thread
     with _lock:
         _live += 1
-        if _thread is None or not _thread.is_alive():  # (or gone with a fork)
+        if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(
                 target=_run, name=f"{config.THREAD_PREFIX}cleanup", daemon=True
             )
             _thread.start()
+    return os.getpid()
 
 
-def end(cleanup: Callable[[], None]) -> None:
+def end(cleanup: Callable[[], None], begun_in: int) -> None:
     """Run an iteration's ``cleanup`` now where it may wait and lock, else on the cleanup
-    thread (inside a garbage collection, or on a thread of the SDK's own)."""
+    thread (inside a garbage collection, or on a thread of the SDK's own). Nothing for the
+    copy a forked child (a DataLoader worker) has of its parent's iteration: it has none of
+    its threads, and closing its connections would shut down the parent's sockets."""
+    if os.getpid() != begun_in:
+        return
 
     def counted() -> None:
         global _live, _thread
@@ -81,9 +86,9 @@ def end(cleanup: Callable[[], None]) -> None:
                     # this returns (no thread left behind), and an iteration begun from
                     # now on starts another.
                     idle, _thread = _thread, None
-                    _queue.put(_stop)
+                    _queue.put(_Stop(idle))
             if idle is not None:
-                idle.join()
+                idle.join(_STOP_SECONDS)
 
     if _may_wait():
         counted()
@@ -91,8 +96,15 @@ def end(cleanup: Callable[[], None]) -> None:
         _queue.put(counted)
 
 
-def _stop() -> None:
-    """Queued to end an idle cleanup thread."""
+class _Stop:
+    """Queued to end one idle cleanup thread (another that takes it puts it back)."""
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+
+    def __call__(self) -> None:
+        if self.thread is not current_thread():
+            _queue.put(self)
 
 
 def _may_wait() -> bool:
@@ -104,16 +116,19 @@ def _may_wait() -> bool:
 
 def _run() -> None:
     global _thread
+    me = current_thread()
     while True:
         try:
             cleanup = _queue.get(timeout=_IDLE_SECONDS)
         except queue.Empty:
             with _lock:
-                if _live <= 0 and _queue.empty() and _thread is current_thread():
+                if _thread is not me:  # replaced: another serves the queue
+                    return
+                if _live <= 0 and _queue.empty():
                     _thread = None
                     return
             continue
-        if cleanup is _stop:
+        if isinstance(cleanup, _Stop) and cleanup.thread is me:
             return
         try:
             cleanup()

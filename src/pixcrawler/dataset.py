@@ -629,7 +629,7 @@ class Dataset:
         at_edge = False  # every group of the chunks opened so far is submitted
         failed: Exception | None = None  # the next chunk's error, raised after what precedes
         ahead = 0  # bytes the groups in flight decode to, as far as the manifests say
-        cleanup.begun()
+        begun_in = cleanup.begun()
         try:
             while True:
                 waited = time.perf_counter()
@@ -679,7 +679,8 @@ class Dataset:
                 del done
                 yield from zip(group, results, strict=True)
         finally:
-            cleanup.end(functools.partial(self._end_decoding, groups, inflight, pool, downloader))
+            ending = functools.partial(self._end_decoding, groups, inflight, pool, downloader)
+            cleanup.end(ending, begun_in)
 
     def _end_decoding(
         self,

@@ -627,7 +627,7 @@ class ChunkDownloader:
             window.clear()
             refills.clear()
 
-        cleanup.begun()
+        begun_in = cleanup.begun()
         try:
             while True:
                 if self._closed.is_set():  # nothing more, nor an end that looks complete
@@ -655,7 +655,7 @@ class ChunkDownloader:
         finally:
             # (In a function of its own: the frame an error's traceback keeps would hold
             # the last chunk fetched ahead through a loop variable here.)
-            cleanup.end(end)
+            cleanup.end(end, begun_in)
 
     def recycle(self, buffer: bytearray | None) -> None:
         """The consumer is done with a chunk: hand back its buffer (None if it cannot be
