@@ -33,6 +33,7 @@ _queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # put() is 
 _lock = threading.Lock()
 _live = 0  # iterations begun and not yet cleaned up
 _thread: threading.Thread | None = None
+_stopping = threading.Event()  # set to end _thread
 
 
 def _on_collection(phase: str, info: dict[str, Any]) -> None:
@@ -42,8 +43,9 @@ def _on_collection(phase: str, info: dict[str, Any]) -> None:
 def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) has none of its parent's threads, and a lock a
     parent thread held at the fork would never be released here."""
-    global _queue, _lock, _live, _thread
+    global _queue, _lock, _live, _thread, _stopping
     _queue, _lock, _live, _thread = queue.SimpleQueue(), threading.Lock(), 0, None
+    _stopping = threading.Event()
 
 
 gc.callbacks.append(_on_collection)
@@ -54,12 +56,16 @@ if hasattr(os, "register_at_fork"):
 def begun() -> int:
     """An iteration begins (on its caller's thread, a safe place to start a thread): the
     cleanup thread is there until it has ended. Returns what :func:`end` takes, once."""
-    global _live, _thread
+    global _live, _thread, _stopping
     with _lock:
         _live += 1
         if _thread is None or not _thread.is_alive():
+            _stopping = threading.Event()
             _thread = threading.Thread(
-                target=_run, name=f"{config.THREAD_PREFIX}cleanup", daemon=True
+                target=_run,
+                args=(_stopping,),
+                name=f"{config.THREAD_PREFIX}cleanup",
+                daemon=True,
             )
             _thread.start()
     return os.getpid()
@@ -84,9 +90,11 @@ def end(cleanup: Callable[[], None], begun_in: int) -> None:
                 if _live <= 0 and _thread is not None and _thread is not current_thread():
                     # The last iteration has ended here: so has the cleanup thread when
                     # this returns (no thread left behind), and an iteration begun from
-                    # now on starts another.
+                    # now on starts another. (Its own event: a thread started meanwhile
+                    # may take the wake-up, never the stop.)
                     idle, _thread = _thread, None
-                    _queue.put(_Stop(idle))
+                    _stopping.set()
+                    _queue.put(_wake)
             if idle is not None:
                 idle.join(_STOP_SECONDS)
 
@@ -96,15 +104,8 @@ def end(cleanup: Callable[[], None], begun_in: int) -> None:
         _queue.put(counted)
 
 
-class _Stop:
-    """Queued to end one idle cleanup thread (another that takes it puts it back)."""
-
-    def __init__(self, thread: threading.Thread) -> None:
-        self.thread = thread
-
-    def __call__(self) -> None:
-        if self.thread is not current_thread():
-            _queue.put(self)
+def _wake() -> None:
+    """Queued to have an idle cleanup thread look at its stop event."""
 
 
 def _may_wait() -> bool:
@@ -114,22 +115,17 @@ def _may_wait() -> bool:
     return current is _thread or not current.name.startswith(config.THREAD_PREFIX)
 
 
-def _run() -> None:
+def _run(stopping: threading.Event) -> None:
     global _thread
-    me = current_thread()
-    while True:
+    while not stopping.is_set():
         try:
             cleanup = _queue.get(timeout=_IDLE_SECONDS)
         except queue.Empty:
             with _lock:
-                if _thread is not me:  # replaced: another serves the queue
-                    return
-                if _live <= 0 and _queue.empty():
+                if _live <= 0 and _queue.empty() and _thread is current_thread():
                     _thread = None
                     return
             continue
-        if isinstance(cleanup, _Stop) and cleanup.thread is me:
-            return
         try:
             cleanup()
         except Exception:  # one failure must not keep the others from running
