@@ -42,6 +42,7 @@ from constants import (
 from helpers import (
     copy_without_counts,
     corrupt_copy,
+    drop_counts,
     edited_copy,
     hold_lock,
     raised_once_closed,
@@ -1369,3 +1370,24 @@ def test_a_job_listing_no_labels_is_refused_before_any_download(
         dataset.to_torch(streaming=streaming)
     assert dataset.stats.transfer.requests == 0
     assert len(dataset.to_arrays()[1]) == UNIFORM_TOTAL  # names it gives still
+
+
+@pytest.mark.parametrize("off_by", [1, -1])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_listed_total_the_chunks_do_not_hold_is_refused_as_plain_iteration_refuses_it(
+    live_server: LiveServer, server_factory: Any, tmp_path: Path, off_by: int, streaming: bool
+) -> None:
+    """A job listing its total but no chunk's count: len(dataset) is the total and plain
+    iteration raises where the chunks disagree; to_torch() counted the chunks and went on
+    with another length, without a word."""
+
+    def total_only(job: dict[str, Any]) -> None:
+        drop_counts(job)
+        job["total_images"] = UNIFORM_TOTAL + off_by
+
+    store = edited_copy(live_server.store, tmp_path, JOB_UNIFORM, total_only)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(store))
+    listed = UNIFORM_TOTAL + off_by
+    message = f"job {JOB_UNIFORM} lists {listed} images but its chunks hold {UNIFORM_TOTAL}"
+    with pytest.raises(DecompressionError, match=message):
+        dataset.to_torch(streaming=streaming)

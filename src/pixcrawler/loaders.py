@@ -872,6 +872,11 @@ def _chunk_counts(dataset: Dataset) -> dict[int, int]:
                 counts[chunk.index] = len(ChunkArchive(data, chunk_id=chunk.index))
         finally:
             dataset.release_downloader(downloader)
+        held, total = sum(counts.values()), dataset.job.total_images
+        if total and held != total:  # as plain iteration refuses it, at the chunk it shows in
+            raise DecompressionError(
+                f"job {dataset.job.id} lists {total:,} images but its chunks hold {held:,}"
+            )
     return counts
 
 
