@@ -1036,10 +1036,11 @@ def size_listed(job: Job) -> bool:
 
 
 def _allocated_images(job_id: str, count: int, shape: tuple[int, ...]) -> np.ndarray:
-    """``to_arrays``' X, allocated once: numpy's MemoryError named what asked for it."""
+    """``to_arrays``' X, allocated once: numpy's MemoryError (or, past what an address can
+    reach, its ValueError "array is too big") named what asked for it."""
     try:
         return np.empty((count, *shape), dtype=np.uint8)
-    except MemoryError:
+    except (MemoryError, ValueError):
         need = count * int(np.prod(shape))
         raise PixCrawlerError(
             f"job {job_id}: {count:,} images of {'x'.join(map(str, shape))} need "
