@@ -730,9 +730,10 @@ class Dataset:
                     raise count_mismatch(self.job.id, chunk.index, listed, archive)
                 held += len(archive.samples)
                 if total is not None and held > total:
-                    raise DecompressionError(
-                        f"job {self.job.id} lists {total:,} images but its chunks hold more "
-                        f"(chunk {chunk.index} holds {len(archive.samples):,})",
+                    raise total_mismatch(
+                        self.job.id,
+                        total,
+                        f"more (chunk {chunk.index} holds {len(archive.samples):,})",
                         chunk_id=chunk.index,
                     )
                 self.stats.chunks += 1
@@ -748,9 +749,7 @@ class Dataset:
                     yield archive, samples[start:end], end >= len(samples), nbytes
                 first = first and not samples
             if total is not None and held < total:
-                raise DecompressionError(
-                    f"job {self.job.id} lists {total:,} images but its chunks hold {held:,}"
-                )
+                raise total_mismatch(self.job.id, total, f"{held:,}")
         except PixCrawlerError as exc:
             if self._closed:  # close() cancelled the chunks an iterator still held waits for
                 raise PixCrawlerError("the dataset is closed") from exc
@@ -821,6 +820,16 @@ def count_mismatch(
         f"job {job_id} lists {listed} images in chunk {chunk} but the chunk holds "
         f"{len(archive.samples)}",
         chunk_id=chunk,
+    )
+
+
+def total_mismatch(
+    job_id: str, total: int, held: str, *, chunk_id: int | None = None
+) -> DecompressionError:
+    """Bad data: the job's chunks hold another number of images than its ``total_images``
+    (``held``: how many, or "more" and where)."""
+    return DecompressionError(
+        f"job {job_id} lists {total:,} images but its chunks hold {held}", chunk_id=chunk_id
     )
 
 

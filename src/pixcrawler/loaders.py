@@ -38,7 +38,14 @@ import numpy as np
 from . import config
 from .archive import ChunkArchive, Sample
 from .cache import CacheDir, ChunkStore, resolve_cache_root
-from .dataset import count_mismatch, counts_listed, decode_sample, positive_int, unlabelled
+from .dataset import (
+    count_mismatch,
+    counts_listed,
+    decode_sample,
+    positive_int,
+    total_mismatch,
+    unlabelled,
+)
 from .decode import ImageBuffers, ImageDecoder, validate_image_size
 from .exceptions import (
     DecompressionError,
@@ -873,10 +880,8 @@ def _chunk_counts(dataset: Dataset) -> dict[int, int]:
         finally:
             dataset.release_downloader(downloader)
         held, total = sum(counts.values()), dataset.job.total_images
-        if total and held != total:  # as plain iteration refuses it, at the chunk it shows in
-            raise DecompressionError(
-                f"job {dataset.job.id} lists {total:,} images but its chunks hold {held:,}"
-            )
+        if total and held != total:  # as plain iteration refuses it (before any image here)
+            raise total_mismatch(dataset.job.id, total, f"{held:,}")
     return counts
 
 
