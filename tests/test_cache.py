@@ -323,6 +323,41 @@ def test_a_corrupt_cached_file_is_detected_deleted_and_downloaded_again(
     assert remote.store(tmp_path).get(1) and remote.calls == {1: 2}
 
 
+def test_a_corrupt_file_found_as_another_process_replaces_it_leaves_the_new_files_stamp(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This store finds its cached file corrupt; before it deletes it, another process
+    renames its fresh download into place and stamps it. That stamp stays: the fresh file
+    is taken on it, not hashed again (here or in every process after)."""
+    remote.store(tmp_path).get(1)
+    chunks = remote.store(tmp_path)
+    path = chunks.path(1)
+    assert path is not None
+    time.sleep(0.05)  # the damage gets a later ctime than the stamp, even on a coarse clock
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    real_unlink = cache_module._unlink_unless_replaced
+
+    def other_process_first(target: Path, loaded: Any) -> None:
+        fresh = target.with_name("fresh")
+        fresh.write_bytes(remote.bytes_of(1))
+        os.replace(fresh, target)
+        sha256 = remote.chunks[1].sha256
+        assert sha256 is not None
+        cache_module._write_stamp(target, os.stat(target), sha256)
+        real_unlink(target, loaded)
+
+    monkeypatch.setattr(cache_module, "_unlink_unless_replaced", other_process_first)
+    hashed = _counting_hashes(monkeypatch)
+    assert bytes(chunks.get(1)) == remote.bytes_of(1)
+    assert hashed == [len(data)]  # the corrupt file only: the fresh one is taken on its stamp
+    assert remote.calls == {1: 1} and chunks.stats.disk_hits == 1
+    assert cache_module._read_stamp(path) == cache_module._stamp(
+        os.stat(path), remote.chunks[1].sha256 or ""
+    )
+
+
 def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every whole-file sha256 the store computes on opening a cached file, by size."""
     hashed: list[int] = []
@@ -567,7 +602,21 @@ def test_default_cache_dir_is_the_env_var_else_the_platform_dir(
     monkeypatch.delenv(ENV_CACHE_DIR)
     import platformdirs
 
-    assert resolve_cache_root(None) == Path(platformdirs.user_cache_dir("pixcrawler"))
+    default = Path(platformdirs.user_cache_dir("pixcrawler"))
+    assert resolve_cache_root(None) == default
+    for blank in ("", "  "):  # set but blank (``export PIXCRAWLER_CACHE_DIR=``): unset
+        monkeypatch.setenv(ENV_CACHE_DIR, blank)
+        assert resolve_cache_root(None) == default
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_cache_dir_is_a_value_error_not_the_working_directory(
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="names no folder: pass None for the default"):
+        remote.store(blank)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_threads_wanting_one_chunk_share_one_download(remote: Remote, tmp_path: Path) -> None:
@@ -743,6 +792,43 @@ def test_a_fork_while_a_lock_file_is_being_opened_leaves_the_child_no_copy_of_it
     for thread in (starter, fetcher):
         thread.join(5)
     _assert_took_the_lock(worker)
+
+
+def _take_folder_lock(path: str) -> None:
+    """In a forked child: an export's folder lock, as a second ``pixcrawler download``."""
+    with cache_module.folder_lock(Path(path), ".lock", lambda: RuntimeError("busy")):
+        pass
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork and flock are POSIX")
+def test_a_child_forked_during_an_export_does_not_keep_its_folder_locked(
+    tmp_path: Path,
+) -> None:
+    """An export (or pack) holds its folder's lock while a DataLoader forks a worker in
+    another thread: once the export ends, the folder is free, though the worker lives."""
+    holding, release, forked = threading.Event(), threading.Event(), threading.Event()
+
+    def export() -> None:
+        with cache_module.folder_lock(tmp_path, ".lock", lambda: RuntimeError("busy")):
+            holding.set()
+            release.wait(10)
+
+    exporter = threading.Thread(target=export)
+    exporter.start()
+    assert holding.wait(5)
+    sleeper = multiprocessing.get_context("fork").Process(target=forked.wait, args=(10,))
+    sleeper.start()  # a long-lived worker
+    try:
+        release.set()
+        exporter.join(5)
+        checker = multiprocessing.get_context("fork").Process(
+            target=_take_folder_lock, args=(str(tmp_path),)
+        )
+        checker.start()
+        _assert_took_the_lock(checker)
+    finally:
+        sleeper.kill()
+        sleeper.join(5)
 
 
 def _assert_took_the_lock(worker: Any) -> None:

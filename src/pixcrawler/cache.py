@@ -91,7 +91,7 @@ def folder_lock(root: Path, name: str, busy: Callable[[], Exception]) -> Iterato
     fd = None
     for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
         with contextlib.suppress(OSError):
-            fd = os.open(root / name, flags, 0o644)
+            fd = _open_lock_file(root / name, flags)
             break
     if fd is None:
         yield
@@ -105,12 +105,13 @@ def folder_lock(root: Path, name: str, busy: Callable[[], Exception]) -> Iterato
             pass
         yield
     finally:
-        os.close(fd)  # releases the lock
+        _close_lock_file(fd)  # releases the lock
 
 
-# Chunk lock files this process holds open. A forked child (a DataLoader worker) inherits
-# them, and a flock lives as long as any copy of its descriptor: the child closes its
-# copies at once, or it would wait forever on a lock only it still keeps alive.
+# Lock files this process holds open (chunks', and the folders of exports and packs). A
+# forked child (a DataLoader worker) inherits them, and a flock lives as long as any copy
+# of its descriptor: the child closes its copies at once, or it would wait forever on a
+# lock only it still keeps alive (and keep an export's folder busy after the export).
 _HELD_LOCKS: set[int] = set()
 # Held while a lock file is opened and registered, or unregistered and closed, and across
 # every fork: a fork can then never land between ``os.open`` and the registration (which
@@ -124,6 +125,20 @@ def _close_inherited_locks() -> None:
             os.close(fd)  # not LOCK_UN: that would release the parent's lock too
     _HELD_LOCKS.clear()
     _HELD_LOCKS_GUARD.release()  # taken by the forking thread, which this one is
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """``os.open`` a lock file and register the descriptor (see ``_HELD_LOCKS``)."""
+    with _HELD_LOCKS_GUARD:
+        fd = os.open(path, flags, 0o644)
+        _HELD_LOCKS.add(fd)
+    return fd
+
+
+def _close_lock_file(fd: int) -> None:
+    with _HELD_LOCKS_GUARD:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -175,7 +190,7 @@ def _mapped_limit() -> int:
 def default_cache_root() -> Path:
     """``$PIXCRAWLER_CACHE_DIR``, else the platform's user cache dir for ``pixcrawler``."""
     env = os.environ.get(config.ENV_CACHE_DIR)
-    if env:
+    if env and env.strip():  # set to "" (or blanks): unset
         return Path(env).expanduser()
     import platformdirs
 
@@ -190,6 +205,12 @@ def resolve_cache_root(cache_dir: CacheDir) -> Path | None:
             return None
         if cache_dir is None or cache_dir is True:
             return default_cache_root()
+        if isinstance(cache_dir, str) and not cache_dir.strip():
+            # Path("") is the working directory: never what an unset setting meant.
+            raise ValueError(
+                f"cache_dir={cache_dir!r} names no folder: pass None for the default folder"
+                " or False for no disk cache"
+            )
         return Path(cache_dir).expanduser()
     except (TypeError, RuntimeError) as exc:  # not a path; "~nobody/x" of no such user
         default = cache_dir is None or cache_dir is True  # (1 == True: "in" would say so)
@@ -523,17 +544,19 @@ class ChunkStore:
         return _Entry(buffer, st.st_size)
 
     def _discard(self, index: int, path: Path, st: os.stat_result, why: str) -> None:
-        self._condemned.add((path, _identity(st)))
+        loaded = _identity(st)
+        self._condemned.add((path, loaded))
         self._count("corrupt_files")
         log.warning(
             "chunk %d: cached file %s is corrupt (%s); downloading it again", index, path, why
         )
-        _unlink_unless_replaced(path, _identity(st))
-        self._unstamp(index, path)
-
-    def _unstamp(self, index: int, path: Path) -> None:
-        """Forget that ``path`` was verified, here and for other processes."""
-        self._forget_verified(path)
+        _unlink_unless_replaced(path, loaded)
+        if _freshly_written(path, loaded, _read_stamp(path)):
+            # Another process renamed its download into place meanwhile, then its stamp:
+            # that stamp is not this file's to delete.
+            self._verified.pop(path, None)
+        else:
+            self._forget_verified(path)
         with self._lock:
             self._trusted.discard(index)
 
@@ -591,9 +614,7 @@ def _exclusive(path: Path, stop: threading.Event) -> Iterator[None]:
     lock_path = path.with_name(path.name + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with _HELD_LOCKS_GUARD:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            _HELD_LOCKS.add(fd)
+        fd = _open_lock_file(lock_path, os.O_RDWR | os.O_CREAT)
     except OSError:
         yield
         return
@@ -604,9 +625,7 @@ def _exclusive(path: Path, stop: threading.Event) -> Iterator[None]:
             log.debug("no lock on %s (%s); atomic renames still keep the cache whole", path, exc)
         yield
     finally:
-        with _HELD_LOCKS_GUARD:
-            _HELD_LOCKS.discard(fd)
-            os.close(fd)  # releases the lock
+        _close_lock_file(fd)  # releases the lock
 
 
 def _wait_for_lock(fd: int, path: Path, stop: threading.Event) -> None:
