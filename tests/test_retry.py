@@ -38,7 +38,9 @@ def test_a_numpy_int_is_a_number_of_retries() -> None:
 
 def test_retry_after_wins_over_the_backoff() -> None:
     policy = RetryPolicy(backoff_base=100.0, backoff_max=100.0)
-    assert policy.delay(1, retry_after=2.5) == 2.5
+    delays = [policy.delay(1, retry_after=2.5) for _ in range(200)]
+    assert all(2.5 <= d <= 2.75 for d in delays)  # what was asked, and up to a tenth more
+    assert len(set(delays)) > 100  # jittered: clients told the same come back apart
     assert policy.delay(3, retry_after=0.0) == 0.0
 
 
@@ -46,7 +48,10 @@ def test_retry_after_as_seconds_or_as_an_http_date() -> None:
     now = 1_800_000_000.0
     assert parse_retry_after("120", now=now) == 120.0
     assert parse_retry_after(" 0.5 ", now=now) == 0.5
-    assert parse_retry_after("-3", now=now) == 0.0
+    # No delta-seconds (RFC 9110: digits), so no wait to honour: the backoff applies. As
+    # floats, "-3" and "nan" were retries at once, with no backoff at all.
+    for invalid in ("-3", "nan", "-inf", "inf", "1e9", "1_0", "+5", "0x10", "٣"):
+        assert parse_retry_after(invalid, now=now) is None, invalid
     later = email.utils.formatdate(now + 90, usegmt=True)  # "Fri, 15 Jan 2027 08:01:30 GMT"
     assert parse_retry_after(later, now=now) == pytest.approx(90.0)
     earlier = email.utils.formatdate(now - 90, usegmt=True)

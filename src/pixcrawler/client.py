@@ -285,7 +285,8 @@ class ApiClient:
         if self._closed.is_set():
             raise NetworkError("the client was closed")
         for _ in range(_MAX_REDIRECTS + 1):
-            sent = dict(headers or {})
+            # (urllib3 takes a request's headers instead of the pool's, not beside them.)
+            sent = {"User-Agent": config.USER_AGENT, **(headers or {})}
             try:
                 to_api = self.sends_key_to(url)
             except ValueError as exc:  # a listed or redirected-to URL no request can take

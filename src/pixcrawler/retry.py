@@ -3,8 +3,9 @@
 "3 retries" means up to 4 attempts. After ``n`` failures (n >= 1) the next attempt
 waits ``uniform(0, min(backoff_max, backoff_base * 2**(n-1)))`` -- exponential backoff with
 full jitter, so many clients hitting one rate-limited API spread out instead of hammering
-it in lockstep. A server's ``Retry-After`` is honoured up to ``max_retry_after``; a longer
-one is not slept but raised to the caller, saying when to retry.
+it in lockstep. A server's ``Retry-After`` is honoured up to ``max_retry_after``, with up
+to a tenth more as jitter; a longer one is not slept but raised to the caller, saying when
+to retry. One that is neither seconds nor an HTTP date ("-5", "nan") is ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import math
 import numbers
 import random
+import re
 import time
 from dataclasses import dataclass
 from datetime import timezone
@@ -22,6 +24,8 @@ from . import config
 
 log = logging.getLogger("pixcrawler")
 _MAX_DOUBLINGS = 64
+_RETRY_AFTER_JITTER = 0.1
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")  # (a fraction is lenient, and harmless)
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,9 @@ class RetryPolicy:
     def delay(self, failures: int, retry_after: float | None = None) -> float:
         """Seconds to wait before the next attempt, after ``failures`` failed ones."""
         if retry_after is not None:
-            return max(0.0, retry_after)
+            # At least what the server asked, and up to a tenth more: clients all told
+            # "Retry-After: 1" at once would otherwise all come back at once.
+            return max(0.0, retry_after) * random.uniform(1.0, 1.0 + _RETRY_AFTER_JITTER)
         # (The exponent stops growing long past backoff_max: 2.0**1024 would overflow.)
         doubling = 2.0 ** min(max(0, failures - 1), _MAX_DOUBLINGS)
         ceiling = min(self.backoff_max, self.backoff_base * doubling)
@@ -66,10 +72,11 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if _SECONDS.fullmatch(value):
+        return float(value)
+    # Else an HTTP date, or nothing: "-5", "nan", "1e9" and "1_0" are no delta-seconds (RFC
+    # 9110: digits). Slept as given, "-5" and "nan" were no wait at all; now the normal
+    # backoff applies.
     try:
         when = email.utils.parsedate_to_datetime(value)
         if when.tzinfo is None:  # asctime and "-0000" dates: HTTP dates are all GMT
