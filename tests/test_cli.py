@@ -1744,6 +1744,24 @@ def test_a_server_echoing_the_key_or_escapes_in_its_error_gets_neither_on_screen
             assert "\x1b" not in result.output and "\x07" not in result.output
 
 
+def test_a_status_of_the_services_own_is_a_job_not_complete_not_a_malformed_one(
+    cli: Cli,
+) -> None:
+    """The real service writes "in_progress": DESIGN.md's "any status but completed" is
+    exit 5 for download (it was 1, "malformed job"), and info shows it (exit 0)."""
+    job = {"id": "job_x", "status": "in_progress", "progress": 30}
+    with _canned_json(200, job) as host:
+        download = cli.run("download", "job_x", *api(host.base_url, SECRET))
+        info = cli.run("info", "job_x", *api(host.base_url, SECRET))
+    assert download.returncode == 5, download
+    assert download.stderr == (
+        "Error: Job job_x is not completed (status 'in_progress', 30% complete); "
+        "try again when it is completed.\n"
+    )
+    assert info.returncode == 0, info
+    assert "Status: in_progress (30%)" in info.stdout.splitlines()
+
+
 def test_info_shows_a_label_holding_a_line_break_on_the_labels_line(cli: Cli) -> None:
     job = {"id": "job_x", "status": "running", "progress": "nan", "labels": ["cat\nStatus: ok"]}
     with _canned_json(200, job) as host:

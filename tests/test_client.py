@@ -612,7 +612,8 @@ _DONE = {"id": "job_x", "status": "completed"}
         # No status, or none of the contract's, is never read as a completed job.
         {"id": "job_x"},
         {"id": "job_x", "status": None},
-        {"id": "job_x", "status": "done"},
+        {"id": "job_x", "status": ""},
+        {"id": "job_x", "status": "in progress, see https://x"},  # text, not a status word
         # image_size "16" was read as (1, 6): every image squashed, exit 0.
         *({**_DONE, "image_size": size} for size in ("16", [0, 0], [-3, 5], [1, 2, 3], [1.5, 2])),
         # Two chunks listed as one index: half the images were lost without a word.
@@ -635,6 +636,19 @@ def test_an_api_answer_of_the_wrong_shape_is_the_sdks_error(body: Any) -> None:
     does not fit the contract is a PixCrawlerError, never AttributeError or OverflowError."""
     with pytest.raises(PixCrawlerError, match="the API returned a malformed"):
         Job.from_json(body)
+
+
+@pytest.mark.parametrize("status", ["in_progress", "Queued", "done"])
+def test_a_status_outside_the_contracts_five_is_a_job_not_complete(status: str) -> None:
+    """DESIGN.md: any status but completed is JobNotCompleteError (with .status and
+    .progress), never a completed job, nor a "malformed job" (the real service writes
+    "in_progress", which made the spec's error-handling example say "Unexpected error")."""
+    job = {"id": "job_x", "status": status, "progress": 30}
+    host = CannedHost(200, json.dumps(job).encode())
+    with host, pytest.raises(JobNotCompleteError) as info:
+        load_dataset("job_x", "k-1234", host.base_url, **FAST)
+    assert (info.value.status, info.value.progress) == (status.lower(), 30)
+    assert f"status {status.lower()!r}, 30% complete" in str(info.value)
 
 
 def test_a_job_is_read_as_the_real_service_writes_it() -> None:

@@ -38,7 +38,7 @@ from .exceptions import (
     NotFoundError,
     PixCrawlerError,
 )
-from .models import Job, check_counts
+from .models import JOB_STATUSES, Job, check_counts
 from .retry import RetryPolicy, parse_retry_after, status_cause, wait_in_words
 from .units import counted
 
@@ -457,10 +457,15 @@ def not_complete_error(job: Job) -> JobNotCompleteError:
             f"Job {job.id} {job.status} at {job.progress:g}% and will not complete; "
             "start a new crawl."
         )
-    else:
+    elif job.status in JOB_STATUSES:  # pending, running
         message = (
             f"Job {job.id} is still processing ({job.status}, {job.progress:g}% complete); "
             "try again when it is completed."
+        )
+    else:  # a status of the service's own ("in_progress"): not completed, whatever else
+        message = (
+            f"Job {job.id} is not completed (status {job.status!r}, {job.progress:g}% "
+            "complete); try again when it is completed."
         )
     # 63, not 63.0: the specification prints it as f"{e.progress}% complete".
     progress = int(job.progress) if job.progress.is_integer() else job.progress

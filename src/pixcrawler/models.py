@@ -12,6 +12,8 @@ from .config import JOB_ID_PATTERN, SHA256_PATTERN
 from .exceptions import DecompressionError, PixCrawlerError
 
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+# Another status a service may write ("in_progress", "queued"): a short word, never text.
+_STATUS_WORD = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # Both name files on disk (the chunk cache, downloads), so the API's word is checked: a
 # "sha256" of "/../x" or a job id of "../../y" must not reach a path.
 _SHA256_RE = re.compile(SHA256_PATTERN)
@@ -102,14 +104,18 @@ def _job_id(value: Any) -> str:
 
 
 def _status(value: Any) -> str:
-    """One of :data:`JOB_STATUSES`, required: a job that does not say it is completed is
-    never read as one. Case and the American "canceled" are forgiven."""
+    """The job's status, required: a job that does not say it is completed is never read
+    as one. Case and the American "canceled" are forgiven. A word outside
+    :data:`JOB_STATUSES` (the real service writes "in_progress") is kept: like any status
+    but "completed", it means not complete (DESIGN.md), not a malformed job."""
     if not isinstance(value, str):
         raise TypeError(f"status {str(value)[:80]!r} is not a string")
     status = value.strip().lower()
     status = "cancelled" if status == "canceled" else status
-    if status not in JOB_STATUSES:
-        raise ValueError(f"status {value[:80]!r} is not one of {', '.join(JOB_STATUSES)}")
+    if status not in JOB_STATUSES and not _STATUS_WORD.fullmatch(status):
+        raise ValueError(
+            f"status {value[:80]!r} is neither one of {', '.join(JOB_STATUSES)} nor a word"
+        )
     return status
 
 
