@@ -1688,7 +1688,7 @@ def test_the_key_given_as_the_job_id_is_never_sent(
     assert cli.run("login", input=SECRET + "\n").returncode == 0
     result = cli.run(command, SECRET, "--base-url", secret_server)
     assert result.returncode == 2, result
-    assert "job_id is the API key" in result.stderr and SECRET[:8] not in result.output
+    assert "job_id is an API key" in result.stderr and SECRET[:8] not in result.output
 
 
 def test_login_with_stdin_closed_is_a_usage_error(cli: Cli) -> None:
@@ -1760,6 +1760,18 @@ def test_a_status_of_the_services_own_is_a_job_not_complete_not_a_malformed_one(
     )
     assert info.returncode == 0, info
     assert "Status: in_progress (30%)" in info.stdout.splitlines()
+
+
+def test_a_key_a_server_echoes_in_a_jobs_name_is_scrubbed_before_the_name_is_cut(
+    cli: Cli,
+) -> None:
+    """``list`` cuts long names to its column, then scrubbed the key: its head showed."""
+    name = "n" * 20 + SECRET
+    page = {"items": [{"id": "job_1", "name": name, "status": "completed", "progress": 100}]}
+    with _canned_json(200, {**page, "total": 1, "page": 1, "size": 50, "pages": 1}) as host:
+        result = cli.run("list", *api(host.base_url, SECRET))
+    assert result.returncode == 0, result
+    assert SECRET[:8] not in result.output and "n" * 20 + "***" in result.output
 
 
 def test_info_shows_a_label_holding_a_line_break_on_the_labels_line(cli: Cli) -> None:

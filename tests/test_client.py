@@ -19,7 +19,7 @@ import pytest
 from conftest import LiveServer
 from constants import JOB_OTHER, JOB_UNIFORM, OTHER_KEY, UNFINISHED_JOBS, UNIFORM_TOTAL
 from helpers import CannedHost, RecordingHost, digest
-from pixcrawler import config, load_dataset
+from pixcrawler import config, load_dataset, redaction
 from pixcrawler.client import ApiClient, api_root
 from pixcrawler.exceptions import (
     AuthenticationError,
@@ -95,6 +95,19 @@ def test_environment_supplies_key_and_url_and_arguments_win(
         load_dataset(JOB_UNIFORM, api_key="explicit-wrong-key")
     monkeypatch.setenv("PIXCRAWLER_BASE_URL", "http://127.0.0.1:9")
     assert len(load_dataset(JOB_UNIFORM, base_url=live_server.base_url)) == UNIFORM_TOTAL
+
+
+def test_the_key_and_job_id_swapped_sends_the_key_nowhere(live_server: LiveServer) -> None:
+    """``load_dataset(KEY, "job_1")`` with the key also in the environment: the key is the
+    job id, so it went into the URL's path (access logs) and the error."""
+    key = "sk-live-SWAPPED-4e9b0c7d13a2f586"
+    with FaultProxy(live_server.base_url) as proxy:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PIXCRAWLER_API_KEY", key)
+            with pytest.raises(ValueError, match="job_id is an API key") as info:
+                load_dataset(key, JOB_UNIFORM, proxy.base_url)
+        assert proxy.stats.requests == 0
+    assert key[:8] not in str(info.value)
 
 
 def test_login_file_is_the_last_fallback(
@@ -636,6 +649,17 @@ def test_an_api_answer_of_the_wrong_shape_is_the_sdks_error(body: Any) -> None:
     does not fit the contract is a PixCrawlerError, never AttributeError or OverflowError."""
     with pytest.raises(PixCrawlerError, match="the API returned a malformed"):
         Job.from_json(body)
+
+
+def test_a_key_a_server_echoes_in_a_job_field_is_scrubbed_before_it_is_cut() -> None:
+    """A field quoted in an error is cut to 80 characters: scrubbed after the cut, a key
+    at the cut kept its head."""
+    key = "sk-live-ECHOED-8c2d41f0a9e35b17"
+    redaction.remember(key)  # as the client using it does
+    with pytest.raises(PixCrawlerError) as info:
+        Job.from_json({"id": "job_x", "status": "s" * 62 + key})
+    assert key[:8] not in str(info.value) and "***" in str(info.value)
+    assert key[:8] not in str(info.value.__cause__)
 
 
 @pytest.mark.parametrize("status", ["in_progress", "Queued", "done"])

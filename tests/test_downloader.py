@@ -2220,3 +2220,24 @@ def test_a_connection_error_leaves_no_cycle_that_keeps_the_downloader() -> None:
     finally:
         gc.enable()
         listener.close()
+
+
+def test_a_key_a_chunk_host_echoes_in_a_header_is_in_no_error_or_log(caplog: Any) -> None:
+    """The Content-Range of a bad 206 is quoted in the error and the retry warnings: a
+    host echoing the key there put it into both, in full, and into the DownloadError."""
+    from pixcrawler.client import ApiClient
+    from pixcrawler.downloader import ChunkDownloader
+    from pixcrawler.retry import RetryPolicy
+
+    key = "sk-live-ECHOED-5b1e07c9d2a44f6e"
+    caplog.set_level(logging.DEBUG, logger="pixcrawler")
+    headers = {"Content-Range": f"bytes 5-9/{key}"}
+    with CannedHost(206, b"x" * 5, headers) as host:
+        client = ApiClient(key, host.base_url, retry=RetryPolicy(retries=1, backoff_base=0.01))
+        downloader = ChunkDownloader(client, [Chunk(0, host.base_url + "/c0", 10)], prefetch=1)
+        with pytest.raises(DownloadError) as info:
+            downloader.fetch(0)
+        downloader.close()
+    assert "got range 'bytes 5-9/***'" in str(info.value), info.value
+    assert caplog.records and key[:8] not in caplog.text
+    assert all(key[:8] not in str(e) for e in (info.value, info.value.__cause__))

@@ -58,6 +58,12 @@ def stored_api_key() -> str | None:
     return key if isinstance(key, str) and key else None
 
 
+def other_api_keys() -> set[str]:
+    """The keys ``PIXCRAWLER_API_KEY`` and the ``pixcrawler login`` file hold (cleaned)."""
+    values = (os.environ.get(config.ENV_API_KEY), stored_api_key())
+    return {clean for value in values if value and (clean := clean_key(value))}
+
+
 def clean_key(text: str) -> str:
     """A key as pasted or saved, without what surrounds it: white space, an editor's
     byte-order mark, and one pair of quotes around it (a value copied from a .env or JSON

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from . import __version__, config, export
+from . import __version__, config, export, redaction
 from .auth import (
     NO_KEY_MESSAGE,
     clean_key,
@@ -118,14 +118,9 @@ _NO_ARGS_IS_HELP: type[click.UsageError] | tuple[()] = getattr(
 
 def redact(text: str) -> str:
     """``text`` with every API key this process knows of replaced by ``***``."""
-    keys = set(_session.keys)
+    keys = set(_session.keys) | redaction.known_keys()
     keys.update(k for k in (os.environ.get(config.ENV_API_KEY), stored_api_key()) if k)
-    # Each key as given, trimmed, and escaped as reprs and HTTP errors show it.
-    forms = {form for key in keys for form in (key, key.strip(), repr(key)[1:-1])}
-    for form in sorted(forms, key=len, reverse=True):
-        if len(form) >= config.MIN_REDACTED_KEY:
-            text = text.replace(form, "***")
-    return text
+    return redaction.redact(text, keys)
 
 
 def _echo(message: str = "", *, err: bool = False) -> None:
@@ -643,7 +638,7 @@ def format_table(jobs: Sequence[Job]) -> str:
         status = job.status if completed else f"{job.status} ({job.progress:g}%)"
         images = num_images_of(job)
         created = parse_time(job.created_at)
-        name = " ".join(job.name.split())
+        name = redact(" ".join(job.name.split()))  # before the cut, which would keep a key's head
         if len(name) > _NAME_WIDTH:
             name = name[: _NAME_WIDTH - 1] + "…"
         rows.append(
@@ -656,7 +651,7 @@ def format_table(jobs: Sequence[Job]) -> str:
                 created.strftime("%Y-%m-%d %H:%M:%S") if created else "-",
             )
         )
-    rows = [tuple(_printable(cell) for cell in row) for row in rows]
+    rows = [tuple(_printable(redact(cell)) for cell in row) for row in rows]  # (aligned as shown)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for row in rows:

@@ -30,7 +30,8 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 from urllib3.util.ssl_match_hostname import CertificateError as _HostnameMismatch
 
-from . import config
+from . import config, redaction
+from .auth import other_api_keys
 from .exceptions import (
     AuthenticationError,
     JobNotCompleteError,
@@ -205,6 +206,7 @@ class ApiClient:
         pool_size: int = config.DEFAULT_MAX_WORKERS,
     ) -> None:
         self._api_key = api_key
+        self._remembered = False  # the key, by redaction: once it is first sent
         self.api_url = api_root(base_url)
         self.origin = origin_of(self.api_url)
         self.timeout = float(timeout)
@@ -292,6 +294,9 @@ class ApiClient:
             except ValueError as exc:  # a listed or redirected-to URL no request can take
                 raise NetworkError(str(exc)) from None
             if to_api:
+                if not self._remembered:  # (not before: a job id passed as the key is no secret)
+                    redaction.remember(self._api_key)
+                    self._remembered = True
                 sent["Authorization"] = f"Bearer {self._api_key}"
             _connection_hooks.hook = on_connection
             try:
@@ -425,8 +430,9 @@ class ApiClient:
             raise NetworkError("the client was closed")
 
     def get_job(self, job_id: str | int) -> Job:
-        if job_id == self._api_key:  # pasted where the job id goes: not into a URL, a log
-            raise ValueError("job_id is the API key, not a job id")
+        if isinstance(job_id, str) and job_id.strip() in {self._api_key, *other_api_keys()}:
+            # Pasted where the job id goes (or the two arguments swapped): not into a URL.
+            raise ValueError("job_id is an API key, not a job id")
         return Job.from_json(self.get_json(job_path(job_id)))
 
     def get_completed_job(self, job_id: str | int) -> Job:

@@ -63,6 +63,7 @@ from .client import (
 )
 from .exceptions import DownloadError, NetworkError, PixCrawlerError
 from .models import Chunk
+from .redaction import shown
 from .retry import parse_retry_after, status_cause, wait_in_words
 from .units import counted, human_size
 
@@ -1286,19 +1287,21 @@ def _check_content_range(
     value = response.headers.get("Content-Range", "")
     match = _CONTENT_RANGE.fullmatch(value.strip())
     if match is None or int(match[1]) != pos:
-        raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {value[:100]!r}")
+        raise _IntegrityError(f"chunk {index}: asked for byte {pos}, got range {shown(value, 100)}")
     stop = int(match[2]) + 1
     total = None if match[3] == "*" else int(match[3])
     if stop <= pos or (total is not None and stop > total) or (end is None and total is None):
         asked = f"{pos}-{'' if end is None else end - 1}"
-        raise _IntegrityError(f"chunk {index}: asked for bytes {asked}, got range {value[:100]!r}")
+        raise _IntegrityError(
+            f"chunk {index}: asked for bytes {asked}, got range {shown(value, 100)}"
+        )
     if size is not None and total is not None and total != size:
         raise _IntegrityError(
             f"chunk {index}: the server's file is {total} bytes, not the {size} listed"
         )
     if size is not None and stop > size:
         raise _IntegrityError(
-            f"chunk {index}: got range {value[:100]!r} of a file listed as {size} bytes"
+            f"chunk {index}: got range {shown(value, 100)} of a file listed as {size} bytes"
         )
     return stop, total
 

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any, ClassVar
 
+from .redaction import redact
+
 # A note every error with fields carries: a DataLoader re-raises a worker's error as
 # ``type(error)(its traceback's text)``, and the fields come back from this line. Python
 # 3.10 has no notes: there an error raised in a DataLoader worker prints the line after its
@@ -29,6 +31,7 @@ class PixCrawlerError(Exception):
     _FIELDS: ClassVar[tuple[str, ...]] = ("status_code",)
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        message = redact(message)  # a key a server echoed, quoted in the message
         super().__init__(message)
         self.message = message
         self.status_code = status_code

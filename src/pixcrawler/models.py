@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import JOB_ID_PATTERN, SHA256_PATTERN
 from .exceptions import DecompressionError, PixCrawlerError
+from .redaction import shown
 
 JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 # Another status a service may write ("in_progress", "queued"): a short word, never text.
@@ -97,9 +98,9 @@ def _job_id(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise TypeError(f"id {str(value)[:80]!r} is neither a string nor an int")
+        raise TypeError(f"id {shown(value)} is neither a string nor an int")
     if not _JOB_ID_RE.fullmatch(value):
-        raise ValueError(f"id {value[:80]!r} does not match {JOB_ID_PATTERN}")
+        raise ValueError(f"id {shown(value)} does not match {JOB_ID_PATTERN}")
     return value
 
 
@@ -109,12 +110,12 @@ def _status(value: Any) -> str:
     :data:`JOB_STATUSES` (the real service writes "in_progress") is kept: like any status
     but "completed", it means not complete (DESIGN.md), not a malformed job."""
     if not isinstance(value, str):
-        raise TypeError(f"status {str(value)[:80]!r} is not a string")
+        raise TypeError(f"status {shown(value)} is not a string")
     status = value.strip().lower()
     status = "cancelled" if status == "canceled" else status
     if status not in JOB_STATUSES and not _STATUS_WORD.fullmatch(status):
         raise ValueError(
-            f"status {value[:80]!r} is neither one of {', '.join(JOB_STATUSES)} nor a word"
+            f"status {shown(value)} is neither one of {', '.join(JOB_STATUSES)} nor a word"
         )
     return status
 
@@ -128,7 +129,7 @@ def _image_size(value: Any) -> tuple[int, int] | None:
         or len(value) != 2
         or not all(_whole(v) and v > 0 for v in value)
     ):
-        raise ValueError(f"image_size {str(value)[:80]!r} is not [height, width] (ints >= 1)")
+        raise ValueError(f"image_size {shown(value)} is not [height, width] (ints >= 1)")
     return int(value[0]), int(value[1])
 
 
@@ -178,11 +179,11 @@ def _labels(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"labels {str(value)[:80]!r} is not a list of strings")
+        raise TypeError(f"labels {shown(value)} is not a list of strings")
     seen: set[str] = set()
     for label in value:
         if label in seen:
-            raise ValueError(f"labels list {label[:80]!r} twice")
+            raise ValueError(f"labels list {shown(label)} twice")
         seen.add(label)
     return tuple(value)
 
@@ -202,7 +203,7 @@ def _count(value: Any, name: str, *, required: bool = False) -> int:
         digits = text.isascii() and text.isdigit() and len(text) <= 20  # (past int()'s limit)
         number = int(text) if digits else _float(text)
     if not _whole(number):
-        raise ValueError(f"{name} {str(value)[:80]!r} is not a whole number")
+        raise ValueError(f"{name} {shown(value)} is not a whole number")
     count = int(number)
     if count < 0:
         raise ValueError(f"{name} {count} is negative")
@@ -230,7 +231,7 @@ def _float(text: str) -> float | None:
 def _url(value: Any) -> str:
     """A chunk's URL: text (a null one became the path "None", fetched with the key)."""
     if not isinstance(value, str) or not value.strip():
-        raise TypeError(f"url {str(value)[:80]!r} is not a URL")
+        raise TypeError(f"url {shown(value)} is not a URL")
     return value
 
 
@@ -253,5 +254,5 @@ def _opt_match(value: Any, pattern: re.Pattern[str], name: str) -> str | None:
         return None
     text = str(value)
     if not pattern.fullmatch(text):
-        raise ValueError(f"{name} {text[:80]!r} is not of the form {pattern.pattern}")
+        raise ValueError(f"{name} {shown(text)} is not of the form {pattern.pattern}")
     return text
