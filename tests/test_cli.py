@@ -1348,6 +1348,21 @@ def test_downloading_an_unfinished_job_exits_5_with_status_and_progress(
     assert not (cli.cwd / "datasets").exists()
 
 
+def test_a_chunk_the_api_refuses_for_the_key_exits_3_not_7(
+    cli: Cli, live_server: LiveServer
+) -> None:
+    """The key revoked mid-download: the API's 403 for a chunk on its own host is an
+    authentication failure (it was exit 7, "integrity")."""
+    schedule = FaultSchedule.script([Fault("expired")], match=r"/chunks/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        result = cli.run(
+            "download", JOB_UNIFORM, "--format", "zip", *api(proxy.base_url, live_server.api_key)
+        )
+    assert result.returncode == 3, result
+    assert result.stderr.startswith("Error: Chunk 0 could not be downloaded"), result
+    assert live_server.api_key not in result.output
+
+
 def test_nothing_listening_exits_6_after_saying_each_retry(cli: Cli) -> None:
     result = cli.run("list", *api(f"http://127.0.0.1:{free_port()}", SECRET))
     assert result.returncode == 6, result

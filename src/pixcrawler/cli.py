@@ -183,7 +183,11 @@ def _printable(text: str, *, lines: bool = True) -> str:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The documented exit code of an exception raised by a command."""
+    """The documented exit code of an exception raised by a command. A chunk the API
+    refused for its key (revoked mid-download) is an authentication failure (3), though
+    the library raises it as the chunk's DownloadError."""
+    if isinstance(exc, DownloadError) and isinstance(exc.__cause__, AuthenticationError):
+        return EXIT_AUTH
     for kind, code in EXIT_CODES:
         if isinstance(exc, kind):
             return code
