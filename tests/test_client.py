@@ -110,6 +110,25 @@ def test_the_key_and_job_id_swapped_sends_the_key_nowhere(live_server: LiveServe
     assert key[:8] not in str(info.value)
 
 
+def test_a_base_url_from_the_environment_is_read_as_a_key_is(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blank is unset, quotes (Docker's --env-file keeps them) go, and a bad one is named
+    as the variable: it was "base_url must start with http://…, got ''"."""
+    from pixcrawler.auth import resolve_base_url
+
+    for blank in ("", "  ", "\n"):
+        monkeypatch.setenv("PIXCRAWLER_BASE_URL", blank)
+        assert resolve_base_url(None) == config.DEFAULT_BASE_URL
+    monkeypatch.setenv("PIXCRAWLER_BASE_URL", f'"{live_server.base_url}"\r\n')
+    assert len(load_dataset(JOB_UNIFORM, live_server.api_key)) == UNIFORM_TOTAL
+    monkeypatch.setenv("PIXCRAWLER_BASE_URL", "127.0.0.1:8000?api_key=SECRETQUERY")
+    with pytest.raises(ValueError, match=r"^\$PIXCRAWLER_BASE_URL: base_url must start") as info:
+        load_dataset(JOB_UNIFORM, live_server.api_key)
+    assert "'127.0.0.1:8000'" in str(info.value) and "SECRETQUERY" not in str(info.value)
+    assert resolve_base_url(" http://x.test ") == " http://x.test "  # an argument wins as given
+
+
 def test_login_file_is_the_last_fallback(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

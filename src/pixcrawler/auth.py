@@ -121,5 +121,19 @@ def resolve_api_key(api_key: str | None) -> str:
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    """The explicit URL, else ``PIXCRAWLER_BASE_URL``, else the production API."""
-    return base_url or os.environ.get(config.ENV_BASE_URL) or config.DEFAULT_BASE_URL
+    """The explicit URL, else ``PIXCRAWLER_BASE_URL``, else the production API. A blank
+    value is none (as a blank key is); the variable's value loses what surrounds it as a
+    key does (quotes kept by Docker's --env-file), and a malformed one is a ValueError
+    that names the variable, not ``base_url``."""
+    if base_url and base_url.strip():
+        return base_url
+    env = clean_key(os.environ.get(config.ENV_BASE_URL) or "")
+    if not env:
+        return config.DEFAULT_BASE_URL
+    from .client import api_root  # (client imports this module)
+
+    try:
+        api_root(env)
+    except ValueError as exc:
+        raise ValueError(f"${config.ENV_BASE_URL}: {exc}") from None
+    return env

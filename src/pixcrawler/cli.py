@@ -352,7 +352,10 @@ def _resolve_url(base_url: str | None) -> str:
     try:
         return _validate_url(resolve_base_url(base_url))
     except ValueError as exc:  # a malformed PIXCRAWLER_BASE_URL
-        raise CliError(f"${config.ENV_BASE_URL}: {exc}", EXIT_USAGE) from None
+        message = str(exc)
+        if not message.startswith(f"${config.ENV_BASE_URL}"):
+            message = f"${config.ENV_BASE_URL}: {message}"
+        raise CliError(message, EXIT_USAGE) from None
 
 
 def _connect(api_key: str | None, base_url: str | None) -> ApiClient:

@@ -85,7 +85,9 @@ def api_root(base_url: str) -> str:
         root = root[: -len(config.API_PREFIX)]
     parts = urlsplit(root)
     if parts.scheme not in ("http", "https"):
-        shown = _safe_url(root) if "://" in root else repr(root.rpartition("@")[2][:80])
+        # (Without a scheme urlsplit finds no query: cut it, and what precedes an "@".)
+        bare = root.rpartition("@")[2].split("?")[0].split("#")[0]
+        shown = _safe_url(root) if "://" in root else repr(bare[:80])
         raise ValueError(f"base_url must start with http:// or https://, got {shown}")
     if parts.query or parts.fragment or "?" in root or "#" in root:
         raise ValueError(f"base_url takes no query or fragment, got {_safe_url(root)}")
