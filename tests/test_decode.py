@@ -9,6 +9,7 @@ must match it exactly; a JPEG decoded by another libjpeg-turbo build within 2 le
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -1011,6 +1012,36 @@ def test_a_png_with_a_damaged_chunk_is_refused(backend: str) -> None:
     data[idat + 20] ^= 0xFF  # the chunk CRC no longer matches
     with pytest.raises(DecompressionError):
         ImageDecoder(backend=backend).decode(bytes(data))
+
+
+def damaged_png_pixels() -> tuple[np.ndarray, bytes, list[bytes]]:
+    """A compressible PNG, its pixels, and every copy of it with one byte of its pixel data
+    (IDAT, CRC left as it was) flipped."""
+    ramp = np.tile(np.arange(64, dtype=np.uint8), (64, 1))
+    pixels = np.dstack([ramp, ramp.T, ramp // 2])
+    data = encode(Image.fromarray(pixels), "PNG")
+    at = data.find(b"IDAT")
+    length = int.from_bytes(data[at - 4 : at], "big")
+    damaged = []
+    for offset in range(at + 4, at + 4 + length):
+        copy = bytearray(data)
+        copy[offset] ^= 0x10
+        damaged.append(bytes(copy))
+    return pixels, data, damaged
+
+
+def test_a_png_whose_pixel_data_is_damaged_never_decodes_to_wrong_pixels() -> None:
+    """Pillow checks neither IDAT's CRC nor, when the rows end first, zlib's checksum: a
+    third of these flips decoded to other pixels with on_error="raise"."""
+    pixels, data, damaged = damaged_png_pixels()
+    assert np.array_equal(ImageDecoder().decode(data), pixels)
+    silent = 0
+    for copy in damaged:
+        with contextlib.suppress(Exception), Image.open(io.BytesIO(copy)) as image:
+            silent += not np.array_equal(np.asarray(image.convert("RGB")), pixels)
+        with pytest.raises(DecompressionError, match=r"PNG chunk 'IDAT' at byte \d+ fails"):
+            ImageDecoder().decode(copy)
+    assert silent > 0  # (what Pillow alone lets through)
 
 
 @pytest.mark.parametrize("backend", ["auto", "pillow"])

@@ -35,7 +35,7 @@ from . import config
 from .archive import _safe_name, manifest_limit
 from .cache import _file_digest, folder_lock
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
-from .decode import check_cost, unsupported_mode
+from .decode import check_opened, unsupported_mode
 from .exceptions import DecompressionError
 from .models import JOB_STATUSES, count_or_none
 
@@ -428,7 +428,7 @@ def _measure(path: Path, rel: str, *, label: str) -> _Image | str:
                 image_format = image.format or "unknown"
                 if image_format not in _ACCEPTED_FORMATS:
                     return f"unsupported image format {image_format}"
-                check_cost(image, data)  # what readers refuse, before it costs the same here
+                check_opened(image, data)  # what readers refuse, before it costs the same here
                 image.load()
                 if unsupported_mode(image):
                     return f"unsupported image mode {image.mode} (readers cannot convert it)"
