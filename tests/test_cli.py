@@ -1348,6 +1348,28 @@ def test_downloading_an_unfinished_job_exits_5_with_status_and_progress(
     assert not (cli.cwd / "datasets").exists()
 
 
+def test_a_download_kept_waiting_on_a_chunk_says_why_without_a_progress_bar(
+    live_server: LiveServer, tmp_path: Path, slow_waits: Callable[[], list[str]]
+) -> None:
+    """Off a terminal (CI, a pipe) or with --no-progress, a chunk that took minutes printed
+    nothing at all, even with --debug: the export waited without the downloader's word."""
+    from pixcrawler import export
+
+    stall = Fault("stall", after_bytes=1000, seconds=1.0)
+    schedule = FaultSchedule.script([stall], match=r"/chunks/0$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url)
+        writer = export.make_writer("zip", dataset, tmp_path / "out", None)
+        todo = writer.prepare()
+        progress = export.Progress(False, JOB_UNIFORM, writer, todo, dataset.stats.transfer)
+        with progress:
+            export.transfer(dataset, writer, todo, 2, progress)
+        writer.close()
+        dataset.close()
+    waits = slow_waits()
+    assert any(w.startswith("waited 0.2 s for chunk 0: ") for w in waits), waits
+
+
 def test_a_chunk_the_api_refuses_for_the_key_exits_3_not_7(
     cli: Cli, live_server: LiveServer
 ) -> None:

@@ -107,7 +107,7 @@ def transfer(
             submit_next()
         while inflight:
             chunk, future = inflight.popleft()
-            path = future.result()
+            path = downloader.wait_for(chunk.index, future)  # (a slow chunk says why)
             submit_next()
             writer.process(chunk, path, progress.add_images)
             writer.release(path)
