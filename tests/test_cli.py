@@ -58,7 +58,7 @@ from helpers import (
     drop_counts,
     edited_copy,
 )
-from imagegen import make_image_folder
+from imagegen import make_image, make_image_folder, save_image
 from pixcrawler import load_dataset
 from pixcrawler.config import MAX_ERROR_MESSAGE, MAX_MEMBERS, READ_BLOCK
 from pixcrawler.exceptions import AuthenticationError
@@ -2023,6 +2023,30 @@ def _versioned_job(tmp_path: Path, labels: dict[str, int], seed: int, chunk_size
     src = make_image_folder(tmp_path / f"src{seed}", labels, seed=seed)
     pack(src, tmp_path / "store", job_id="job_v", chunk_size=chunk_size)
     return tmp_path / "store"
+
+
+def test_numpy_of_an_image_of_another_size_than_the_job_lists_is_refused_not_stretched(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """The job says 32x48; one image is 20x20. The decoder was told to resize to the job's
+    size, so the image came out stretched into X.npy, exit 0."""
+    src = make_image_folder(tmp_path / "src", {"cat": 3})
+    save_image(make_image("cat", (20, 20), index=9), src / "cat" / "odd.jpg")
+    pack(src, tmp_path / "store", job_id="job_v", chunk_size=2)
+    job_file = tmp_path / "store" / "job_v" / "job.json"
+    job = json.loads(job_file.read_text())
+    assert job["image_size"] is None  # (the packer says they differ)
+    job_file.write_text(json.dumps({**job, "image_size": [32, 48]}))  # another producer lies
+    url = api(server_factory(tmp_path / "store"), TEST_KEY)
+    result = cli.run("download", "job_v", "--format", "numpy", "-o", "out", *url)
+    assert result.returncode == 8, result
+    assert "image 'cat/odd.jpg' is 20x20, not 48x32 as the job says" in result.stderr
+    assert not (cli.cwd / "out" / "job_v" / "X.npy").exists()
+    sized = cli.run(
+        "download", "job_v", "--format", "numpy", "-o", "sized", "--image-size", "32", "48", *url
+    )
+    assert sized.returncode == 0, sized  # resized as asked, every image
+    assert np.load(cli.cwd / "sized" / "job_v" / "X.npy").shape == (4, 32, 48, 3)
 
 
 def test_labels_one_but_for_unicode_normalisation_never_share_a_file_name(

@@ -732,7 +732,9 @@ class _NumpyWriter(_StagedWriter):
                 "--format images to keep the original files"
             )
         self.size = size
-        self.decoder = ImageDecoder(self.mode, size)
+        # Resized only to the size asked for: an image of another size than the job lists
+        # is refused by _decode_rows, never stretched into place without a word.
+        self.decoder = ImageDecoder(self.mode, image_size)
         # (H, W, C) of every row; None until the first image where nothing gives the size.
         self.image_shape: tuple[int, ...] | None = (
             None if size is None else (size[0], size[1], self.decoder.channels)
