@@ -488,6 +488,19 @@ def test_early_break_cancels_downloads_and_leaves_no_threads(live_server: LiveSe
     dataset.close()
 
 
+def test_early_break_with_a_progress_bar_stops_the_downloads_and_leaves_no_threads(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = set(threading.enumerate())
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, progress=True)
+    for i, _ in enumerate(dataset):
+        if i == 3:
+            break
+    assert sdk_threads_left(before) == []  # the bar's refresh too
+    assert dataset.stats.chunks <= 2
+    dataset.close()
+
+
 def test_context_manager_closes_and_a_closed_dataset_refuses_to_iterate(
     live_server: LiveServer,
 ) -> None:
@@ -695,7 +708,10 @@ def test_num_images_of_a_job_listing_some_chunks_counts_is_unknown_not_their_sum
 
 
 def test_a_warning_with_progress_on_points_at_the_callers_loop_not_at_tqdm(
-    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str]
+    live_server: LiveServer,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     pytest.importorskip("tqdm")
     base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (3,)))
@@ -708,6 +724,7 @@ def test_a_warning_with_progress_on_points_at_the_callers_loop_not_at_tqdm(
             pass
     skipped = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert [w.filename for w in skipped] == [__file__], [str(w) for w in skipped]
+    assert capsys.readouterr().err.strip().endswith("received, 1 skipped]")  # on the bar, too
 
 
 @pytest.mark.parametrize("job_id", [None, float("nan"), 1.0, True])
@@ -819,6 +836,26 @@ def test_progress_bar_is_opt_in(
     loud = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url, progress=True)
     list(loud)
     assert "60/60" in capsys.readouterr().err
+
+
+def test_a_progress_bar_shows_bytes_received_while_the_first_chunk_is_slow(
+    live_server: LiveServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No image arrives while the first chunk downloads: the bar stood at 0 without a word
+    for as long as that took."""
+    monkeypatch.setattr(config, "PROGRESS_REFRESH_SECONDS", 0.05)
+    stall = Fault("stall", after_bytes=3000, seconds=1.0)
+    schedule = FaultSchedule.script([stall], match=r"/chunks/0$")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(
+            JOB_UNIFORM, live_server.api_key, proxy.base_url, progress=True, prefetch=1
+        )
+        images = iter(dataset)
+        next(images)
+        during = capsys.readouterr().err  # drawn before the first image came
+        list(images)
+    assert re.search(r"0/60 .*\b[23]\.\d KB received", during), during
+    assert re.search(r"60/60 .* received\]$", capsys.readouterr().err.strip()), "final"
 
 
 @pytest.mark.parametrize(

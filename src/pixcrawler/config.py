@@ -42,6 +42,7 @@ MAX_CHUNK_BYTES = 8 << 30
 # A consumer kept waiting this long for one chunk logs what holds it up, and again after
 # each further stretch as long. Retries are logged as they happen.
 SLOW_WAIT_SECONDS = 10.0
+PROGRESS_REFRESH_SECONDS = 0.5  # a progress bar's bytes and skips, shown while it waits
 
 # Archive guards.
 MAX_MEMBERS = 100_000

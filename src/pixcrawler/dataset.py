@@ -319,8 +319,15 @@ class Dataset:
             from tqdm.auto import tqdm
 
             total = self.num_images if counts_listed(self.job) else None
-            with tqdm(samples, total=total, unit="img", desc=self.job.id) as bar:
-                yield from bar
+            with (
+                contextlib.closing(samples),  # an early break stops the downloads now
+                tqdm(total=total, unit="img", desc=self.job.id) as bar,
+                _bar_postfix(bar, self.stats) as postfix,
+            ):
+                for item in samples:
+                    yield item
+                    bar.update()
+                postfix()  # the skips at the end, shown as the bar closes
         except BaseException as exc:
             # The frames of an error's traceback keep the decoder, and its buffers with it,
             # for as long as the caller keeps the error (a notebook keeps the last one); a
@@ -586,7 +593,7 @@ class Dataset:
 
     def _decoded(
         self, decoder: ImageDecoder, chunks: list[int] | None
-    ) -> Iterator[tuple[Sample, np.ndarray]]:
+    ) -> Generator[tuple[Sample, np.ndarray], None, None]:
         """Decoded samples in order, ``on_error`` applied, counted in ``stats``."""
         started = time.perf_counter()
         plan = None if chunks is None else [(_chunk_index(index), None) for index in chunks]
@@ -846,6 +853,30 @@ def decode_sample(
         error = DecompressionError(message, chunk_id=sample.chunk_id, sample_id=sample.id)
         error.__cause__ = exc.__cause__ or exc
         return error
+
+
+@contextlib.contextmanager
+def _bar_postfix(bar: Any, stats: DatasetStats) -> Iterator[Callable[[], None]]:
+    """Keep ``bar``'s postfix at the bytes received and images skipped, refreshed every
+    ``config.PROGRESS_REFRESH_SECONDS`` by a thread of its own: while the first chunk
+    downloads no image arrives to move the bar, which stood at 0 without a word."""
+    stop = threading.Event()
+
+    def postfix() -> None:
+        skipped = f", {stats.skipped:,} skipped" if stats.skipped else ""
+        bar.set_postfix_str(f"{human_size(stats.transfer.bytes_received)} received{skipped}")
+
+    def refresh() -> None:
+        while not stop.wait(config.PROGRESS_REFRESH_SECONDS):
+            postfix()
+
+    threading.Thread(target=refresh, name=f"{config.THREAD_PREFIX}progress", daemon=True).start()
+    try:
+        yield postfix
+    finally:
+        # Not joined: this may run in a collection, on a thread holding the bar's lock,
+        # which the refresh waits for. Stopped, it ends within one refresh.
+        stop.set()
 
 
 def _release_left(exc: BaseException) -> None:
