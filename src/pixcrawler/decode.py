@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import operator
+import re
 import struct
 import sys
 import threading
@@ -230,10 +231,14 @@ class ImageDecoder:
     def _check_pixels(self, width: int, height: int) -> None:
         if width * height > self.max_pixels:
             raise DecompressionError(
-                f"image claims {width}x{height} = {width * height:,} pixels, over the limit "
-                f"of {self.max_pixels:,} (a decompression bomb?); raise "
-                "pixcrawler.config.MAX_IMAGE_PIXELS to allow it"
+                self._too_many(f"{width}x{height} = {width * height:,} pixels")
             )
+
+    def _too_many(self, claims: str) -> str:
+        return (
+            f"image claims {claims}, over the limit of {self.max_pixels:,} (a decompression "
+            "bomb?); raise pixcrawler.config.MAX_IMAGE_PIXELS to allow it"
+        )
 
     def _decode_jpeg(self, data: bytes | bytearray | memoryview) -> np.ndarray | None:
         sj: Any = self._simplejpeg
@@ -292,7 +297,12 @@ class ImageDecoder:
         # default, and refuses one past twice that: max_pixels decides, checked below. No
         # warnings.catch_warnings() to silence it: that swaps the process's filters in
         # and out, which decode threads would do at once, losing the caller's filters.)
-        image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
+        try:
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_FORMATS)
+        except Image.DecompressionBombError as exc:  # its limit is max_pixels: in our words
+            found = re.search(r"\((\d{1,30}) pixels\)", str(exc))
+            claims = f"{int(found[1]):,} pixels" if found else "more pixels than that"
+            raise DecompressionError(self._too_many(claims)) from exc
         width, height = image.size
         self._check_pixels(width, height)
         check_opened(image, data)
