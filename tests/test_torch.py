@@ -323,6 +323,10 @@ def test_a_map_style_load_kept_waiting_on_its_chunk_says_why(
     assert waits, caplog.text
     received = rf" for chunk {chunk}: 2\.0 KB of [\d.]+ KB received"
     assert all(re.search(received, m) for m in waits), waits
+    # And in the stats, as plain iteration keeps them (they said 0 chunks, 0 s waited).
+    stats = dataset.stats
+    assert stats.chunks >= 1 and stats.wait_seconds >= 0.9, stats
+    assert stats.first_image_seconds is not None and stats.first_image_seconds > 0, stats
 
 
 def test_an_item_over_the_memory_budget_is_downloaded_once(
@@ -535,6 +539,16 @@ def test_the_pixel_limit_travels_with_a_pickled_torch_dataset(
     with pytest.raises(DecompressionError, match="limit of 100"):
         clone[0]
     assert torch_dataset[0][0].shape == (*UNIFORM_SIZE, 3)  # here: config's, as it is now
+
+
+def test_a_stream_keeps_the_stats_plain_iteration_keeps(live_server: LiveServer) -> None:
+    """Streaming never set the time to the first image."""
+    dataset = open_uniform(live_server)
+    assert len(list(dataset.to_torch(streaming=True))) == UNIFORM_TOTAL
+    stats = dataset.stats
+    assert stats.images == UNIFORM_TOTAL and stats.chunks == dataset.num_chunks
+    assert stats.first_image_seconds is not None and stats.first_image_seconds > 0, stats
+    dataset.close()
 
 
 def test_a_stream_held_over_close_says_the_dataset_is_closed(live_server: LiveServer) -> None:

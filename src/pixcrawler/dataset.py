@@ -129,7 +129,9 @@ class DatasetStats:
     The counts add up over every pass (an epoch of ``to_tensorflow()`` is a pass), and
     ``skipped_ids`` names each skipped image once, in the order first skipped.
     ``wait_seconds`` is the time the consumer spent waiting for data (download or decode);
-    ``first_image_seconds`` the time from the start of iteration to the first image.
+    ``first_image_seconds`` the time from the start of iteration to the first image (for
+    map-style ``to_torch()``, from the process's first item). With DataLoader workers,
+    each worker process keeps its own.
     """
 
     images: int = 0
@@ -603,8 +605,7 @@ class Dataset:
                 image = self.accept(sample, result)
                 if image is None:
                     continue
-                if self.stats.first_image_seconds is None:
-                    self.stats.first_image_seconds = time.perf_counter() - started
+                self.note_first_image(started)
                 yield sample, image
         finally:
             decoded.close()  # an early break stops the downloads and decoders now
@@ -763,6 +764,18 @@ class Dataset:
             raise
         finally:
             chunks.close()  # stops its downloads now
+
+    def count_wait(self, seconds: float, *, chunks: int = 0) -> None:
+        """A wait for data in ``stats`` (and the chunks it brought), from any thread."""
+        with self._count_lock:
+            self.stats.wait_seconds += seconds
+            self.stats.chunks += chunks
+
+    def note_first_image(self, started: float) -> None:
+        """``stats.first_image_seconds``, if not set yet: the first image is here, and
+        the pass (or the process's first item) began at ``started`` (``perf_counter``)."""
+        if self.stats.first_image_seconds is None:
+            self.stats.first_image_seconds = time.perf_counter() - started
 
     def accept(self, sample: Sample, result: np.ndarray | DecompressionError) -> np.ndarray | None:
         """One decode result, as every consumer takes it: an image is counted in ``stats``

@@ -26,6 +26,7 @@ import multiprocessing
 import operator
 import os
 import threading
+import time
 import types
 import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -172,6 +173,7 @@ class _Local:
     fetch_pool: ThreadPoolExecutor | None = None
     bad: dict[int, DecompressionError] = field(default_factory=dict)  # never decoded again
     closed: bool = False
+    opened: float = field(default_factory=time.perf_counter)  # (first_image_seconds from here)
 
     def close(self) -> None:
         self.closed = True
@@ -358,6 +360,7 @@ class _MapStyle(_TorchBridge):
         position = self._position(index)
         local = self._process()
         image, sample = self._load(local, position)
+        local.handle.note_first_image(local.opened)
         return self._output(image, sample)
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -381,6 +384,7 @@ class _MapStyle(_TorchBridge):
                 futures = [(i, pool.submit(self._load, local, positions[i])) for i in by_chunk]
                 for i, future in futures:
                     loaded[i] = future.result()
+        local.handle.note_first_image(local.opened)
         return [self._output(*item) for item in loaded]
 
     @property
@@ -495,9 +499,19 @@ class _MapStyle(_TorchBridge):
 
     @staticmethod
     def _wait(local: _Local, index: int, future: Future[ChunkArchive]) -> ChunkArchive:
-        if local.downloader is None:  # pragma: no cover - _open always sets it
-            return future.result()
-        return local.downloader.wait_for(index, future)  # says why if it takes long
+        """A chunk the store did not hold, loaded (downloaded, or read from the disk
+        cache): counted, with the time waited for it, in the dataset's stats."""
+        started = time.perf_counter()
+        loaded = 0
+        try:
+            if local.downloader is None:  # pragma: no cover - _open always sets it
+                archive = future.result()
+            else:
+                archive = local.downloader.wait_for(index, future)  # says why if it is long
+            loaded = 1
+            return archive
+        finally:
+            local.handle.count_wait(time.perf_counter() - started, chunks=loaded)
 
     def _pool(self, local: _Local) -> ThreadPoolExecutor:
         with self._local_lock:
@@ -683,6 +697,7 @@ class _Streaming(_TorchBridge):
         many following positions (wrapping) as were skipped."""
         handle = local.handle
         missing = 0
+        started = time.perf_counter()
         own = handle.decode_chunks(local.decoder, sequence.segments(lo, hi), expect=self._counts)
         try:
             for sample, result in own:
@@ -690,6 +705,7 @@ class _Streaming(_TorchBridge):
                 if image is None:
                     missing += 1
                 else:
+                    handle.note_first_image(started)
                     yield image, sample
         finally:
             own.close()
