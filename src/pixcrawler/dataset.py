@@ -605,7 +605,8 @@ class Dataset:
                 image = self.accept(sample, result)
                 if image is None:
                     continue
-                self.note_first_image(started)
+                if self.stats.first_image_seconds is None:  # (no call per image)
+                    self.note_first_image(started)
                 yield sample, image
         finally:
             decoded.close()  # an early break stops the downloads and decoders now

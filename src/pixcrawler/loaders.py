@@ -705,7 +705,8 @@ class _Streaming(_TorchBridge):
                 if image is None:
                     missing += 1
                 else:
-                    handle.note_first_image(started)
+                    if handle.stats.first_image_seconds is None:
+                        handle.note_first_image(started)
                     yield image, sample
         finally:
             own.close()
