@@ -1368,6 +1368,22 @@ def test_a_stream_made_before_the_process_group_says_every_rank_reads_everything
         list(explicit)  # asked for: no warning
 
 
+def test_a_stream_in_a_launched_process_without_a_process_group_says_it_reads_everything(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun sets WORLD_SIZE and RANK; without init_process_group every process was
+    rank 0 of 1 and read the whole dataset, without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    stream = open_uniform(live_server).to_torch(streaming=True)
+    with pytest.warns(RuntimeWarning, match="WORLD_SIZE=4 is set, but torch.distributed is not"):
+        assert len(list(stream)) == UNIFORM_TOTAL
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(open_uniform(live_server).to_torch(streaming=True))  # one process: nothing to say
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_job_listing_no_labels_is_refused_before_any_download(
     live_server: LiveServer, server_factory: Any, tmp_path: Path, streaming: bool

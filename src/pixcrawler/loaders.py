@@ -818,11 +818,26 @@ def _warn_if_distributed_since() -> None:
     """A stream made before ``init_process_group`` took rank 0 of 1: every rank then yields
     the whole dataset. Nothing hangs, so say it rather than let it pass unseen."""
     dist = require("torch.distributed", "torch")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    initialised = dist.is_available() and dist.is_initialized()
+    if initialised and dist.get_world_size() > 1:
         warnings.warn(
             f"this streaming dataset was made before torch.distributed was initialised, so "
             f"it is rank 0 of 1 and each of the {dist.get_world_size()} ranks yields the "
             "whole dataset; call to_torch(streaming=True) after init_process_group, or pass "
+            "rank= and world_size=",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif not initialised and (launched := os.environ.get("WORLD_SIZE", "").strip()) not in (
+        "",
+        "1",
+    ):
+        # torchrun (or a job launcher) started this process as one of several, and no
+        # process group is up: each of them yields the whole dataset.
+        warnings.warn(
+            f"WORLD_SIZE={launched[:20]} is set, but torch.distributed is not initialised, so "
+            "this streaming dataset is rank 0 of 1 and this process yields the whole "
+            "dataset; call init_process_group before to_torch(streaming=True), or pass "
             "rank= and world_size=",
             RuntimeWarning,
             stacklevel=3,
