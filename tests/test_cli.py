@@ -2160,14 +2160,18 @@ def test_images_written_by_a_run_stopped_inside_a_chunk_go_with_their_version(
     assert files == listed == {"cat/0000.jpg", "cat/0001.jpg"}
 
 
+@pytest.mark.parametrize("stop_before", ["y.npy", "X.npy"])
 def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
     live_server: LiveServer,
     server_factory: Callable[..., str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    stop_before: str,
 ) -> None:
-    """Version 1 complete, version 2 stopped just before X.npy is renamed: the next run
-    must not call the folder complete (X.npy is still version 1's)."""
+    """Version 1 complete, version 2 stopped just before X.npy (or y.npy) is renamed: the
+    next run must not call the folder complete (X.npy is still version 1's), and the
+    folder meanwhile holds no labels.json naming version 2's labels beside version 1's
+    label ids (a new label sorted first made every y read as another class)."""
     from pixcrawler import export
 
     store = _versioned_job(tmp_path, {"cat": 2, "dog": 2}, seed=1, chunk_size=2)
@@ -2186,7 +2190,7 @@ def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
                 real = os.replace
 
                 def stop_at_x(src: Any, dst: Any) -> None:
-                    if str(dst).endswith("X.npy"):
+                    if str(dst).endswith(stop_before):
                         raise KeyboardInterrupt
                     real(src, dst)
 
@@ -2200,12 +2204,14 @@ def test_an_export_stopped_before_its_outputs_take_their_names_is_not_complete(
         return writer
 
     run()
-    _versioned_job(tmp_path, {"cat": 2, "dog": 2}, seed=2, chunk_size=2)
+    _versioned_job(tmp_path, {"ant": 1, "cat": 2, "dog": 2}, seed=2, chunk_size=2)
     with pytest.raises(KeyboardInterrupt):
         run(crash=True)
+    assert not (root / "labels.json").exists()  # none, rather than version 2's
     assert run().complete
     expected, _ = load_dataset("job_v", TEST_KEY, base_url).to_arrays()
     np.testing.assert_array_equal(np.load(root / "X.npy"), expected)
+    assert json.loads((root / "labels.json").read_text()) == ["ant", "cat", "dog"]
 
 
 def test_a_new_version_on_a_disk_without_room_for_both_replaces_the_old_arrays_early(

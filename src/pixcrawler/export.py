@@ -977,11 +977,16 @@ class _NumpyWriter(_StagedWriter):
         self.finish_outputs()
 
     def rename_outputs(self) -> None:
-        labels = json.dumps(list(self.job.labels), indent=1, ensure_ascii=False) + "\n"
-        _write_atomic(self.labels_path, labels.encode("utf-8"))
+        # labels.json goes first and comes back last: a run stopped between the renames
+        # leaves no labels.json, never one that names another version's label ids (a new
+        # label sorted first read every y of the arrays still there as another class).
+        with contextlib.suppress(FileNotFoundError):
+            self.labels_path.unlink()
         for part, final in ((self.y_part, self.y_path), (self.x_part, self.x_path)):
             with contextlib.suppress(FileNotFoundError):  # renamed by a run that stopped
                 os.replace(part, final)
+        labels = json.dumps(list(self.job.labels), indent=1, ensure_ascii=False) + "\n"
+        _write_atomic(self.labels_path, labels.encode("utf-8"))
 
     def describe(self) -> str:
         shape = ", ".join(str(n) for n in self.shape)
