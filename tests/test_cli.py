@@ -2049,6 +2049,57 @@ def test_numpy_of_an_image_of_another_size_than_the_job_lists_is_refused_not_str
     assert np.load(cli.cwd / "sized" / "job_v" / "X.npy").shape == (4, 32, 48, 3)
 
 
+def test_a_zip_part_of_an_earlier_version_is_not_resumed_by_the_next(
+    cli: Cli, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """A zip download of version 1 stopped mid-chunk; version 2 re-packs that chunk. Its
+    chunks list a sha256, so no record was kept, and version 2 resumed version 1's head:
+    "corrupt", a download from byte 0, and the chunk's one re-download spent."""
+    store = _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=1, chunk_size=2)
+    url = api(server_factory(store), TEST_KEY)
+    assert cli.run("download", "job_v", "--format", "zip", *url).returncode == 0
+    chunks = cli.cwd / "datasets" / "job_v" / "chunks"
+    head = (chunks / "00001.zip").read_bytes()[:1000]
+    (chunks / "00001.zip").unlink()
+    (chunks / "00001.zip.part").write_bytes(head)  # as a stopped version 1 run leaves it
+    _versioned_job(tmp_path, {"cat": 3, "dog": 3}, seed=2, chunk_size=2)
+    result = cli.run("download", "job_v", "--format", "zip", *url)
+    assert result.returncode == 0, result
+    assert "chunk 1 corrupt" not in result.stderr, result.stderr  # (0 and 2: "stale")
+    served = store / "job_v" / "chunks" / "00001.zip"
+    assert (chunks / "00001.zip").read_bytes() == served.read_bytes()
+
+
+def test_a_complete_zip_folder_on_a_read_only_mount_is_complete(
+    live_server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unlinking a .part that is not there fails there too (EROFS, not ENOENT): the rerun
+    of a complete download said "Read-only file system" (exit 1), not "already complete"."""
+    from pixcrawler import export
+
+    def download() -> export.Writer:
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+        writer = export.make_writer("zip", dataset, tmp_path / "out", None)
+        todo = writer.prepare()
+        if todo:
+            progress = export.Progress(False, JOB_UNIFORM, writer, todo, dataset.stats.transfer)
+            with progress:
+                export.transfer(dataset, writer, todo, 2, progress)
+            writer.finish()
+        writer.close()
+        dataset.close()
+        return writer
+
+    download()
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    again = download()
+    assert again.complete and again.done_images == 0  # nothing to do
+
+
 def test_labels_one_but_for_unicode_normalisation_never_share_a_file_name(
     cli: Cli, server_factory: Callable[..., str], tmp_path: Path
 ) -> None:

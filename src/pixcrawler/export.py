@@ -321,27 +321,25 @@ class _ZipWriter(Writer):
         for leftover in folder.glob("*.zip.part"):
             name = leftover.name.removesuffix(".part")
             if _CHUNK_FILE.fullmatch(name) and name not in listed:  # another version's
-                leftover.unlink(missing_ok=True)
+                _unlink_if_there(leftover)
         state = self.sidecar.load()
         if state is not None and state.get("fingerprint") == self.fingerprint():
             done = state.get("done")
             if isinstance(done, list):
                 self.written = {i for i in done if isinstance(i, int)}
         else:
-            # Not this version's record: a partial chunk without a sha256 may be another
-            # version's head, which a resume would complete with this one's tail.
+            # Not this version's record: a partial chunk may be another version's head,
+            # which a resume would complete with this one's tail (without a sha256 to
+            # catch it; with one, only to find it corrupt and spend its one re-download).
             for chunk in self.job.chunks:
-                if chunk.sha256 is None:
-                    path = self.chunk_path(chunk)
-                    path.with_name(path.name + ".part").unlink(missing_ok=True)
+                _unlink_if_there(self._part(chunk))
         todo: list[Chunk] = []
         kept: list[Chunk] = []
         for chunk in sorted(self.job.chunks, key=_index):
             if self.kept(chunk):
                 kept.append(chunk)
                 # A kept chunk never resumes a .part: one beside it is another version's.
-                path = self.chunk_path(chunk)
-                path.with_name(path.name + ".part").unlink(missing_ok=True)
+                _unlink_if_there(self._part(chunk))
             else:
                 todo.append(chunk)
         if not todo:
@@ -351,8 +349,7 @@ class _ZipWriter(Writer):
             self.complete = True
             return todo
         self.done_images = sum(self._count(chunk, self.chunk_path(chunk)) for chunk in kept)
-        if any(chunk.sha256 is None for chunk in self.job.chunks):
-            self._record()  # under this version's fingerprint from now on
+        self._record()  # the .part files are this version's from now on
         return todo
 
     def kept(self, chunk: Chunk) -> bool:
@@ -365,6 +362,10 @@ class _ZipWriter(Writer):
 
     def chunk_path(self, chunk: Chunk) -> Path:
         return self.root / "chunks" / f"{chunk.index:05d}.zip"
+
+    def _part(self, chunk: Chunk) -> Path:
+        path = self.chunk_path(chunk)
+        return path.with_name(path.name + ".part")
 
     def _listed(self) -> set[str]:
         return {self.chunk_path(chunk).name for chunk in self.job.chunks}
@@ -400,6 +401,13 @@ class _ZipWriter(Writer):
 
     def describe(self) -> str:
         return "zip: chunks/00000.zip ..."
+
+
+def _unlink_if_there(path: Path) -> None:
+    """Delete ``path`` if it is there. (``unlink(missing_ok=True)`` of a file that is not
+    there still fails on a read-only mount: EROFS, not ENOENT.)"""
+    if os.path.lexists(path):
+        path.unlink(missing_ok=True)
 
 
 class _Sidecar:
