@@ -524,6 +524,15 @@ def test_images_export_of_labels_too_long_for_a_folder_name_or_that_are_no_text(
     )
     assert result.returncode == 8 and "unsafe path or label" in result.stderr, result
 
+    # Folders each of a legal length, nested past any path's: bad data too (it was exit 1,
+    # "File name too long", with the whole 5 KB path in the message, on every rerun).
+    deep = "/".join(["d" * 200] * 25)
+    write_crafted_job(store, "job_deep", [chunk([deep])])
+    result = cli.run("download", "job_deep", "--format", "images", "-o", "out", *api(url, TEST_KEY))
+    assert result.returncode == 8, result.stderr[:600]
+    assert "longer than this file system allows" in result.stderr, result
+    assert len(result.stderr) < 600, result.stderr
+
 
 def test_images_export_keeps_an_image_named_like_another_ones_temp_file(
     cli: Cli, server_factory: Callable[..., str], tmp_path: Path

@@ -76,6 +76,7 @@ ON_ERROR_POLICIES = ("raise", "skip", "warn")
 # `pixcrawler download`.
 IMAGES_LISTING = "metadata.jsonl"  # the images format's listing, atop the job's folder
 MAX_NAME_BYTES = 255  # a file name on the common file systems (ext4, XFS, APFS, NTFS)
+MAX_PATH_BYTES = 4095  # a whole path: Linux's PATH_MAX, less its NUL (macOS allows 1,023)
 
 # The packer.
 DEFAULT_CHUNK_SIZE = 500

@@ -45,6 +45,7 @@ from .decode import ImageDecoder
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import DecompressionError, MixedImageSizesError
 from .models import Chunk, Job
+from .redaction import shown
 from .units import human_size
 
 log = logging.getLogger("pixcrawler")
@@ -1018,6 +1019,7 @@ class _ImagesWriter(_StagedWriter):
         self.folders: set[str] = set()  # and the folders they lie in, folded
         self._earlier: set[str] | None = None  # the files a complete earlier export lists
         self.reserved = {_fold(name) for name in RESERVED_NAMES}
+        self.path_max: int | None = None  # bytes, read once the folder is there
 
     def outputs_present(self) -> bool:
         return self.metadata_path.exists()
@@ -1151,6 +1153,18 @@ class _ImagesWriter(_StagedWriter):
         folder, _, base = f"{label}/{name}".rpartition("/")
         folder = "/".join(_fitted(part) for part in folder.split("/"))
         rel = f"{folder}/{base}"
+        if self.path_max is None:
+            self.path_max = _path_max(self.root)
+        if (length := len(os.fsencode(self.root / rel))) > self.path_max:
+            # Labels nested deep: no file system takes the path (it was exit 1, with the
+            # whole path of 4 KB in the message, on every rerun).
+            raise DecompressionError(
+                f"chunk {sample.chunk_id}: image {shown(sample.id)} would be written at a "
+                f"path of {length:,} bytes under its label {shown(label)}, longer than this "
+                f"file system allows ({self.path_max:,})",
+                chunk_id=sample.chunk_id,
+                sample_id=sample.id,
+            )
         for parent in _prefixes(folder):
             if _fold(parent) in self.used:
                 # A folder where an earlier image of the job is a file (another producer's
@@ -1231,6 +1245,14 @@ def _tagged(name: str, tag: str) -> str:
         stem, suffix = name, ""
         room = config.MAX_NAME_BYTES - len(tag.encode())
     return f"{_cut(stem, room)}{tag}{suffix}"
+
+
+def _path_max(root: Path) -> int:
+    """The longest path, in bytes, the file system under ``root`` takes."""
+    try:
+        return min(config.MAX_PATH_BYTES, os.pathconf(root, "PC_PATH_MAX") - 1)
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no limit
+        return config.MAX_PATH_BYTES
 
 
 def _fitted(folder: str) -> str:
