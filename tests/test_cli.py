@@ -225,6 +225,7 @@ def test_top_level_help_lists_commands_and_exit_codes(cli: Cli) -> None:
         ["download", JOB_UNIFORM, "--format", "parquet"],
         ["download", JOB_UNIFORM, "--max-workers", "0"],
         ["download", JOB_UNIFORM, "--image-size", "32"],
+        ["download", JOB_UNIFORM, "-o", ""],  # ($OUT unset) it wrote into the working folder
         ["download", JOB_UNIFORM, "--api-key"],
         ["info", "../etc/passwd"],
         ["list", "--base-url", "ftp://example.com"],

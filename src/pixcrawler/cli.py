@@ -313,6 +313,14 @@ def _check_job_id(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value
 
 
+def _check_output_dir(ctx: click.Context, param: click.Parameter, value: str) -> Path:
+    # As a Path, "" is "." : an empty --output-dir (-o "$OUT" with OUT unset) wrote into
+    # the working directory without a word.
+    if not value.strip():
+        raise click.BadParameter("is empty: name a folder (. for this one)")
+    return Path(value)
+
+
 def api_options(command: F) -> F:
     """``--api-key`` and ``--base-url``, resolved as the SDK does (flag, env, login file)."""
     command = click.option(
@@ -419,7 +427,8 @@ def cli(debug: bool) -> None:
 @click.option(
     "--output-dir",
     "-o",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
+    callback=_check_output_dir,
     default="./datasets",
     show_default=True,
     help="Where to write; the dataset goes to OUTPUT_DIR/JOB_ID/.",
