@@ -1045,6 +1045,16 @@ def test_a_png_whose_pixel_data_is_damaged_never_decodes_to_wrong_pixels() -> No
     assert silent > 0  # (what Pillow alone lets through)
 
 
+def test_a_png_with_a_bad_crc_in_an_ancillary_chunk_after_its_pixels_still_decodes() -> None:
+    """A tEXt a metadata tool rewrote without its CRC: the pixels are whole (libpng warns
+    and drops such a chunk)."""
+    pixels, data, _ = damaged_png_pixels()
+    body = b"Comment\0rewritten"
+    text = struct.pack(">I", len(body)) + b"tEXt" + body + b"\0\0\0\0"  # a wrong CRC
+    at = data.rfind(b"IEND") - 4
+    assert np.array_equal(ImageDecoder().decode(data[:at] + text + data[at:]), pixels)
+
+
 @pytest.mark.parametrize("backend", ["auto", "pillow"])
 def test_a_jpeg_with_a_damaged_header_is_refused(backend: str) -> None:
     data = bytearray(SOURCES["jpeg-rgb"]())

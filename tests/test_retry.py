@@ -42,6 +42,9 @@ def test_retry_after_wins_over_the_backoff() -> None:
     assert all(2.5 <= d <= 2.75 for d in delays)  # what was asked, and up to a tenth more
     assert len(set(delays)) > 100  # jittered: clients told the same come back apart
     assert policy.delay(3, retry_after=0.0) == 0.0
+    capped = RetryPolicy(max_retry_after=60.0)  # the jitter never sleeps past the cap
+    assert all(60.0 <= capped.delay(1, retry_after=60.0) <= 60.0 for _ in range(50))
+    assert all(59.0 <= capped.delay(1, retry_after=59.0) <= 60.0 for _ in range(50))
 
 
 def test_retry_after_as_seconds_or_as_an_http_date() -> None:

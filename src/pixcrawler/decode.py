@@ -410,9 +410,11 @@ def check_opened(image: Image.Image, data: bytes | bytearray | memoryview) -> No
 
 
 def _check_png_crcs(data: bytes | bytearray | memoryview) -> None:
-    """Every chunk's CRC, up to IEND. Pillow checks none of the pixel data's (IDAT, and an
-    APNG's fdAT), nor zlib's own checksum when the rows end first: a byte flipped there
-    decoded, about one time in three, to wrong pixels without a word."""
+    """The CRC of every chunk the pixels come from, up to IEND: the critical ones (IHDR,
+    PLTE, IDAT, IEND) and an APNG's frame data (fdAT). Pillow checks none of the pixel
+    data's, nor zlib's own checksum when the rows end first: a byte flipped there decoded,
+    about one time in three, to wrong pixels without a word. An ancillary chunk with a bad
+    CRC (a tEXt a metadata tool rewrote) is passed over, as libpng does."""
     view = memoryview(data).cast("B")
     pos = 8  # the signature
     while pos + 12 <= len(view):
@@ -421,7 +423,8 @@ def _check_png_crcs(data: bytes | bytearray | memoryview) -> None:
         if end + 4 > len(view):
             return  # cut short: Pillow's load refuses what it misses
         kind = bytes(view[pos + 4 : pos + 8])
-        if zlib.crc32(view[pos + 4 : end]) != int.from_bytes(view[end : end + 4], "big"):
+        pixels = not kind[0] & 0x20 or kind == b"fdAT"  # (lower case first: ancillary)
+        if pixels and zlib.crc32(view[pos + 4 : end]) != int.from_bytes(view[end : end + 4], "big"):
             raise DecompressionError(
                 f"cannot decode image: PNG chunk {kind.decode('latin-1')!r} at byte {pos} "
                 "fails its CRC (damaged)"

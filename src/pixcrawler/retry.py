@@ -53,7 +53,9 @@ class RetryPolicy:
         if retry_after is not None:
             # At least what the server asked, and up to a tenth more: clients all told
             # "Retry-After: 1" at once would otherwise all come back at once.
-            return max(0.0, retry_after) * random.uniform(1.0, 1.0 + _RETRY_AFTER_JITTER)
+            asked = max(0.0, retry_after)
+            jittered = asked * random.uniform(1.0, 1.0 + _RETRY_AFTER_JITTER)
+            return max(asked, min(jittered, self.max_retry_after))  # (never past the cap)
         # (The exponent stops growing long past backoff_max: 2.0**1024 would overflow.)
         doubling = 2.0 ** min(max(0, failures - 1), _MAX_DOUBLINGS)
         ceiling = min(self.backoff_max, self.backoff_base * doubling)
