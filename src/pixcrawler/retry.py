@@ -4,8 +4,9 @@
 waits ``uniform(0, min(backoff_max, backoff_base * 2**(n-1)))`` -- exponential backoff with
 full jitter, so many clients hitting one rate-limited API spread out instead of hammering
 it in lockstep. A server's ``Retry-After`` is honoured up to ``max_retry_after``, with up
-to a tenth more as jitter; a longer one is not slept but raised to the caller, saying when
-to retry. One that is neither seconds nor an HTTP date ("-5", "nan") is ignored.
+to a tenth more as jitter (never past ``max_retry_after``); a longer one is not slept but
+raised to the caller, saying when to retry. One that is neither seconds nor an HTTP date
+("-5", "nan") is ignored.
 """
 
 from __future__ import annotations
