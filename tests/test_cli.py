@@ -2080,6 +2080,21 @@ def test_a_zip_part_of_an_earlier_version_is_not_resumed_by_the_next(
     assert (chunks / "00001.zip").read_bytes() == served.read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["numpy", "images"])
+def test_a_rerun_of_a_complete_download_removes_a_staging_folder_left_behind(
+    cli: Cli, live_server: LiveServer, fmt: str
+) -> None:
+    """A run stopped after marking the download complete, before deleting .partial/,
+    left it there for good: the "already complete" path never removed it."""
+    url = api(live_server)
+    assert cli.run("download", JOB_UNIFORM, "--format", fmt, *url).returncode == 0
+    staging = cli.cwd / "datasets" / JOB_UNIFORM / ".partial"
+    staging.mkdir()
+    again = cli.run("download", JOB_UNIFORM, "--format", fmt, *url)
+    assert again.returncode == 0 and "already complete" in again.stdout, again
+    assert not staging.exists()
+
+
 def test_a_complete_zip_folder_on_a_read_only_mount_is_complete(
     live_server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

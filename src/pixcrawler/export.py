@@ -595,6 +595,8 @@ class _StagedWriter(Writer):
                     self.mark_complete()
                     return []
             if state.get("complete") and self.outputs_present():
+                if self.staging.exists():  # a run stopped after marking it complete
+                    shutil.rmtree(self.staging, ignore_errors=True)
                 self.complete = True
                 return []
             if self.resume(state):
