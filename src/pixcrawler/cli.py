@@ -33,10 +33,10 @@ from .auth import (
     NO_KEY_MESSAGE,
     clean_key,
     key_problem,
+    other_api_keys,
     resolve_api_key,
     resolve_base_url,
     save_api_key,
-    stored_api_key,
 )
 from .client import ApiClient, api_root, job_path
 from .dataset import DatasetInfo, load_dataset, num_images_of
@@ -118,9 +118,7 @@ _NO_ARGS_IS_HELP: type[click.UsageError] | tuple[()] = getattr(
 
 def redact(text: str) -> str:
     """``text`` with every API key this process knows of replaced by ``***``."""
-    keys = set(_session.keys) | redaction.known_keys()
-    keys.update(k for k in (os.environ.get(config.ENV_API_KEY), stored_api_key()) if k)
-    return redaction.redact(text, keys)
+    return redaction.redact(text, _session.keys | redaction.known_keys() | other_api_keys())
 
 
 def _echo(message: str = "", *, err: bool = False) -> None:

@@ -136,8 +136,8 @@ def error_message(
         elif data.get("detail"):
             words = str(data["detail"])
     words = " ".join((words or response.reason or f"HTTP {response.status}").split())
-    if secret and len(secret) >= config.MIN_REDACTED_KEY:
-        words = words.replace(secret, "***")
+    if secret:
+        words = redaction.redact(words, {secret})
     words = "".join(ch if ch.isprintable() else "?" for ch in words)
     if len(words) > config.MAX_ERROR_MESSAGE:
         words = words[: config.MAX_ERROR_MESSAGE - 1] + "…"
