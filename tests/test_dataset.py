@@ -352,10 +352,15 @@ def test_to_arrays_with_skips_returns_an_array_of_its_own_size(
 
 def test_mixed_sizes_need_image_size_and_the_error_says_so(live_server: LiveServer) -> None:
     dataset = load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url)
-    with pytest.raises(MixedImageSizesError, match=r"image_size=\(H, W\)"):
+    with pytest.raises(MixedImageSizesError, match=r"image_size=\(H, W\)") as info:
         dataset.to_arrays()
-    with pytest.raises(MixedImageSizesError):
+    everyone = [sample for sample, _ in dataset.iter_samples((8, 8))]
+    named = [s for s in everyone if s.id == info.value.sample_id]  # the image it quotes
+    assert len(named) == 1 and named[0].chunk_id == info.value.chunk_id
+    assert f"image {info.value.sample_id!r} is " in info.value.message
+    with pytest.raises(MixedImageSizesError) as info:
         list(dataset.iter_batches(batch_size=8))
+    assert info.value.sample_id is not None and info.value.chunk_id is not None
     X, _ = dataset.to_arrays(image_size=(16, 20))
     assert X.shape == (MIXED_TOTAL, 16, 20, 3)
     images, labels = next(dataset.iter_batches(batch_size=8, image_size=(24, 24)))

@@ -999,7 +999,9 @@ def _put(target: np.ndarray, row: int, image: np.ndarray, sample: Sample) -> Non
         raise MixedImageSizesError(
             f"image {sample.id!r} is {image.shape[1]}x{image.shape[0]} but earlier images are "
             f"{target.shape[2]}x{target.shape[1]}: images of different sizes cannot be stacked. "
-            "Pass image_size=(H, W) to resize them all."
+            "Pass image_size=(H, W) to resize them all.",
+            chunk_id=sample.chunk_id,
+            sample_id=sample.id,
         )
     target[row] = image
 

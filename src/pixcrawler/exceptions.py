@@ -152,7 +152,17 @@ class MissingDependencyError(PixCrawlerError, ImportError):
 
 
 class MixedImageSizesError(PixCrawlerError, ValueError):
-    """Images of different sizes cannot be stacked into one array without ``image_size``."""
+    """Images of different sizes cannot be stacked into one array without ``image_size``;
+    ``chunk_id`` and ``sample_id`` name the first image that differs."""
+
+    _FIELDS = ("chunk_id", "sample_id")
+
+    def __init__(
+        self, message: str, *, chunk_id: int | None = None, sample_id: str | None = None
+    ) -> None:
+        self.chunk_id = chunk_id
+        self.sample_id = sample_id
+        super().__init__(message)
 
 
 __all__ = [

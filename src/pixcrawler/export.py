@@ -942,7 +942,9 @@ class _NumpyWriter(_StagedWriter):
                     f"chunk {sample.chunk_id}: image {sample.id!r} is {image.shape[1]}x"
                     f"{image.shape[0]} but earlier images are {want[1]}x{want[0]}: images of "
                     "different sizes cannot be stacked; pass --image-size H W to resize them "
-                    "all, or use --format images to keep the original files"
+                    "all, or use --format images to keep the original files",
+                    chunk_id=sample.chunk_id,
+                    sample_id=sample.id,
                 )
             if image.shape != want:
                 raise DecompressionError(

@@ -979,7 +979,9 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
                 raise MixedImageSizesError(
                     f"image {sample.id!r} is {image.shape[1]}x{image.shape[0]} but job "
                     f"{dataset.job.id} lists every image as {listed[1]}x{listed[0]}: pass "
-                    "image_size=(H, W) to resize them all."
+                    "image_size=(H, W) to resize them all.",
+                    chunk_id=sample.chunk_id,
+                    sample_id=sample.id,
                 )
             label = label_ids.get(sample.label)
             if label is None:
