@@ -196,9 +196,12 @@ class RedirectingFront(_LoopbackHost):
         self._listen(Handler, "127.0.0.1")
 
 
-def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
+def corrupt_copy(
+    store: Path, dest: Path, positions: tuple[int, ...], *, image_sha256: bool = True
+) -> Path:
     """Copy job_uniform into ``dest`` with the images at ``positions`` replaced by garbage
-    (manifest and job checksums updated, so only the decoder can notice)."""
+    (manifest and job checksums updated, so only the decoder can notice; with
+    ``image_sha256=False`` the manifest keeps the images' old sha256, which they fail)."""
     shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
     job_path = dest / JOB_UNIFORM / "job.json"
     job = json.loads(job_path.read_text())
@@ -214,7 +217,8 @@ def corrupt_copy(store: Path, dest: Path, positions: tuple[int, ...]) -> Path:
         for offset in bad:
             entry = manifest["images"][offset]
             members[entry["path"]] = b"this is not an image"
-            entry["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
+            if image_sha256:
+                entry["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w") as target:
             target.writestr("manifest.json", json.dumps(manifest))

@@ -1521,7 +1521,7 @@ def test_on_error_skip_leaves_corrupt_images_out_of_a_numpy_download(
     result = cli.run(*args)
     assert result.returncode == 0, result
     root = cli.cwd / "datasets" / JOB_UNIFORM
-    assert f"{len(bad)} that could not be decoded left out" in result.stdout
+    assert f"; {len(bad)} corrupt images left out;" in result.stdout
     for sample_id in skipped_ids:
         assert f"image {sample_id!r}: cannot decode image" in result.stderr
     X, y = assert_arrays_hold(root, good)
@@ -2725,6 +2725,19 @@ def test_numpy_download_of_a_job_of_no_images_and_no_size_is_empty_arrays(
     assert np.load(root / "X.npy").shape == (0, 0, 0, 3) and np.load(root / "y.npy").shape == (0,)
 
 
+def test_the_summary_counts_images_failing_their_sha256_as_corrupt(
+    cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str]
+) -> None:
+    """Not "could not be decoded": these are left out for their sha256, named in stderr."""
+    url = server_factory(corrupt_copy(store, tmp_path, (2, 5), image_sha256=False))
+    result = cli.run(
+        "download", JOB_UNIFORM, "--on-error", "skip", "--no-progress", *api(url, TEST_KEY)
+    )
+    assert result.returncode == 0, result
+    assert "; 2 corrupt images left out;" in result.stdout
+    assert result.stderr.count("sha256 does not match the manifest") == 2, result
+
+
 def test_on_error_skip_takes_the_size_from_the_first_image_that_decodes(
     cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str]
 ) -> None:
@@ -2739,7 +2752,7 @@ def test_on_error_skip_takes_the_size_from_the_first_image_that_decodes(
     assert len(good) == UNIFORM_TOTAL - len(bad)
 
     root, stdout = download(cli, url, JOB_UNIFORM, "--on-error", "skip")
-    assert f"{len(bad)} that could not be decoded left out" in stdout
+    assert f"; {len(bad)} corrupt images left out;" in stdout
     assert_arrays_hold(root, good)
 
     # As a run stopped after chunk 0 leaves it: no image yet to give the arrays a size.

@@ -556,8 +556,8 @@ def download(
             raise
         finally:
             writer.close()
-        left_out = (
-            f"; {writer.skipped_total:,} that could not be decoded left out"
+        left_out = (  # (an image failing its sha256 counts, not only one Pillow refused)
+            f"; {counted(writer.skipped_total, 'corrupt image')} left out"
             if writer.skipped_total
             else ""
         )
