@@ -1559,9 +1559,13 @@ def test_on_error_is_for_numpy_only(cli: Cli, live_server: LiveServer) -> None:
     assert result.returncode == 2 and "--on-error applies to --format numpy only" in result.stderr
 
 
-def test_debug_adds_a_traceback(cli: Cli, live_server: LiveServer) -> None:
+@pytest.mark.parametrize("where", ["before the command", "after it"])
+def test_debug_adds_a_traceback(cli: Cli, live_server: LiveServer, where: str) -> None:
     plain = cli.run("info", "job_nope", *api(live_server))
-    debug = cli.run("--debug", "info", "job_nope", *api(live_server))
+    if where == "before the command":
+        debug = cli.run("--debug", "info", "job_nope", *api(live_server))
+    else:
+        debug = cli.run("info", "job_nope", *api(live_server), "--debug")
     assert plain.returncode == debug.returncode == 4
     assert "Traceback" not in plain.stderr and plain.stderr.count("\n") == 1
     assert "Traceback" in debug.stderr and "NotFoundError" in debug.stderr
@@ -1591,11 +1595,12 @@ def test_the_key_is_never_printed(cli: Cli, secret_server: str, live_server: Liv
         cli.run("--debug", "list", "--api-key", SECRET, "--base-url", live_server.base_url),
         cli.run("--debug", "list", "--base-url", f"http://127.0.0.1:{free_port()}"),
         cli.run("--debug", "list", *url, PIXCRAWLER_API_KEY=SECRET),
+        cli.run("info", JOB_UNIFORM, *url, "--debug"),
         cli.run("download", "--help", PIXCRAWLER_API_KEY=SECRET),
         cli.run("login", "--help"),
     ]
     codes = [r.returncode for r in runs]
-    assert codes == [0, 0, 0, 4, 5, 0, 2, 3, 3, 6, 0, 0, 0], "\n".join(map(str, runs))
+    assert codes == [0, 0, 0, 4, 5, 0, 2, 3, 3, 6, 0, 0, 0, 0], "\n".join(map(str, runs))
     for result in runs:
         assert SECRET not in result.output, result
         assert "***" not in result.output, result  # not even redacted: never formatted in

@@ -371,8 +371,33 @@ def _connect(api_key: str | None, base_url: str | None) -> ApiClient:
 # -- the group ---------------------------------------------------------------------------------
 
 
+_DEBUG_HELP = "Show tracebacks and debug logs (keys stay hidden)."
+
+
+def _debug_after_the_command(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``pixcrawler download job_123 --debug`` as ``pixcrawler --debug download job_123``."""
+    if value:
+        _session.debug = True
+        _log_to_stderr(True)
+
+
 class _Command(click.Command):
-    """A command whose usage errors all know it, so each names its ``--help``."""
+    """A command whose usage errors all know it, so each names its ``--help``; each takes
+    ``--debug`` after its name too, where users type it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self, click.Group):
+            self.params.append(
+                click.Option(
+                    ["--debug"],
+                    is_flag=True,
+                    expose_value=False,
+                    is_eager=True,
+                    callback=_debug_after_the_command,
+                    help=_DEBUG_HELP,
+                )
+            )
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -391,7 +416,7 @@ class _Group(_Command, click.Group):
     cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs (keys stay hidden).")
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
 @click.version_option(__version__, "--version", prog_name="pixcrawler")
 def cli(debug: bool) -> None:
     """PixCrawler: download, inspect and serve image datasets.
