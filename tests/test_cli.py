@@ -788,6 +788,29 @@ def test_ctrl_c_stops_a_download_started_with_sigint_ignored(cli: Cli, big_job: 
     assert "interrupted" in stderr and "Traceback" not in stderr
 
 
+def test_sigterm_stops_a_download_with_one_line_and_exit_143(cli: Cli, big_job: BigJob) -> None:
+    """A scheduler's stop (SIGTERM) unwinds as Ctrl-C does: what was received stays for a
+    rerun, and the one line says so (it died of the signal in silence)."""
+    key = next(iter(TEST_KEYS))
+    stall = Fault("stall", after_bytes=STALL_AT, seconds=60)
+    part = cli.cwd / "out" / BIG_JOB / ".partial" / "00000.zip.part"
+    schedule = FaultSchedule.script([stall], match=r"/chunks/")
+    with FaultProxy(big_job.base_url, schedule=schedule) as proxy:
+        args = ["download", BIG_JOB, "-o", "out", "--max-workers", "1"]
+        process = cli.start(*args, *api(proxy.base_url, key))
+        try:
+            wait_for(lambda: size_of(part) > 0, what="chunk 0 to be partly received")
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=45)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, stderr
+    assert stderr.endswith("Error: terminated; run the same command again to resume\n"), stderr
+    assert "Traceback" not in stderr
+    assert size_of(part) > 0  # kept: the rerun goes on from there
+
+
 def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(cli: Cli, tmp_path: Path) -> None:
     """Pressed while numpy and Pillow load (the first ~0.2 s), Ctrl-C printed a traceback
     through numpy's import and died of the signal. Here the first numpy import raises

@@ -70,6 +70,20 @@ EXIT_NETWORK = 6
 EXIT_INTEGRITY = 7
 EXIT_BAD_DATA = 8
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop) raised in the main thread: it unwinds as
+    Ctrl-C does, so what was received is kept for a rerun and the error says so."""
+
+
+def _interrupted(exc: BaseException) -> tuple[int, str]:
+    """The exit code and word of a Ctrl-C or a SIGTERM (click wraps either in Abort)."""
+    if isinstance(exc, _Terminated) or isinstance(exc.__cause__, _Terminated):
+        return EXIT_TERMINATED, "terminated"
+    return EXIT_INTERRUPTED, "interrupted"
+
 
 #: Exception class -> exit code, most specific first.
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
@@ -228,7 +242,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # click's answer to a reader gone (EPIPE): exit 1, said here
         return exc.code if isinstance(exc.code, int) else EXIT_UNEXPECTED
     except click.exceptions.Abort as exc:  # click's wrapper of a Ctrl-C
-        return _report(exc, EXIT_INTERRUPTED, "interrupted")
+        return _report(exc, *_interrupted(exc))
     except click.ClickException as exc:
         if _session.debug and exc.__cause__ is not None:
             sys.stderr.write(_printable(redact("".join(traceback.format_exception(exc)))))
@@ -245,7 +259,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(_printable(redact(f"Error: {message}\n")))
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        return _report(exc, EXIT_INTERRUPTED, "interrupted")
+        return _report(exc, *_interrupted(exc))
     except (PixCrawlerError, OSError) as exc:  # expected failures: their message says it all
         return _report(exc, exit_code_for(exc), str(exc))
     except Exception as exc:
@@ -266,15 +280,24 @@ def main() -> NoReturn:
 
 def _interruptible() -> None:
     """Make SIGINT stop this process (exit 130; a download resumes on a rerun) even when it
-    was started with SIGINT ignored.
+    was started with SIGINT ignored, and SIGTERM stop it the same way (exit 143, one line
+    saying so; it died of the signal in silence).
 
     A shell without job control (a script, a CI runner, ``cmd &`` from a tool) starts
     background commands with SIGINT ignored, and Python keeps an inherited SIG_IGN, so
     Ctrl-C or ``kill -INT`` would be dropped in silence and a download would run on. Only
-    the console script does this: :func:`run` leaves a host process's signals alone.
+    the console script does this: :func:`run` leaves a host process's signals alone. An
+    ignored SIGTERM stays ignored: whoever started us chose that.
     """
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends us at once
+    raise _Terminated
 
 
 # -- shared options ----------------------------------------------------------------------------
@@ -435,7 +458,8 @@ def cli(debug: bool) -> None:
 
     \b
     Exit codes: 0 ok, 1 unexpected, 2 usage, 3 authentication, 4 not found,
-    5 job not complete, 6 network, 7 integrity, 8 bad data, 130 interrupted.
+    5 job not complete, 6 network, 7 integrity, 8 bad data, 130 interrupted,
+    143 terminated (SIGTERM).
     """
     _session.debug = debug
     _log_to_stderr(debug)
@@ -559,10 +583,9 @@ def download(
             with export.Progress(show, job_id, writer, todo, stats) as progress:
                 export.transfer(dataset, writer, todo, max_workers, progress)
                 writer.finish()
-        except KeyboardInterrupt:
-            raise CliError(
-                "interrupted; run the same command again to resume", EXIT_INTERRUPTED
-            ) from None
+        except KeyboardInterrupt as exc:
+            code, word = _interrupted(exc)
+            raise CliError(f"{word}; run the same command again to resume", code) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
                 # A write's error names no file: say where, and that a rerun resumes.
