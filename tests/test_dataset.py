@@ -172,6 +172,7 @@ def test_iter_batches_trims_the_last_batch_to_the_images_left_after_skips(
     for images, labels in batches:
         assert len(images) == len(labels)
         assert images.shape == (len(labels), *UNIFORM_SIZE, 3)
+        assert images.base is None  # not a view keeping the empty rows allocated
     flat = [
         (image, label)
         for images, labels in batches
@@ -208,6 +209,7 @@ def test_a_job_listing_no_image_counts_still_loads_whole(
     assert digest(zip(images, labels, strict=True)) == digest(uniform)
     batches = list(dataset.iter_batches(batch_size=25))
     assert [len(b) for b, _ in batches] == [25, 25, 10]
+    assert all(b.base is None for b, _ in batches)  # the last one too: grown, then shrunk
     assert digest((i, lab) for b, ls in batches for i, lab in zip(b, ls, strict=True)) == digest(
         uniform
     )

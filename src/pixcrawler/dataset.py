@@ -385,7 +385,10 @@ class Dataset:
             batch = None  # not kept, half filled, for as long as the caller keeps the error
             raise
         if labels and batch is not None and not drop_last:
-            yield (batch if len(batch) == len(labels) else batch[: len(labels)]), labels
+            if len(batch) > len(labels):  # images skipped, or a job that lists no counts:
+                # shrunk in place, as to_arrays() does; a view would keep every row allocated
+                batch.resize((len(labels), *batch.shape[1:]), refcheck=False)
+            yield batch, labels
 
     def to_arrays(self, *, image_size: ImageSize | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Load the whole dataset: ``X`` of shape (N, H, W, C) uint8 and ``y`` label names.
