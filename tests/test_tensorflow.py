@@ -24,7 +24,7 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from helpers import copy_without_counts, corrupt_copy, drop_counts, edited_copy
-from pixcrawler import Dataset, load_dataset
+from pixcrawler import Dataset, load_dataset, loaders
 from pixcrawler.exceptions import PixCrawlerError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -74,6 +74,43 @@ def test_values_equal_plain_iteration_with_label_ids(live_server: LiveServer) ->
     for (image, label), (want_image, want_label) in zip(got, expected, strict=True):
         assert label.dtype == np.int64 and label == want_label
         np.testing.assert_array_equal(image, want_image)
+
+
+def test_images_come_in_batches_unbatched_with_their_values_and_order(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generator yields whole batches (one call into Python per image cost as much CPU
+    as decoding it): several of them and a short last one give the same elements, each
+    kept intact while later batches are made."""
+    monkeypatch.setattr(loaders, "_TF_ROWS", 7)  # 60 images: eight batches and four left
+    dataset = open_job(live_server)
+    expected = [(image.copy(), dataset.labels.index(label)) for image, label in dataset]
+    kept = list(dataset.to_tensorflow())  # eager tensors, all held to the end
+    assert len(kept) == UNIFORM_TOTAL
+    for (image, label), (want_image, want_label) in zip(kept, expected, strict=True):
+        assert int(label) == want_label
+        np.testing.assert_array_equal(image.numpy(), want_image)
+
+
+def test_the_images_before_an_error_reach_the_pipeline(
+    live_server: LiveServer,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch cut short by an error is still yielded: image 5 is bad, batches hold 4, and
+    images 0-4 come before the error, as they would one by one."""
+    monkeypatch.setattr(loaders, "_TF_ROWS", 4)
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (5,)))
+    dataset = load_dataset(JOB_UNIFORM, api_key=live_server.api_key, base_url=base_url)
+    good = [image.copy() for _, image in itertools.islice(open_job(live_server).iter_samples(), 5)]
+    received = []
+    with pytest.raises(tf.errors.OpError, match="DecompressionError"):
+        for image, _ in dataset.to_tensorflow():
+            received.append(image.numpy())
+    assert len(received) == 5
+    for got, want in zip(received, good, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_mixed_sizes_have_a_free_shape_unless_image_size_fixes_it(live_server: LiveServer) -> None:

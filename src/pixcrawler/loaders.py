@@ -949,6 +949,32 @@ def _rebuild(kind: str, state: dict[str, Any]) -> Any:
 # -- TensorFlow ------------------------------------------------------------------------------
 
 
+_TF_ROWS = 64  # images per call into the generator of to_tensorflow()
+
+
+def _tf_batches(
+    labelled: Callable[[], Iterator[tuple[np.ndarray, int]]], shape: tuple[int, int, int]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``labelled()``'s images of one ``shape`` in batches, for TensorFlow to unbatch: one
+    call into Python per image cost about as much CPU as decoding a small one. Each batch
+    is new: TensorFlow may keep a yielded array as its tensor's memory, not copy it."""
+    images, labels, rows = np.empty((_TF_ROWS, *shape), np.uint8), np.empty(_TF_ROWS, np.int64), 0
+    try:
+        for image, label in labelled():
+            images[rows] = image
+            labels[rows] = label
+            rows += 1
+            if rows == _TF_ROWS:
+                yield images, labels
+                images, labels, rows = np.empty_like(images), np.empty_like(labels), 0
+    except Exception:
+        if rows:  # the images before the error reach the pipeline, as one by one
+            yield images[:rows], labels[:rows]
+        raise
+    if rows:
+        yield images[:rows], labels[:rows]
+
+
 def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> Any:
     """A ``tf.data.Dataset`` of ``(image, label_id)``: uint8 ``(H, W, C)`` and int64.
 
@@ -973,7 +999,7 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
     listed = None if size or dataset.image_size else dataset.job.image_size
     label_ids = {name: i for i, name in enumerate(label_names(dataset))}
 
-    def generate() -> Iterator[tuple[np.ndarray, np.int64]]:
+    def labelled() -> Iterator[tuple[np.ndarray, int]]:
         for sample, image in dataset.iter_samples(size):
             if listed is not None and image.shape[:2] != tuple(listed):
                 raise MixedImageSizesError(
@@ -989,15 +1015,28 @@ def to_tensorflow(dataset: Dataset, *, image_size: ImageSize | None = None) -> A
                     f"image {sample.id!r} has label {sample.label!r}, which the job does not "
                     f"list in its labels {list(dataset.labels)}"
                 )
+            yield image, label
+
+    def one_by_one() -> Iterator[tuple[np.ndarray, np.int64]]:
+        for image, label in labelled():
             yield image, np.int64(label)
 
-    tf_dataset = tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(
-            tf.TensorSpec(shape=(height, width, channels), dtype=tf.uint8),
-            tf.TensorSpec(shape=(), dtype=tf.int64),
-        ),
-    )
+    if height is not None and width is not None:
+        tf_dataset = tf.data.Dataset.from_generator(
+            functools.partial(_tf_batches, labelled, (height, width, channels)),
+            output_signature=(
+                tf.TensorSpec(shape=(None, height, width, channels), dtype=tf.uint8),
+                tf.TensorSpec(shape=(None,), dtype=tf.int64),
+            ),
+        ).unbatch()
+    else:  # sizes vary: one image at a time
+        tf_dataset = tf.data.Dataset.from_generator(
+            one_by_one,
+            output_signature=(
+                tf.TensorSpec(shape=(None, None, channels), dtype=tf.uint8),
+                tf.TensorSpec(shape=(), dtype=tf.int64),
+            ),
+        )
     if dataset.on_error == "raise" and counts_listed(dataset.job):
         tf_dataset = tf_dataset.apply(tf.data.experimental.assert_cardinality(dataset.num_images))
     return tf_dataset
