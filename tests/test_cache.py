@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import multiprocessing
 import os
@@ -514,8 +515,10 @@ def test_writes_are_atomic_no_file_under_the_final_name_until_verified(
 
 
 def test_a_failed_write_leaves_no_file_and_still_serves_the_chunk(
-    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
+    """A full disk fails every chunk's write: each is counted, the first one said (not one
+    warning per chunk of a long job)."""
     chunks = remote.store(tmp_path)
 
     real_open = open
@@ -533,6 +536,11 @@ def test_a_failed_write_leaves_no_file_and_still_serves_the_chunk(
     assert final is not None and not final.exists()
     assert not list(final.parent.glob("*.tmp"))
     assert chunks.stats.write_failures == 1
+    assert bytes(chunks.get(1)) == remote.bytes_of(1)
+    assert bytes(chunks.get(2)) == remote.bytes_of(2)
+    assert chunks.stats.write_failures == 3
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "chunk 0: not cached on disk" in said[0].getMessage(), said
 
 
 def test_a_write_that_reads_back_other_bytes_is_never_renamed_into_place(

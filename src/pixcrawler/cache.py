@@ -301,6 +301,7 @@ class ChunkStore:
         self._condemned: set[tuple[Path, tuple[int, ...]]] = set()
         self._swept = False
         self._closed = threading.Event()
+        self._write_errors: set[int | None] = set()  # the errnos a cache write failed with
 
     # -- public ------------------------------------------------------------------------
 
@@ -589,8 +590,19 @@ class ChunkStore:
             # (Without a sha256 from the API, the one read back: what recheck() compares.)
             _write_stamp(path, st, chunk.sha256.lower() if chunk.sha256 else digest)
         except OSError as exc:
-            self._count("write_failures")
-            log.warning("chunk %d: not cached on disk (%s); keeping it in memory only", index, exc)
+            with self._lock:
+                self.stats.write_failures += 1
+                first = exc.errno not in self._write_errors  # (a full disk: every chunk)
+                self._write_errors.add(exc.errno)
+            if first:
+                log.warning(
+                    "chunk %d: not cached on disk (%s); keeping it in memory only (later "
+                    "chunks failing so are not each reported)",
+                    index,
+                    exc,
+                )
+            else:
+                log.debug("chunk %d: not cached on disk (%s)", index, exc)
         finally:
             with contextlib.suppress(OSError):
                 temp.unlink()
