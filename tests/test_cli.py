@@ -1400,7 +1400,8 @@ def test_a_download_kept_waiting_on_a_chunk_says_why_without_a_progress_bar(
         writer.close()
         dataset.close()
     waits = slow_waits()
-    assert any(w.startswith("waited 0.2 s for chunk 0: ") for w in waits), waits
+    # (The first after 0.2 s, or later on a loaded machine.)
+    assert any(re.match(r"waited \d+\.\d s for chunk 0: ", w) for w in waits), waits
 
 
 def test_a_chunk_the_api_refuses_for_the_key_exits_3_not_7(

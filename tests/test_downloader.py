@@ -156,7 +156,8 @@ def test_a_consumer_kept_waiting_is_told_how_far_its_chunk_got(
     assert len(waits) >= 2, caplog.text  # repeated while the wait goes on
     size = human_size(dataset.job.chunks[0].size_bytes or 0)
     expected = rf"waited [\d.]+ s for chunk 0: 2\.0 KB of {size} received in [\d.]+ s"
-    assert re.fullmatch(expected, waits[0]), waits[0]
+    # (On a loaded machine the first may come before the 2 KB are in.)
+    assert any(re.fullmatch(expected, m) for m in waits), waits
     assert dataset.stats.transfer.retries == 0  # a stall shorter than the timeout: no retry
 
 
@@ -279,7 +280,8 @@ def test_a_chunk_still_on_its_way_holds_back_none_of_the_images_before_it(
     worker.start()
     try:
         assert whole_chunk.wait(10), f"{len(received)} of chunk 0's images came"
-        assert proxy.stats.faults["hang"] == 1  # chunk 1 is still on its way
+        assert proxy.wait_for_fault("hang", timeout=10)  # chunk 1 is still on its way
+        assert proxy.stats.faults["hang"] == 1
     finally:
         dataset.close()
         worker.join(10)
@@ -951,7 +953,7 @@ def test_chunks_fetched_ahead_of_need_go_as_one_stream(
             ApiClient("k", "http://127.0.0.1:9"), chunks(host.base_url), max_workers=4
         )
         for _ in downloader.iter_chunks():
-            time.sleep(0.2)  # a consumer slower than the loopback
+            time.sleep(0.5)  # a consumer slower than the loopback (even on a loaded machine)
         downloader.close()
         by_path = host.stats.requests_by_path
     assert [by_path[f"/{i}.bin"] for i in range(4)] == [4, 1, 1, 1]
@@ -1006,6 +1008,7 @@ def test_the_first_chunk_is_fetched_alone(tmp_path: Path, monkeypatch: pytest.Mo
         spans.clear()
         chunks_out = downloader.iter_chunks(recycles=True)
         _, data = next(chunks_out)
+        assert settles(lambda: 1 in spans, timeout=10)  # chunk 1 comes whole; then nothing
         time.sleep(0.3)
         assert sorted(spans) == [0, 1]
         downloader.recycle(data)

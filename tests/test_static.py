@@ -356,7 +356,7 @@ def test_stop_is_quick_with_idle_keepalive_connection_and_closes_socket(
     conn.getresponse().read()  # the connection now idles, its server thread reading
     started = time.monotonic()
     srv.stop()
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.9  # not the 2 s join of a thread left reading
     assert not srv.running
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()

@@ -321,8 +321,10 @@ def test_a_map_style_load_kept_waiting_on_its_chunk_says_why(
     assert [image.shape for image, _ in items] == [(*UNIFORM_SIZE, 3)] * len(indices)
     waits = slow_waits()
     assert waits, caplog.text
-    received = rf" for chunk {chunk}: 2\.0 KB of [\d.]+ KB received"
-    assert all(re.search(received, m) for m in waits), waits
+    # (On a loaded machine the first may come before the 2 KB, or one as the stall ends
+    # after the transfer is done: the stall's own messages say how far it got.)
+    assert all(f" for chunk {chunk}: " in m for m in waits), waits
+    assert any(re.search(rf" for chunk {chunk}: 2\.0 KB of [\d.]+ KB received", m) for m in waits)
     # And in the stats, as plain iteration keeps them (they said 0 chunks, 0 s waited).
     stats = dataset.stats
     assert stats.chunks >= 1 and stats.wait_seconds >= 0.9, stats

@@ -679,8 +679,8 @@ class ChunkDownloader:
         """Where chunk ``index``'s transfer stands, in words (for a consumer kept waiting)."""
         with self._lock:
             progress = self._progress.get(index)
-        if progress is None:
-            return "no transfer of it in progress yet"
+        if progress is None:  # not begun, or its bytes are all in and being checked
+            return "no transfer of it in progress"
         return progress.describe()
 
     def wait_for(self, index: int, future: Future[T]) -> T:
@@ -694,6 +694,8 @@ class ChunkDownloader:
             except FutureTimeoutError:
                 if future.done():  # the work itself raised a TimeoutError
                     raise
+            if future.done():  # done since: nothing to wait for, nor to say
+                continue
             log.warning(
                 "waited %.1f s for chunk %d: %s",
                 time.monotonic() - started,
