@@ -1998,6 +1998,34 @@ def test_pack_reports_the_job_and_every_skipped_file(cli: Cli, tmp_path: Path) -
     assert result.stderr.startswith("Error: no valid image")
 
 
+@pytest.mark.parametrize("stop", ["full disk", "Ctrl-C"])
+def test_a_pack_that_stops_says_nothing_is_published_and_to_run_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stop: str
+) -> None:
+    """It said "[Errno 28] No space left on device" (exit 1) or "interrupted": neither said
+    where, nor what became of the job."""
+    from pixcrawler import cli as cli_module
+    from pixcrawler import packer
+
+    src = make_image_folder(tmp_path / "crawl", {"cat": 4})
+    store = tmp_path / "store"
+    error = OSError(errno.ENOSPC, "No space left on device") if stop == "full disk" else None
+
+    def stopping(*args: Any) -> Any:
+        raise error if error is not None else KeyboardInterrupt
+
+    monkeypatch.setattr(packer, "_write_chunk", stopping)
+    code = cli_module.run(["pack", str(src), "--store", str(store), "--chunk-size", "2"])
+    line = capsys.readouterr().err
+    if stop == "full disk":
+        assert code == 1 and line.startswith(
+            f"Error: No space left on device while packing into {store}"
+        )
+    else:
+        assert code == 130 and line.startswith("Error: interrupted; ")
+    assert "nothing half-written is published" in line and "run the same command again" in line
+
+
 def test_pack_refuses_a_chunk_size_no_reader_would_take(cli: Cli, tmp_path: Path) -> None:
     """A reader takes at most MAX_MEMBERS members in a chunk, its manifest among them."""
     src = make_image_folder(tmp_path / "crawl", {"cat": 2})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -406,38 +407,97 @@ def test_a_label_folder_named_like_an_images_export_file_is_skipped_and_reported
     assert all("--format images" in reason for reason in reasons.values())
 
 
-def test_packing_again_marks_the_job_unfinished_until_the_new_one_is_whole(
+def _crash_on_chunk(monkeypatch: pytest.MonkeyPatch, name: str, error: BaseException) -> None:
+    real = packer_module._write_chunk
+
+    def crash(path: Path, *args: Any) -> Any:
+        if path.name == name:
+            raise error
+        return real(path, *args)
+
+    monkeypatch.setattr(packer_module, "_write_chunk", crash)
+
+
+def test_packing_the_same_images_again_never_unpublishes_the_job(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients reading the job meanwhile got 404s ("running, no chunks yet") and their
+    DownloadError, for a re-pack that changed nothing: now no chunk is written at all."""
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    before = {p.name: p.stat().st_mtime_ns for p in chunk_files(tmp_path, "job_x")}
+    statuses: list[str] = []
+    real = packer_module._write_json_atomic
+
+    def noting(path: Path, value: Any) -> None:
+        statuses.append(value["status"])
+        real(path, value)
+
+    monkeypatch.setattr(packer_module, "_write_json_atomic", noting)
+    _crash_on_chunk(monkeypatch, "00000.zip", AssertionError("no chunk is written"))
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    assert statuses == ["completed"]
+    assert {p.name: p.stat().st_mtime_ns for p in chunk_files(tmp_path, "job_x")} == before
+    assert read_job(tmp_path, "job_x")["version"] == 1
+    # A chunk file that is not the one listed (another size) is written again.
+    first = chunk_files(tmp_path, "job_x")[0]
+    first.write_bytes(first.read_bytes() + b"\0")
+    monkeypatch.undo()
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    job = read_job(tmp_path, "job_x")
+    assert job["chunks"][0]["size_bytes"] == first.stat().st_size
+    assert hashlib.sha256(first.read_bytes()).hexdigest() == job["chunks"][0]["sha256"]
+
+
+def test_a_re_pack_that_stops_after_replacing_a_chunk_marks_the_job_failed(
     packed: PackedStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     live_server: LiveServer,
     server_factory: Any,
 ) -> None:
-    """A re-pack replaces chunks in place: meanwhile (and for good, if it stops) the job is
-    listed as running with no chunks, never as the old job over the new bytes. The pack
-    that follows one that stopped keeps the version of the same bytes (the stopped one's
-    job.json had dropped the chunks it compares with: version 2, for nothing)."""
+    """Chunks are replaced in place: meanwhile the job is listed as running with no chunks,
+    never as the old job over the new bytes; a pack that stops then leaves it failed (it
+    stayed "running, 0%" for good: clients polled for ever). Packing the old images again
+    gives back their version (the failed job.json keeps the chunks it compares with)."""
     src = packed.sources[JOB_UNIFORM]
     pack(src, tmp_path, job_id="job_x", chunk_size=7)
-    real = packer_module._write_chunk
-
-    def crash_on_chunk_1(path: Path, *args: Any) -> Any:
-        if path.name == "00001.zip":
-            raise KeyboardInterrupt
-        return real(path, *args)
-
-    monkeypatch.setattr(packer_module, "_write_chunk", crash_on_chunk_1)
+    _crash_on_chunk(monkeypatch, "00001.zip", KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
-        pack(src, tmp_path, job_id="job_x", chunk_size=7)
-    assert read_job(tmp_path, "job_x")["status"] == "running"
+        pack(src, tmp_path, job_id="job_x", chunk_size=30)  # other chunks: a new version
+    assert read_job(tmp_path, "job_x")["status"] == "failed"
     job = ApiClient(live_server.api_key, server_factory(tmp_path)).get_job("job_x")
-    assert (job.status, job.chunks) == ("running", ())
+    assert (job.status, job.chunks) == ("failed", ())
     monkeypatch.undo()
     pack(src, tmp_path, job_id="job_x", chunk_size=7)
     job = read_job(tmp_path, "job_x")
     assert (job["status"], job["version"]) == ("completed", 1)
     pack(src, tmp_path, job_id="job_x", chunk_size=30)
     assert read_job(tmp_path, "job_x")["version"] == 2
+
+
+def test_a_re_pack_that_stops_before_replacing_any_chunk_leaves_the_job_as_it_was(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    before = (tmp_path / "job_x" / "job.json").read_bytes()
+    _crash_on_chunk(monkeypatch, "00000.zip", OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match="No space"):
+        pack(src, tmp_path, job_id="job_x", chunk_size=30)
+    assert (tmp_path / "job_x" / "job.json").read_bytes() == before  # published as it was
+
+
+def test_a_new_job_whose_pack_stops_leaves_no_chunk_behind(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk stopped the pack: the chunks it wrote kept the disk full (a pack of
+    fewer images, under another default id, failed for want of their room)."""
+    _crash_on_chunk(monkeypatch, "00002.zip", OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match="No space"):
+        pack(packed.sources[JOB_UNIFORM], tmp_path, job_id="job_x", chunk_size=7)
+    assert not (tmp_path / "job_x" / "job.json").exists()
+    assert not (tmp_path / "job_x" / "chunks").exists()
 
 
 def test_a_job_packed_again_with_other_images_is_a_new_version(

@@ -864,6 +864,19 @@ def pack(
         )
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    except KeyboardInterrupt as exc:
+        code, word = _interrupted(exc)
+        raise CliError(
+            f"{word}; nothing half-written is published: run the same command again", code
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
+            raise CliError(
+                f"{exc.strerror} while packing into {store}; nothing half-written is "
+                "published: make room and run the same command again",
+                exit_code_for(exc),
+            ) from exc
+        raise
     labels = len(result.labels)
     _echo(
         f"Packed {result.job_id}: {counted(result.total_images, 'image')}, "

@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,9 @@ class _Image:
     format: str
 
 
+Job = dict[str, Any]  # a job.json
+
+
 def pack(
     src: Path,
     store: Path,
@@ -160,23 +163,62 @@ def pack(
         _completed_job(job_id, src, name, owner, chunk_size, started, images, [], 1), groups
     )
 
+    def completed(entries: list[dict[str, Any]], existing: dict[str, Any] | None) -> Job:
+        version = _version(existing, entries)
+        return _completed_job(
+            job_id, src, name, owner, chunk_size, started, images, entries, version
+        )
+
     job_dir = store / job_id
     with _job_lock(job_dir, job_id):
         existing = _check_not_foreign(job_dir / "job.json", job_id=job_id, owner=owner)
+        kept = _unchanged_chunks(existing, job_dir / "chunks", job_id, groups)
+        if kept is not None:
+            # The same images in the same chunks: the files and their checksums stay, so
+            # clients reading the job meanwhile never see it unpublished.
+            job = completed(kept, existing)
+            _write_json_atomic(job_dir / "job.json", job)
+        else:
+            job = _publish(job_dir, existing, job_id, groups, completed)
+    return PackResult(
+        job_id=job_id,
+        total_images=len(images),
+        num_chunks=len(groups),
+        size_bytes=job["size_bytes"],
+        labels=tuple(job["labels"]),
+        skipped=tuple(skipped),
+    )
+
+
+def _publish(
+    job_dir: Path,
+    existing: dict[str, Any] | None,
+    job_id: str,
+    groups: list[list[_Image]],
+    completed: Callable[[list[dict[str, Any]], dict[str, Any] | None], Job],
+) -> Job:
+    """Write the chunks of ``groups``, then the job.json ``completed(entries)`` makes.
+
+    A job packed again with other images is unpublished while its chunks are replaced: the
+    server lists no chunk of it, so no one is served new bytes under the old checksums. A
+    pack that stops (an error, a full disk, Ctrl-C) leaves no job waiting for ever: one
+    that replaced no chunk yet puts the old job.json back; one that did marks the job
+    ``failed`` (readers are told it will not complete; packing again publishes it); a new
+    job's chunks are removed.
+    """
+    chunks_dir = job_dir / "chunks"
+    written: list[Path] = []
+    try:
         if existing is not None:
-            # Packed again: until the new job.json lands, the job is in progress, and the
-            # server lists no chunk of it, so no one is served new bytes under the old
-            # checksums (even if this stops). Its chunks stay in the store's job.json: a
-            # pack after one that stopped gives the same bytes their version again.
             unpacked = {**existing, "status": "running", "progress": 0, "total_images": 0}
             _write_json_atomic(job_dir / "job.json", unpacked)
-        chunks_dir = job_dir / "chunks"
         chunks_dir.mkdir(parents=True, exist_ok=True)
-
-        chunk_entries: list[dict[str, Any]] = []
+        entries: list[dict[str, Any]] = []
         for index, group in enumerate(groups):
-            size, digest = _write_chunk(chunks_dir / f"{index:05d}.zip", job_id, index, group)
-            chunk_entries.append(
+            path = chunks_dir / f"{index:05d}.zip"
+            size, digest = _write_chunk(path, job_id, index, group)
+            written.append(path)
+            entries.append(
                 {
                     "index": index,
                     "size_bytes": size,
@@ -187,20 +229,69 @@ def pack(
             )
         _remove_stale_chunks(chunks_dir, keep=len(groups))
         _sync_folder(chunks_dir)  # the chunks' names are on disk before job.json lists them
-        version = _version(existing, chunk_entries)
-        job = _completed_job(
-            job_id, src, name, owner, chunk_size, started, images, chunk_entries, version
-        )
+        job = completed(entries, existing)
         # job.json last: a job is listed as completed only once every chunk is in place.
         _write_json_atomic(job_dir / "job.json", job)
-    return PackResult(
-        job_id=job_id,
-        total_images=len(images),
-        num_chunks=len(groups),
-        size_bytes=job["size_bytes"],
-        labels=tuple(job["labels"]),
-        skipped=tuple(skipped),
-    )
+    except BaseException:
+        _unwind(job_dir, existing, written)
+        raise
+    return job
+
+
+def _unwind(job_dir: Path, existing: dict[str, Any] | None, written: list[Path]) -> None:
+    """After a pack stopped: what the store served before, else a job marked ``failed``;
+    a new job's chunks removed (best effort: the disk may be full)."""
+    with contextlib.suppress(OSError):
+        if existing is None:
+            for path in written:
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (job_dir / "chunks").rmdir()  # only if empty
+        elif not written:  # nothing replaced: the job as it was, published again
+            _write_json_atomic(job_dir / "job.json", existing)
+        else:
+            failed = {**existing, "status": "failed", "progress": 0, "total_images": 0}
+            _write_json_atomic(job_dir / "job.json", failed)
+
+
+def _unchanged_chunks(
+    existing: dict[str, Any] | None, chunks_dir: Path, job_id: str, groups: list[list[_Image]]
+) -> list[dict[str, Any]] | None:
+    """The chunk entries of the completed job already in the store, if its chunks hold
+    exactly ``groups`` (each chunk's manifest, which names every image's sha256, is the
+    one this pack would write, and its file is the size listed); else None."""
+    if existing is None or existing.get("status") != "completed":
+        return None
+    listed = existing.get("chunks")
+    if not isinstance(listed, list) or len(listed) != len(groups):
+        return None
+    entries: list[dict[str, Any]] = []
+    for index, (entry, group) in enumerate(zip(listed, groups, strict=True)):
+        if not isinstance(entry, dict) or entry.get("index") != index:
+            return None
+        path = chunks_dir / f"{index:05d}.zip"
+        try:
+            if path.stat().st_size != entry.get("size_bytes"):
+                return None
+            with zipfile.ZipFile(path) as archive:
+                manifest = archive.read(_MANIFEST_NAME)
+        except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+            return None
+        if manifest != _manifest(job_id, index, group):
+            return None
+        sha256 = entry.get("sha256")
+        if not isinstance(sha256, str):
+            return None
+        entries.append(
+            {
+                "index": index,
+                "size_bytes": entry["size_bytes"],
+                "sha256": sha256,
+                "image_count": len(group),
+                "expires_at": None,
+            }
+        )
+    return entries
 
 
 def _version(existing: dict[str, Any] | None, chunks: list[dict[str, Any]]) -> int:
