@@ -433,6 +433,36 @@ def test_a_job_re_packed_before_its_urls_are_read_again_is_not_mixed_in(
         assert cdn.stats.faults["expired"] == 1
 
 
+@pytest.mark.parametrize("on_the_server", ["job packed again", "chunk damaged"])
+def test_a_chunk_bad_twice_because_the_job_changed_says_so(
+    live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path, on_the_server: str
+) -> None:
+    """Packed again since load_dataset, the job's chunk 1 is another chunk: "corrupt ...
+    twice; the server's copy may be bad" blamed the server for a new version. The job is
+    read again before saying so; a chunk damaged on the server still gets that error."""
+    shutil.copytree(live_server.store / JOB_UNIFORM, tmp_path / JOB_UNIFORM)
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, server_factory(tmp_path))
+    chunk_1 = tmp_path / JOB_UNIFORM / "chunks" / "00001.zip"
+    if on_the_server == "job packed again":
+        other = (tmp_path / JOB_UNIFORM / "chunks" / "00002.zip").read_bytes()
+        chunk_1.write_bytes(other)
+        job_json = tmp_path / JOB_UNIFORM / "job.json"
+        job = json.loads(job_json.read_text())
+        job["chunks"][1].update(sha256=hashlib.sha256(other).hexdigest(), size_bytes=len(other))
+        job["version"] = 2
+        job_json.write_text(json.dumps(job))
+        expected = r"Chunk 1 does not match the job as it was read: .*changed on the server"
+    else:
+        data = bytearray(chunk_1.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk_1.write_bytes(bytes(data))
+        expected = r"Chunk 1 is corrupt: .*twice; the server's copy may be bad"
+    with pytest.raises(DownloadError, match=expected) as info:
+        list(dataset)
+    assert info.value.chunk_id == 1
+    dataset.close()
+
+
 def test_close_while_the_jobs_urls_are_re_read_returns_at_once(
     live_server: LiveServer, expiring_cdn: str
 ) -> None:

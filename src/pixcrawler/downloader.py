@@ -61,7 +61,7 @@ from .client import (
     refused_certificate,
     shutdown_connection,
 )
-from .exceptions import DownloadError, NetworkError, PixCrawlerError
+from .exceptions import DownloadError, JobNotCompleteError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .redaction import shown
 from .retry import parse_retry_after, status_cause, wait_in_words
@@ -469,7 +469,7 @@ class ChunkDownloader:
                     self._verify(chunk, digest, attempt)
                 except _IntegrityError as exc:
                     self._buffers.give(sink.drop())  # for the download that follows
-                    self._integrity_failed(chunk, attempt, str(exc))
+                    self._integrity_failed(chunk, attempt, str(exc), cancel)
                     continue
                 except BaseException:
                     # The error's traceback holds this frame and those below it for as long
@@ -517,7 +517,7 @@ class ChunkDownloader:
                 if failure is not None:
                     if attempt >= 2:  # bad twice: nothing in it is worth resuming
                         part.unlink(missing_ok=True)
-                    self._integrity_failed(chunk, attempt, failure)
+                    self._integrity_failed(chunk, attempt, failure, cancel)
                     continue
                 os.replace(part, path)
                 self.stats.add(chunks_completed=1)
@@ -1093,9 +1093,12 @@ class ChunkDownloader:
             listed = chunk.sha256 or ""
             raise _IntegrityError(f"sha256 {digest[:12]}… does not match {listed[:12]}…")
 
-    def _integrity_failed(self, chunk: Chunk, attempt: int, why: str) -> None:
+    def _integrity_failed(
+        self, chunk: Chunk, attempt: int, why: str, cancel: threading.Event
+    ) -> None:
         self.stats.add(checksum_failures=1)
         if attempt >= 2:
+            self._unless_the_job_changed(chunk, cancel)
             raise DownloadError(
                 f"Chunk {chunk.index} is corrupt: {why}, twice; the server's copy may be bad",
                 chunk_id=chunk.index,
@@ -1106,6 +1109,20 @@ class ChunkDownloader:
         if progress is not None:  # the bytes held are thrown away
             progress.received.clear()
             progress.failed(f"corrupt ({why})", 0.0)
+
+    def _unless_the_job_changed(self, chunk: Chunk, cancel: threading.Event) -> None:
+        """Bad twice may mean a job packed again on the server since it was read, not a bad
+        copy there: the job is read again, and a new version (or one being packed) is the
+        error, which says to load it again. Where that cannot be told, nothing is raised."""
+        try:
+            self._refresh_urls(cancel, chunk)
+        except (DownloadError, JobNotCompleteError) as exc:  # changed, or being re-packed
+            raise DownloadError(
+                f"Chunk {chunk.index} does not match the job as it was read: {exc.message}",
+                chunk_id=chunk.index,
+            ) from exc
+        except PixCrawlerError:  # the API could not say: the chunk's own error, as it was
+            pass
 
     def _refresh_urls(self, cancel: threading.Event, stale: Chunk) -> None:
         """Re-read the job's chunk URLs, ``stale`` (the chunk as last requested) having
