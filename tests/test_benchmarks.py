@@ -80,3 +80,21 @@ def test_the_torch_benchmark_compares_with_webdataset_on_a_tiny_job(tmp_path: Pa
     assert figures["images"] == 48
     assert len(figures["pixcrawler_img_s"]) == len(figures["webdataset_img_s"]) == 2
     assert figures["chunk_requests_per_epoch"] == [3, 0]  # epoch 2 from the disk cache
+
+
+@pytest.mark.timeout(240)
+def test_the_tensorflow_benchmark_compares_three_pipelines_on_a_tiny_job(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow", reason="the benchmark runs tf.data")
+    pytest.importorskip("fastapi", reason="the benchmark serves the job with the [server] extra")
+    pytest.importorskip("sklearn", reason="the benchmark's photos come with the [demo] extra")
+    out = run(
+        "tf_data.py",
+        *("--images", "40", "--size", "32", "--chunk-size", "16", "--repeats", "1"),
+        *("--workdir", str(tmp_path)),
+        timeout=220,
+    )
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["images"] == 40
+    for name in ("per-element", "to_tensorflow", "iter_batches"):
+        assert len(figures[f"{name}_img_s"]) == 1
+    assert "to_tensorflow / per-element" in out and "to_tensorflow / iter_batches" in out
