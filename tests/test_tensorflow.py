@@ -92,6 +92,33 @@ def test_images_come_in_batches_unbatched_with_their_values_and_order(
         np.testing.assert_array_equal(image.numpy(), want_image)
 
 
+def test_a_batch_of_the_generator_is_bounded_in_bytes_not_only_in_images(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 images of 1024x1024 RGB took 192 MB per batch: big images come fewer at a time,
+    down to one by one."""
+    assert loaders._tf_rows((32, 32, 3)) == 64
+    assert loaders._tf_rows((224, 224, 3)) == 55  # 8 MiB
+    assert loaders._tf_rows((1024, 1024, 3)) == 2
+    assert loaders._tf_rows((4000, 3000, 3)) == 1
+    height, width = UNIFORM_SIZE
+    monkeypatch.setattr(loaders, "_TF_BATCH_BYTES", 3 * height * width * 3 + 1)
+    sizes: list[int] = []
+    real = loaders._tf_batches
+
+    def noting(*args: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for images, labels in real(*args):
+            sizes.append(len(images))
+            yield images, labels
+
+    monkeypatch.setattr(loaders, "_tf_batches", noting)
+    dataset = open_job(live_server)
+    expected = [image.copy() for image, _ in dataset]
+    got = [image.numpy() for image, _ in dataset.to_tensorflow()]
+    assert sizes == [3] * (UNIFORM_TOTAL // 3)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_the_images_before_an_error_reach_the_pipeline(
     live_server: LiveServer,
     tmp_path: Path,

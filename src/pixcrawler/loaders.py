@@ -949,7 +949,16 @@ def _rebuild(kind: str, state: dict[str, Any]) -> Any:
 # -- TensorFlow ------------------------------------------------------------------------------
 
 
-_TF_ROWS = 64  # images per call into the generator of to_tensorflow()
+_TF_ROWS = 64  # images per call into the generator of to_tensorflow(), at most
+_TF_BATCH_BYTES = 8 << 20  # and the bytes of one such batch, at most (one image at least)
+
+
+def _tf_rows(shape: tuple[int, int, int]) -> int:
+    """Images per batch of :func:`_tf_batches`: 64, or fewer where their bytes would pass
+    ``_TF_BATCH_BYTES`` (64 images of 1024x1024 RGB took 192 MB, held beside the batches
+    TensorFlow still had), and one where a single image does."""
+    height, width, channels = shape
+    return max(1, min(_TF_ROWS, _TF_BATCH_BYTES // max(1, height * width * channels)))
 
 
 def _tf_batches(
@@ -958,13 +967,14 @@ def _tf_batches(
     """``labelled()``'s images of one ``shape`` in batches, for TensorFlow to unbatch: one
     call into Python per image cost about as much CPU as decoding a small one. Each batch
     is new: TensorFlow may keep a yielded array as its tensor's memory, not copy it."""
-    images, labels, rows = np.empty((_TF_ROWS, *shape), np.uint8), np.empty(_TF_ROWS, np.int64), 0
+    size = _tf_rows(shape)
+    images, labels, rows = np.empty((size, *shape), np.uint8), np.empty(size, np.int64), 0
     try:
         for image, label in labelled():
             images[rows] = image
             labels[rows] = label
             rows += 1
-            if rows == _TF_ROWS:
+            if rows == size:
                 yield images, labels
                 images, labels, rows = np.empty_like(images), np.empty_like(labels), 0
     except Exception:
