@@ -439,14 +439,27 @@ def test_packing_the_same_images_again_never_unpublishes_the_job(
     assert statuses == ["completed"]
     assert {p.name: p.stat().st_mtime_ns for p in chunk_files(tmp_path, "job_x")} == before
     assert read_job(tmp_path, "job_x")["version"] == 1
-    # A chunk file that is not the one listed (another size) is written again.
-    first = chunk_files(tmp_path, "job_x")[0]
-    first.write_bytes(first.read_bytes() + b"\0")
     monkeypatch.undo()
-    pack(src, tmp_path, job_id="job_x", chunk_size=7)
-    job = read_job(tmp_path, "job_x")
-    assert job["chunks"][0]["size_bytes"] == first.stat().st_size
-    assert hashlib.sha256(first.read_bytes()).hexdigest() == job["chunks"][0]["sha256"]
+    # A chunk file that is not the one listed is written again, not kept under the old
+    # checksum: one byte of an image flipped (its size and manifest unchanged), or another
+    # size.
+    first, last = chunk_files(tmp_path, "job_x")[0], chunk_files(tmp_path, "job_x")[-1]
+    with zipfile.ZipFile(last) as archive:
+        member = archive.infolist()[1]  # the first image, after the manifest
+    at = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra) + 10
+    damaged = bytearray(last.read_bytes())
+    damaged[at] ^= 0xFF
+    for path, change in ((last, bytes(damaged)), (first, first.read_bytes() + b"\0")):
+        path.write_bytes(change)
+        pack(src, tmp_path, job_id="job_x", chunk_size=7)
+        job = read_job(tmp_path, "job_x")
+        assert job["chunks"] == [
+            {**entry, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for entry, data in zip(
+                job["chunks"], (p.read_bytes() for p in chunk_files(tmp_path, "job_x")), strict=True
+            )
+        ]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() != hashlib.sha256(change).hexdigest()
 
 
 def test_a_re_pack_that_stops_after_replacing_a_chunk_marks_the_job_failed(
@@ -486,6 +499,50 @@ def test_a_re_pack_that_stops_before_replacing_any_chunk_leaves_the_job_as_it_wa
     with pytest.raises(OSError, match="No space"):
         pack(src, tmp_path, job_id="job_x", chunk_size=30)
     assert (tmp_path / "job_x" / "job.json").read_bytes() == before  # published as it was
+
+
+def test_a_re_pack_stopped_just_after_replacing_a_chunk_is_failed_not_the_old_job(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped between a chunk's rename and its being counted as replaced, the pack put
+    the old job.json back: its sha256 for that chunk no longer matched the file."""
+    src = packed.sources[JOB_UNIFORM]
+    pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    real = packer_module._write_chunk
+
+    def renamed_then_stopped(path: Path, *args: Any) -> Any:
+        real(path, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packer_module, "_write_chunk", renamed_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, tmp_path, job_id="job_x", chunk_size=30)
+    assert read_job(tmp_path, "job_x")["status"] == "failed"
+
+
+@pytest.mark.parametrize("job", ["new", "packed again"])
+def test_a_pack_stopped_once_its_job_json_is_in_place_keeps_the_job_it_published(
+    packed: PackedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job: str
+) -> None:
+    """Stopped while the folder synced after the final rename: the undo removed a new
+    job's chunks under its completed job.json, or marked a whole new version failed."""
+    src = packed.sources[JOB_UNIFORM]
+    if job == "packed again":
+        pack(src, tmp_path, job_id="job_x", chunk_size=7)
+    real = packer_module._sync_folder
+
+    def stopped_once_completed(folder: Path) -> None:
+        real(folder)
+        if folder == tmp_path / "job_x" and read_job(tmp_path, "job_x")["status"] == "completed":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(packer_module, "_sync_folder", stopped_once_completed)
+    with pytest.raises(KeyboardInterrupt):
+        pack(src, tmp_path, job_id="job_x", chunk_size=30)
+    published = read_job(tmp_path, "job_x")
+    assert published["status"] == "completed" and len(published["chunks"]) == 2
+    for entry, path in zip(published["chunks"], chunk_files(tmp_path, "job_x"), strict=True):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
 
 
 def test_a_new_job_whose_pack_stops_leaves_no_chunk_behind(

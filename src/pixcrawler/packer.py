@@ -24,6 +24,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,10 @@ def _publish(
     job's chunks are removed.
     """
     chunks_dir = job_dir / "chunks"
-    written: list[Path] = []
+    written: list[Path] = []  # the chunk files this pack renamed into place
+    # The one being written, and the file there before (its rename may be all that ran).
+    writing: tuple[Path, tuple[int, ...] | None] | None = None
+    job: Job | None = None
     try:
         if existing is not None:
             unpacked = {**existing, "status": "running", "progress": 0, "total_images": 0}
@@ -216,8 +220,10 @@ def _publish(
         entries: list[dict[str, Any]] = []
         for index, group in enumerate(groups):
             path = chunks_dir / f"{index:05d}.zip"
+            writing = (path, _file_identity(path))
             size, digest = _write_chunk(path, job_id, index, group)
             written.append(path)
+            writing = None
             entries.append(
                 {
                     "index": index,
@@ -233,9 +239,30 @@ def _publish(
         # job.json last: a job is listed as completed only once every chunk is in place.
         _write_json_atomic(job_dir / "job.json", job)
     except BaseException:
-        _unwind(job_dir, existing, written)
+        if writing is not None and _file_identity(writing[0]) != writing[1]:
+            written.append(writing[0])  # renamed, then stopped before it was counted
+        if job is None or not _is_published(job_dir / "job.json", job):
+            _unwind(job_dir, existing, written)
+        # (else it stopped while the folder synced: the new job is out, whole)
         raise
     return job
+
+
+def _file_identity(path: Path) -> tuple[int, ...] | None:
+    """What tells a file from the one renamed over it; None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _is_published(path: Path, job: Job) -> bool:
+    """Whether ``path`` holds ``job``, as :func:`_write_json_atomic` writes it."""
+    try:
+        return path.read_bytes() == _json_bytes(job) + b"\n"
+    except OSError:
+        return False
 
 
 def _unwind(job_dir: Path, existing: dict[str, Any] | None, written: list[Path]) -> None:
@@ -259,7 +286,8 @@ def _unchanged_chunks(
 ) -> list[dict[str, Any]] | None:
     """The chunk entries of the completed job already in the store, if its chunks hold
     exactly ``groups`` (each chunk's manifest, which names every image's sha256, is the
-    one this pack would write, and its file is the size listed); else None."""
+    one this pack would write) and each file is the one listed (its size and sha256: a
+    file damaged since is written again, not kept under its old checksum); else None."""
     if existing is None or existing.get("status") != "completed":
         return None
     listed = existing.get("chunks")
@@ -270,17 +298,19 @@ def _unchanged_chunks(
         if not isinstance(entry, dict) or entry.get("index") != index:
             return None
         path = chunks_dir / f"{index:05d}.zip"
+        sha256 = entry.get("sha256")
+        if not isinstance(sha256, str):
+            return None
         try:
             if path.stat().st_size != entry.get("size_bytes"):
                 return None
             with zipfile.ZipFile(path) as archive:
                 manifest = archive.read(_MANIFEST_NAME)
-        except (OSError, zipfile.BadZipFile, KeyError, ValueError):
-            return None
-        if manifest != _manifest(job_id, index, group):
-            return None
-        sha256 = entry.get("sha256")
-        if not isinstance(sha256, str):
+            if manifest != _manifest(job_id, index, group):
+                return None
+            if _file_digest(path) != (entry["size_bytes"], sha256.lower()):
+                return None
+        except (OSError, zipfile.BadZipFile, zlib.error, KeyError, ValueError):
             return None
         entries.append(
             {
