@@ -2026,6 +2026,33 @@ def test_a_pack_that_stops_says_nothing_is_published_and_to_run_it_again(
     assert "nothing half-written is published" in line and "run the same command again" in line
 
 
+@pytest.mark.parametrize("counts", ["listed", "not listed"])
+def test_a_zip_download_refuses_a_chunk_without_a_sha256_that_is_no_chunk(
+    cli: Cli, store: Path, tmp_path: Path, server_factory: Callable[..., str], counts: str
+) -> None:
+    """A CDN's login page (a captive portal) for a chunk no sha256 vouches for was kept as
+    chunks/00000.zip, exit 0, and for good: it is bad data, and nothing is kept of it."""
+    page = b"<html><body>Please sign in to the hotel Wi-Fi</body></html>"
+
+    def portal(job: dict[str, Any]) -> None:
+        job["chunks"][0].update(sha256=None, size_bytes=None)
+        if counts == "not listed":
+            drop_counts(job)
+
+    url = server_factory(edited_copy(store, tmp_path / "portal", JOB_UNIFORM, portal))
+    good = (tmp_path / "portal" / JOB_UNIFORM / "chunks" / "00000.zip").read_bytes()
+    (tmp_path / "portal" / JOB_UNIFORM / "chunks" / "00000.zip").write_bytes(page)
+    args = ["download", JOB_UNIFORM, "--format", "zip", "-o", "out", "--no-progress"]
+    result = cli.run(*args, *api(url, TEST_KEY))
+    assert result.returncode == 8, result
+    assert "chunk 0" in result.stderr.lower(), result
+    assert not (cli.cwd / "out" / JOB_UNIFORM / "chunks" / "00000.zip").exists()
+    (tmp_path / "portal" / JOB_UNIFORM / "chunks" / "00000.zip").write_bytes(good)
+    result = cli.run(*args, *api(url, TEST_KEY))
+    assert result.returncode == 0, result
+    assert (cli.cwd / "out" / JOB_UNIFORM / "chunks" / "00000.zip").read_bytes() == good
+
+
 def test_pack_refuses_a_chunk_size_no_reader_would_take(cli: Cli, tmp_path: Path) -> None:
     """A reader takes at most MAX_MEMBERS members in a chunk, its manifest among them."""
     src = make_image_folder(tmp_path / "crawl", {"cat": 2})

@@ -239,12 +239,7 @@ class _MemorySink:
                 raise _IntegrityError("the server sent more bytes than the chunk's listed size")
             self.view[pos : pos + len(data)] = data
         elif pos + len(data) > config.MAX_CHUNK_BYTES:
-            raise DownloadError(
-                f"Chunk {self.chunk_id} is larger than the {config.MAX_CHUNK_BYTES:,} bytes a "
-                "chunk may hold (pixcrawler.config.MAX_CHUNK_BYTES); the job lists no size "
-                "for it",
-                chunk_id=self.chunk_id,
-            )
+            raise _too_large(self.chunk_id)
         else:
             self.buffer[pos:] = data
 
@@ -253,13 +248,26 @@ class _MemorySink:
             del self.buffer[:]
 
 
+def _too_large(chunk_id: int) -> DownloadError:
+    return DownloadError(
+        f"Chunk {chunk_id} is larger than the {config.MAX_CHUNK_BYTES:,} bytes a chunk may "
+        "hold (pixcrawler.config.MAX_CHUNK_BYTES); the job lists no size for it",
+        chunk_id=chunk_id,
+    )
+
+
 class _FileSink:
     """Bytes appended to a ``.part`` file, so a later run can resume from its length."""
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, chunk_id: int) -> None:
         self.fh = fh
+        self.chunk_id = chunk_id
 
     def write(self, pos: int, data: bytes) -> None:
+        # (A listed size is enforced as the bytes come; an endless body of a chunk that
+        # lists none filled the disk.)
+        if pos + len(data) > config.MAX_CHUNK_BYTES:
+            raise _too_large(self.chunk_id)
         self.fh.seek(pos)
         self.fh.write(data)
 
@@ -506,7 +514,8 @@ class ChunkDownloader:
                     if held:
                         self.stats.add(resumed=1)
                     try:
-                        digest = self._receive(chunk, _FileSink(fh), cancel, held, hasher)
+                        sink = _FileSink(fh, chunk.index)
+                        digest = self._receive(chunk, sink, cancel, held, hasher)
                         self._verify(chunk, digest, attempt)
                     except _IntegrityError as exc:
                         fh.truncate(0)

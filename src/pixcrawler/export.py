@@ -373,9 +373,29 @@ class _ZipWriter(Writer):
 
     def process(self, chunk: Chunk, path: Path, advance: Callable[[int], None]) -> None:
         if chunk.sha256 is None:
+            count = self._checked_count(chunk, path)
             self.written.add(chunk.index)
             self._record()
-        advance(self._count(chunk, path))
+        else:
+            count = self._count(chunk, path)
+        advance(count)
+
+    def _checked_count(self, chunk: Chunk, path: Path) -> int:
+        """The images of a chunk no sha256 vouches for, once its bytes are found to be a
+        chunk archive holding the images the job lists for it (a captive portal's login
+        page was kept as ``00000.zip``, exit 0, and for good); else it is removed, and
+        the error is bad data."""
+        try:
+            archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
+            if chunk.image_count is not None and len(archive.samples) != chunk.image_count:
+                raise count_mismatch(self.job.id, chunk.index, chunk.image_count, archive)
+        except DecompressionError:
+            _unlink_if_there(path)
+            raise
+        count = len(archive.samples)
+        if not self.counted:
+            self.counts[chunk.index] = count
+        return count
 
     def _count(self, chunk: Chunk, path: Path) -> int:
         """The chunk's images: as the job lists them, or from the manifest of ``path``."""
