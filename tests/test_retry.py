@@ -36,12 +36,17 @@ def test_a_numpy_int_is_a_number_of_retries() -> None:
     assert policy.retries == 3 and type(policy.retries) is int
 
 
-def test_retry_after_wins_over_the_backoff() -> None:
-    policy = RetryPolicy(backoff_base=100.0, backoff_max=100.0)
+def test_retry_after_is_the_least_wait_and_the_backoff_still_applies() -> None:
+    policy = RetryPolicy(backoff_base=0.5, backoff_max=30.0)
     delays = [policy.delay(1, retry_after=2.5) for _ in range(200)]
     assert all(2.5 <= d <= 2.75 for d in delays)  # what was asked, and up to a tenth more
     assert len(set(delays)) > 100  # jittered: clients told the same come back apart
-    assert policy.delay(3, retry_after=0.0) == 0.0
+    # "Retry-After: 0" (a rate limiter rounding its wait down) is no reason to hammer it:
+    # every retry went at once, four requests in 3 ms, and the chunk failed.
+    waits = [policy.delay(3, retry_after=0.0) for _ in range(200)]
+    assert all(0.0 <= d <= 2.0 for d in waits) and sum(waits) / len(waits) > 0.5
+    slow = RetryPolicy(backoff_base=100.0, backoff_max=100.0)
+    assert all(2.5 <= slow.delay(1, retry_after=2.5) <= 100.0 for _ in range(50))
     capped = RetryPolicy(max_retry_after=60.0)  # the jitter never sleeps past the cap
     assert all(60.0 <= capped.delay(1, retry_after=60.0) <= 60.0 for _ in range(50))
     assert all(59.0 <= capped.delay(1, retry_after=59.0) <= 60.0 for _ in range(50))

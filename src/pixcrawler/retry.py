@@ -4,7 +4,8 @@
 waits ``uniform(0, min(backoff_max, backoff_base * 2**(n-1)))`` -- exponential backoff with
 full jitter, so many clients hitting one rate-limited API spread out instead of hammering
 it in lockstep. A server's ``Retry-After`` is honoured up to ``max_retry_after``, with up
-to a tenth more as jitter (never past ``max_retry_after``); a longer one is not slept but
+to a tenth more as jitter (never past ``max_retry_after``), and never waits less than the
+backoff would (``Retry-After: 0`` is no reason to retry at once); a longer one is not slept but
 raised to the caller, saying when to retry. One that is neither seconds nor an HTTP date
 ("-5", "nan") is ignored.
 """
@@ -51,16 +52,19 @@ class RetryPolicy:
 
     def delay(self, failures: int, retry_after: float | None = None) -> float:
         """Seconds to wait before the next attempt, after ``failures`` failed ones."""
-        if retry_after is not None:
-            # At least what the server asked, and up to a tenth more: clients all told
-            # "Retry-After: 1" at once would otherwise all come back at once.
-            asked = max(0.0, retry_after)
-            jittered = asked * random.uniform(1.0, 1.0 + _RETRY_AFTER_JITTER)
-            return max(asked, min(jittered, self.max_retry_after))  # (never past the cap)
         # (The exponent stops growing long past backoff_max: 2.0**1024 would overflow.)
         doubling = 2.0 ** min(max(0, failures - 1), _MAX_DOUBLINGS)
         ceiling = min(self.backoff_max, self.backoff_base * doubling)
-        return random.uniform(0.0, ceiling)
+        backoff = random.uniform(0.0, ceiling)
+        if retry_after is None:
+            return backoff
+        # At least what the server asked, and up to a tenth more: clients all told
+        # "Retry-After: 1" at once would otherwise all come back at once. Never less than
+        # the backoff: a rate limiter rounding its wait down says "Retry-After: 0", and
+        # every retry went at once (four requests in 3 ms, then the chunk failed).
+        asked = max(0.0, retry_after)
+        jittered = asked * random.uniform(1.0, 1.0 + _RETRY_AFTER_JITTER)
+        return max(asked, min(jittered, self.max_retry_after), backoff)  # (the cap: jitter's)
 
     def announce(self, what: str, cause: str, failures: int, delay: float) -> None:
         """Log a retry as it starts (WARNING): what failed, why, which retry, and when."""
