@@ -1240,20 +1240,34 @@ def _cancel_each(futures: list[Future[Any]]) -> None:
         future.cancel()
 
 
+_END_PROBE_SECONDS = 0.25  # how long _more_to_come waits for a chunked body's end
+
+
 def _more_to_come(response: urllib3.BaseHTTPResponse) -> bool:
     """Whether a chunked body goes on past the bytes due: one more byte is asked for, which
     also reads the body's end marker, so the connection can be reused. (_check_length
     refused an announced length longer than due; a body that ends when its connection
     closes has no end to wait for, and is not asked.) The bytes due are all in and are
-    checked: a failure to read past them is not the chunk's."""
+    checked: a failure to read past them is not the chunk's. The look waits
+    ``_END_PROBE_SECONDS``, not the read timeout: an end marker sent late held every chunk
+    for the whole timeout (300 s by default) with all its bytes in; past the wait the
+    connection is closed instead of reused."""
     if response.length_remaining is not None or not getattr(response, "chunked", False):
         return False
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    timeout = sock.gettimeout() if sock is not None else None
     try:
-        return bool(response.read1(1))
+        if sock is not None:
+            sock.settimeout(_END_PROBE_SECONDS)
+        more = bool(response.read1(1))
     except (Urllib3Error, OSError) as exc:
         traceback.clear_frames(exc.__traceback__)  # (a cycle in urllib3: see _stream)
         response.close()  # not back to the pool half read
         return False
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)  # for the next request on this connection
+    return more
 
 
 def _first_failure(futures: list[Future[Any]]) -> BaseException | None:
