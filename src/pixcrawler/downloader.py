@@ -421,6 +421,10 @@ class ChunkDownloader:
         # A chunk's strong ETag, as its server last gave it: sent as If-Range with every
         # resume, so bytes of a file replaced meanwhile are never stitched to the old ones.
         self._etags: dict[int, str] = {}
+        # And what else tells its versions apart where no strong ETag does (a weak one, as
+        # a host compressing on the fly gives; Last-Modified): compared, not sent, on every
+        # ranged answer of a chunk no sha256 checks.
+        self._versions: dict[int, str] = {}
         self._lock = threading.Lock()
         self._chunks = {c.index: c for c in chunks}
         # Per transfer: its response, or its connection while it waits for the headers.
@@ -473,6 +477,7 @@ class ChunkDownloader:
                 sink = _MemorySink(chunk, self._buffers)
                 try:
                     self._etags.pop(index, None)  # no bytes held: any version will do
+                    self._versions.pop(index, None)
                     digest = self._receive(chunk, sink, cancel, ranges=ranges)
                     self._verify(chunk, digest, attempt)
                 except _IntegrityError as exc:
@@ -914,6 +919,20 @@ class ChunkDownloader:
                 etag = response.headers.get("ETag")
                 strong = etag if etag and not etag.startswith("W/") else None
                 previous = self._etags.get(index)  # the version of the bytes held, if known
+                version = _version_of(response)
+                if status == 206 and strong is None and version is not None:
+                    known = self._versions.setdefault(index, version)
+                    if known != version and chunk.sha256 is None:
+                        # Spliced, it would pass every check: the size is the same, and
+                        # no sha256 is listed (weak ETags are not sent as If-Range).
+                        if part:
+                            raise _RangeIgnored()
+                        raise _Changed(f"the file changed on its host at byte {pos}")
+                elif status == 200:
+                    if version is None:
+                        self._versions.pop(index, None)
+                    else:
+                        self._versions[index] = version
                 if status == 206 and strong is not None:
                     known = self._etags.setdefault(index, strong)  # (parts race to set it)
                     self._etags[index] = strong
@@ -1238,6 +1257,16 @@ class ChunkDownloader:
 def _cancel_each(futures: list[Future[Any]]) -> None:
     for future in futures:
         future.cancel()
+
+
+def _version_of(response: urllib3.BaseHTTPResponse) -> str | None:
+    """What names the version of an answer's file where no strong ETag does: a weak ETag,
+    else Last-Modified; None if neither."""
+    etag = response.headers.get("ETag")
+    if etag:
+        return None if not etag.startswith("W/") else etag
+    modified = response.headers.get("Last-Modified")
+    return f"modified {modified}" if modified else None
 
 
 _END_PROBE_SECONDS = 0.25  # how long _more_to_come waits for a chunked body's end
