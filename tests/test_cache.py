@@ -543,6 +543,22 @@ def test_a_failed_write_leaves_no_file_and_still_serves_the_chunk(
     assert len(said) == 1 and "chunk 0: not cached on disk" in said[0].getMessage(), said
 
 
+def test_a_cache_dir_that_cannot_hold_files_is_said_once_not_twice_per_chunk(
+    remote: Remote, tmp_path: Path, caplog: Any
+) -> None:
+    """A file where the folder should be: each load warned twice (two opens) and once
+    more (the write), for every chunk, for the whole run. The data is right all the same."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    chunks = remote.store(blocker, memory_budget=0)
+    for index in (0, 1, 2, 0):
+        assert bytes(chunks.get(index)) == remote.bytes_of(index)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2, said
+    assert "cannot open cached file" in said[0] and "not cached on disk" in said[1], said
+    assert chunks.stats.write_failures == 4
+
+
 def test_a_write_that_reads_back_other_bytes_is_never_renamed_into_place(
     remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -301,7 +301,7 @@ class ChunkStore:
         self._condemned: set[tuple[Path, tuple[int, ...]]] = set()
         self._swept = False
         self._closed = threading.Event()
-        self._write_errors: set[int | None] = set()  # the errnos a cache write failed with
+        self._failures: set[tuple[str, int | None]] = set()  # (what, errno) said so far
 
     # -- public ------------------------------------------------------------------------
 
@@ -410,6 +410,14 @@ class ChunkStore:
 
     # -- memory ------------------------------------------------------------------------
 
+    def _first_failure(self, what: str, exc: OSError) -> bool:
+        """Whether ``what`` ("open", "write") has not failed with ``exc``'s errno before in
+        this store: only the first is warned of, the same failure chunk after chunk not."""
+        with self._lock:
+            first = (what, exc.errno) not in self._failures
+            self._failures.add((what, exc.errno))
+        return first
+
     def _count(self, name: str) -> None:
         with self._lock:
             setattr(self.stats, name, getattr(self.stats, name) + 1)
@@ -500,7 +508,16 @@ class ChunkStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("chunk %d: cannot open cached file %s (%s)", index, path, exc)
+            if self._first_failure("open", exc):  # (an unusable cache_dir: every chunk)
+                log.warning(
+                    "chunk %d: cannot open cached file %s (%s); later chunks failing so are "
+                    "not each reported",
+                    index,
+                    path,
+                    exc,
+                )
+            else:
+                log.debug("chunk %d: cannot open cached file %s (%s)", index, path, exc)
             return None
         try:
             st = os.fstat(fd)
@@ -590,11 +607,8 @@ class ChunkStore:
             # (Without a sha256 from the API, the one read back: what recheck() compares.)
             _write_stamp(path, st, chunk.sha256.lower() if chunk.sha256 else digest)
         except OSError as exc:
-            with self._lock:
-                self.stats.write_failures += 1
-                first = exc.errno not in self._write_errors  # (a full disk: every chunk)
-                self._write_errors.add(exc.errno)
-            if first:
+            self._count("write_failures")
+            if self._first_failure("write", exc):  # (a full disk: every chunk)
                 log.warning(
                     "chunk %d: not cached on disk (%s); keeping it in memory only (later "
                     "chunks failing so are not each reported)",
