@@ -1015,18 +1015,30 @@ def test_a_full_disk_or_too_large_a_file_is_reported_with_where_and_what_to_do(
 
 
 @pytest.mark.parametrize("there", ["file", "broken-link"])
+@pytest.mark.parametrize("where", ["the job's folder", "-o", "above -o"])
 def test_a_file_where_the_download_folder_goes_is_a_usage_error(
-    cli: Cli, live_server: LiveServer, there: str
+    cli: Cli, live_server: LiveServer, there: str, where: str
 ) -> None:
-    (cli.cwd / "out").mkdir()
-    target = cli.cwd / "out" / JOB_UNIFORM
+    """Above the job's folder it was exit 1, "unexpected": "[Errno 20] Not a directory" or
+    "[Errno 17] File exists" from the mkdir."""
+    output = {"the job's folder": "out", "-o": "out", "above -o": "out/sub"}[where]
+    target = cli.cwd / "out" / JOB_UNIFORM if where == "the job's folder" else cli.cwd / "out"
+    target.parent.mkdir(exist_ok=True)
     if there == "file":
         target.write_text("mine")
     else:
         target.symlink_to(cli.cwd / "nowhere")
-    result = cli.run("download", JOB_UNIFORM, "-o", "out", *api(live_server))
+    result = cli.run("download", JOB_UNIFORM, "-o", output, *api(live_server))
     assert result.returncode == 2, result
-    assert "is a file, where the download's folder goes" in result.stderr
+    said = "is a file" if there == "file" else "is a broken symbolic link"
+    above = " above it" if where != "the job's folder" and there == "file" else ""
+    shown_as = target.relative_to(cli.cwd)  # (as -o gave it)
+    if where == "-o" and there == "file":  # click's own check of -o
+        assert "Directory 'out' is a file" in result.stderr, result
+    else:
+        assert f"Error: {shown_as} {said}, where the download's folder{above} goes" in (
+            result.stderr
+        )
     assert target.is_symlink() if there == "broken-link" else target.read_text() == "mine"
 
 

@@ -561,8 +561,7 @@ def download(
         except ValueError as exc:  # the key given as the job id
             raise CliError(str(exc), EXIT_USAGE) from None
         root = output_dir / job_id
-        if (root.exists() or root.is_symlink()) and not root.is_dir():  # (or a broken link)
-            raise CliError(f"{root} is a file, where the download's folder goes", EXIT_USAGE)
+        _check_folder_path(root)
         try:
             # Refused (mixed sizes for numpy) before the folder or its lock is created.
             writer = export.make_writer(fmt, dataset, root, image_size, on_error)
@@ -615,6 +614,22 @@ def download(
             f"{left_out}; "
             f"received {human_size(stats.bytes_received)}."
         )
+
+
+def _check_folder_path(root: Path) -> None:
+    """A usage error (exit 2), not an OSError (exit 1, "unexpected"), where the download's
+    folder cannot be: it, or a folder above it, is a file or a broken symbolic link."""
+    for path in (root, *root.parents):
+        if path.is_dir():
+            return  # (following links: one to a folder is a folder)
+        if path.is_symlink():
+            raise CliError(
+                f"{path} is a broken symbolic link, where the download's folder goes",
+                EXIT_USAGE,
+            )
+        if path.exists():
+            what = "" if path == root else " above it"
+            raise CliError(f"{path} is a file, where the download's folder{what} goes", EXIT_USAGE)
 
 
 # -- list and info ---------------------------------------------------------------------------
