@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -619,6 +620,65 @@ def test_numpy_of_a_job_listing_no_labels_is_refused_before_anything_is_written(
         "download", JOB_UNIFORM, "-o", "out", "--format", "images", *api(url, live_server.api_key)
     )
     assert result.returncode == 0, result
+
+
+def _unlabelled_copy(store: Path, dest: Path) -> Path:
+    """job_uniform as another producer may pack it: its images at the top of each chunk,
+    their manifest entries without a label, the job listing none; chunk 0's first image
+    named ``metadata.jsonl``."""
+    shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
+    job_path = dest / JOB_UNIFORM / "job.json"
+    job = json.loads(job_path.read_text())
+    del job["labels"]
+    for chunk in job["chunks"]:
+        path = dest / JOB_UNIFORM / "chunks" / f"{chunk['index']:05d}.zip"
+        with zipfile.ZipFile(path) as source:
+            manifest = json.loads(source.read("manifest.json"))
+            members = {name: source.read(name) for name in source.namelist()}
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as target:
+            renamed = []
+            for at, entry in enumerate(manifest["images"]):
+                data = members[entry["path"]]
+                del entry["label"]
+                top = entry["path"].replace("/", "_")
+                entry["path"] = "metadata.jsonl" if (chunk["index"], at) == (0, 0) else top
+                renamed.append((entry["path"], data))
+            target.writestr("manifest.json", json.dumps(manifest))
+            for name, data in renamed:
+                target.writestr(name, data)
+        path.write_bytes(buffer.getvalue())
+        chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+        chunk["size_bytes"] = len(buffer.getvalue())
+    job_path.write_text(json.dumps(job))
+    return dest
+
+
+def test_images_of_no_label_download_as_images_at_the_top(
+    cli: Cli, live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """numpy says to use --format images for a job without labels; for images that have
+    none it failed (exit 8, "names the unsafe path or label ''"). They lie at the top, by
+    their file names, one named as the export's own file renamed."""
+    url = server_factory(_unlabelled_copy(live_server.store, tmp_path))
+    with load_dataset(JOB_UNIFORM, live_server.api_key, url) as dataset:
+        assert {label for _, label in dataset} == {""}
+    args = ["download", JOB_UNIFORM, "-o", "out", "--format", "images", "--no-progress"]
+    result = cli.run(*args, *api(url, live_server.api_key))
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / JOB_UNIFORM
+    lines = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == UNIFORM_TOTAL and {line["label"] for line in lines} == {""}
+    assert all("/" not in line["file"] for line in lines)
+    assert lines[0]["file"] == "metadata~0-0.jsonl"  # not over the listing
+    store_chunks = tmp_path / JOB_UNIFORM / "chunks"
+    packed = {}
+    for path in sorted(store_chunks.glob("*.zip")):
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read("manifest.json"))
+            packed.update({e["id"]: archive.read(e["path"]) for e in manifest["images"]})
+    for line in lines:
+        assert (root / line["file"]).read_bytes() == packed[line["id"]]
 
 
 # -- resume ------------------------------------------------------------------------------------

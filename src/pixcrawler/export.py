@@ -1160,7 +1160,11 @@ class _ImagesWriter(_StagedWriter):
 
     def _target(self, sample: Sample, position: int) -> str:
         """``<label>/<name>``: the member path when it lies under the label folder, as the
-        packer's do, else its file name; never outside the output folder."""
+        packer's do, else its file name; never outside the output folder. An image with no
+        label (another producer's) lies at the top, by its file name."""
+        if sample.label == "":
+            base = PurePosixPath(_safe_relative(sample.path, sample)).name
+            return self._placed(sample, position, "", base)
         label = _safe_relative(sample.label, sample)
         if _fold(label.split("/")[0]) in self.reserved:
             raise DecompressionError(
@@ -1176,7 +1180,12 @@ class _ImagesWriter(_StagedWriter):
             name = PurePosixPath(_safe_relative(sample.path, sample)).name
         folder, _, base = f"{label}/{name}".rpartition("/")
         folder = "/".join(_fitted(part) for part in folder.split("/"))
-        rel = f"{folder}/{base}"
+        return self._placed(sample, position, folder, base)
+
+    def _placed(self, sample: Sample, position: int, folder: str, base: str) -> str:
+        """``folder/base`` ("" for the top), claimed, under a name no other file of the job
+        has and that the file system takes."""
+        rel = f"{folder}/{base}" if folder else base
         if self.path_max is None:
             self.path_max = _path_max(self.root)
         if (length := len(os.fsencode(self.root / rel))) > self.path_max:
@@ -1184,8 +1193,8 @@ class _ImagesWriter(_StagedWriter):
             # whole path of 4 KB in the message, on every rerun).
             raise DecompressionError(
                 f"chunk {sample.chunk_id}: image {shown(sample.id)} would be written at a "
-                f"path of {length:,} bytes under its label {shown(label)}, longer than this "
-                f"file system allows ({self.path_max:,})",
+                f"path of {length:,} bytes under its label {shown(sample.label)}, longer "
+                f"than this file system allows ({self.path_max:,})",
                 chunk_id=sample.chunk_id,
                 sample_id=sample.id,
             )
@@ -1204,10 +1213,16 @@ class _ImagesWriter(_StagedWriter):
         # Two paths, one file name (or one but for case); a file named as a folder of
         # another image's; or a name too long for a file system (another producer's: the
         # packer packs only files that had their names).
-        if self._taken(rel) or len(base.encode()) > config.MAX_NAME_BYTES:
+        # An image at the top named as the export's own files (metadata.jsonl) too.
+        if (
+            self._taken(rel)
+            or len(base.encode()) > config.MAX_NAME_BYTES
+            or (not folder and _fold(base) in self.reserved)
+        ):
             for n in itertools.count():
                 tag = f"~{sample.chunk_id}-{position}" + (f"-{n}" if n else "")
-                rel = f"{folder}/{_tagged(base, tag)}"
+                name = _tagged(base, tag)
+                rel = f"{folder}/{name}" if folder else name
                 if not self._taken(rel):  # a file of the job may bear it too
                     break
         self._claim(rel)
