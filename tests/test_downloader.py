@@ -1650,6 +1650,14 @@ def test_a_chunk_listed_without_a_size_stops_at_the_most_a_chunk_may_hold(
         assert downloader.fetch_to_file(1, tmp_path / "00001.zip").read_bytes() == expected
     finally:
         downloader.close()
+    # A chunk that lists its size is held to that size, however large, on disk.
+    monkeypatch.setattr(config, "MAX_CHUNK_BYTES", 1)
+    sized = dataset.downloader().chunk(1)
+    downloader = ChunkDownloader(ApiClient(live_server.api_key, live_server.base_url), [sized])
+    try:
+        assert downloader.fetch_to_file(1, tmp_path / "sized.zip").read_bytes() == expected
+    finally:
+        downloader.close()
 
 
 def test_a_chunk_the_job_does_not_list_is_a_typed_error(live_server: LiveServer) -> None:
@@ -1681,9 +1689,10 @@ class _ReplacedFileHost:
                 outer.requests.append(dict(self.headers.items()))
                 data = outer.current
                 etag = f'"{hashlib.sha256(data).hexdigest()}"'
+                # ("replicas": one file, its Last-Modified by the replica that answers)
+                changed = len(outer.requests) % 2 if validator == "replicas" else data == second
                 version = {"strong": ("ETag", etag), "weak": ("ETag", f"W/{etag}")}.get(
-                    validator,
-                    ("Last-Modified", f"Sun, 06 Dec 2026 0{int(data == second)}:00:00 GMT"),
+                    validator, ("Last-Modified", f"Sun, 06 Dec 2026 0{int(changed)}:00:00 GMT")
                 )
                 asked = self.headers.get("Range")
                 if asked is None or self.headers.get("If-Range", etag) != etag:
@@ -1717,13 +1726,14 @@ class _ReplacedFileHost:
         self._server.server_close()
 
 
-def _fetch_unverified(host: _ReplacedFileHost, size: int | None) -> bytearray:
+def _fetch_unverified(host: _ReplacedFileHost, size: int | None, retries: int = 2) -> bytearray:
     """Chunk 0 from ``host``, listed without a sha256 (other producers may omit it)."""
     from pixcrawler.client import ApiClient
     from pixcrawler.downloader import ChunkDownloader
     from pixcrawler.retry import RetryPolicy
 
-    client = ApiClient("key", host.url, timeout=5, retry=RetryPolicy(retries=2, backoff_base=0.01))
+    policy = RetryPolicy(retries=retries, backoff_base=0.01)
+    client = ApiClient("key", host.url, timeout=5, retry=policy)
     try:
         chunks = [Chunk(index=0, url=host.url + "/c/0", size_bytes=size)]
         downloader = ChunkDownloader(client, chunks, max_workers=1, prefetch=1)
@@ -1748,6 +1758,18 @@ def test_a_resume_never_stitches_two_versions_of_a_file(validator: str) -> None:
             assert host.requests[1]["If-Range"] == f'"{hashlib.sha256(first).hexdigest()}"'
         else:
             assert "If-Range" not in host.requests[1]
+    finally:
+        host.close()
+
+
+def test_replicas_naming_one_file_differently_cost_a_restart_not_a_failure() -> None:
+    """Last-Modified differs by replica: the resume after the cut starts over at once, and
+    with one retry allowed the chunk still comes (counted as a failure, it failed)."""
+    data = os.urandom(10_000)
+    host = _ReplacedFileHost(data, data, validator="replicas")
+    try:
+        assert bytes(_fetch_unverified(host, size=10_000, retries=1)) == data
+        assert [("Range" in r) for r in host.requests] == [False, True, False]
     finally:
         host.close()
 

@@ -259,14 +259,15 @@ def _too_large(chunk_id: int) -> DownloadError:
 class _FileSink:
     """Bytes appended to a ``.part`` file, so a later run can resume from its length."""
 
-    def __init__(self, fh: Any, chunk_id: int) -> None:
+    def __init__(self, fh: Any, chunk: Chunk) -> None:
         self.fh = fh
-        self.chunk_id = chunk_id
+        self.chunk_id = chunk.index
+        self.sized = chunk.size_bytes is not None
 
     def write(self, pos: int, data: bytes) -> None:
-        # (A listed size is enforced as the bytes come; an endless body of a chunk that
-        # lists none filled the disk.)
-        if pos + len(data) > config.MAX_CHUNK_BYTES:
+        # (A listed size is enforced as the bytes come, whatever it is; an endless body of
+        # a chunk that lists none filled the disk.)
+        if not self.sized and pos + len(data) > config.MAX_CHUNK_BYTES:
             raise _too_large(self.chunk_id)
         self.fh.seek(pos)
         self.fh.write(data)
@@ -283,6 +284,12 @@ class _Changed(Exception):
 
 class _IntegrityError(Exception):
     """The bytes are wrong (size or digest): start the chunk again from byte 0."""
+
+
+class _Restart(Exception):
+    """A resume answered from another version of the file, as told by what is sent as no
+    If-Range (a weak ETag, Last-Modified): from byte 0 at once, as the 200 a stale If-Range
+    gets would be, and not as a failure (a CDN's replicas may name one file differently)."""
 
 
 class _RangeIgnored(Exception):
@@ -519,7 +526,7 @@ class ChunkDownloader:
                     if held:
                         self.stats.add(resumed=1)
                     try:
-                        sink = _FileSink(fh, chunk.index)
+                        sink = _FileSink(fh, chunk)
                         digest = self._receive(chunk, sink, cancel, held, hasher)
                         self._verify(chunk, digest, attempt)
                     except _IntegrityError as exc:
@@ -894,6 +901,7 @@ class ChunkDownloader:
                 return hasher
             chunk = self.chunk(index)
             headers = {}
+            restart = False
             ranged = pos > 0 or part
             if ranged:
                 last = "" if end is None else str(end - 1)
@@ -927,7 +935,7 @@ class ChunkDownloader:
                         # no sha256 is listed (weak ETags are not sent as If-Range).
                         if part:
                             raise _RangeIgnored()
-                        raise _Changed(f"the file changed on its host at byte {pos}")
+                        raise _Restart()
                 elif status == 200:
                     if version is None:
                         self._versions.pop(index, None)
@@ -1058,6 +1066,13 @@ class ChunkDownloader:
                         status_code=status,
                         retry_after=retry_after,
                     )
+            except _Restart:
+                pos = start = 0
+                end = listed_end
+                sink.restart()
+                hasher = _reset(hasher)
+                self._versions.pop(index, None)  # the whole body's will be the one
+                restart = True
             except (_Changed, _ShortRange) as exc:
                 # From byte 0 again, after a backoff, as a failure.
                 pos = start = 0
@@ -1104,6 +1119,8 @@ class ChunkDownloader:
                     if not complete:
                         response.close()  # unread bytes must not go back to the pool
                     response.release_conn()
+            if restart:
+                continue
             self.stats.add(retries=1)
             delay = policy.delay(failures, retry_after)
             progress.failed(why, delay)
