@@ -622,14 +622,16 @@ def test_numpy_of_a_job_listing_no_labels_is_refused_before_anything_is_written(
     assert result.returncode == 0, result
 
 
-def _unlabelled_copy(store: Path, dest: Path) -> Path:
+def _unlabelled_copy(store: Path, dest: Path, *, only_first_as: str | None = None) -> Path:
     """job_uniform as another producer may pack it: its images at the top of each chunk,
     their manifest entries without a label, the job listing none; chunk 0's first image
-    named ``metadata.jsonl``."""
+    named ``metadata.jsonl``, its second as a temp file of the export. With
+    ``only_first_as``, only chunk 0's first image, so named, and the labels stay."""
     shutil.copytree(store / JOB_UNIFORM, dest / JOB_UNIFORM)
     job_path = dest / JOB_UNIFORM / "job.json"
     job = json.loads(job_path.read_text())
-    del job["labels"]
+    if only_first_as is None:
+        del job["labels"]
     for chunk in job["chunks"]:
         path = dest / JOB_UNIFORM / "chunks" / f"{chunk['index']:05d}.zip"
         with zipfile.ZipFile(path) as source:
@@ -640,9 +642,17 @@ def _unlabelled_copy(store: Path, dest: Path) -> Path:
             renamed = []
             for at, entry in enumerate(manifest["images"]):
                 data = members[entry["path"]]
+                if only_first_as is not None:
+                    if (chunk["index"], at) == (0, 0):
+                        del entry["label"]
+                        entry["path"] = only_first_as
+                    renamed.append((entry["path"], data))
+                    continue
                 del entry["label"]
                 top = entry["path"].replace("/", "_")
-                entry["path"] = "metadata.jsonl" if (chunk["index"], at) == (0, 0) else top
+                entry["path"] = {(0, 0): "metadata.jsonl", (0, 1): ".labels.json.1-2.tmp"}.get(
+                    (chunk["index"], at), top
+                )
                 renamed.append((entry["path"], data))
             target.writestr("manifest.json", json.dumps(manifest))
             for name, data in renamed:
@@ -671,6 +681,9 @@ def test_images_of_no_label_download_as_images_at_the_top(
     assert len(lines) == UNIFORM_TOTAL and {line["label"] for line in lines} == {""}
     assert all("/" not in line["file"] for line in lines)
     assert lines[0]["file"] == "metadata~0-0.jsonl"  # not over the listing
+    assert lines[1]["file"] == ".labels.json.1-2~0-1.tmp"  # not swept away by a rerun
+    assert cli.run(*args, *api(url, live_server.api_key)).returncode == 0
+    assert all((root / line["file"]).exists() for line in lines)
     store_chunks = tmp_path / JOB_UNIFORM / "chunks"
     packed = {}
     for path in sorted(store_chunks.glob("*.zip")):
@@ -679,6 +692,23 @@ def test_images_of_no_label_download_as_images_at_the_top(
             packed.update({e["id"]: archive.read(e["path"]) for e in manifest["images"]})
     for line in lines:
         assert (root / line["file"]).read_bytes() == packed[line["id"]]
+
+
+def test_an_image_of_no_label_named_as_a_label_does_not_take_its_folder(
+    cli: Cli, live_server: LiveServer, server_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """Placed first, it took the label's folder name, and the label's images failed (exit
+    8, "where another image of the job is a file of that name"); placed after, it was
+    renamed: now it is renamed whichever comes first."""
+    label = UNIFORM_LABELS[0]
+    url = server_factory(_unlabelled_copy(live_server.store, tmp_path, only_first_as=label))
+    args = ["download", JOB_UNIFORM, "-o", "out", "--format", "images", "--no-progress"]
+    result = cli.run(*args, *api(url, live_server.api_key))
+    assert result.returncode == 0, result
+    root = cli.cwd / "out" / JOB_UNIFORM
+    lines = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    assert (lines[0]["label"], lines[0]["file"]) == ("", f"{label}~0-0")
+    assert (root / label).is_dir() and (root / f"{label}~0-0").is_file()
 
 
 # -- resume ------------------------------------------------------------------------------------

@@ -1043,6 +1043,9 @@ class _ImagesWriter(_StagedWriter):
         self.folders: set[str] = set()  # and the folders they lie in, folded
         self._earlier: set[str] | None = None  # the files a complete earlier export lists
         self.reserved = {_fold(name) for name in RESERVED_NAMES}
+        # The top folders of the labels the job lists: no unlabelled image's file takes
+        # one's name, whichever comes first.
+        self.label_tops = {_fold(label.split("/")[0]) for label in self.job.labels if label}
         self.path_max: int | None = None  # bytes, read once the folder is there
 
     def outputs_present(self) -> bool:
@@ -1213,11 +1216,12 @@ class _ImagesWriter(_StagedWriter):
         # Two paths, one file name (or one but for case); a file named as a folder of
         # another image's; or a name too long for a file system (another producer's: the
         # packer packs only files that had their names).
-        # An image at the top named as the export's own files (metadata.jsonl) too.
+        # An image at the top named as the export's own files (metadata.jsonl, or a temp
+        # file a rerun sweeps away) too.
         if (
             self._taken(rel)
             or len(base.encode()) > config.MAX_NAME_BYTES
-            or (not folder and _fold(base) in self.reserved)
+            or (not folder and self._kept_back(base))
         ):
             for n in itertools.count():
                 tag = f"~{sample.chunk_id}-{position}" + (f"-{n}" if n else "")
@@ -1227,6 +1231,14 @@ class _ImagesWriter(_StagedWriter):
                     break
         self._claim(rel)
         return rel
+
+    def _kept_back(self, name: str) -> bool:
+        """Whether a file at the top may not be named ``name``: the export's own files, a
+        temp file a rerun sweeps away, a listed label's folder."""
+        folded = _fold(name)
+        return (
+            folded in self.reserved or folded in self.label_tops or bool(_TEMP_FILE.fullmatch(name))
+        )
 
     def _taken(self, rel: str) -> bool:
         """Whether ``rel`` is another image's file or folder, or a folder already there (an
