@@ -1104,7 +1104,7 @@ def test_a_full_disk_or_too_large_a_file_is_reported_with_where_and_what_to_do(
     assert str(out / JOB_UNIFORM) in line and said in line
 
 
-@pytest.mark.parametrize("there", ["file", "broken-link"])
+@pytest.mark.parametrize("there", ["file", "broken-link", "link-to-a-file"])
 @pytest.mark.parametrize("where", ["the job's folder", "-o", "above -o"])
 def test_a_file_where_the_download_folder_goes_is_a_usage_error(
     cli: Cli, live_server: LiveServer, there: str, where: str
@@ -1116,20 +1116,27 @@ def test_a_file_where_the_download_folder_goes_is_a_usage_error(
     target.parent.mkdir(exist_ok=True)
     if there == "file":
         target.write_text("mine")
-    else:
+    elif there == "broken-link":
         target.symlink_to(cli.cwd / "nowhere")
+    else:
+        (cli.cwd / "a-file").write_text("mine")
+        target.symlink_to(cli.cwd / "a-file")
     result = cli.run("download", JOB_UNIFORM, "-o", output, *api(live_server))
     assert result.returncode == 2, result
-    said = "is a file" if there == "file" else "is a broken symbolic link"
-    above = " above it" if where != "the job's folder" and there == "file" else ""
+    said = {
+        "file": "is a file",
+        "broken-link": "is a broken symbolic link",
+        "link-to-a-file": "is a symbolic link to a file",
+    }[there]
+    above = "" if where == "the job's folder" else " above it"
     shown_as = target.relative_to(cli.cwd)  # (as -o gave it)
-    if where == "-o" and there == "file":  # click's own check of -o
+    if where == "-o" and there != "broken-link":  # click's own check of -o
         assert "Directory 'out' is a file" in result.stderr, result
     else:
         assert f"Error: {shown_as} {said}, where the download's folder{above} goes" in (
             result.stderr
         )
-    assert target.is_symlink() if there == "broken-link" else target.read_text() == "mine"
+    assert target.is_symlink() if there != "file" else target.read_text() == "mine"
 
 
 def test_zip_rerun_replaces_only_a_corrupt_chunk(cli: Cli, big_job: BigJob) -> None:

@@ -622,14 +622,14 @@ def _check_folder_path(root: Path) -> None:
     for path in (root, *root.parents):
         if path.is_dir():
             return  # (following links: one to a folder is a folder)
-        if path.is_symlink():
-            raise CliError(
-                f"{path} is a broken symbolic link, where the download's folder goes",
-                EXIT_USAGE,
-            )
         if path.exists():
-            what = "" if path == root else " above it"
-            raise CliError(f"{path} is a file, where the download's folder{what} goes", EXIT_USAGE)
+            what = "a symbolic link to a file" if path.is_symlink() else "a file"
+        elif path.is_symlink():
+            what = "a broken symbolic link"
+        else:
+            continue
+        above = "" if path == root else " above it"
+        raise CliError(f"{path} is {what}, where the download's folder{above} goes", EXIT_USAGE)
 
 
 # -- list and info ---------------------------------------------------------------------------
