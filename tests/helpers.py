@@ -219,17 +219,28 @@ def corrupt_copy(
             members[entry["path"]] = b"this is not an image"
             if image_sha256:
                 entry["sha256"] = hashlib.sha256(b"this is not an image").hexdigest()
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as target:
-            target.writestr("manifest.json", json.dumps(manifest))
-            for name, data in members.items():
-                if name != "manifest.json":
-                    target.writestr(name, data)
-        path.write_bytes(buffer.getvalue())
-        chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
-        chunk["size_bytes"] = len(buffer.getvalue())
+        del members["manifest.json"]
+        rewrite_chunk(path, chunk, manifest, members.items())
     job_path.write_text(json.dumps(job))
     return dest
+
+
+def rewrite_chunk(
+    path: Path,
+    chunk: dict[str, Any],
+    manifest: dict[str, Any],
+    members: Iterable[tuple[str, bytes]],
+) -> None:
+    """Write the chunk archive ``path`` anew, ``manifest`` first, then ``members``; its
+    job.json entry ``chunk`` lists the new bytes' sha256 and size."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as target:
+        target.writestr("manifest.json", json.dumps(manifest))
+        for name, data in members:
+            target.writestr(name, data)
+    path.write_bytes(buffer.getvalue())
+    chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    chunk["size_bytes"] = len(buffer.getvalue())
 
 
 def edited_copy(

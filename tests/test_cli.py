@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
@@ -58,6 +57,7 @@ from helpers import (
     corrupt_copy,
     drop_counts,
     edited_copy,
+    rewrite_chunk,
 )
 from imagegen import make_image, make_image_folder, save_image
 from pixcrawler import load_dataset
@@ -637,29 +637,20 @@ def _unlabelled_copy(store: Path, dest: Path, *, only_first_as: str | None = Non
         with zipfile.ZipFile(path) as source:
             manifest = json.loads(source.read("manifest.json"))
             members = {name: source.read(name) for name in source.namelist()}
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as target:
-            renamed = []
-            for at, entry in enumerate(manifest["images"]):
-                data = members[entry["path"]]
-                if only_first_as is not None:
-                    if (chunk["index"], at) == (0, 0):
-                        del entry["label"]
-                        entry["path"] = only_first_as
-                    renamed.append((entry["path"], data))
-                    continue
+        renamed = []
+        for at, entry in enumerate(manifest["images"]):
+            data = members[entry["path"]]
+            where = (chunk["index"], at)
+            if only_first_as is None:
                 del entry["label"]
                 top = entry["path"].replace("/", "_")
-                entry["path"] = {(0, 0): "metadata.jsonl", (0, 1): ".labels.json.1-2.tmp"}.get(
-                    (chunk["index"], at), top
-                )
-                renamed.append((entry["path"], data))
-            target.writestr("manifest.json", json.dumps(manifest))
-            for name, data in renamed:
-                target.writestr(name, data)
-        path.write_bytes(buffer.getvalue())
-        chunk["sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
-        chunk["size_bytes"] = len(buffer.getvalue())
+                named = {(0, 0): "metadata.jsonl", (0, 1): ".labels.json.1-2.tmp"}
+                entry["path"] = named.get(where, top)
+            elif where == (0, 0):
+                del entry["label"]
+                entry["path"] = only_first_as
+            renamed.append((entry["path"], data))
+        rewrite_chunk(path, chunk, manifest, renamed)
     job_path.write_text(json.dumps(job))
     return dest
 
@@ -849,17 +840,21 @@ def test_rerun_after_a_kill_mid_chunk_transfers_only_the_rest(
     check_output(fmt, root, big_job, key)
 
 
-def test_ctrl_c_stops_a_download_started_with_sigint_ignored(cli: Cli, big_job: BigJob) -> None:
+@pytest.mark.parametrize("how", ["SIGINT, started ignored", "SIGTERM"])
+def test_a_signal_stops_a_download_with_one_line(cli: Cli, big_job: BigJob, how: str) -> None:
     """A shell without job control (a script, CI, ``cmd &``) starts commands with SIGINT
-    ignored; Python keeps that, so without care the download would run on."""
+    ignored; Python keeps that, so without care the download would run on. A scheduler's
+    stop (SIGTERM) unwinds as Ctrl-C does (it died of the signal in silence). Either way
+    what was received stays for a rerun, and one line says so."""
     key = next(iter(TEST_KEYS))
     stall = Fault("stall", after_bytes=STALL_AT, seconds=60)
     part = cli.cwd / "out" / BIG_JOB / ".partial" / "00000.zip.part"
     schedule = FaultSchedule.script([stall], match=r"/chunks/")
     with FaultProxy(big_job.base_url, schedule=schedule) as proxy:
         args = ["download", BIG_JOB, "-o", "out", "--max-workers", "1", *api(proxy.base_url, key)]
+        ignoring = ["sh", "-c", 'trap "" INT; exec "$0" "$@"'] if how != "SIGTERM" else []
         process = subprocess.Popen(
-            ["sh", "-c", 'trap "" INT; exec "$0" "$@"', cli.script, *args],
+            [*ignoring, cli.script, *args],
             cwd=cli.cwd,
             env=cli.env(),
             stdin=subprocess.DEVNULL,
@@ -869,34 +864,14 @@ def test_ctrl_c_stops_a_download_started_with_sigint_ignored(cli: Cli, big_job: 
         )
         try:
             wait_for(lambda: size_of(part) > 0, what="chunk 0 to be partly received")
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGINT)
             _, stderr = process.communicate(timeout=45)
         finally:
             process.kill()
             process.wait()
-    assert process.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
-
-
-def test_sigterm_stops_a_download_with_one_line_and_exit_143(cli: Cli, big_job: BigJob) -> None:
-    """A scheduler's stop (SIGTERM) unwinds as Ctrl-C does: what was received stays for a
-    rerun, and the one line says so (it died of the signal in silence)."""
-    key = next(iter(TEST_KEYS))
-    stall = Fault("stall", after_bytes=STALL_AT, seconds=60)
-    part = cli.cwd / "out" / BIG_JOB / ".partial" / "00000.zip.part"
-    schedule = FaultSchedule.script([stall], match=r"/chunks/")
-    with FaultProxy(big_job.base_url, schedule=schedule) as proxy:
-        args = ["download", BIG_JOB, "-o", "out", "--max-workers", "1"]
-        process = cli.start(*args, *api(proxy.base_url, key))
-        try:
-            wait_for(lambda: size_of(part) > 0, what="chunk 0 to be partly received")
-            process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=45)
-        finally:
-            process.kill()
-            process.wait()
-    assert process.returncode == 143, stderr
-    assert stderr.endswith("Error: terminated; run the same command again to resume\n"), stderr
+    code, word = (143, "terminated") if how == "SIGTERM" else (130, "interrupted")
+    assert process.returncode == code, stderr
+    assert stderr.endswith(f"Error: {word}; run the same command again to resume\n"), stderr
     assert "Traceback" not in stderr
     assert size_of(part) > 0  # kept: the rerun goes on from there
 

@@ -586,13 +586,8 @@ def download(
             code, word = _interrupted(exc)
             raise CliError(f"{word}; run the same command again to resume", code) from None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
-                # A write's error names no file: say where, and that a rerun resumes.
-                raise CliError(
-                    f"{exc.strerror} while writing under {root}; make room and run the same "
-                    "command again to resume",
-                    exit_code_for(exc),
-                ) from exc
+            # A write's error names no file: say where, and that a rerun resumes.
+            _unless_out_of_room(exc, f"writing under {root}", " to resume")
             if exc.errno == errno.EFBIG and exc.filename is None:  # FAT32's 4 GiB, a ulimit
                 raise CliError(
                     f"{exc.strerror} while writing under {root}: a file there would be larger "
@@ -614,6 +609,16 @@ def download(
             f"{left_out}; "
             f"received {human_size(stats.bytes_received)}."
         )
+
+
+def _unless_out_of_room(exc: OSError, doing: str, then: str = "") -> None:
+    """The CliError of a full disk or quota (``exc`` naming no file): what was being done,
+    and to make room and run the command again."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
+        raise CliError(
+            f"{exc.strerror} while {doing}: make room and run the same command again{then}",
+            exit_code_for(exc),
+        ) from exc
 
 
 def _check_folder_path(root: Path) -> None:
@@ -885,12 +890,7 @@ def pack(
             f"{word}; nothing half-written is published: run the same command again", code
         ) from None
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:
-            raise CliError(
-                f"{exc.strerror} while packing into {store}; nothing half-written is "
-                "published: make room and run the same command again",
-                exit_code_for(exc),
-            ) from exc
+        _unless_out_of_room(exc, f"packing into {store}; nothing half-written is published")
         raise
     labels = len(result.labels)
     _echo(

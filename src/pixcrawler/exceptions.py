@@ -117,8 +117,8 @@ class DownloadError(PixCrawlerError):
         super().__init__(message, status_code=status_code)
 
 
-class DecompressionError(PixCrawlerError):
-    """A chunk archive or an image in it is malformed, hostile or cannot be decoded."""
+class _ImageError(PixCrawlerError):
+    """An error about an image (or a chunk of them): ``chunk_id`` and ``sample_id``."""
 
     _FIELDS = ("chunk_id", "sample_id")
 
@@ -128,6 +128,10 @@ class DecompressionError(PixCrawlerError):
         self.chunk_id = chunk_id
         self.sample_id = sample_id
         super().__init__(message)
+
+
+class DecompressionError(_ImageError):
+    """A chunk archive or an image in it is malformed, hostile or cannot be decoded."""
 
 
 class NetworkError(PixCrawlerError):
@@ -151,18 +155,9 @@ class MissingDependencyError(PixCrawlerError, ImportError):
     """An optional framework is needed; the message names the extra to install."""
 
 
-class MixedImageSizesError(PixCrawlerError, ValueError):
+class MixedImageSizesError(_ImageError, ValueError):
     """Images of different sizes cannot be stacked into one array without ``image_size``;
     ``chunk_id`` and ``sample_id`` name the first image that differs."""
-
-    _FIELDS = ("chunk_id", "sample_id")
-
-    def __init__(
-        self, message: str, *, chunk_id: int | None = None, sample_id: str | None = None
-    ) -> None:
-        self.chunk_id = chunk_id
-        self.sample_id = sample_id
-        super().__init__(message)
 
 
 __all__ = [
