@@ -1103,14 +1103,17 @@ def test_a_file_where_the_download_folder_goes_is_a_usage_error(
         "broken-link": "is a broken symbolic link",
         "link-to-a-file": "is a symbolic link to a file",
     }[there]
-    above = "" if where == "the job's folder" else " above it"
+    job_folder = Path(output) / JOB_UNIFORM
+    goes = (
+        "the download's folder"
+        if where == "the job's folder"
+        else f"a folder on the way to {job_folder}"
+    )
     shown_as = target.relative_to(cli.cwd)  # (as -o gave it)
     if where == "-o" and there != "broken-link":  # click's own check of -o
         assert "Directory 'out' is a file" in result.stderr, result
     else:
-        assert f"Error: {shown_as} {said}, where the download's folder{above} goes" in (
-            result.stderr
-        )
+        assert f"Error: {shown_as} {said}, where {goes} goes" in result.stderr, result
     assert target.is_symlink() if there != "file" else target.read_text() == "mine"
 
 

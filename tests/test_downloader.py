@@ -1774,6 +1774,33 @@ def test_replicas_naming_one_file_differently_cost_a_restart_not_a_failure() -> 
         host.close()
 
 
+def test_a_host_whose_every_answer_is_another_version_gets_no_endless_free_restarts() -> None:
+    """Every GET answered with a short 206, replicas taking turns with their Last-Modified:
+    each resume of the rest started over for free, 700 requests a second for ever. One
+    restart per failure is free; the next counts, and the retries end it."""
+    body = os.urandom(256 * 1024)
+    served: list[int] = []
+
+    def answer(n: int, handler: Any) -> None:
+        served.append(n)
+        lo = _range_start(handler)
+        hi = min(len(body), lo + 64 * 1024)
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{len(body)}")
+        handler.send_header("Last-Modified", f"Sun, 06 Dec 2026 0{n % 2}:00:00 GMT")
+        handler.send_header("Content-Length", str(hi - lo))
+        handler.end_headers()
+        handler.wfile.write(body[lo:hi])
+
+    expected = r"Chunk 0 failed after 4 attempts: .*changing"
+    with (
+        _downloader_from(answer, len(body)) as downloader,
+        pytest.raises(DownloadError, match=expected),
+    ):
+        downloader.fetch(0, ranges=1)
+    assert len(served) <= 16
+
+
 def test_a_range_shorter_than_asked_is_never_handed_out_as_the_chunk() -> None:
     data = os.urandom(10_000)
     host = _ReplacedFileHost(data, data, short_ranges=True)

@@ -633,8 +633,8 @@ def _check_folder_path(root: Path) -> None:
             what = "a broken symbolic link"
         else:
             continue
-        above = "" if path == root else " above it"
-        raise CliError(f"{path} is {what}, where the download's folder{above} goes", EXIT_USAGE)
+        where = "the download's folder" if path == root else f"a folder on the way to {root}"
+        raise CliError(f"{path} is {what}, where {where} goes", EXIT_USAGE)
 
 
 # -- list and info ---------------------------------------------------------------------------

@@ -889,6 +889,7 @@ class ChunkDownloader:
         pos = start
         listed_end = end  # a restart reads to this again, not to an older file's length
         failures = 0
+        free_restart = -1  # the failures there were at the last restart counted as none
         refreshed = False
         policy = self.client.retry
         with self._lock:
@@ -1067,12 +1068,24 @@ class ChunkDownloader:
                         retry_after=retry_after,
                     )
             except _Restart:
+                changed_at = pos
                 pos = start = 0
                 end = listed_end
                 sink.restart()
                 hasher = _reset(hasher)
                 self._versions.pop(index, None)  # the whole body's will be the one
-                restart = True
+                if free_restart != failures:  # one for free after each failure, no more:
+                    free_restart = failures  # a host answering every GET with a short 206
+                    restart = True  # of another version would have kept it going for ever
+                else:
+                    failures += 1
+                    if failures > policy.retries:
+                        raise DownloadError(
+                            f"Chunk {index} failed after {counted(failures, 'attempt')}: the "
+                            f"file kept changing on its host (at byte {changed_at})",
+                            chunk_id=index,
+                        ) from None
+                    why = f"the file changed on its host at byte {changed_at}"
             except (_Changed, _ShortRange) as exc:
                 # From byte 0 again, after a backoff, as a failure.
                 pos = start = 0

@@ -1045,7 +1045,9 @@ class _ImagesWriter(_StagedWriter):
         self.reserved = {_fold(name) for name in RESERVED_NAMES}
         # The top folders of the labels the job lists: no unlabelled image's file takes
         # one's name, whichever comes first.
-        self.label_tops = {_fold(label.split("/")[0]) for label in self.job.labels if label}
+        self.label_tops = {
+            _fold(_fitted(label.split("/")[0])) for label in self.job.labels if label
+        }
         self.path_max: int | None = None  # bytes, read once the folder is there
 
     def outputs_present(self) -> bool:
