@@ -965,9 +965,11 @@ def _tf_batches(
     labelled: Callable[[], Iterator[tuple[np.ndarray, int]]], shape: tuple[int, int, int]
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``labelled()``'s images of one ``shape`` in batches, for TensorFlow to unbatch: one
-    call into Python per image cost about as much CPU as decoding a small one. Each batch
-    is new: TensorFlow may keep a yielded array as its tensor's memory, not copy it."""
-    size = _tf_rows(shape)
+    call into Python per image cost about as much CPU as decoding a small one. The first
+    batch is one image (the first element waits for no more), each next twice as large up
+    to :func:`_tf_rows`. Each batch is new: TensorFlow may keep a yielded array as its
+    tensor's memory, not copy it."""
+    most, size = _tf_rows(shape), 1
     images, labels, rows = np.empty((size, *shape), np.uint8), np.empty(size, np.int64), 0
     try:
         for image, label in labelled():
@@ -976,7 +978,9 @@ def _tf_batches(
             rows += 1
             if rows == size:
                 yield images, labels
-                images, labels, rows = np.empty_like(images), np.empty_like(labels), 0
+                size = min(most, 2 * size)
+                images, labels = np.empty((size, *shape), np.uint8), np.empty(size, np.int64)
+                rows = 0
     except Exception:
         if rows:  # the images before the error reach the pipeline, as one by one
             yield images[:rows], labels[:rows]
