@@ -31,7 +31,7 @@ import numpy as np
 
 from . import config
 from .archive import ChunkArchive, Sample
-from .cache import folder_lock
+from .cache import _map, folder_lock
 from .dataset import (
     Dataset,
     count_mismatch,
@@ -384,9 +384,12 @@ class _ZipWriter(Writer):
         """The images of a chunk no sha256 vouches for, once its bytes are found to be a
         chunk archive holding the images the job lists for it (a captive portal's login
         page was kept as ``00000.zip``, exit 0, and for good); else it is removed, and
-        the error is bad data."""
+        the error is bad data. Mapped, not read: a chunk may be gigabytes."""
         try:
-            archive = ChunkArchive(path.read_bytes(), chunk_id=chunk.index)
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                data = _map(fh.fileno(), path, size) if size else b""
+            archive = ChunkArchive(memoryview(data), chunk_id=chunk.index)
             if chunk.image_count is not None and len(archive.samples) != chunk.image_count:
                 raise count_mismatch(self.job.id, chunk.index, chunk.image_count, archive)
         except DecompressionError:
