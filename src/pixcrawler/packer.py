@@ -34,7 +34,7 @@ from PIL import Image
 
 from . import config
 from .archive import _safe_name, manifest_limit
-from .cache import _file_digest, folder_lock
+from .cache import _file_digest, _identity, folder_lock
 from .config import DEFAULT_CHUNK_SIZE, DEFAULT_OWNER, IMAGE_EXTENSIONS, JOB_ID_PATTERN
 from .decode import check_opened, unsupported_mode
 from .exceptions import DecompressionError
@@ -224,15 +224,7 @@ def _publish(
             size, digest = _write_chunk(path, job_id, index, group)
             written.append(path)
             writing = None
-            entries.append(
-                {
-                    "index": index,
-                    "size_bytes": size,
-                    "sha256": digest,
-                    "image_count": len(group),
-                    "expires_at": None,
-                }
-            )
+            entries.append(_chunk_entry(index, size, digest, len(group)))
         _remove_stale_chunks(chunks_dir, keep=len(groups))
         _sync_folder(chunks_dir)  # the chunks' names are on disk before job.json lists them
         job = completed(entries, existing)
@@ -251,10 +243,9 @@ def _publish(
 def _file_identity(path: Path) -> tuple[int, ...] | None:
     """What tells a file from the one renamed over it; None where there is none."""
     try:
-        st = path.stat()
+        return _identity(path.stat())
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _is_published(path: Path, job: Job) -> bool:
@@ -312,16 +303,19 @@ def _unchanged_chunks(
                 return None
         except (OSError, zipfile.BadZipFile, zlib.error, KeyError, ValueError):
             return None
-        entries.append(
-            {
-                "index": index,
-                "size_bytes": entry["size_bytes"],
-                "sha256": sha256,
-                "image_count": len(group),
-                "expires_at": None,
-            }
-        )
+        entries.append(_chunk_entry(index, entry["size_bytes"], sha256, len(group)))
     return entries
+
+
+def _chunk_entry(index: int, size: int, sha256: str, images: int) -> dict[str, Any]:
+    """A chunk as job.json lists it."""
+    return {
+        "index": index,
+        "size_bytes": size,
+        "sha256": sha256,
+        "image_count": images,
+        "expires_at": None,
+    }
 
 
 def _version(existing: dict[str, Any] | None, chunks: list[dict[str, Any]]) -> int:
