@@ -368,6 +368,21 @@ time.sleep(1e9)
 """
 
 
+def static_host(stack: ExitStack, root: Path) -> tuple[str, int]:
+    """The base URL and process id of a static host of ``root`` in a process of its own
+    (its serving CPU stays out of this process's figures), stopped when ``stack`` closes."""
+    static = subprocess.Popen(
+        [sys.executable, "-c", STATIC_CHILD, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    stack.callback(static.wait)
+    stack.callback(static.kill)
+    assert static.stdout is not None
+    url = static.stdout.readline().strip()
+    if not url:
+        raise RuntimeError("the static server did not start")
+    return url, static.pid
+
+
 def row(name: str, value: str, note: str = "") -> None:
     print(f"{name:<34}{value:>14}   {note}")
 
@@ -409,12 +424,7 @@ def main() -> None:
     )
 
     with ExitStack() as stack:
-        static = subprocess.Popen(
-            [sys.executable, "-c", STATIC_CHILD, str(store)], stdout=subprocess.PIPE, text=True
-        )
-        stack.callback(static.kill)
-        assert static.stdout is not None
-        blob_url = static.stdout.readline().strip()
+        blob_url, static_pid = static_host(stack, store)
         keys = {KEY: "default"}
         api_static = stack.enter_context(
             run_in_thread(create_app(store, keys, chunk_base_url=blob_url))
@@ -499,7 +509,7 @@ def main() -> None:
             share = f"{seconds / decode_cpu:.0%} of the ceiling's decode CPU"
             row(name, f"{seconds:.2f} CPU s", share)
 
-        kinds, wall = cpu_by_thread(api_static, JOB, args.threads, static.pid)
+        kinds, wall = cpu_by_thread(api_static, JOB, args.threads, static_pid)
         if kinds:
             busy = sorted(kinds.items(), key=lambda kv: -kv[1])
             row(

@@ -36,7 +36,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,17 +50,6 @@ import numpy as np
 JOB_ID = "bench_tf"
 API_KEY = "bench-key"
 BATCH = 64
-
-# The static host in its own process: its serving CPU stays out of this process's figures.
-STATIC_CHILD = """
-import sys, time
-from pathlib import Path
-from pixcrawler.testing import StaticServer
-server = StaticServer(Path(sys.argv[1])).start()
-print(server.base_url, flush=True)
-time.sleep(1e9)
-"""
-
 
 # -- data ------------------------------------------------------------------------------------
 
@@ -201,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from pixcrawler.decode import ImageDecoder
     from pixcrawler.packer import pack
     from pixcrawler.server import create_app, run_in_thread
+    from stream import static_host  # benchmarks/stream.py, beside this script
 
     print(f"load average before: {load_avg()} on {os.cpu_count()} CPUs", flush=True)
     with ExitStack() as stack:
@@ -214,15 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store"
         result = pack(work / "src", store, job_id=JOB_ID, chunk_size=args.chunk_size)
 
-        static = subprocess.Popen(
-            [sys.executable, "-c", STATIC_CHILD, str(store)], stdout=subprocess.PIPE, text=True
-        )
-        stack.callback(static.wait)
-        stack.callback(static.kill)
-        assert static.stdout is not None
-        blob_url = static.stdout.readline().strip()
-        if not blob_url:
-            raise RuntimeError("the static server did not start")
+        blob_url, _ = static_host(stack, store)
         api = stack.enter_context(
             run_in_thread(create_app(store, {API_KEY: "default"}, chunk_base_url=blob_url))
         )
