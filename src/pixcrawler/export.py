@@ -384,12 +384,9 @@ class _ZipWriter(Writer):
         """The images of a chunk no sha256 vouches for, once its bytes are found to be a
         chunk archive holding the images the job lists for it (a captive portal's login
         page was kept as ``00000.zip``, exit 0, and for good); else it is removed, and
-        the error is bad data. Mapped, not read: a chunk may be gigabytes."""
+        the error is bad data."""
         try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                data = _map(fh.fileno(), path, size) if size else b""
-            archive = ChunkArchive(memoryview(data), chunk_id=chunk.index)
+            archive = _mapped_archive(chunk, path)
             if chunk.image_count is not None and len(archive.samples) != chunk.image_count:
                 raise count_mismatch(self.job.id, chunk.index, chunk.image_count, archive)
         except DecompressionError:
@@ -404,7 +401,7 @@ class _ZipWriter(Writer):
         """The chunk's images: as the job lists them, or from the manifest of ``path``."""
         if self.counted:
             return chunk.image_count or 0
-        count = len(ChunkArchive(path.read_bytes(), chunk_id=chunk.index))
+        count = len(_mapped_archive(chunk, path))
         self.counts[chunk.index] = count
         return count
 
@@ -425,6 +422,14 @@ class _ZipWriter(Writer):
 
     def describe(self) -> str:
         return "zip: chunks/00000.zip ..."
+
+
+def _mapped_archive(chunk: Chunk, path: Path) -> ChunkArchive:
+    """The chunk archive at ``path``, mapped, not read: a chunk may be gigabytes."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = _map(fh.fileno(), path, size) if size else b""
+    return ChunkArchive(memoryview(data), chunk_id=chunk.index)
 
 
 def _unlink_if_there(path: Path) -> None:
