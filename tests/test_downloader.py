@@ -99,6 +99,34 @@ def test_connection_reset_mid_body_resumes_with_range(
     assert transfer.bytes_received == total
 
 
+def test_cuts_that_each_move_the_transfer_on_never_use_up_the_retries(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    clean_digest: tuple[int, str],
+    live_server: LiveServer,
+) -> None:
+    """A link that drops now and then must not fail a chunk that is getting there: each
+    cut-off attempt that brought an eighth of the chunk counts the retries afresh."""
+    step = len(chunk_bytes(live_server, 0)) // 6
+    cuts = [Fault("reset", after_bytes=step)] * 3 + [Fault("truncate", after_bytes=step)] * 2
+    dataset, proxy = through_proxy(cuts, prefetch=1, max_workers=1)  # 5 cuts, 3 retries
+    assert digest(dataset) == clean_digest
+    assert proxy.stats.faults == {"reset": 3, "truncate": 2}
+    assert dataset.stats.transfer.resumed == 5
+
+
+def test_cuts_that_bring_next_to_nothing_use_up_the_retries(
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]], live_server: LiveServer
+) -> None:
+    """The other side of it: an attempt cut off after a few bytes is a failure like any, so
+    a host that keeps cutting the chunk short is given up on after the retries."""
+    few = len(chunk_bytes(live_server, 0)) // 10  # under an eighth
+    dataset, proxy = through_proxy([Fault("reset", after_bytes=few)] * 5, prefetch=1, max_workers=1)
+    with pytest.raises(DownloadError, match="Chunk 0 failed after 4 attempts") as info:
+        list(dataset)
+    assert info.value.chunk_id == 0
+    assert proxy.stats.faults == {"reset": 4}
+
+
 def test_truncated_body_is_resumed(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]], clean_digest: tuple[int, str]
 ) -> None:

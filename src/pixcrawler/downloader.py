@@ -162,6 +162,13 @@ _CONTENT_RANGE = re.compile(
 # on that host (see _ShortRange).
 _SHORT_RANGE_FLOOR = 64 << 10
 _SHORT_RANGES = 1024
+# An attempt cut off (a reset, a stall, an early close) that took the transfer 1 MiB or an
+# eighth of its stream (whichever is less) past the furthest byte any failed attempt had
+# reached moved it on: the retries count again from none, so a link that drops now and then
+# cannot fail a large chunk that is getting there. A stream takes at most 8 or (its bytes /
+# 1 MiB) such fresh starts, so none goes on for ever, even where it keeps starting over.
+_PROGRESS_FLOOR = 1 << 20
+_PROGRESS_PARTS = 8
 _DOWNLOAD_THREAD = f"{config.THREAD_PREFIX}download"
 
 
@@ -890,6 +897,7 @@ class ChunkDownloader:
         listed_end = end  # a restart reads to this again, not to an older file's length
         failures = 0
         free_restart = -1  # the failures there were at the last restart counted as none
+        furthest = pos  # the furthest byte a failed attempt reached (a restart goes back)
         refreshed = False
         policy = self.client.retry
         with self._lock:
@@ -900,6 +908,7 @@ class ChunkDownloader:
                 raise _Cancelled()
             if end is not None and 0 < end <= pos:  # a resumed .part, complete already
                 return hasher
+            begun = pos  # where this attempt's bytes start
             chunk = self.chunk(index)
             headers = {}
             restart = False
@@ -1114,6 +1123,9 @@ class ChunkDownloader:
                     raise DownloadError(
                         f"Chunk {index} failed: {refused_certificate(exc)}", chunk_id=index
                     ) from exc
+                if pos - max(begun, furthest) >= _progress_floor(start, end):
+                    failures = 0  # it moved the transfer on: the retries count afresh
+                furthest = max(furthest, pos)
                 failures += 1
                 if failures > policy.retries:
                     raise DownloadError(
@@ -1371,6 +1383,14 @@ def _check_length(response: urllib3.BaseHTTPResponse, pos: int, end: int | None)
         return
     if int(length) != end - pos:
         raise _IntegrityError(f"the server announced {length} bytes where {end - pos} were due")
+
+
+def _progress_floor(start: int, end: int | None) -> int:
+    """The bytes an attempt cut off must have brought to count as progress (see
+    _PROGRESS_FLOOR)."""
+    if end is None:
+        return _PROGRESS_FLOOR
+    return max(1, min(_PROGRESS_FLOOR, -(-(end - start) // _PROGRESS_PARTS)))
 
 
 def _check_content_range(
