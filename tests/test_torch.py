@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +55,8 @@ from pixcrawler.config import ENV_CACHE_DIR
 from pixcrawler.exceptions import DecompressionError, DownloadError, PixCrawlerError
 from pixcrawler.testing import StaticServer
 from pixcrawler.testing.faults import Fault, FaultProxy, FaultSchedule
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -1423,3 +1426,54 @@ def test_a_listed_total_the_chunks_do_not_hold_is_refused_as_plain_iteration_ref
     message = f"job {JOB_UNIFORM} lists {listed} images but its chunks hold {UNIFORM_TOTAL}"
     with pytest.raises(DecompressionError, match=message):
         dataset.to_torch(streaming=streaming)
+
+
+_TYPED_USE = """
+from torch.utils.data import DataLoader, random_split
+from typing_extensions import assert_type
+
+from pixcrawler import load_dataset
+from pixcrawler.loaders import TorchDataset, TorchIterableDataset
+
+dataset = load_dataset("job_123", api_key="key")
+torch_dataset = dataset.to_torch()
+assert_type(torch_dataset, TorchDataset)
+train_size = int(0.8 * len(torch_dataset))  # the spec's PyTorch example
+val_size = len(torch_dataset) - train_size
+train_dataset, val_dataset = random_split(torch_dataset, [train_size, val_size])
+loader = DataLoader(train_dataset, batch_size=32, shuffle=True)
+stream = dataset.to_torch(streaming=True, shuffle=True, batch_size=32)
+assert_type(stream, TorchIterableDataset)
+stream.set_epoch(1)
+steps = len(DataLoader(stream, batch_size=32, num_workers=2))
+either = dataset.to_torch(streaming=bool(steps))
+assert_type(either, TorchDataset | TorchIterableDataset)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_what_to_torch_returns_type_checks_as_the_spec_uses_it(tmp_path: Path) -> None:
+    """``len(torch_dataset)`` (the spec's example) and ``set_epoch`` pass a strict mypy: the
+    two kinds are typed as torch datasets with what each of them has."""
+    pytest.importorskip("mypy")
+    script = tmp_path / "use.py"
+    script.write_text(_TYPED_USE)
+    env = {**os.environ, "MYPYPATH": str(SRC)}
+    command = [sys.executable, "-m", "mypy", "--strict", "--python-version", "3.10"]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--no-error-summary", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_typed_names_of_what_to_torch_returns_are_its_classes(live_server: LiveServer) -> None:
+    from pixcrawler.loaders import TorchDataset, TorchIterableDataset
+
+    dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
+    assert isinstance(dataset.to_torch(), TorchDataset)
+    assert isinstance(dataset.to_torch(streaming=True), TorchIterableDataset)
+    assert issubclass(TorchIterableDataset, IterableDataset)
+    with pytest.raises(AttributeError, match="no attribute 'TorchLoader'"):
+        import pixcrawler.loaders
+
+        pixcrawler.loaders.TorchLoader  # noqa: B018
+    dataset.close()

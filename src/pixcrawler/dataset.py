@@ -23,7 +23,7 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import numpy as np
 
@@ -46,9 +46,9 @@ from .units import counted, human_size, parse_time
 if TYPE_CHECKING:
     import pandas as pd
     import tensorflow as tf
-    from torch.utils.data import Dataset as TorchDataset
 
     from .cache import CacheDir
+    from .loaders import TorchDataset, TorchIterableDataset
 
 log = logging.getLogger("pixcrawler")
 
@@ -447,6 +447,34 @@ class Dataset:
             frame = frame.astype({"image": object, "label": text, "metadata": object})
         return cast("pd.DataFrame", frame)
 
+    @overload
+    def to_torch(
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        streaming: Literal[False] = False,
+        image_size: ImageSize | None = None,
+        cache_dir: CacheDir = None,
+        memory_budget: int | None = None,
+    ) -> TorchDataset: ...
+
+    @overload
+    def to_torch(
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        streaming: Literal[True],
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        image_size: ImageSize | None = None,
+        shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
+        batch_size: int | None = None,
+    ) -> TorchIterableDataset: ...
+
+    @overload
     def to_torch(
         self,
         transform: Callable[[Any], Any] | None = None,
@@ -462,11 +490,31 @@ class Dataset:
         memory_budget: int | None = None,
         shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
         batch_size: int | None = None,
-    ) -> TorchDataset[Any]:
+    ) -> TorchDataset | TorchIterableDataset: ...
+
+    def to_torch(
+        self,
+        transform: Callable[[Any], Any] | None = None,
+        *,
+        streaming: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        image_size: ImageSize | None = None,
+        cache_dir: CacheDir = None,
+        memory_budget: int | None = None,
+        shuffle_buffer: int = config.DEFAULT_SHUFFLE_BUFFER,
+        batch_size: int | None = None,
+    ) -> TorchDataset | TorchIterableDataset:
         """A PyTorch dataset (map-style by default; ``streaming=True`` for an iterable one).
 
         Images are uint8 HWC arrays (``transform`` gets them), labels integer class ids.
-        The options are described at :func:`pixcrawler.loaders.to_torch`.
+        The options are described at :func:`pixcrawler.loaders.to_torch`. Both kinds are
+        ``torch.utils.data.Dataset``s; type checkers see the map-style one as
+        :class:`pixcrawler.loaders.TorchDataset` (``len``, ``ds[i]``) and the streaming one
+        as :class:`pixcrawler.loaders.TorchIterableDataset` (``len``, ``set_epoch``).
 
         Example:
             >>> loader = DataLoader(dataset.to_torch(), batch_size=32, shuffle=True)
@@ -474,7 +522,7 @@ class Dataset:
         from .loaders import to_torch
 
         return cast(
-            "TorchDataset[Any]",
+            "TorchDataset | TorchIterableDataset",
             to_torch(
                 self,
                 transform,

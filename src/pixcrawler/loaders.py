@@ -84,6 +84,50 @@ def require(module: str, extra: str) -> Any:
 
 # -- PyTorch ---------------------------------------------------------------------------------
 
+if TYPE_CHECKING:
+    # What type checkers see of the two classes to_torch() returns. They are built at run
+    # time on first use (so that torch is imported only then), and this module's
+    # __getattr__ gives them under these names: ``loaders.TorchDataset`` imports torch.
+    from torch.utils.data import Dataset as _TorchMapBase
+    from torch.utils.data import IterableDataset as _TorchIterableBase
+
+    class TorchDataset(_TorchMapBase[Any]):  # type: ignore[misc,unused-ignore]
+        """Map-style: ``len()`` images, ``ds[i]`` → ``(image, label_id)`` in any order."""
+
+        @property
+        def classes(self) -> list[str]: ...
+        @property
+        def class_to_idx(self) -> dict[str, int]: ...
+        @property
+        def store(self) -> ChunkStore: ...
+        def close(self) -> None: ...
+        def __len__(self) -> int: ...
+        def __getitem__(self, index: int) -> Any: ...
+
+    class TorchIterableDataset(_TorchIterableBase[Any]):  # type: ignore[misc,unused-ignore]
+        """Streaming: each epoch's ``(image, label_id)``, sharded over ranks and workers."""
+
+        @property
+        def classes(self) -> list[str]: ...
+        @property
+        def class_to_idx(self) -> dict[str, int]: ...
+        @property
+        def epoch(self) -> int: ...
+        @property
+        def num_samples(self) -> int: ...
+        def set_epoch(self, epoch: int) -> None: ...
+        def close(self) -> None: ...
+        def __len__(self) -> int: ...
+        def __iter__(self) -> Iterator[Any]: ...
+
+
+def __getattr__(name: str) -> Any:
+    """``TorchDataset`` and ``TorchIterableDataset``, built (importing torch) when asked."""
+    kind = {"TorchDataset": "map", "TorchIterableDataset": "streaming"}.get(name)
+    if kind is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _torch_class(kind)
+
 
 def to_torch(
     dataset: Dataset,
