@@ -456,6 +456,7 @@ def test_a_job_re_packed_before_its_urls_are_read_again_is_not_mixed_in(
                 list(dataset)
             # The spec prints e.chunk_id: the chunk whose URL had expired, not None.
             assert info.value.chunk_id in range(dataset.num_chunks)
+            assert "load_dataset() again, or run the pixcrawler command again" in str(info.value)
         else:
             assert digest(dataset) == clean_digest
         assert cdn.stats.faults["expired"] == 1

@@ -629,7 +629,8 @@ class Dataset:
         if _contents(fresh) != _contents(self.job):
             raise DownloadError(
                 f"job {self.job.id} changed on the server while it was being read (another "
-                "version or other chunks); load it again"
+                "version or other chunks); load it again: load_dataset() again, or run the "
+                "pixcrawler command again"
             )
         return fresh.chunks
 
