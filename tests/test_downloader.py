@@ -114,17 +114,24 @@ def test_cuts_that_each_move_the_transfer_on_never_use_up_the_retries(
     assert dataset.stats.transfer.resumed == 5
 
 
+@pytest.mark.parametrize(("progress_first", "attempts"), [(0, 4), (3, 6)])
 def test_cuts_that_bring_next_to_nothing_use_up_the_retries(
-    through_proxy: Callable[..., tuple[Dataset, FaultProxy]], live_server: LiveServer
+    through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
+    live_server: LiveServer,
+    progress_first: int,
+    attempts: int,
 ) -> None:
     """The other side of it: an attempt cut off after a few bytes is a failure like any, so
-    a host that keeps cutting the chunk short is given up on after the retries."""
-    few = len(chunk_bytes(live_server, 0)) // 10  # under an eighth
-    dataset, proxy = through_proxy([Fault("reset", after_bytes=few)] * 5, prefetch=1, max_workers=1)
-    with pytest.raises(DownloadError, match="Chunk 0 failed after 4 attempts") as info:
+    a host that keeps cutting the chunk short is given up on after the retries (3 after
+    the last attempt that moved it on); the error counts every attempt."""
+    size = len(chunk_bytes(live_server, 0))
+    cuts = [Fault("reset", after_bytes=size // 6)] * progress_first
+    cuts += [Fault("reset", after_bytes=size // 10)] * 5  # under an eighth
+    dataset, proxy = through_proxy(cuts, prefetch=1, max_workers=1)
+    with pytest.raises(DownloadError, match=f"Chunk 0 failed after {attempts} attempts") as info:
         list(dataset)
     assert info.value.chunk_id == 0
-    assert proxy.stats.faults == {"reset": 4}
+    assert proxy.stats.faults == {"reset": attempts}
 
 
 def test_truncated_body_is_resumed(
@@ -2038,6 +2045,59 @@ def test_a_host_that_answers_a_range_a_byte_at_a_time_is_not_asked_for_ever(
 
 
 @pytest.mark.timeout(30)
+class _RestartingHost:
+    """A blob host of ``body`` that ignores ``Range``: every GET gets 200 and the body from
+    byte 0, its ``n``-th cut off after ``n * step`` bytes (then ``Connection: close``)."""
+
+    def __init__(self, body: bytes, step: int) -> None:
+        self.requests = 0
+        self.sent = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(_QuietHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    outer.requests += 1
+                    cut = outer.requests * step
+                    outer.sent += min(cut, len(body))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body[:cut])
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/c.bin"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.timeout(30)
+def test_a_host_that_answers_each_resume_from_byte_0_cannot_have_a_chunk_fetched_for_ever() -> None:
+    """Each cut a little further than the last, each attempt is progress; but each brings
+    the bytes before it again. The retries count afresh only while the attempts have brought
+    at most twice the bytes they reached, so the chunk fails after a few times its size
+    instead of after its size squared (a 64 MiB chunk took 61 requests, 2 GB)."""
+    body = os.urandom(1 << 20)  # floor: 128 KiB
+    host = _RestartingHost(body, step=130 << 10)
+    downloader = _downloader({0: (host.url, len(body))}, max_workers=1)
+    try:
+        with pytest.raises(DownloadError, match="Chunk 0 failed after 6 attempts"):
+            downloader.fetch(0)
+    finally:
+        downloader.close()
+        host.close()
+    # Three fresh starts (cut at 130, 260 and 390 KiB: 780 KiB brought), then 3 retries.
+    assert host.requests == 6
+    assert host.sent < 4 * len(body)
+
+
 def test_a_stream_given_a_byte_at_a_time_ends_within_its_retries() -> None:
     """Every whole body cut after 100,000 bytes, every range answered with one byte: each
     try is a failure, so the chunk fails after its retries (four requests), not a byte at

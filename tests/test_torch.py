@@ -1429,6 +1429,7 @@ def test_a_listed_total_the_chunks_do_not_hold_is_refused_as_plain_iteration_ref
 
 
 _TYPED_USE = """
+import numpy as np
 from torch.utils.data import DataLoader, random_split
 from typing_extensions import assert_type
 
@@ -1441,6 +1442,8 @@ assert_type(torch_dataset, TorchDataset)
 train_size = int(0.8 * len(torch_dataset))  # the spec's PyTorch example
 val_size = len(torch_dataset) - train_size
 train_dataset, val_dataset = random_split(torch_dataset, [train_size, val_size])
+image, label = torch_dataset[np.int64(3)]  # any index torch's Dataset takes
+first_two = torch_dataset[[0, 1]]
 loader = DataLoader(train_dataset, batch_size=32, shuffle=True)
 stream = dataset.to_torch(streaming=True, shuffle=True, batch_size=32)
 assert_type(stream, TorchIterableDataset)
@@ -1466,14 +1469,14 @@ def test_what_to_torch_returns_type_checks_as_the_spec_uses_it(tmp_path: Path) -
 
 
 def test_the_typed_names_of_what_to_torch_returns_are_its_classes(live_server: LiveServer) -> None:
+    import pixcrawler.loaders
     from pixcrawler.loaders import TorchDataset, TorchIterableDataset
 
     dataset = load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url)
     assert isinstance(dataset.to_torch(), TorchDataset)
     assert isinstance(dataset.to_torch(streaming=True), TorchIterableDataset)
     assert issubclass(TorchIterableDataset, IterableDataset)
+    assert {"TorchDataset", "TorchIterableDataset", "to_torch"} <= set(dir(pixcrawler.loaders))
     with pytest.raises(AttributeError, match="no attribute 'TorchLoader'"):
-        import pixcrawler.loaders
-
         pixcrawler.loaders.TorchLoader  # noqa: B018
     dataset.close()

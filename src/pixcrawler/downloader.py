@@ -166,7 +166,9 @@ _SHORT_RANGES = 1024
 # eighth of its stream (whichever is less) past the furthest byte any failed attempt had
 # reached moved it on: the retries count again from none, so a link that drops now and then
 # cannot fail a large chunk that is getting there. A stream takes at most 8 or (its bytes /
-# 1 MiB) such fresh starts, so none goes on for ever, even where it keeps starting over.
+# 1 MiB) such fresh starts, so none goes on for ever, even where it keeps starting over;
+# and none once the attempts cut off have brought over twice the bytes they reached, so a
+# host that answers a resume from byte 0 cannot have a chunk fetched again and again.
 _PROGRESS_FLOOR = 1 << 20
 _PROGRESS_PARTS = 8
 _DOWNLOAD_THREAD = f"{config.THREAD_PREFIX}download"
@@ -898,6 +900,12 @@ class ChunkDownloader:
         failures = 0
         free_restart = -1  # the failures there were at the last restart counted as none
         furthest = pos  # the furthest byte a failed attempt reached (a restart goes back)
+        fetched = 0  # the bytes attempts cut off brought, whether they were held already
+        spent = 0  # failed attempts before the retries last counted afresh
+
+        def attempts() -> str:  # every failed attempt, fresh starts or not
+            return counted(spent + failures, "attempt")
+
         refreshed = False
         policy = self.client.retry
         with self._lock:
@@ -1070,7 +1078,7 @@ class ChunkDownloader:
                     said = self.client.error_message(response, error_body(response))
                     raise DownloadError(
                         f"Chunk {index} failed with HTTP {status} after "
-                        f"{counted(failures, 'attempt')} ({said})"
+                        f"{attempts()} ({said})"
                         + (f"; retry in {wait_in_words(retry_after)}" if retry_after else ""),
                         chunk_id=index,
                         status_code=status,
@@ -1090,7 +1098,7 @@ class ChunkDownloader:
                     failures += 1
                     if failures > policy.retries:
                         raise DownloadError(
-                            f"Chunk {index} failed after {counted(failures, 'attempt')}: the "
+                            f"Chunk {index} failed after {attempts()}: the "
                             f"file kept changing on its host (at byte {changed_at})",
                             chunk_id=index,
                         ) from None
@@ -1104,7 +1112,7 @@ class ChunkDownloader:
                 failures += 1
                 if failures > policy.retries:
                     raise DownloadError(
-                        f"Chunk {index} failed after {counted(failures, 'attempt')}: {exc}",
+                        f"Chunk {index} failed after {attempts()}: {exc}",
                         chunk_id=index,
                     ) from None
                 why = str(exc)
@@ -1123,13 +1131,17 @@ class ChunkDownloader:
                     raise DownloadError(
                         f"Chunk {index} failed: {refused_certificate(exc)}", chunk_id=index
                     ) from exc
-                if pos - max(begun, furthest) >= _progress_floor(start, end):
-                    failures = 0  # it moved the transfer on: the retries count afresh
+                fetched += pos - begun
+                if (
+                    pos - max(begun, furthest) >= _progress_floor(start, end)
+                    and fetched <= 2 * (pos - start)  # not at the cost of fetching it again
+                ):
+                    spent, failures = spent + failures, 0  # the retries count afresh
                 furthest = max(furthest, pos)
                 failures += 1
                 if failures > policy.retries:
                     raise DownloadError(
-                        f"Chunk {index} failed after {counted(failures, 'attempt')} "
+                        f"Chunk {index} failed after {attempts()} "
                         f"({exc.__class__.__name__}) at byte {pos}",
                         chunk_id=index,
                     ) from exc

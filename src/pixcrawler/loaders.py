@@ -102,7 +102,7 @@ if TYPE_CHECKING:
         def store(self) -> ChunkStore: ...
         def close(self) -> None: ...
         def __len__(self) -> int: ...
-        def __getitem__(self, index: int) -> Any: ...
+        def __getitem__(self, index: Any) -> Any: ...  # as torch types it (an int, a list)
 
     class TorchIterableDataset(_TorchIterableBase[Any]):  # type: ignore[misc,unused-ignore]
         """Streaming: each epoch's ``(image, label_id)``, sharded over ranks and workers."""
@@ -121,12 +121,19 @@ if TYPE_CHECKING:
         def __iter__(self) -> Iterator[Any]: ...
 
 
+_BUILT_NAMES = {"TorchDataset": "map", "TorchIterableDataset": "streaming"}
+
+
 def __getattr__(name: str) -> Any:
     """``TorchDataset`` and ``TorchIterableDataset``, built (importing torch) when asked."""
-    kind = {"TorchDataset": "map", "TorchIterableDataset": "streaming"}.get(name)
+    kind = _BUILT_NAMES.get(name)
     if kind is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return _torch_class(kind)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_BUILT_NAMES})
 
 
 def to_torch(
