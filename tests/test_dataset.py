@@ -1142,7 +1142,10 @@ def test_framework_conversions_show_their_options_and_return_types() -> None:
 
     torch_params = inspect.signature(Dataset.to_torch).parameters
     assert {"transform", "streaming", "shuffle", "seed", "rank", "world_size"} <= set(torch_params)
-    assert inspect.signature(Dataset.to_torch).return_annotation == "TorchDataset[Any]"
+    assert (
+        inspect.signature(Dataset.to_torch).return_annotation
+        == "TorchDataset | TorchIterableDataset"
+    )
     tf_signature = inspect.signature(Dataset.to_tensorflow)
     assert "image_size" in tf_signature.parameters
     assert tf_signature.return_annotation == "tf.data.Dataset"
