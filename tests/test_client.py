@@ -11,6 +11,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,7 @@ def test_429_with_a_long_retry_after_is_raised_not_slept(live_server: LiveServer
 def test_4xx_other_than_429_is_never_retried(live_server: LiveServer) -> None:
     with FaultProxy(live_server.base_url) as proxy:
         with pytest.raises(AuthenticationError):
-            load_dataset(JOB_UNIFORM, "wrong", proxy.base_url, **FAST)
+            load_dataset(JOB_UNIFORM, "not-a-key-of-this-server", proxy.base_url, **FAST)
         assert proxy.stats.requests == 1
 
 
@@ -788,3 +789,24 @@ def test_a_base_url_no_request_could_use_is_refused_up_front(url: str, problem: 
 
 def test_a_base_url_is_read_without_the_newline_a_file_gave_it() -> None:
     assert api_root(" http://api.example.com/\n") == "http://api.example.com/api/v1"
+
+
+@pytest.mark.timeout(30)
+def test_an_api_that_does_not_answer_is_said_to_be_waited_for(
+    live_server: LiveServer, slow_waits: Callable[[], list[str]]
+) -> None:
+    """load_dataset waited in silence for an API that sent nothing: up to its timeout
+    (300 s by default) per attempt, with nothing logged. Now the wait says what it is on,
+    every SLOW_WAIT_SECONDS (0.2 s here), and stops saying so once the answer came."""
+    schedule = FaultSchedule.script([Fault("hang", seconds=1.0)], match=r"/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url)
+    assert dataset.num_images == UNIFORM_TOTAL
+    waits = slow_waits()
+    assert len(waits) >= 2, waits  # repeated while the wait goes on
+    expected = rf"waited [\d.]+ s for GET /jobs/{JOB_UNIFORM}: no answer yet"
+    assert all(re.fullmatch(expected, m) for m in waits), waits
+    time.sleep(0.5)
+    assert slow_waits() == waits  # the answer came: nothing more is said
+    dataset.close()
+    assert not [t for t in threading.enumerate() if t.name.endswith("api-wait")]

@@ -27,7 +27,14 @@ from typing import Any
 import pytest
 
 from conftest import LiveServer
-from constants import JOB_UNIFORM, TEST_KEY, UNIFORM_CHUNK_SIZE, UNIFORM_SIZE, UNIFORM_TOTAL
+from constants import (
+    JOB_MIXED,
+    JOB_UNIFORM,
+    TEST_KEY,
+    UNIFORM_CHUNK_SIZE,
+    UNIFORM_SIZE,
+    UNIFORM_TOTAL,
+)
 from helpers import close_while_consuming, corrupt_copy, edited_copy, reachable_buffers, settles
 from imagegen import make_image_folder
 from pixcrawler import Dataset, load_dataset
@@ -579,3 +586,46 @@ def test_a_download_to_disk_that_fails_verification_never_takes_the_final_name(
             (tmp_path / "00003.zip.part").stat().st_size == 0
         )
         dataset.close()
+
+
+def test_nothing_is_imported_on_first_use_once_load_dataset_returns(
+    live_server: LiveServer,
+) -> None:
+    """A module imported on first use holds its import lock meanwhile: a DataLoader that
+    forks its workers then (another thread decoding its first image) gave them the lock
+    held, for ever, and they hung. So load_dataset imports what reading any image takes,
+    every format and resize, and reading a job afterwards imports nothing."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from pixcrawler import load_dataset
+
+        dataset = load_dataset(sys.argv[1], sys.argv[2], sys.argv[3], progress=True)
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        else:  # made where a training script makes them, then used on any thread
+            by_index = dataset.to_torch(image_size=(16, 16))
+            stream = dataset.to_torch(streaming=True, image_size=(16, 16))
+        before = set(sys.modules)
+        if torch is not None:
+            by_index[0], by_index[[1, 2]], list(stream)
+            by_index.close()
+        for image, label in dataset:
+            pass
+        for images, labels in dataset.iter_batches(8, image_size=(16, 16)):
+            pass
+        dataset.to_arrays(image_size=(20, 24))
+        dataset.close()
+        print(sorted(set(sys.modules) - before))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, JOB_MIXED, live_server.api_key, live_server.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

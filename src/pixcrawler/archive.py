@@ -10,6 +10,9 @@ the ``on_error`` policy.
 
 from __future__ import annotations
 
+# Member names not flagged UTF-8 are decoded with cp437: imported now, not on first use
+# (see decode.import_decoders).
+import encodings.cp437  # noqa: F401
 import hashlib
 import json
 import struct

@@ -71,6 +71,7 @@ if sys.platform == "win32":  # pragma: no cover - no flock; atomic rename still 
 
 else:
     import fcntl
+    import resource
 
     def _lock_fd(fd: int, *, wait: bool = True) -> None:
         """An exclusive ``flock`` on ``fd``, released when it is closed; without ``wait``,
@@ -175,13 +176,13 @@ def _mapped_limit() -> int:
     small chunks never leave the sockets and files around them short of descriptors."""
     if sys.version_info >= (3, 13):
         return sys.maxsize  # mapped with trackfd=False: no descriptor kept
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
-        soft = 512  # the C runtime's default on Windows
+    if sys.platform == "win32":  # pragma: no cover - no getrlimit
+        soft = 512  # the C runtime's default
     else:
+        try:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (OSError, ValueError):  # pragma: no cover - no such limit here
+            soft = 512
         if soft == resource.RLIM_INFINITY:
             return config.MAPPED_FILES_UNLIMITED
     return max(config.MIN_MAPPED_FILES, int(soft * config.MAPPED_FILES_SHARE))

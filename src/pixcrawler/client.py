@@ -15,10 +15,11 @@ import re
 import socket
 import ssl
 import threading
+import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
@@ -44,6 +45,28 @@ from .retry import RetryPolicy, parse_retry_after, status_cause, wait_in_words
 from .units import counted
 
 log = logging.getLogger("pixcrawler")
+
+
+@contextlib.contextmanager
+def _said_while_waiting(what: str) -> Iterator[None]:
+    """Every ``config.SLOW_WAIT_SECONDS`` the body runs, log that ``what`` is still waited
+    for: an API that does not answer (its retries and timeouts can take minutes) holds up
+    ``load_dataset`` and a first batch, and says so, as a chunk waited for does."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def report() -> None:
+        while not done.wait(config.SLOW_WAIT_SECONDS):
+            log.warning("waited %.1f s for %s: no answer yet", time.monotonic() - started, what)
+
+    watch = threading.Thread(target=report, name=f"{config.THREAD_PREFIX}api-wait", daemon=True)
+    watch.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watch.join()
+
 
 _JOB_ID_RE = re.compile(config.JOB_ID_PATTERN)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -349,7 +372,8 @@ class ApiClient:
 
         what = f"GET {path}"
         try:
-            answer = self.call_with_retries(attempt, what=what)
+            with _said_while_waiting(what):
+                answer = self.call_with_retries(attempt, what=what)
         finally:
             with self._calls_lock:
                 self._calls.subtract(connections)

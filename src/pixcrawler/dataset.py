@@ -31,7 +31,7 @@ from . import cleanup, config
 from .archive import ChunkArchive, Sample
 from .auth import resolve_api_key, resolve_base_url
 from .client import ApiClient
-from .decode import ImageBuffers, ImageDecoder, validate_image_size
+from .decode import ImageBuffers, ImageDecoder, import_decoders, validate_image_size
 from .downloader import ChunkDownloader, TransferStats
 from .exceptions import (
     DecompressionError,
@@ -1174,6 +1174,13 @@ def num_images_of(job: Job) -> int:
     return job.total_images or sum(c.image_count or 0 for c in job.chunks)
 
 
+def _import_progress_bar() -> None:
+    """Import tqdm and make its lock now, not on the first bar (see import_decoders)."""
+    from tqdm.auto import tqdm
+
+    tqdm.get_lock()  # type: ignore[no-untyped-call]
+
+
 def load_dataset(
     job_id: str | int,
     api_key: str | None = None,
@@ -1251,6 +1258,9 @@ def load_dataset(
     )
     try:
         job = client.get_completed_job(job_id)
+        import_decoders()  # here, not on first use (see its doc)
+        if progress:
+            _import_progress_bar()
         return Dataset(
             job,
             settings,

@@ -10,6 +10,7 @@ Pillow's ``draft`` picks, whichever decoder runs), then resized exactly.
 
 from __future__ import annotations
 
+import functools
 import io
 import operator
 import re
@@ -145,6 +146,19 @@ def _rounded(nbytes: int) -> int:
     little more than itself."""
     granule = max(_MIN_GRANULE, 1 << max(0, nbytes.bit_length() - 4))
     return -(-nbytes // granule) * granule
+
+
+@functools.cache
+def import_decoders() -> None:
+    """Import every module decoding an image would import on first use (Pillow's plugins
+    and what they import, ~50 ms once per process). A module being imported holds its
+    import lock, and a process forked meanwhile (a DataLoader starting its workers while
+    another thread decodes its first image) inherits the lock held, and hangs on it for
+    ever. So :func:`~pixcrawler.load_dataset` calls this, and reading afterwards imports
+    nothing."""
+    Image.preinit()
+    Image.init()
+    _load_simplejpeg()
 
 
 def _load_simplejpeg() -> Any:
