@@ -799,7 +799,9 @@ def test_stats_time_the_first_image_once_and_add_up_every_wait(
     assert waited is not None and float(waited.group(1)) >= 0.9, str(stats)
 
 
-@pytest.mark.parametrize("consumer", ["iterate", "iter_batches", "torch-streaming"])
+@pytest.mark.parametrize(
+    "consumer", ["iterate", "iter_batches", "to_arrays", "torch-streaming", "torch-map"]
+)
 def test_memory_does_not_grow_pass_after_pass(uniform: Dataset, consumer: str) -> None:
     """What a pass allocates, it gives back: eight more passes over the job leave less than
     two chunks of Python and numpy memory behind. Keeping one chunk's bytes per chunk would
@@ -807,12 +809,15 @@ def test_memory_does_not_grow_pass_after_pass(uniform: Dataset, consumer: str) -
     measured ~12-16 KB."""
     import tracemalloc
 
-    if consumer == "torch-streaming":
+    if consumer.startswith("torch"):
         pytest.importorskip("torch")
+    by_index = uniform.to_torch(cache_dir=False) if consumer == "torch-map" else None
     source: Any = {
         "iterate": lambda: uniform,
         "iter_batches": lambda: uniform.iter_batches(8),
+        "to_arrays": lambda: uniform.to_arrays(),  # (X, y): two items, made whole each pass
         "torch-streaming": lambda: uniform.to_torch(streaming=True),
+        "torch-map": lambda: (by_index[i] for i in range(len(by_index))),
     }[consumer]
 
     def passes(count: int) -> None:
