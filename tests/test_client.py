@@ -810,3 +810,42 @@ def test_an_api_that_does_not_answer_is_said_to_be_waited_for(
     assert slow_waits() == waits  # the answer came: nothing more is said
     dataset.close()
     assert not [t for t in threading.enumerate() if t.name.endswith("api-wait")]
+
+
+@pytest.mark.timeout(30)
+def test_an_api_call_waiting_out_a_retry_says_so_not_that_no_answer_came(
+    live_server: LiveServer, slow_waits: Callable[[], list[str]]
+) -> None:
+    """The wait went on saying "no answer yet" while it slept out a 429's Retry-After,
+    under the retry line that said the server had answered."""
+    schedule = FaultSchedule.script([Fault("rate_limit", retry_after=1)], match=r"/jobs/")
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        load_dataset(JOB_UNIFORM, live_server.api_key, proxy.base_url).close()
+    waits = slow_waits()
+    expected = (
+        rf"waited [\d.]+ s for GET /jobs/{JOB_UNIFORM}: 1 failed attempt, the last: "
+        r"HTTP 429 \(Retry-After 1 s\); the next in [\d.]+ s"
+    )
+    assert any(re.fullmatch(expected, m) for m in waits), waits
+    assert not [m for m in waits if re.search(r"\d s: no answer yet$", m)], waits
+
+
+def test_a_ctrl_c_as_an_api_calls_wait_begins_leaves_nothing_saying_it_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KeyboardInterrupt in the watcher's start() (it waits for the thread to run) left
+    the watcher running: it logged "waited ..." every 10 s for the rest of the process."""
+    from types import SimpleNamespace
+
+    from pixcrawler import client as client_module
+
+    class Interrupted(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            raise KeyboardInterrupt
+
+    patched = SimpleNamespace(Thread=Interrupted, Event=threading.Event)
+    monkeypatch.setattr(client_module, "threading", patched)
+    with pytest.raises(KeyboardInterrupt), client_module._said_while_waiting("GET /jobs/x"):
+        pass
+    assert not [t for t in threading.enumerate() if t.name.endswith("api-wait")]

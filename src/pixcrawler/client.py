@@ -47,25 +47,52 @@ from .units import counted
 log = logging.getLogger("pixcrawler")
 
 
+class _Waiting:
+    """An API call under way, as its slow-wait lines tell it (see _said_while_waiting)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.started = time.monotonic()
+        self.failures = 0
+        self.cause = ""
+        self.retry_at = 0.0  # when the next attempt starts (monotonic clock)
+
+    def failed(self, cause: str, delay: float) -> None:
+        self.cause = cause
+        self.retry_at = time.monotonic() + delay
+        self.failures += 1
+
+    def describe(self) -> str:
+        now = time.monotonic()
+        text = f"waited {now - self.started:.1f} s for {self.what}: "
+        if not self.failures:
+            return text + "no answer yet"
+        text += f"{counted(self.failures, 'failed attempt')}, the last: {self.cause}; "
+        if self.retry_at > now:
+            return text + f"the next in {self.retry_at - now:.1f} s"
+        return text + "the next under way, no answer yet"
+
+
 @contextlib.contextmanager
-def _said_while_waiting(what: str) -> Iterator[None]:
-    """Every ``config.SLOW_WAIT_SECONDS`` the body runs, log that ``what`` is still waited
-    for: an API that does not answer (its retries and timeouts can take minutes) holds up
-    ``load_dataset`` and a first batch, and says so, as a chunk waited for does."""
+def _said_while_waiting(what: str) -> Iterator[_Waiting]:
+    """Every ``config.SLOW_WAIT_SECONDS`` the body runs, log where the API call ``what``
+    stands: an API that does not answer (its retries and timeouts can take minutes) holds
+    up ``load_dataset`` and a first batch, and says so, as a chunk waited for does."""
+    waiting = _Waiting(what)
     done = threading.Event()
-    started = time.monotonic()
 
     def report() -> None:
         while not done.wait(config.SLOW_WAIT_SECONDS):
-            log.warning("waited %.1f s for %s: no answer yet", time.monotonic() - started, what)
+            log.warning("%s", waiting.describe())
 
     watch = threading.Thread(target=report, name=f"{config.THREAD_PREFIX}api-wait", daemon=True)
-    watch.start()
     try:
-        yield
+        watch.start()  # (a Ctrl-C in here still sets done below: no thread left logging)
+        yield waiting
     finally:
         done.set()
-        watch.join()
+        if watch.ident is not None:  # (None: it never started, or ends at once)
+            watch.join()
 
 
 _JOB_ID_RE = re.compile(config.JOB_ID_PATTERN)
@@ -372,8 +399,8 @@ class ApiClient:
 
         what = f"GET {path}"
         try:
-            with _said_while_waiting(what):
-                answer = self.call_with_retries(attempt, what=what)
+            with _said_while_waiting(what) as waiting:
+                answer = self.call_with_retries(attempt, what=what, waiting=waiting)
         finally:
             with self._calls_lock:
                 self._calls.subtract(connections)
@@ -392,7 +419,9 @@ class ApiClient:
                 f"the API returned invalid JSON for {what}", status_code=answer.response.status
             ) from exc
 
-    def call_with_retries(self, attempt: Callable[[], _Answer], *, what: str) -> _Answer:
+    def call_with_retries(
+        self, attempt: Callable[[], _Answer], *, what: str, waiting: _Waiting | None = None
+    ) -> _Answer:
         failures = 0
         while True:
             retry_after: float | None = None
@@ -428,6 +457,8 @@ class ApiClient:
                 cause = status_cause(response.status, retry_after)
             delay = self.retry.delay(failures, retry_after)
             self.retry.announce(what, cause, failures, delay)
+            if waiting is not None:
+                waiting.failed(cause, delay)
             self.sleep(delay)
 
     def _refused_elsewhere(self, answer: _Answer, what: str) -> AuthenticationError:

@@ -1175,10 +1175,13 @@ def num_images_of(job: Job) -> int:
 
 
 def _import_progress_bar() -> None:
-    """Import tqdm and make its lock now, not on the first bar (see import_decoders)."""
+    """Import tqdm and make its lock now, not on the first bar (see import_decoders); and
+    termios, which tqdm before 4.66 imports to read the terminal's width."""
     from tqdm.auto import tqdm
 
     tqdm.get_lock()  # type: ignore[no-untyped-call]
+    with contextlib.suppress(ImportError):
+        import termios  # noqa: F401
 
 
 def load_dataset(

@@ -161,6 +161,7 @@ def import_decoders() -> None:
     _load_simplejpeg()
 
 
+@functools.cache  # (absent, it is not looked for again: a failed import takes its lock too)
 def _load_simplejpeg() -> Any:
     try:
         import simplejpeg
