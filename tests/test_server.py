@@ -1030,3 +1030,33 @@ def test_run_in_thread_stops_quietly_while_a_download_stalls(tmp_path: Path) -> 
             client.sendall(request.encode())
             assert client.recv(100).startswith(b"HTTP/1.1 200")
     assert [record.getMessage() for record in records] == []
+
+
+@pytest.mark.timeout(30)
+def test_the_servers_connections_send_without_waiting_for_acks() -> None:
+    """Its listening socket was made with proto 0, and asyncio sets TCP_NODELAY only on
+    connections of proto IPPROTO_TCP: each answer's body waited behind its headers for a
+    delayed ACK, 40 ms a call on a kept-alive connection (`pixcrawler list`, page after
+    page; a job re-read)."""
+    from pixcrawler.server.runner import _listen
+
+    async def nodelay_of_an_accepted_connection() -> int:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[int] = loop.create_future()
+
+        class Accept(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = _listen("127.0.0.1", 0)
+        server = await loop.create_server(Accept, sock=listener)
+        async with server:
+            _, writer = await asyncio.open_connection(*listener.getsockname())
+            try:
+                return await asyncio.wait_for(accepted, 10)
+            finally:
+                writer.close()
+
+    assert asyncio.run(nodelay_of_an_accepted_connection()) != 0

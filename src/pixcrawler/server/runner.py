@@ -165,7 +165,10 @@ def _listen(host: str, port: int) -> socket.socket:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]  # "[::1]", as in a URL (and as announced): bind() wants "::1"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets of that proto (one of
+    # proto 0 Nagled each answer's body behind its headers: 40 ms a call on a kept-alive
+    # connection, waiting for a delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
