@@ -15,9 +15,9 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -1450,7 +1450,32 @@ def test_a_content_length_other_than_the_listed_size_is_refused(
     assert dataset.stats.transfer.checksum_failures == 2
 
 
-class _SlowRanges:
+_Host = TypeVar("_Host", bound="_BlobHost")
+
+
+class _BlobHost:
+    """A host of one file on 127.0.0.1, answered by a handler class a subclass makes."""
+
+    url = ""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler], path: str = "/c.bin") -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self: _Host) -> _Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _SlowRanges(_BlobHost):
     """A chunk host for split fetches: ``Range`` requests answered 206, each byte range
     streamed slowly (16 KiB per 20 ms) except the first; the first range is answered with
     ``first_status`` instead when that is set."""
@@ -1481,14 +1506,7 @@ class _SlowRanges:
                 except OSError:
                     pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/c.bin"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve(Handler)
 
 
 def test_a_range_that_fails_stops_the_chunks_other_ranges_before_fetch_raises(
@@ -1706,7 +1724,7 @@ def test_a_chunk_the_job_does_not_list_is_a_typed_error(live_server: LiveServer)
         dataset.downloader().fetch(99)
 
 
-class _ReplacedFileHost:
+class _ReplacedFileHost(_BlobHost):
     """A blob host whose file is replaced while a download of it is cut off after 3,000
     bytes: it honours ``If-Range`` as RFC 9110 says (a 200 with the whole new file when
     the tag is not the current one), and can answer a range shorter than asked. Its
@@ -1752,14 +1770,7 @@ class _ReplacedFileHost:
                 self.end_headers()
                 self.wfile.write(data[start:stop])
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve(Handler, path="")
 
 
 def _fetch_unverified(host: _ReplacedFileHost, size: int | None, retries: int = 2) -> bytearray:
@@ -1853,7 +1864,7 @@ def test_a_range_shorter_than_asked_is_never_handed_out_as_the_chunk() -> None:
         host.close()
 
 
-class _OddRanges:
+class _OddRanges(_BlobHost):
     """A blob host of ``body`` whose 206s need not be the range asked: ``answer(lo, hi)``
     (the first and last byte asked) gives the first and last byte it sends and the file
     length it names. A GET without ``Range`` gets the whole body, cut after ``cut`` bytes
@@ -1907,17 +1918,7 @@ class _OddRanges:
                         time.sleep(0.2)
                         self.wfile.write(body[hi + 1 : last + 1])
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/c.bin"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def __enter__(self) -> _OddRanges:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve(Handler)
 
 
 def _verified_downloader(host: _OddRanges, body: bytes, **options: Any) -> Any:
@@ -2045,7 +2046,7 @@ def test_a_host_that_answers_a_range_a_byte_at_a_time_is_not_asked_for_ever(
 
 
 @pytest.mark.timeout(30)
-class _RestartingHost:
+class _RestartingHost(_BlobHost):
     """A blob host of ``body`` that ignores ``Range``: every GET gets 200 and the body from
     byte 0, its ``n``-th cut off after ``n * step`` bytes (then ``Connection: close``)."""
 
@@ -2068,14 +2069,7 @@ class _RestartingHost:
                 with contextlib.suppress(OSError):
                     self.wfile.write(body[:cut])
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/c.bin"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._serve(Handler)
 
 
 @pytest.mark.timeout(30)
