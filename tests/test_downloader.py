@@ -103,6 +103,7 @@ def test_cuts_that_each_move_the_transfer_on_never_use_up_the_retries(
     through_proxy: Callable[..., tuple[Dataset, FaultProxy]],
     clean_digest: tuple[int, str],
     live_server: LiveServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A link that drops now and then must not fail a chunk that is getting there: each
     cut-off attempt that brought an eighth of the chunk counts the retries afresh."""
@@ -112,6 +113,9 @@ def test_cuts_that_each_move_the_transfer_on_never_use_up_the_retries(
     assert digest(dataset) == clean_digest
     assert proxy.stats.faults == {"reset": 3, "truncate": 2}
     assert dataset.stats.transfer.resumed == 5
+    # Each retry line says why it is "retry 1 of 3" again.
+    retries = [r.getMessage() for r in caplog.records if "retry 1 of 3" in r.getMessage()]
+    assert len(retries) == 5 and all("retries count afresh" in m for m in retries), retries
 
 
 @pytest.mark.parametrize(("progress_first", "attempts"), [(0, 4), (3, 6)])

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -588,16 +589,20 @@ def test_a_download_to_disk_that_fails_verification_never_takes_the_final_name(
         dataset.close()
 
 
-@pytest.mark.parametrize("simplejpeg", ["installed", "absent"])
+@pytest.mark.parametrize(
+    ("simplejpeg", "opened"),
+    [("installed", "load_dataset"), ("absent", "load_dataset"), ("installed", "unpickled")],
+)
 def test_nothing_is_imported_on_first_use_once_load_dataset_returns(
-    live_server: LiveServer, simplejpeg: str
+    live_server: LiveServer, simplejpeg: str, opened: str, tmp_path: Path
 ) -> None:
     """A module imported on first use holds its import lock meanwhile: a DataLoader that
     forks its workers then (another thread decoding its first image) gave them the lock
     held, for ever, and they hung. So load_dataset imports what reading any image takes,
     every format and resize, and reading a job afterwards tries to import nothing: not
     even a module that is not there (simplejpeg, the ``fast`` extra), which takes its lock
-    as long as it is looked for."""
+    as long as it is looked for. A dataset unpickled in a process of its own (spawned, as
+    torch.multiprocessing.spawn does, which may fork workers in turn) too."""
     script = textwrap.dedent(
         """
         import sys
@@ -615,7 +620,13 @@ def test_nothing_is_imported_on_first_use_once_load_dataset_returns(
         sys.meta_path.insert(0, Record())
         from pixcrawler import load_dataset
 
-        dataset = load_dataset(sys.argv[1], sys.argv[2], sys.argv[3], progress=True)
+        if sys.argv[5] == "-":
+            dataset = load_dataset(sys.argv[1], sys.argv[2], sys.argv[3], progress=True)
+        else:
+            import pickle
+
+            with open(sys.argv[5], "rb") as fh:
+                dataset = pickle.load(fh)
         try:
             import torch
         except ImportError:
@@ -636,7 +647,13 @@ def test_nothing_is_imported_on_first_use_once_load_dataset_returns(
         print(sorted(set(Record.tried)))
         """
     )
-    arguments = [JOB_MIXED, live_server.api_key, live_server.base_url, simplejpeg]
+    pickled = "-"
+    if opened == "unpickled":
+        pickled = str(tmp_path / "dataset.pickle")
+        with load_dataset(JOB_MIXED, live_server.api_key, live_server.base_url) as made:
+            made.progress = True
+            Path(pickled).write_bytes(pickle.dumps(made))
+    arguments = [JOB_MIXED, live_server.api_key, live_server.base_url, simplejpeg, pickled]
     result = subprocess.run(
         [sys.executable, "-c", script, *arguments],
         capture_output=True,

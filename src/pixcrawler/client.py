@@ -8,6 +8,10 @@ straight into one preallocated buffer. Users never touch this object directly.
 from __future__ import annotations
 
 import contextlib
+
+# Host names are encoded with it on a first connection: imported now, not on first use
+# (see decode.import_decoders).
+import encodings.idna  # noqa: F401
 import json
 import logging
 import operator

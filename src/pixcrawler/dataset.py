@@ -590,6 +590,11 @@ class Dataset:
         self._pools = weakref.WeakSet()
         self._views = weakref.WeakSet()
         self.stats = DatasetStats()
+        # Unpickled in a process of its own (torch.multiprocessing.spawn, say), which may
+        # fork DataLoader workers in turn: as load_dataset does (see import_decoders).
+        import_decoders()
+        if self.progress:
+            _import_progress_bar()
 
     # -- the pipeline ---------------------------------------------------------------------
 
@@ -1215,7 +1220,8 @@ def load_dataset(
         image_size: ``(H, W)`` to resize every image to.
         on_error: What a corrupt image does: ``"raise"``, ``"skip"`` or ``"warn"``.
         decode_threads: Threads decoding images (default 2).
-        retries: Retries per request on network errors, 429 and 5xx.
+        retries: Retries per request on network errors, 429 and 5xx (a chunk transfer
+            cut off after it moved on counts them afresh: see docs/reliability.md).
         backoff: Base of the exponential backoff, in seconds.
         progress: Show a progress bar while iterating.
 

@@ -1132,11 +1132,13 @@ class ChunkDownloader:
                         f"Chunk {index} failed: {refused_certificate(exc)}", chunk_id=index
                     ) from exc
                 fetched += pos - begun
+                fresh = ""
                 if (
                     pos - max(begun, furthest) >= _progress_floor(start, end)
                     and fetched <= 2 * (pos - start)  # not at the cost of fetching it again
                 ):
                     spent, failures = spent + failures, 0  # the retries count afresh
+                    fresh = ", which moved the chunk on: its retries count afresh"
                 furthest = max(furthest, pos)
                 failures += 1
                 if failures > policy.retries:
@@ -1147,7 +1149,7 @@ class ChunkDownloader:
                     ) from exc
                 if pos > start:
                     self.stats.add(resumed=1)
-                why = f"{exc.__class__.__name__} at byte {pos}"
+                why = f"{exc.__class__.__name__} at byte {pos}{fresh}"
             finally:
                 for connection in connections:
                     self._untrack(cancel, connection)
