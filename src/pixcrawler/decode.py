@@ -151,11 +151,11 @@ def _rounded(nbytes: int) -> int:
 @functools.cache
 def import_decoders() -> None:
     """Import every module decoding an image would import on first use (Pillow's plugins
-    and what they import, ~50 ms once per process). A module being imported holds its
+    and what they import, ~30 ms once per process). A module being imported holds its
     import lock, and a process forked meanwhile (a DataLoader starting its workers while
     another thread decodes its first image) inherits the lock held, and hangs on it for
-    ever. So :func:`~pixcrawler.load_dataset` calls this, and reading afterwards imports
-    nothing."""
+    ever. So :func:`~pixcrawler.load_dataset` calls this (as does a ``Dataset``
+    unpickled in another process), and reading afterwards imports nothing."""
     Image.preinit()
     Image.init()
     _load_simplejpeg()
