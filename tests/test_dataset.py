@@ -1202,3 +1202,22 @@ def test_a_decode_error_in_the_callers_except_block_leaves_its_frames_and_genera
         assert frame.f_locals["record"] == {"raw": "abc"}
     assert inspect.getgeneratorstate(pending) == inspect.GEN_SUSPENDED
     assert next(pending) == "second"
+
+
+def test_unpickling_only_warms_up_what_reading_imports(
+    uniform: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset unpickled in a DataLoader worker imports what reading needs first; where
+    that fails, the worker's first read says why (torch reports it), not its unpickling
+    (torch said only "worker exited unexpectedly")."""
+    import pickle
+
+    import pixcrawler.dataset
+
+    def broken() -> None:
+        raise RuntimeError("a decoder that cannot load")
+
+    monkeypatch.setattr(pixcrawler.dataset, "import_decoders", broken)
+    clone = pickle.loads(pickle.dumps(uniform))
+    assert clone.num_images == uniform.num_images
+    clone.close()

@@ -591,10 +591,12 @@ class Dataset:
         self._views = weakref.WeakSet()
         self.stats = DatasetStats()
         # Unpickled in a process of its own (torch.multiprocessing.spawn, say), which may
-        # fork DataLoader workers in turn: as load_dataset does (see import_decoders).
-        import_decoders()
-        if self.progress:
-            _import_progress_bar()
+        # fork DataLoader workers in turn: as load_dataset does (see import_decoders). Only
+        # a warm-up: what fails here fails again, and says so, where it is used.
+        with contextlib.suppress(Exception):
+            import_decoders()
+            if self.progress:
+                _import_progress_bar()
 
     # -- the pipeline ---------------------------------------------------------------------
 

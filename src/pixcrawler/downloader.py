@@ -1137,8 +1137,9 @@ class ChunkDownloader:
                     pos - max(begun, furthest) >= _progress_floor(start, end)
                     and fetched <= 2 * (pos - start)  # not at the cost of fetching it again
                 ):
+                    if failures:  # (a first failure has none counted to start afresh)
+                        fresh = ", which moved the chunk on: its retries count afresh"
                     spent, failures = spent + failures, 0  # the retries count afresh
-                    fresh = ", which moved the chunk on: its retries count afresh"
                 furthest = max(furthest, pos)
                 failures += 1
                 if failures > policy.retries:
