@@ -45,36 +45,26 @@ from .exceptions import (
     PixCrawlerError,
 )
 from .models import JOB_STATUSES, Job, check_counts
-from .retry import RetryPolicy, parse_retry_after, status_cause, wait_in_words
+from .retry import Attempts, RetryPolicy, parse_retry_after, status_cause, wait_in_words
 from .units import counted
 
 log = logging.getLogger("pixcrawler")
 
 
-class _Waiting:
+class _Waiting(Attempts):
     """An API call under way, as its slow-wait lines tell it (see _said_while_waiting)."""
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.started = time.monotonic()
-        self.failures = 0
-        self.cause = ""
-        self.retry_at = 0.0  # when the next attempt starts (monotonic clock)
-
-    def failed(self, cause: str, delay: float) -> None:
-        self.cause = cause
-        self.retry_at = time.monotonic() + delay
-        self.failures += 1
 
     def describe(self) -> str:
         now = time.monotonic()
         text = f"waited {now - self.started:.1f} s for {self.what}: "
         if not self.failures:
             return text + "no answer yet"
-        text += f"{counted(self.failures, 'failed attempt')}, the last: {self.cause}; "
-        if self.retry_at > now:
-            return text + f"the next in {self.retry_at - now:.1f} s"
-        return text + "the next under way, no answer yet"
+        next_in = self.next_in(now) or "the next under way, no answer yet"
+        return text + f"{self.last_failure()}; {next_in}"
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ from .client import (
 from .exceptions import DownloadError, JobNotCompleteError, NetworkError, PixCrawlerError
 from .models import Chunk
 from .redaction import shown
-from .retry import parse_retry_after, status_cause, wait_in_words
+from .retry import Attempts, parse_retry_after, status_cause, wait_in_words
 from .units import counted, human_size
 
 log = logging.getLogger("pixcrawler")
@@ -320,20 +320,12 @@ class _Cancelled(PixCrawlerError):
 
 
 @dataclass
-class _Progress:
+class _Progress(Attempts):
     """Where one chunk's transfer stands, for the consumer waiting on it."""
 
     size: int | None
     started: float = field(default_factory=time.monotonic)
     received: dict[int, int] = field(default_factory=dict)  # a stream's first byte → bytes held
-    failures: int = 0
-    problem: str | None = None  # the last failure's cause
-    retry_at: float | None = None  # when the next attempt starts (monotonic clock)
-
-    def failed(self, problem: str, delay: float) -> None:
-        self.failures += 1
-        self.problem = problem
-        self.retry_at = time.monotonic() + delay
 
     def describe(self) -> str:
         now = time.monotonic()
@@ -341,9 +333,9 @@ class _Progress:
         of = f" of {human_size(self.size)}" if self.size is not None else ""
         text = f"{human_size(held)}{of} received in {now - self.started:.1f} s"
         if self.failures:
-            text += f"; {counted(self.failures, 'failed attempt')}, the last: {self.problem}"
-        if self.retry_at is not None and self.retry_at > now:
-            text += f"; the next in {self.retry_at - now:.1f} s"
+            text += f"; {self.last_failure()}"
+        if (next_in := self.next_in(now)) is not None:
+            text += f"; {next_in}"
         return text
 
 

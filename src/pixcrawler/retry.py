@@ -23,11 +23,37 @@ from dataclasses import dataclass
 from datetime import timezone
 
 from . import config
+from .units import counted
 
 log = logging.getLogger("pixcrawler")
 _MAX_DOUBLINGS = 64
 _RETRY_AFTER_JITTER = 0.1
 _SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")  # (a fraction is lenient, and harmless)
+
+
+class Attempts:
+    """The failed attempts of a transfer or call under way, as the lines saying why it is
+    slow tell them (a chunk's, an API call's): each failure's cause, and when the next
+    attempt starts."""
+
+    failures = 0
+    problem: str | None = None  # the last failure's cause
+    retry_at: float | None = None  # when the next attempt starts (monotonic clock)
+
+    def failed(self, problem: str, delay: float) -> None:
+        self.problem = problem
+        self.retry_at = time.monotonic() + delay
+        self.failures += 1  # last: a line made meanwhile counts it with its cause
+
+    def last_failure(self) -> str:
+        """``N failed attempts, the last: CAUSE`` (once one has failed)."""
+        return f"{counted(self.failures, 'failed attempt')}, the last: {self.problem}"
+
+    def next_in(self, now: float) -> str | None:
+        """``the next in N s`` while the next attempt waits; None once it is under way."""
+        if self.retry_at is None or self.retry_at <= now:
+            return None
+        return f"the next in {self.retry_at - now:.1f} s"
 
 
 @dataclass(frozen=True)
