@@ -594,9 +594,7 @@ class Dataset:
         # fork DataLoader workers in turn: as load_dataset does (see import_decoders). Only
         # a warm-up: what fails here fails again, and says so, where it is used.
         with contextlib.suppress(Exception):
-            import_decoders()
-            if self.progress:
-                _import_progress_bar()
+            _import_for_reading(self.progress)
 
     # -- the pipeline ---------------------------------------------------------------------
 
@@ -1181,9 +1179,13 @@ def num_images_of(job: Job) -> int:
     return job.total_images or sum(c.image_count or 0 for c in job.chunks)
 
 
-def _import_progress_bar() -> None:
-    """Import tqdm and make its lock now, not on the first bar (see import_decoders); and
-    termios, which tqdm before 4.66 imports to read the terminal's width."""
+def _import_for_reading(progress: bool) -> None:
+    """Import what reading would import on first use, here, not then (see
+    import_decoders): the decoders; with ``progress``, tqdm and its lock, and termios,
+    which tqdm before 4.66 imports to read the terminal's width."""
+    import_decoders()
+    if not progress:
+        return
     from tqdm.auto import tqdm
 
     tqdm.get_lock()  # type: ignore[no-untyped-call]
@@ -1269,9 +1271,7 @@ def load_dataset(
     )
     try:
         job = client.get_completed_job(job_id)
-        import_decoders()  # here, not on first use (see its doc)
-        if progress:
-            _import_progress_bar()
+        _import_for_reading(progress)
         return Dataset(
             job,
             settings,
