@@ -401,9 +401,10 @@ def start_script(
     script: str, live_server: LiveServer, proxy: FaultProxy, *args: str
 ) -> subprocess.Popen[str]:
     """``script`` in a Python process of its own, given job id, key, the proxy's URL (and
-    ``args``)."""
+    ``args``); its stdin a pipe, closed by ``communicate()``."""
     return subprocess.Popen(
         [sys.executable, "-c", script, JOB_UNIFORM, live_server.api_key, proxy.base_url, *args],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -449,7 +450,9 @@ def test_a_script_that_ends_holding_an_iterator_with_stalled_downloads_exits_at_
     """A step-based training loop keeps ``it = iter(...)`` and calls ``next(it)``; the
     script ends while chunks are stalled on the network. Python joins thread-pool threads
     at exit before that iterator is collected: the process stayed up until every stalled
-    transfer had used its timeout and retries (20 minutes with the defaults)."""
+    transfer had used its timeout and retries (20 minutes with the defaults). The script
+    ends once told to (its stdin closed), when a chunk is stalled: ending right after the
+    first image, it at times ended before any later chunk's transfer had begun."""
     script = textwrap.dedent(
         """
         import sys
@@ -458,6 +461,7 @@ def test_a_script_that_ends_holding_an_iterator_with_stalled_downloads_exits_at_
         steps = iter(dataset)
         next(steps)
         print("trained", flush=True)
+        sys.stdin.read()
         """
     )
     stall = Fault("stall", after_bytes=100, seconds=60)
