@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import re
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -732,6 +733,34 @@ def test_a_warning_with_progress_on_points_at_the_callers_loop_not_at_tqdm(
     skipped = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert [w.filename for w in skipped] == [__file__], [str(w) for w in skipped]
     assert capsys.readouterr().err.strip().endswith("received, 1 skipped]")  # on the bar, too
+
+
+def test_a_warning_with_progress_on_gets_a_line_of_its_own_not_the_end_of_the_bars(
+    live_server: LiveServer,
+    tmp_path: Path,
+    server_factory: Callable[..., str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It was written on from the bar's last drawing: `... 40.0img/s]tests/...: RuntimeWarning`."""
+    pytest.importorskip("tqdm")
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (3,)))
+    dataset = load_dataset(
+        JOB_UNIFORM, live_server.api_key, base_url, on_error="warn", progress=True
+    )
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *_: Any) -> None:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno))
+
+    with warnings.catch_warnings():  # (pytest records warnings: show them, as Python does)
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        for _ in dataset:
+            pass
+    err = capsys.readouterr().err
+    shown = err.index(f"{__file__}:")
+    assert "RuntimeWarning: skipped" in err[shown:], err
+    assert err[shown - 1] in "\r\n", repr(err[max(0, shown - 80) : shown + 40])
+    assert err.rstrip().endswith("1 skipped]")  # the bar drawn again after it
 
 
 @pytest.mark.parametrize("job_id", [None, float("nan"), 1.0, True])

@@ -854,8 +854,19 @@ class Dataset:
                 self.stats._skipped_seen.add(sample.id)
                 self.stats.skipped_ids.append(sample.id)
         if self.on_error == "warn":
-            warnings.warn(f"skipped {result.message}", RuntimeWarning, stacklevel=_caller_level())
+            _warn_above_bars(f"skipped {result.message}", _caller_level())
         return None
+
+
+def _warn_above_bars(message: str, stacklevel: int) -> None:
+    """A ``RuntimeWarning``; while tqdm bars are drawn, they are cleared first and drawn
+    again after, so the warning gets a line of its own instead of running on from a bar's."""
+    std = sys.modules.get("tqdm.std")  # bars exist only if tqdm is imported
+    if std is None or not getattr(std.tqdm, "_instances", None):
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+        return
+    with std.tqdm.external_write_mode(file=sys.stderr):
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 _DECODE_THREAD = f"{config.THREAD_PREFIX}decode"
