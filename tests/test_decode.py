@@ -233,6 +233,24 @@ def test_palette_transparency_becomes_alpha() -> None:
     assert (rgba[..., 3][~transparent] == 255).all()
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_a_palette_png_with_an_alpha_per_entry_decodes_without_a_warning(mode: str) -> None:
+    """pngquant's kind of PNG-8 (a tRNS of one alpha per palette entry): Pillow warned
+    converting it to RGB or L, so under -W error it was refused as a corrupt image."""
+    image = photo(mode="P")
+    alphas = bytes([0, 64, 128] + [255] * 253)
+    data = encode(image, "PNG", transparency=alphas)
+    with Image.open(io.BytesIO(data)) as opened:
+        assert isinstance(opened.info["transparency"], bytes)
+        expected = np.asarray(opened.convert("RGBA").convert(mode))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = ImageDecoder(mode).decode(data)
+    assert max_diff(decoded, expected.reshape(decoded.shape)) == 0
+    if mode == "RGBA":
+        assert (decoded[..., 3][np.asarray(image) == 1] == 64).all()
+
+
 def test_an_animated_gif_gives_its_first_frame() -> None:
     frames = [photo(index=i, mode="P") for i in range(3)]
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)

@@ -347,6 +347,10 @@ class ImageDecoder:
             # convert() would clip every value above 255 to white. Keep the high byte, as
             # Pillow does for 16-bit RGB.
             image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+        if image.mode == "P" and isinstance(image.info.get("transparency"), bytes):
+            # An alpha per palette entry (pngquant's PNG-8s): Pillow warns converting it
+            # to anything but RGBA. Through RGBA, the colours are the same.
+            image = image.convert("RGBA")
         if image.mode != self.mode:
             image = image.convert(self.mode)
         if self.image_size is not None and image.size != self.image_size[::-1]:
