@@ -41,7 +41,7 @@ from helpers import (
     sdk_threads_left,
     settles,
 )
-from pixcrawler import Dataset, DatasetInfo, config, load_dataset
+from pixcrawler import Dataset, DatasetInfo, config, exceptions, load_dataset
 from pixcrawler import dataset as dataset_module
 from pixcrawler.archive import ChunkArchive, Sample
 from pixcrawler.client import ApiClient, job_path
@@ -1015,6 +1015,10 @@ def test_import_pixcrawler_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert {"load_dataset", "Dataset", "DatasetInfo", "PixCrawlerError"} <= set(pixcrawler.__all__)
+    # Every exception, at the top as DESIGN.md has it (the two of ours were not).
+    assert set(exceptions.__all__) <= set(pixcrawler.__all__)
+    for name in exceptions.__all__:
+        assert getattr(pixcrawler, name) is getattr(exceptions, name)
 
 
 @pytest.mark.parametrize("ramp", [False, True])
