@@ -95,6 +95,18 @@ def test_without_scikit_learn_the_demo_names_the_extra(monkeypatch: pytest.Monke
         run_demo(echo=lambda _: None)
 
 
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_without_the_server_the_demo_names_the_one_extra_that_brings_both(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module: str
+) -> None:
+    """With scikit-learn alone ([demo] as it was), the demo then asked for [server]: two
+    installs, one error at a time. The demo extra now brings the server's packages."""
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(MissingDependencyError, match=r'pip install "pixcrawler-sdk\[demo\]"'):
+        run_demo(tmp_path / "work", echo=lambda _: None)
+    assert not (tmp_path / "work").exists()  # said before anything is written
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_pixcrawler_demo_runs_end_to_end(tmp_path: Path) -> None:

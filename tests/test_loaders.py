@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
 from pixcrawler import Dataset
 from pixcrawler.dataset import ClientSettings
 from pixcrawler.exceptions import MissingDependencyError, PixCrawlerError
+from pixcrawler.loaders import require
 from pixcrawler.models import Chunk, Job
 from pixcrawler.retry import RetryPolicy
 
@@ -81,6 +84,46 @@ def test_a_missing_framework_names_the_extra_to_install(
     assert f'pip install "pixcrawler-sdk[{extra}]"' in str(info.value)
     assert isinstance(info.value, ImportError) and isinstance(info.value, PixCrawlerError)
     assert offline.stats.transfer.requests == 0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ImportError("libtorch_cuda.so: cannot open shared object file"),
+        ModuleNotFoundError("No module named 'typing_extensions'", name="typing_extensions"),
+    ],
+)
+def test_a_framework_installed_but_broken_is_not_called_missing(
+    monkeypatch: pytest.MonkeyPatch, error: ImportError
+) -> None:
+    """It said "torch is required for this; install it with ...": installed, it was, and
+    installing it again would not mend a library it cannot load."""
+
+    def broken(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "torch":
+            raise error
+        return real(name, *args, **kwargs)
+
+    real = importlib.import_module
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(MissingDependencyError) as info:
+        require("torch", "torch")
+    assert str(info.value) == f"torch is installed but could not be imported: {error}"
+    assert info.value.__cause__ is error
+
+
+@pytest.mark.parametrize("module", ["sklearn", "sklearn.svm"])
+def test_a_framework_not_installed_is_named_as_the_package_users_install(
+    monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.delitem(sys.modules, "sklearn.svm", raising=False)
+    with pytest.raises(MissingDependencyError) as info:
+        require(module, "demo", "scikit-learn")
+    assert str(info.value) == (
+        'scikit-learn is required for this; install it with: pip install "pixcrawler-sdk[demo]"'
+    )
 
 
 def test_without_torch_installed_to_torch_says_how_to_get_it() -> None:

@@ -950,7 +950,7 @@ def serve(store: Path, host: str, port: int) -> None:
     help="Digits per class (0-9).",
 )
 def demo(workdir: Path | None, images_per_class: int) -> None:
-    """Run the whole path on real data in seconds (needs [server] and [demo]).
+    """Run the whole path on real data in seconds (needs the [demo] extra).
 
     scikit-learn's handwritten digits become labelled PNG and JPEG files,
     are packed, served on a loopback port with a fresh key, loaded back with

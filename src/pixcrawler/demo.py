@@ -72,7 +72,7 @@ def write_digits(
     Even-numbered images are PNG (lossless), odd ones JPEG. Returns the number written and
     the count per label.
     """
-    datasets = require("sklearn.datasets", "demo")
+    datasets = require("sklearn.datasets", "demo", "scikit-learn")
     digits = datasets.load_digits()
     available = int(np.bincount(digits.target).min())
     if not 1 <= images_per_class <= available:
@@ -129,8 +129,10 @@ def run_demo(
             f"images_per_class must be from {MIN_IMAGES_PER_CLASS} to {DIGITS_PER_CLASS}, "
             f"got {images_per_class}"
         )
-    model_selection = require("sklearn.model_selection", "demo")
-    svm = require("sklearn.svm", "demo")
+    model_selection = require("sklearn.model_selection", "demo", "scikit-learn")
+    svm = require("sklearn.svm", "demo", "scikit-learn")
+    for server_module in ("fastapi", "uvicorn"):  # (the demo extra brings the server's)
+        require(server_module, "demo")
     from .packer import pack
     from .server import create_app, run_in_thread
 

@@ -72,13 +72,22 @@ _BUFFER_STREAM = 2
 _CHUNK_STREAM = 3
 
 
-def require(module: str, extra: str) -> Any:
-    """Import an optional framework, or say which extra brings it."""
+def require(module: str, extra: str, package: str | None = None) -> Any:
+    """Import an optional framework, or say which extra brings it (``package``: the name it
+    is installed by, where that is not its module's, as scikit-learn's ``sklearn``)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
+        name = package or module.partition(".")[0]
+        absent = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if not (absent and f"{module}.".startswith(f"{absent}.")):
+            # Installed, but broken (a library it loads, one of its own dependencies): the
+            # extra is there already, and installing it again would not help.
+            raise MissingDependencyError(
+                f"{name} is installed but could not be imported: {exc}"
+            ) from exc
         raise MissingDependencyError(
-            f'{module} is required for this; install it with: pip install "pixcrawler-sdk[{extra}]"'
+            f'{name} is required for this; install it with: pip install "pixcrawler-sdk[{extra}]"'
         ) from exc
 
 
