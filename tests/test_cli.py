@@ -1429,6 +1429,22 @@ def test_list_of_nothing_says_so(
 # -- exit codes ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", [["serve", "--store", "store"], ["demo"]])
+def test_a_command_without_its_extra_exits_2_naming_it(
+    cli: Cli, tmp_path: Path, command: list[str]
+) -> None:
+    """It exited 1, which the exit codes keep for a bug."""
+    shadow = tmp_path / "without-fastapi"
+    shadow.mkdir()
+    (shadow / "fastapi.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'fastapi'\", name='fastapi')\n"
+    )
+    result = cli.run(*command, PYTHONPATH=os.pathsep.join([str(shadow), str(SRC)]))
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result
+    assert 'pip install "pixcrawler-sdk[' in result.stderr, result
+
+
 @pytest.mark.parametrize("command", [["list"], ["info", JOB_UNIFORM], ["download", JOB_UNIFORM]])
 def test_a_rejected_key_exits_3(cli: Cli, live_server: LiveServer, command: list[str]) -> None:
     result = cli.run(*command, *api(live_server, SECRET))

@@ -46,6 +46,7 @@ from .exceptions import (
     DecompressionError,
     DownloadError,
     JobNotCompleteError,
+    MissingDependencyError,
     MixedImageSizesError,
     NetworkError,
     NotFoundError,
@@ -94,6 +95,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (DownloadError, EXIT_INTEGRITY),
     (DecompressionError, EXIT_BAD_DATA),
     (MixedImageSizesError, EXIT_BAD_DATA),
+    (MissingDependencyError, EXIT_USAGE),  # an extra to install: not a bug (1)
 )
 
 _NAME_WIDTH = 40  # the widest NAME column of `pixcrawler list`
