@@ -341,3 +341,32 @@ def reachable_buffers(root: object) -> list[int]:
             if obj is not sys.modules and obj is not main:
                 pending.extend(gc.get_referents(obj))
     return found
+
+
+def arrays_in_frames(exc: BaseException) -> list[str]:
+    """The locals of the SDK's frames in ``exc``'s traceback that hold an array, directly
+    or in a list or tuple (a shuffle buffer of ``(image, sample)``), as ``function:name``:
+    what a caller keeping the error keeps with it."""
+    import pixcrawler
+
+    package = os.path.dirname(os.path.abspath(pixcrawler.__file__)) + os.sep
+
+    def holds(value: object, depth: int = 2) -> bool:
+        if isinstance(value, np.ndarray):
+            return True
+        if depth and isinstance(value, (list, tuple)):
+            return any(holds(item, depth - 1) for item in value)
+        return False
+
+    held = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_filename.startswith(package):
+            held += [
+                f"{code.co_name}:{name}"
+                for name, value in tb.tb_frame.f_locals.items()
+                if holds(value)
+            ]
+        tb = tb.tb_next
+    return held

@@ -33,6 +33,7 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from helpers import (
+    arrays_in_frames,
     copy_without_counts,
     corrupt_copy,
     digest,
@@ -761,6 +762,27 @@ def test_a_warning_with_progress_on_gets_a_line_of_its_own_not_the_end_of_the_ba
     assert "RuntimeWarning: skipped" in err[shown:], err
     assert err[shown - 1] in "\r\n", repr(err[max(0, shown - 80) : shown + 40])
     assert err.rstrip().endswith("1 skipped]")  # the bar drawn again after it
+
+
+@pytest.mark.parametrize("way", ["iterate", "iterate with progress", "iter_batches", "to_arrays"])
+def test_an_error_a_caller_keeps_keeps_no_image(
+    live_server: LiveServer, tmp_path: Path, server_factory: Callable[..., str], way: str
+) -> None:
+    """Each kept error kept the last image decoded before it, in the finished frames of
+    its traceback (a notebook keeps the last error; a loop that collects them, every one)."""
+    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (3,)))
+    dataset = load_dataset(
+        JOB_UNIFORM, live_server.api_key, base_url, progress=way.endswith("progress")
+    )
+    calls = {
+        "iterate": lambda: list(dataset),
+        "iterate with progress": lambda: list(dataset),
+        "iter_batches": lambda: list(dataset.iter_batches(2)),
+        "to_arrays": dataset.to_arrays,
+    }
+    with pytest.raises(DecompressionError) as info:
+        calls[way]()
+    assert info.value.sample_id and arrays_in_frames(info.value) == []
 
 
 @pytest.mark.parametrize("job_id", [None, float("nan"), 1.0, True])

@@ -41,6 +41,7 @@ from constants import (
     UNIFORM_TOTAL,
 )
 from helpers import (
+    arrays_in_frames,
     copy_without_counts,
     corrupt_copy,
     drop_counts,
@@ -760,6 +761,18 @@ def test_a_bad_image_remembered_pins_no_chunk(corrupt_server: str, on_error: str
     gc.collect()
     assert reachable_buffers(remembered) == []
     assert all(e.__traceback__ is None and e.__cause__ is None for e in remembered)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_an_error_a_caller_keeps_from_a_stream_keeps_no_image(
+    corrupt_server: str, shuffle: bool
+) -> None:
+    """It kept the last image, and with shuffle=True every image of the shuffle buffer, in
+    the finished frames of its traceback."""
+    stream = open_uniform(corrupt_server, "test-key").to_torch(streaming=True, shuffle=shuffle)
+    with pytest.raises(DecompressionError) as info:
+        list(stream)
+    assert info.value.sample_id and arrays_in_frames(info.value) == []
 
 
 def test_map_style_raises_on_a_corrupt_image_by_default(corrupt_server: str) -> None:

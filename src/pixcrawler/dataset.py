@@ -293,8 +293,13 @@ class Dataset:
             >>> for image, label in dataset:
             ...     process(image, label)
         """
-        for sample, image in self.iter_samples():
-            yield image, sample.label
+        image: np.ndarray | None = None
+        try:
+            for sample, image in self.iter_samples():
+                yield image, sample.label
+        except BaseException:
+            image = None  # (an error a caller keeps would keep the last image, in this frame)
+            raise
 
     def iter_samples(
         self,
@@ -314,6 +319,7 @@ class Dataset:
         # a process's first pass over 5,000 photos, ~5% of its throughput).
         buffers = None if keeps else ImageBuffers()
         samples = self._decoded(ImageDecoder(self.mode, size, buffers=buffers), chunks)
+        item: tuple[Sample, np.ndarray] | None = None
         try:
             if not self.progress:
                 yield from samples
@@ -334,9 +340,10 @@ class Dataset:
             # The frames of an error's traceback keep the decoder, and its buffers with it,
             # for as long as the caller keeps the error (a notebook keeps the last one); a
             # chunk's error, that chunk's bytes and the last decode group's images too.
+            item = None  # (with progress: the last image)
             if buffers is not None:
                 buffers.forget()
-            _release_left(exc)
+            release_left(exc)
             raise
 
     def iter_batches(
@@ -367,6 +374,7 @@ class Dataset:
         # Images still to come, if the job says: a batch is never larger than that.
         left = self.num_images if counts_listed(self.job) else None
         batch: np.ndarray | None = None
+        image: np.ndarray | None = None
         labels: list[str] = []
         try:
             for sample, image in self.iter_samples(image_size):
@@ -382,7 +390,7 @@ class Dataset:
                     batch, labels = None, []
                     left = None if left is None else left - batch_size
         except BaseException:
-            batch = None  # not kept, half filled, for as long as the caller keeps the error
+            batch = image = None  # not kept, for as long as the caller keeps the error
             raise
         if labels and batch is not None and not drop_last:
             if len(batch) > len(labels):  # images skipped, or a job that lists no counts:
@@ -404,6 +412,7 @@ class Dataset:
         """
         total = self.num_images
         images: np.ndarray | None = None
+        image: np.ndarray | None = None
         labels: list[str] = []
         try:
             for sample, image in self.iter_samples(image_size):
@@ -414,7 +423,7 @@ class Dataset:
                 _put(images, len(labels), image, sample)
                 labels.append(sample.label)
         except BaseException:
-            images = None  # not kept, half filled, for as long as the caller keeps the error
+            images = image = None  # not kept, for as long as the caller keeps the error
             raise
         if images is None:  # nothing decoded: the shape the images would have had
             channels = ImageDecoder(self.mode).channels
@@ -961,7 +970,7 @@ def _bar_postfix(bar: Any, stats: DatasetStats) -> Iterator[Callable[[], None]]:
         stop.set()
 
 
-def _release_left(exc: BaseException) -> None:
+def release_left(exc: BaseException) -> None:
     """Clear the locals of the SDK's frames (and its progress bar's) ``exc`` was raised in
     and came out of (the entries of its traceback after the first, which is the frame
     handling it: they have all ended, a generator's too), then, for an error of the SDK's,

@@ -44,6 +44,7 @@ from .dataset import (
     counts_listed,
     decode_sample,
     positive_int,
+    release_left,
     total_mismatch,
     unlabelled,
 )
@@ -728,9 +729,16 @@ class _Streaming(_TorchBridge):
                 [*sequence.seed_words, _BUFFER_STREAM, self.rank, worker_id]
             )
             samples = _shuffled(samples, self.shuffle_buffer, rng)
+        image: np.ndarray | None = None
         try:
             for image, sample in samples:
                 yield self._output(image, sample)
+        except BaseException as exc:
+            # An error a caller keeps would keep, in the frames of its traceback, the last
+            # image, and with shuffle=True the buffer's (up to shuffle_buffer of them).
+            image = None
+            release_left(exc)
+            raise
         finally:
             # Now, not when the frame goes: an error in the user's transform holds this
             # frame in its traceback, and the downloads and decoders would run on.
