@@ -52,6 +52,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if not Path(pixcrawler.__file__).resolve().is_relative_to(SRC):
     raise ImportError(f"the tests import pixcrawler from {pixcrawler.__file__}, not from {SRC}")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+# The SDK takes a proxy from the environment, as requests and httpx do: the tests' servers
+# are on loopback, and a proxy the machine running them sets (for a package index, say)
+# would see every request (test_proxy.py sets its own).
+for _name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+    del os.environ[_name]
 
 __all__ = ["TEST_KEY", "LiveServer", "PackedStore"]
 

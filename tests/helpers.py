@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -194,6 +195,88 @@ class RedirectingFront(_LoopbackHost):
                 self.wfile.write(answer.data)
 
         self._listen(Handler, "127.0.0.1")
+
+
+class ForwardProxy(_LoopbackHost):
+    """An HTTP forward proxy on 127.0.0.1, as a corporate network puts in the way: a GET
+    for an absolute URL is relayed (the whole answer, then the connection closes), a
+    CONNECT becomes a tunnel to its host. ``requests`` records each request line as the
+    proxy got it, ``auth`` each one's Proxy-Authorization; ``refuse`` answers every
+    request with a 407 instead."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.auth: list[str | None] = []
+        self.refuse = False
+        outer = self
+
+        class Handler(_QuietHandler):
+            def _seen(self) -> bool:
+                outer.requests.append(f"{self.command} {self.path}")
+                outer.auth.append(self.headers.get("Proxy-Authorization"))
+                if outer.refuse:
+                    self.send_response(407)
+                    self.send_header("Proxy-Authenticate", 'Basic realm="test"')
+                    self.send_header("Content-Length", "0")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                return not outer.refuse
+
+            def do_GET(self) -> None:
+                if not self._seen():
+                    return
+                target = urlsplit(self.path)
+                sent = {
+                    name: value
+                    for name, value in self.headers.items()
+                    if name.lower() not in ("proxy-authorization", "proxy-connection", "connection")
+                }
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                try:
+                    upstream.request(
+                        "GET",
+                        urlsplit(self.path)._replace(scheme="", netloc="").geturl() or "/",
+                        headers=sent,
+                    )
+                    answer = upstream.getresponse()
+                    body = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("connection", "content-length", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+
+            def do_CONNECT(self) -> None:
+                if not self._seen():
+                    return
+                host, _, port = self.path.rpartition(":")
+                upstream = socket.create_connection((host, int(port)), timeout=30)
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.close_connection = True
+
+                def pipe(source: socket.socket, sink: socket.socket) -> None:
+                    with contextlib.suppress(OSError):
+                        while data := source.recv(65536):
+                            sink.sendall(data)
+                    with contextlib.suppress(OSError):
+                        sink.shutdown(socket.SHUT_WR)
+
+                back = threading.Thread(target=pipe, args=(upstream, self.connection), daemon=True)
+                back.start()
+                pipe(self.connection, upstream)
+                back.join(30)
+                upstream.close()
+
+        self._listen(Handler, "127.0.0.1")
+        self.url = self.base_url
 
 
 def corrupt_copy(

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, OTHER_KEY, OTHER_OWNER, UNIFORM_TOTAL
-from helpers import RecordingHost, digest
+from helpers import ForwardProxy, RecordingHost, digest
 from pixcrawler import Dataset, load_dataset
 from pixcrawler.client import ApiClient
 from pixcrawler.dataset import ClientSettings
@@ -429,6 +429,25 @@ def test_an_unverifiable_certificate_is_refused_before_the_key_is_sent(
     with pytest.warns(UserWarning, match="verify_ssl=False"):
         dataset = load_dataset("job_tls", KEY, url, verify_ssl=False, retries=0)
     assert dataset.job.id == "job_tls" and seen == ["/api/v1/jobs/job_tls"]
+
+
+def test_through_a_proxy_an_https_api_is_a_tunnel_the_proxy_cannot_read(
+    self_signed_api: tuple[str, list[str], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS_PROXY: the request, and the key in it, go inside a CONNECT tunnel to the API's
+    host; the proxy learns only the host and port. The certificate is still the host's to
+    prove: through the tunnel, an unverifiable one is refused before the key is sent."""
+    url, seen, _ = self_signed_api
+    with ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        with pytest.raises(NetworkError, match="certificate did not verify"):
+            load_dataset("job_tls", KEY, url, retries=0)
+        assert seen == []
+        with pytest.warns(UserWarning, match="verify_ssl=False"):
+            dataset = load_dataset("job_tls", KEY, url, verify_ssl=False, retries=0)
+    assert dataset.job.id == "job_tls" and seen == ["/api/v1/jobs/job_tls"]
+    host = url.removeprefix("https://")
+    assert proxy.requests == [f"CONNECT {host}"] * 2
 
 
 # -- the command line -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 # Host names are encoded with it on a first connection: imported now, not on first use
 # (see decode.import_decoders).
 import encodings.idna  # noqa: F401
+import ipaddress
 import json
 import logging
 import operator
@@ -25,7 +26,8 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
+from urllib.request import getproxies
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -271,15 +273,21 @@ class ApiClient:
                 stacklevel=3,
             )
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self._pool = urllib3.PoolManager(
-            num_pools=8,
-            maxsize=max(1, pool_size) + 2,
-            cert_reqs="CERT_REQUIRED" if verify_ssl else "CERT_NONE",
-            timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
-            retries=False,
-            headers={"User-Agent": config.USER_AGENT},
-        )
+        self._pool_options: dict[str, Any] = {
+            "num_pools": 8,
+            "maxsize": max(1, pool_size) + 2,
+            "cert_reqs": "CERT_REQUIRED" if verify_ssl else "CERT_NONE",
+            "timeout": urllib3.Timeout(connect=self.timeout, read=self.timeout),
+            "retries": False,
+            "headers": {"User-Agent": config.USER_AGENT},
+        }
+        self._pool = urllib3.PoolManager(**self._pool_options)
         self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        # HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY (any case), as requests and httpx
+        # read them; read once, as the client is made.
+        self._proxies = getproxies()
+        self._via: dict[str, urllib3.ProxyManager] = {}  # a pool manager per proxy
+        self._via_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ApiClient(api_url={self.api_url!r})"
@@ -344,9 +352,10 @@ class ApiClient:
                     redaction.remember(self._api_key)
                     self._remembered = True
                 sent["Authorization"] = f"Bearer {self._api_key}"
+            manager = self._manager_for(url)
             _connection_hooks.hook = on_connection
             try:
-                response = self._pool.request(
+                response = manager.request(
                     "GET", url, headers=sent, preload_content=not stream, redirect=False
                 )
             finally:
@@ -361,6 +370,33 @@ class ApiClient:
             response.release_conn()
             url = _join(url, location, "a redirect to a URL")
         raise NetworkError(f"too many redirects fetching {_safe_url(url)}")
+
+    def _manager_for(self, url: str) -> urllib3.PoolManager:
+        """The pool manager a request for ``url`` goes through: straight to its host, or
+        through the proxy the environment names for it (an HTTPS URL in a CONNECT tunnel,
+        so the proxy sees neither the key nor the bytes)."""
+        proxy = proxy_for(url, self._proxies)
+        if proxy is None:
+            return self._pool
+        with self._via_lock:
+            if self._closed.is_set():
+                raise NetworkError("the client was closed")
+            manager = self._via.get(proxy)
+            if manager is None:
+                manager = self._via[proxy] = self._proxy_manager(proxy)
+        return manager
+
+    def _proxy_manager(self, proxy: str) -> urllib3.ProxyManager:
+        parsed = parse_url(proxy)
+        headers = None
+        if parsed.auth:  # user:password@ in the proxy's URL: sent as Proxy-Authorization
+            user, _, password = (unquote(part) for part in parsed.auth.partition(":"))
+            redaction.remember(password)
+            headers = urllib3.make_headers(proxy_basic_auth=f"{user}:{password}")
+            proxy = parsed._replace(auth=None).url
+        manager = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._pool_options)
+        manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
 
     # -- the API, with retries ------------------------------------------------------------
 
@@ -506,6 +542,10 @@ class ApiClient:
         for connection in calls:
             shutdown_connection(connection)
         self._pool.clear()
+        with self._via_lock:
+            managers = list(self._via.values())
+        for manager in managers:
+            manager.clear()
 
 
 def not_complete_error(job: Job) -> JobNotCompleteError:
@@ -565,6 +605,54 @@ def _network_error(
     if retry_after is not None:
         message += f"; the server asks to retry in {wait_in_words(retry_after)}"
     return NetworkError(message, status_code=response.status, retry_after=retry_after)
+
+
+def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
+    """The proxy a request for ``url`` goes through, chosen from ``proxies``
+    (:func:`urllib.request.getproxies`) as requests does: the one for its scheme, else
+    ``all``; none for a host ``no`` lists (NO_PROXY: names, ``.domain``s, ``*``). A proxy
+    given without a scheme is an HTTP one."""
+    parts = urlsplit(url)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    host = parts.hostname or ""
+    if not proxy or _no_proxy(host, parts.port, proxies.get("no", "")):
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"
+    scheme = proxy.partition("://")[0].lower()
+    if scheme not in ("http", "https"):
+        raise NetworkError(
+            f"the proxy set for {parts.scheme} URLs ({_safe_url(proxy)}) is a {scheme[:20]} "
+            f"proxy; only http:// and https:// proxies are supported (NO_PROXY={host} "
+            "goes straight to the host)"
+        )
+    return proxy
+
+
+def _no_proxy(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether NO_PROXY's ``no_proxy`` lists ``host`` (and ``port``): ``*``; a name, which
+    covers its subdomains too, with a leading dot or without; an address; a network
+    (``10.0.0.0/8``); any of them with ``:port``."""
+    host = host.lower()
+    for entry in (item.strip().lower() for item in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        listed, _, listed_port = entry.rpartition(":")
+        bracketed = listed.startswith("[") and listed.endswith("]")
+        if not listed_port.isdigit() or not (bracketed or (listed and ":" not in listed)):
+            listed, listed_port = entry, ""  # no port ("::1" is an address, not ":" + "1")
+        if listed_port and int(listed_port) != port:
+            continue
+        listed = listed.strip("[]").lstrip(".")
+        if not listed:
+            continue
+        if "/" in listed:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(host) in ipaddress.ip_network(listed, strict=False):
+                    return True
+        elif host == listed or host.endswith(f".{listed}"):
+            return True
+    return False
 
 
 def _safe_url(url: str) -> str:
