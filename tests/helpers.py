@@ -202,9 +202,11 @@ class ForwardProxy(_LoopbackHost):
     for an absolute URL is relayed (the whole answer, then the connection closes), a
     CONNECT becomes a tunnel to its host. ``requests`` records each request line as the
     proxy got it, ``auth`` each one's Proxy-Authorization; ``refuse`` answers every
-    request with a 407 instead."""
+    request with a 407 instead. ``hosts`` maps names only the proxy knows to addresses
+    (the SDK sends loopback hosts past any proxy: a test names its server otherwise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: dict[str, str] | None = None) -> None:
+        known = dict(hosts or {})
         self.requests: list[str] = []
         self.auth: list[str | None] = []
         self.refuse = False
@@ -232,7 +234,10 @@ class ForwardProxy(_LoopbackHost):
                     for name, value in self.headers.items()
                     if name.lower() not in ("proxy-authorization", "proxy-connection", "connection")
                 }
-                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                name = target.hostname or ""
+                upstream = http.client.HTTPConnection(
+                    known.get(name, name), target.port, timeout=30
+                )
                 try:
                     upstream.request(
                         "GET",
@@ -257,7 +262,7 @@ class ForwardProxy(_LoopbackHost):
                 if not self._seen():
                     return
                 host, _, port = self.path.rpartition(":")
-                upstream = socket.create_connection((host, int(port)), timeout=30)
+                upstream = socket.create_connection((known.get(host, host), int(port)), 30)
                 self.send_response(200, "Connection established")
                 self.end_headers()
                 self.close_connection = True

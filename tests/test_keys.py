@@ -438,7 +438,8 @@ def test_through_a_proxy_an_https_api_is_a_tunnel_the_proxy_cannot_read(
     host; the proxy learns only the host and port. The certificate is still the host's to
     prove: through the tunnel, an unverifiable one is refused before the key is sent."""
     url, seen, _ = self_signed_api
-    with ForwardProxy() as proxy:
+    url = url.replace("127.0.0.1", "api.pixcrawler.test")  # (loopback hosts go straight)
+    with ForwardProxy(hosts={"api.pixcrawler.test": "127.0.0.1"}) as proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url)
         with pytest.raises(NetworkError, match="certificate did not verify"):
             load_dataset("job_tls", KEY, url, retries=0)

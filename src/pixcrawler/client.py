@@ -610,12 +610,13 @@ def _network_error(
 def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
     """The proxy a request for ``url`` goes through, chosen from ``proxies``
     (:func:`urllib.request.getproxies`) as requests does: the one for its scheme, else
-    ``all``; none for a host ``no`` lists (NO_PROXY: names, ``.domain``s, ``*``). A proxy
-    given without a scheme is an HTTP one."""
+    ``all``; none for a host ``no`` lists (NO_PROXY: names, ``.domain``s, ``*``), nor for
+    a loopback host (``localhost``, 127.0.0.0/8, ::1: a proxy on another machine would
+    reach its own), as Go's net/http has it. A proxy given without a scheme is an HTTP one."""
     parts = urlsplit(url)
     proxy = proxies.get(parts.scheme) or proxies.get("all")
     host = parts.hostname or ""
-    if not proxy or _no_proxy(host, parts.port, proxies.get("no", "")):
+    if not proxy or _loopback(host) or _no_proxy(host, parts.port, proxies.get("no", "")):
         return None
     if "://" not in proxy:
         proxy = f"http://{proxy}"
@@ -627,6 +628,15 @@ def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
             "goes straight to the host)"
         )
     return proxy
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
 
 
 def _no_proxy(host: str, port: int | None, no_proxy: str) -> bool:
