@@ -52,3 +52,23 @@ def test_a_forked_childs_copy_of_its_parents_iteration_is_left_alone() -> None:
     assert ran == ["ended"]
     assert settles(lambda: not cleanup_threads(), 5)
     assert os.getpid() == begun_in
+
+
+def test_the_last_iteration_ending_as_the_interpreter_exits_does_not_wait_for_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A script that ended holding an iterator: its generator is finalized at exit, and from
+    Python 3.13 a daemon thread no longer runs then, so the wait for the cleanup thread
+    took its whole 5 s, every time."""
+    busy, release = threading.Event(), threading.Event()
+    begun_in = cleanup.begun()
+    cleanup._queue.put(lambda: (busy.set(), release.wait(30)))  # the thread cannot end
+    assert busy.wait(10)
+    monkeypatch.setattr(cleanup, "_finalizing", lambda: True)
+    started = time.monotonic()
+    cleanup.end(lambda: None, begun_in)
+    waited = time.monotonic() - started
+    release.set()
+    assert waited < 1.0, f"the end waited {waited:.1f} s for a thread that cannot run"
+    monkeypatch.undo()
+    assert settles(lambda: not cleanup_threads(), 5)

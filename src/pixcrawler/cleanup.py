@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from threading import current_thread
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 _IDLE_SECONDS = 0.5  # the cleanup thread ends this long after the last iteration's end
 _STOP_SECONDS = 5.0  # the longest the end of the last iteration waits for it to end
 
+_finalizing = sys.is_finalizing  # (a test stands in for it)
 _state = threading.local()  # .collecting: this thread is inside a garbage collection
 _queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # put() is reentrant
 _lock = threading.Lock()
@@ -95,7 +97,9 @@ def end(cleanup: Callable[[], None], begun_in: int) -> None:
                     idle, _thread = _thread, None
                     _stopping.set()
                     _queue.put(_wake)
-            if idle is not None:
+            # (Not as the interpreter exits, finalizing a generator a script left: from
+            # Python 3.13 the daemon thread never runs again, and the exit waited 5 s.)
+            if idle is not None and not _finalizing():
                 idle.join(_STOP_SECONDS)
 
     if _may_wait():
