@@ -6,6 +6,8 @@ import re
 from datetime import datetime, timezone
 
 _FRACTION = re.compile(r"[.,](\d+)")
+_EXTENDED_DATE = re.compile(r"\d{4}-\d\d-\d\d")
+_BASIC_TIME = re.compile(r"\d{3}")  # hhmm, not hh or hh:mm
 # A UTC offset at the end of a time: "+0530", "+05" and "+05:30" are all ISO 8601.
 _OFFSET = re.compile(r"([+-])(\d\d):?(\d\d)?$")
 
@@ -34,6 +36,10 @@ def parse_time(value: str | None) -> datetime | None:
     # as Postgres writes it): each in the one form it takes, then, in every version.
     text = value.strip()
     date, sep, time = text[:10], text[10:11], text[11:]
+    # The extended forms alone: 3.11 takes the basic ones ("20240102T030405Z") and week
+    # dates too, which 3.10 does not.
+    if not _EXTENDED_DATE.fullmatch(date) or _BASIC_TIME.match(time):
+        return None
     if sep in ("T", "t", " ") and time:
         time = _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), time, count=1)
         time = _OFFSET.sub(lambda m: f"{m[1]}{m[2]}:{m[3] or '00'}", time, count=1)
