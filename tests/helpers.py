@@ -202,20 +202,27 @@ class ForwardProxy(_LoopbackHost):
     for an absolute URL is relayed (the whole answer, then the connection closes), a
     CONNECT becomes a tunnel to its host. ``requests`` records each request line as the
     proxy got it, ``auth`` each one's Proxy-Authorization; ``refuse`` answers every
-    request with a 407 instead. ``hosts`` maps names only the proxy knows to addresses
-    (the SDK sends loopback hosts past any proxy: a test names its server otherwise)."""
+    request with a 407 instead, ``stall`` with nothing until the proxy stops. ``hosts``
+    maps names only the proxy knows to addresses (the SDK sends loopback hosts past any
+    proxy: a test names its server otherwise)."""
 
     def __init__(self, hosts: dict[str, str] | None = None) -> None:
         known = dict(hosts or {})
         self.requests: list[str] = []
         self.auth: list[str | None] = []
         self.refuse = False
+        self.stall = False
+        self._stopping = threading.Event()
         outer = self
 
         class Handler(_QuietHandler):
             def _seen(self) -> bool:
                 outer.requests.append(f"{self.command} {self.path}")
                 outer.auth.append(self.headers.get("Proxy-Authorization"))
+                if outer.stall:
+                    outer._stopping.wait(60)
+                    self.close_connection = True
+                    return False
                 if outer.refuse:
                     self.send_response(407)
                     self.send_header("Proxy-Authenticate", 'Basic realm="test"')
@@ -282,6 +289,10 @@ class ForwardProxy(_LoopbackHost):
 
         self._listen(Handler, "127.0.0.1")
         self.url = self.base_url
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        super().__exit__(*exc)
 
 
 def corrupt_copy(

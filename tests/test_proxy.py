@@ -5,16 +5,22 @@ requests. (The proxy seeing an HTTPS API only as a tunnel is in test_keys.py.)""
 from __future__ import annotations
 
 import base64
+import threading
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from conftest import LiveServer
 from constants import JOB_UNIFORM, UNIFORM_TOTAL
-from helpers import ForwardProxy
+from helpers import ForwardProxy, settles
 from pixcrawler import load_dataset
-from pixcrawler.client import proxy_for
-from pixcrawler.exceptions import NetworkError, PixCrawlerError
+from pixcrawler.client import ApiClient, proxy_for
+from pixcrawler.downloader import ChunkDownloader
+from pixcrawler.exceptions import DownloadError, NetworkError, PixCrawlerError
+from pixcrawler.models import Chunk
+from pixcrawler.retry import RetryPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,6 +112,91 @@ def test_a_socks_proxy_is_refused_by_name_not_gone_around(
     assert f"NO_PROXY={NAME}" in str(info.value)
 
 
+@pytest.mark.parametrize("what", ["API call", "chunk"])
+def test_close_ends_a_request_waiting_on_the_proxys_tunnel(
+    monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """An HTTPS request through a proxy waits for the tunnel, then the TLS handshake,
+    before it sends anything: its connection was made known only after both, so close()
+    left it waiting for its timeout (300 s by default)."""
+    with proxy() as forward:
+        forward.stall = True  # CONNECT is never answered
+        monkeypatch.setenv("HTTPS_PROXY", forward.url)
+        client = ApiClient("k" * 24, f"https://{NAME}:9", timeout=30, retry=RetryPolicy(0))
+        downloader = ChunkDownloader(client, [Chunk(0, f"https://{NAME}:9/c.zip", 10, None)])
+        errors: list[BaseException] = []
+
+        def wait() -> None:
+            call: Callable[[], object] = (
+                (lambda: client.get_job("job_x"))
+                if what == "API call"
+                else lambda: downloader.fetch(0)
+            )
+            try:
+                call()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=wait, daemon=True)
+        thread.start()
+        assert settles(lambda: forward.requests, 10)
+        started = time.monotonic()
+        (client.close if what == "API call" else downloader.close)()
+        thread.join(10)
+        ended = time.monotonic() - started
+        client.close()
+    assert not thread.is_alive() and ended < 5, f"close() took {ended:.1f} s to end it"
+    assert errors and isinstance(errors[0], PixCrawlerError)
+
+
+def test_a_proxy_url_that_does_not_parse_is_said_at_once_without_its_password(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A '/' or '#' left in the password: urllib3's error quoted the URL up to it, password
+    and all, and the call was retried as if the network had failed."""
+    monkeypatch.setenv("HTTP_PROXY", "http://alice:Pa55/word#2024@proxy.corp:3128")
+    started = time.monotonic()
+    with pytest.raises(NetworkError, match="is not a URL") as info:
+        pixels(live_server, retries=3, backoff=30)
+    assert time.monotonic() - started < 5  # not retried
+    assert "Pa55" not in str(info.value) and "HTTP_PROXY or ALL_PROXY" in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_proxy_refusing_says_so_at_once_naming_where_it_was_set(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """A 407 from a proxy relaying plain HTTP read as the API's own answer (exit 1, "a
+    bug"); one refusing a tunnel was retried, then reported in urllib3's words."""
+    with proxy() as forward:
+        forward.refuse = True
+        monkeypatch.setenv(f"{scheme.upper()}_PROXY", forward.url)
+        base_url = live_server.base_url.replace("http://127.0.0.1", f"{scheme}://{NAME}")
+        started = time.monotonic()
+        with pytest.raises(NetworkError, match="the proxy refused") as info:
+            load_dataset(JOB_UNIFORM, live_server.api_key, base_url, retries=3, backoff=30)
+    assert time.monotonic() - started < 5 and len(forward.requests) == 1  # not retried
+    assert "407 Proxy Authentication Required" in str(info.value)
+    assert f"{scheme.upper()}_PROXY or ALL_PROXY" in str(info.value)
+
+
+def test_a_chunk_whose_tunnel_the_proxy_refuses_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with proxy() as forward:
+        forward.refuse = True
+        monkeypatch.setenv("HTTPS_PROXY", forward.url)
+        client = ApiClient("k" * 24, f"https://{NAME}:9", retry=RetryPolicy(3, backoff_base=30))
+        downloader = ChunkDownloader(client, [Chunk(0, f"https://{NAME}:9/c.zip", 10, None)])
+        try:
+            with pytest.raises(DownloadError, match="proxy refused to open a tunnel") as info:
+                downloader.fetch(0)
+        finally:
+            downloader.close()
+            client.close()
+    assert info.value.chunk_id == 0 and len(forward.requests) == 1  # not retried
+
+
 @pytest.mark.parametrize(
     ("url", "proxies", "expected"),
     [
@@ -123,6 +214,8 @@ def test_a_socks_proxy_is_refused_by_name_not_gone_around(
         ("http://127.8.0.1/a", {"all": "http://q:2"}, None),
         ("http://localhost:8000/a", {"all": "http://q:2"}, None),
         ("http://0.0.0.0:8000/a", {"all": "http://q:2"}, "http://q:2"),
+        # urllib3 connects to cdn.example: the proxy is judged for it, not for 127.0.0.1
+        ("http://cdn.example\\@127.0.0.1/c.zip", {"all": "http://q:2"}, "http://q:2"),
         ("http://10.2.3.4/a", {"all": "http://q:2", "no": "10.0.0.0/8"}, None),
         ("http://11.2.3.4/a", {"all": "http://q:2", "no": "10.0.0.0/8"}, "http://q:2"),
     ],

@@ -208,8 +208,15 @@ def _report(connection: HTTPConnection) -> None:
 
 
 class _ReportingHTTPConnection(HTTPConnection):
-    """Reported before it sends a request and again once it has connected, so a cancel
-    that came while it was connecting still finds its socket."""
+    """Reported before it sends a request, as soon as its socket exists (an HTTPS
+    connection then waits on a proxy's tunnel and the TLS handshake, before any request),
+    and again once it has connected, so a cancel that came while it was connecting still
+    finds its socket."""
+
+    def _new_conn(self) -> socket.socket:
+        self.sock = sock = super()._new_conn()  # (connect() sets it as this returns, too)
+        _report(self)
+        return sock
 
     def connect(self) -> None:
         super().connect()  # for HTTPS: HTTPSConnection.connect, the TLS handshake included
@@ -360,6 +367,14 @@ class ApiClient:
                 )
             finally:
                 _connection_hooks.hook = None
+            if response.status == 407 and manager is not self._pool:  # the proxy's, not the API's
+                response.close()
+                response.release_conn()
+                raise NetworkError(
+                    f"the proxy refused GET {_safe_url(url)}: HTTP 407 Proxy Authentication "
+                    f"Required ({_proxy_hint(url)})",
+                    status_code=407,
+                )
             location = response.headers.get("Location")
             if response.status not in _REDIRECTS or not location:
                 return response, url
@@ -463,6 +478,8 @@ class ApiClient:
                     raise NetworkError(f"{what}: the client was closed") from exc
                 if certificate_refused(exc):
                     raise NetworkError(f"{what} failed: {refused_certificate(exc)}") from exc
+                if (refusal := proxy_refusal(exc)) is not None:
+                    raise NetworkError(f"{what} failed: {refusal}") from exc
                 failures += 1
                 if failures > self.retry.retries:
                     raise NetworkError(
@@ -613,9 +630,11 @@ def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
     ``all``; none for a host ``no`` lists (NO_PROXY: names, ``.domain``s, ``*``), nor for
     a loopback host (``localhost``, 127.0.0.0/8, ::1: a proxy on another machine would
     reach its own), as Go's net/http has it. A proxy given without a scheme is an HTTP one."""
-    parts = urlsplit(url)
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    host = parts.hostname or ""
+    if not proxies:
+        return None
+    parts = parse_url(url)  # the host urllib3 will connect to, whatever urlsplit says
+    proxy = proxies.get(parts.scheme or "") or proxies.get("all")
+    host = (parts.host or "").strip("[]").lower()
     if not proxy or _loopback(host) or _no_proxy(host, parts.port, proxies.get("no", "")):
         return None
     if "://" not in proxy:
@@ -627,7 +646,44 @@ def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
             f"proxy; only http:// and https:// proxies are supported (NO_PROXY={host} "
             "goes straight to the host)"
         )
+    try:
+        if not parse_url(proxy).host:
+            raise LocationParseError(proxy)
+    except LocationParseError:  # (its message would quote the URL, password and all)
+        raise NetworkError(
+            f"the proxy set for {parts.scheme} URLs is not a URL ({_proxy_hint(url)}; "
+            "a character such as / # ? @ in a user name or password must be percent-encoded)"
+        ) from None
     return proxy
+
+
+def _proxy_hint(url: str) -> str:
+    """Where the proxy for ``url`` was set."""
+    scheme = urlsplit(url).scheme.upper()
+    return f"it is set by {scheme}_PROXY or ALL_PROXY, and NO_PROXY exempts hosts"
+
+
+def proxy_refusal(exc: BaseException) -> str | None:
+    """Words for a proxy that refused to open a tunnel (403, 407: asking again gets the same
+    answer, so it is not retried); None for any other failure (a proxy that is down, or
+    answered 502 or 503, is retried)."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        said = str(error)
+        if isinstance(error, OSError) and said.startswith("Tunnel connection failed: 4"):
+            answer = said.removeprefix("Tunnel connection failed: ")[:80]
+            return (
+                f"the proxy refused to open a tunnel ({answer}; it is set by HTTPS_PROXY or "
+                "ALL_PROXY, and NO_PROXY exempts hosts)"
+            )
+        pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
+        pending += error.args
+    return None
 
 
 def _loopback(host: str) -> bool:

@@ -58,6 +58,7 @@ from .client import (
     ApiClient,
     certificate_refused,
     error_body,
+    proxy_refusal,
     refused_certificate,
     shutdown_connection,
 )
@@ -1123,6 +1124,8 @@ class ChunkDownloader:
                     raise DownloadError(
                         f"Chunk {index} failed: {refused_certificate(exc)}", chunk_id=index
                     ) from exc
+                if (refusal := proxy_refusal(exc)) is not None:
+                    raise DownloadError(f"Chunk {index} failed: {refusal}", chunk_id=index) from exc
                 fetched += pos - begun
                 fresh = ""
                 if (
