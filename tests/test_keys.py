@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import ipaddress
 import json
 import logging
 import os
@@ -365,6 +366,7 @@ def self_signed_api(tmp_path: Path) -> Iterator[tuple[str, list[str], list[int]]
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.timezone.utc)
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -373,6 +375,7 @@ def self_signed_api(tmp_path: Path) -> Iterator[tuple[str, list[str], list[int]]
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([loopback]), critical=False)
         .sign(key, hashes.SHA256())
     )
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -429,6 +432,31 @@ def test_an_unverifiable_certificate_is_refused_before_the_key_is_sent(
     with pytest.warns(UserWarning, match="verify_ssl=False"):
         dataset = load_dataset("job_tls", KEY, url, verify_ssl=False, retries=0)
     assert dataset.job.id == "job_tls" and seen == ["/api/v1/jobs/job_tls"]
+
+
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"])
+def test_a_ca_bundle_the_environment_names_verifies_the_api(
+    self_signed_api: tuple[str, list[str], list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+) -> None:
+    """A company's TLS-inspecting proxy signs with its own CA, which its users name in
+    REQUESTS_CA_BUNDLE (requests, so Hugging Face and kagglehub) or SSL_CERT_FILE
+    (OpenSSL, so httpx): the SDK read only the system's store, and refused the API."""
+    url, seen, _ = self_signed_api
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)  # (a machine may name its system's store)
+    monkeypatch.setenv(variable, str(tmp_path / "cert.pem"))  # (the fixture's certificate)
+    with load_dataset("job_tls", KEY, url, retries=0) as dataset:
+        assert dataset.job.id == "job_tls" and seen == ["/api/v1/jobs/job_tls"]
+
+
+def test_a_ca_bundle_that_is_not_there_is_said_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/corp-ca.pem")
+    with pytest.raises(NetworkError, match=r"REQUESTS_CA_BUNDLE names /nonexistent/corp-ca\.pem"):
+        ApiClient(KEY, "https://api.example.com")
+    ApiClient(KEY, "https://api.example.com", verify_ssl=False).close()  # unread then
 
 
 def test_through_a_proxy_an_https_api_is_a_tunnel_the_proxy_cannot_read(

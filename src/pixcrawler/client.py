@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import operator
+import os
 import re
 import socket
 import ssl
@@ -288,6 +289,8 @@ class ApiClient:
             "retries": False,
             "headers": {"User-Agent": config.USER_AGENT},
         }
+        if verify_ssl and (bundle := _ca_bundle()) is not None:
+            self._pool_options["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
         self._pool = urllib3.PoolManager(**self._pool_options)
         self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         # HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY (any case), as requests and httpx
@@ -683,6 +686,20 @@ def proxy_refusal(exc: BaseException) -> str | None:
             )
         pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
         pending += error.args
+    return None
+
+
+def _ca_bundle() -> str | None:
+    """The CA certificates requests would trust instead of the system's: REQUESTS_CA_BUNDLE,
+    else CURL_CA_BUNDLE (a file, or a folder of them). SSL_CERT_FILE and SSL_CERT_DIR,
+    OpenSSL's own, it reads itself where these are not set."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        if path := os.environ.get(variable, "").strip():
+            if not os.path.exists(path):
+                raise NetworkError(
+                    f"{variable} names {path[:300]}, which is no file or folder of CA certificates"
+                )
+            return path
     return None
 
 
