@@ -52,11 +52,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if not Path(pixcrawler.__file__).resolve().is_relative_to(SRC):
     raise ImportError(f"the tests import pixcrawler from {pixcrawler.__file__}, not from {SRC}")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
-# The SDK takes a proxy from the environment, as requests and httpx do: the tests' servers
-# are on loopback, and a proxy the machine running them sets (for a package index, say)
-# would see every request (test_proxy.py sets its own).
+# The SDK takes a proxy and a CA bundle from the environment, as requests does: those of
+# the machine running the tests (set for a package index, say) are not the tests' own
+# (test_proxy.py and test_keys.py set theirs).
 for _name in [name for name in os.environ if name.lower().endswith("_proxy")]:
     del os.environ[_name]
+os.environ.pop("REQUESTS_CA_BUNDLE", None)
+os.environ.pop("CURL_CA_BUNDLE", None)
 
 __all__ = ["TEST_KEY", "LiveServer", "PackedStore"]
 
