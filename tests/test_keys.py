@@ -456,7 +456,8 @@ def test_a_ca_bundle_that_is_not_there_is_said_by_name(monkeypatch: pytest.Monke
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/corp-ca.pem")
     with pytest.raises(NetworkError, match=r"REQUESTS_CA_BUNDLE names /nonexistent/corp-ca\.pem"):
         ApiClient(KEY, "https://api.example.com")
-    ApiClient(KEY, "https://api.example.com", verify_ssl=False).close()  # unread then
+    with pytest.warns(UserWarning, match="verify_ssl=False"):
+        ApiClient(KEY, "https://api.example.com", verify_ssl=False).close()  # unread then
 
 
 def test_through_a_proxy_an_https_api_is_a_tunnel_the_proxy_cannot_read(
