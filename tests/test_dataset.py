@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import socket
 import sys
@@ -762,6 +763,32 @@ def test_a_warning_with_progress_on_gets_a_line_of_its_own_not_the_end_of_the_ba
     assert "RuntimeWarning: skipped" in err[shown:], err
     assert err[shown - 1] in "\r\n", repr(err[max(0, shown - 80) : shown + 40])
     assert err.rstrip().endswith("1 skipped]")  # the bar drawn again after it
+
+
+@pytest.mark.parametrize("set_up", [False, True], ids=["no logging set up", "logging set up"])
+def test_a_log_line_with_progress_on_goes_above_the_bar_once(
+    live_server: LiveServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    set_up: bool,
+) -> None:
+    """Python's last-resort handler wrote a retry's line on from the bar's last drawing;
+    where logging is set up, its handlers print it, as before, and only they."""
+    schedule = FaultSchedule.script([Fault("reset", after_bytes=2_000)], match=r"/chunks/1$")
+    # (Not pytest's handlers: none, or one printing as a user's basicConfig() would.)
+    handlers = [logging.StreamHandler(sys.stderr)] if set_up else []
+    monkeypatch.setattr(logging.root, "handlers", handlers)
+    with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
+        dataset = load_dataset(
+            JOB_UNIFORM, live_server.api_key, proxy.base_url, progress=True, backoff=0.01
+        )
+        assert len(list(dataset)) == UNIFORM_TOTAL
+    err = capsys.readouterr().err
+    said = err.index("chunk 1: ")
+    assert "retry 1 of 3" in err[said:] and err.count("chunk 1: ") == 1, err
+    if not set_up:
+        assert err[said - 1] in "\r\n", repr(err[max(0, said - 80) : said + 40])
+    assert dataset_module.log.handlers == []  # none left once the bar is gone
 
 
 @pytest.mark.parametrize("way", ["iterate", "iterate with progress", "iter_batches", "to_arrays"])

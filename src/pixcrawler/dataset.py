@@ -331,6 +331,7 @@ class Dataset:
                 contextlib.closing(samples),  # an early break stops the downloads now
                 tqdm(total=total, unit="img", desc=self.job.id) as bar,
                 _bar_postfix(bar, self.stats) as postfix,
+                _logged_above_bars(),
             ):
                 for item in samples:
                     yield item
@@ -968,6 +969,50 @@ def _bar_postfix(bar: Any, stats: DatasetStats) -> Iterator[Callable[[], None]]:
         # Not joined: this may run in a collection, on a thread holding the bar's lock,
         # which the refresh waits for. Stopped, it ends within one refresh.
         stop.set()
+
+
+class _AboveBars(logging.Handler):
+    """A record of the SDK's that no handler takes, which Python would print with its
+    last-resort handler (WARNING and up, on stderr) into a bar's line, printed above the
+    bars instead. Where the caller has set up logging, its own handlers print it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)  # (the last-resort handler's level)
+        self.bars = 0  # progress bars drawn now; guarded by _ABOVE_BARS_LOCK
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return  # another handler takes it
+            logger = logger.parent if logger.propagate else None
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+_ABOVE_BARS = _AboveBars()
+# (Reentrant: a bar's iteration the garbage collector ends may end inside this lock.)
+_ABOVE_BARS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _logged_above_bars() -> Iterator[None]:
+    """While a progress bar is drawn: the SDK's log lines above it (see :class:`_AboveBars`)."""
+    with _ABOVE_BARS_LOCK:
+        _ABOVE_BARS.bars += 1
+        if _ABOVE_BARS.bars == 1:
+            log.addHandler(_ABOVE_BARS)
+    try:
+        yield
+    finally:
+        with _ABOVE_BARS_LOCK:
+            _ABOVE_BARS.bars -= 1
+            if _ABOVE_BARS.bars == 0:
+                log.removeHandler(_ABOVE_BARS)
 
 
 def release_left(exc: BaseException) -> None:
