@@ -202,7 +202,8 @@ class ForwardProxy(_LoopbackHost):
     for an absolute URL is relayed (the whole answer, then the connection closes), a
     CONNECT becomes a tunnel to its host. ``requests`` records each request line as the
     proxy got it, ``auth`` each one's Proxy-Authorization; ``refuse`` answers every
-    request with a 407 instead, ``stall`` with nothing until the proxy stops. ``hosts``
+    request with ``refusal`` (407 by default: a status and its reason) instead, ``stall``
+    with nothing until the proxy stops. ``hosts``
     maps names only the proxy knows to addresses (the SDK sends loopback hosts past any
     proxy: a test names its server otherwise)."""
 
@@ -211,6 +212,7 @@ class ForwardProxy(_LoopbackHost):
         self.requests: list[str] = []
         self.auth: list[str | None] = []
         self.refuse = False
+        self.refusal = (407, "Proxy Authentication Required")
         self.stall = False
         self._stopping = threading.Event()
         outer = self
@@ -224,7 +226,7 @@ class ForwardProxy(_LoopbackHost):
                     self.close_connection = True
                     return False
                 if outer.refuse:
-                    self.send_response(407)
+                    self.send_response(*outer.refusal)
                     self.send_header("Proxy-Authenticate", 'Basic realm="test"')
                     self.send_header("Content-Length", "0")
                     self.send_header("Connection", "close")

@@ -5,6 +5,7 @@ requests. (The proxy seeing an HTTPS API only as a tunnel is in test_keys.py.)""
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -105,25 +106,34 @@ def test_the_proxys_credentials_go_as_proxy_authorization_and_into_no_message(
 def test_a_socks_proxy_is_refused_by_name_not_gone_around(
     live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ALL_PROXY", "socks5://bob:socks-pw-55ae01@127.0.0.1:1080")
+    monkeypatch.setenv("ALL_PROXY", "socks5://bob:socks/pw-55ae01@127.0.0.1:1080")
     with pytest.raises(NetworkError, match=r"socks5 proxy; only http:// and https://") as info:
         pixels(live_server, retries=0)
-    assert "socks-pw-55ae01" not in str(info.value)
+    assert "pw-55ae01" not in str(info.value)  # (a '/' in it ended urlsplit's netloc)
     assert f"NO_PROXY={NAME}" in str(info.value)
 
 
 @pytest.mark.parametrize("what", ["API call", "chunk"])
-def test_close_ends_a_request_waiting_on_the_proxys_tunnel(
-    monkeypatch: pytest.MonkeyPatch, what: str
+@pytest.mark.parametrize("stage", ["proxy's tunnel", "TLS handshake"])
+def test_close_ends_a_request_waiting_on_a_tunnel_or_a_handshake(
+    monkeypatch: pytest.MonkeyPatch, what: str, stage: str
 ) -> None:
-    """An HTTPS request through a proxy waits for the tunnel, then the TLS handshake,
-    before it sends anything: its connection was made known only after both, so close()
-    left it waiting for its timeout (300 s by default)."""
-    with proxy() as forward:
+    """An HTTPS request waits for a proxy's tunnel, then the TLS handshake, before it sends
+    anything: its connection was made known only after both, so close() left it waiting
+    for its timeout (300 s by default); then the socket it knew was the one TLS detaches
+    for the handshake, and a shutdown of it cut nothing."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel), never answers
+    with proxy() as forward, silent:
         forward.stall = True  # CONNECT is never answered
-        monkeypatch.setenv("HTTPS_PROXY", forward.url)
-        client = ApiClient("k" * 24, f"https://{NAME}:9", timeout=30, retry=RetryPolicy(0))
-        downloader = ChunkDownloader(client, [Chunk(0, f"https://{NAME}:9/c.zip", 10, None)])
+        if stage == "proxy's tunnel":
+            monkeypatch.setenv("HTTPS_PROXY", forward.url)
+            host = f"{NAME}:9"
+            waiting = lambda: bool(forward.requests)  # noqa: E731
+        else:
+            host = f"127.0.0.1:{silent.getsockname()[1]}"
+            waiting = lambda: True  # noqa: E731 - (connected at once: the backlog)
+        client = ApiClient("k" * 24, f"https://{host}", timeout=30, retry=RetryPolicy(0))
+        downloader = ChunkDownloader(client, [Chunk(0, f"https://{host}/c.zip", 10, None)])
         errors: list[BaseException] = []
 
         def wait() -> None:
@@ -139,7 +149,8 @@ def test_close_ends_a_request_waiting_on_the_proxys_tunnel(
 
         thread = threading.Thread(target=wait, daemon=True)
         thread.start()
-        assert settles(lambda: forward.requests, 10)
+        assert settles(waiting, 10)
+        time.sleep(0.3)  # well into its wait
         started = time.monotonic()
         (client.close if what == "API call" else downloader.close)()
         thread.join(10)
@@ -149,17 +160,43 @@ def test_close_ends_a_request_waiting_on_the_proxys_tunnel(
     assert errors and isinstance(errors[0], PixCrawlerError)
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        "http://alice:Pa55/w0rd9x#2024@proxy.corp:3128",
+        "http://alice:1234/w0rd9x@proxy.corp:3128",  # parses, as host alice and port 1234
+    ],
+)
 def test_a_proxy_url_that_does_not_parse_is_said_at_once_without_its_password(
-    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch, given: str
 ) -> None:
     """A '/' or '#' left in the password: urllib3's error quoted the URL up to it, password
     and all, and the call was retried as if the network had failed."""
-    monkeypatch.setenv("HTTP_PROXY", "http://alice:Pa55/word#2024@proxy.corp:3128")
+    monkeypatch.setenv("HTTP_PROXY", given)
     started = time.monotonic()
     with pytest.raises(NetworkError, match="is not a URL") as info:
         pixels(live_server, retries=3, backoff=30)
     assert time.monotonic() - started < 5  # not retried
-    assert "Pa55" not in str(info.value) and "HTTP_PROXY or ALL_PROXY" in str(info.value)
+    assert "w0rd9x" not in str(info.value) and "HTTP_PROXY or ALL_PROXY" in str(info.value)
+
+
+def test_a_proxy_asking_to_wait_is_asked_again_and_its_words_are_shown_safe(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 4xx to CONNECT was taken as final: a 429 too, which the retries are for."""
+    with proxy() as forward:
+        forward.refuse = True
+        forward.refusal = (429, "Slow \x1b[2Jdown")
+        monkeypatch.setenv("HTTPS_PROXY", forward.url)
+        base_url = f"https://{NAME}:9"
+        with pytest.raises(NetworkError, match="after 2 attempts") as info:
+            load_dataset(JOB_UNIFORM, "k" * 24, base_url, retries=1, backoff=0.01)
+        assert len(forward.requests) == 2
+        forward.refusal = (407, "Who \x1b[2Jare you")
+        with pytest.raises(NetworkError, match="the proxy refused") as refused:
+            load_dataset(JOB_UNIFORM, "k" * 24, base_url, retries=1, backoff=0.01)
+    assert "\x1b" not in str(refused.value) and "Who ?[2Jare you" in str(refused.value)
+    assert "429" in str(info.value)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])

@@ -214,13 +214,24 @@ class _ReportingHTTPConnection(HTTPConnection):
     and again once it has connected, so a cancel that came while it was connecting still
     finds its socket."""
 
+    _cut: socket.socket | None = None  # the socket's own, while it connects (see below)
+
     def _new_conn(self) -> socket.socket:
         self.sock = sock = super()._new_conn()  # (connect() sets it as this returns, too)
+        # A handle of its own on the socket for shutdown_connection: wrapping it in TLS
+        # detaches the one urllib3 holds for the whole handshake, and a shutdown of that
+        # would cut nothing.
+        self._cut = sock.dup()
         _report(self)
         return sock
 
     def connect(self) -> None:
-        super().connect()  # for HTTPS: HTTPSConnection.connect, the TLS handshake included
+        try:
+            super().connect()  # for HTTPS: HTTPSConnection.connect, the TLS handshake included
+        finally:
+            cut, self._cut = self._cut, None
+            if cut is not None:
+                cut.close()  # (the connection is cut through its own socket from now on)
         _report(self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
@@ -241,11 +252,12 @@ class _HTTPSPool(HTTPSConnectionPool):
 
 
 def shutdown_connection(connection: HTTPConnection) -> None:
-    """Unblock whatever waits on ``connection``'s socket (a send, the response headers)."""
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    """Unblock whatever waits on ``connection``'s socket (a proxy's tunnel, the TLS
+    handshake, a send, the response headers)."""
+    for sock in (getattr(connection, "_cut", None), getattr(connection, "sock", None)):
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class ApiClient:
@@ -643,14 +655,17 @@ def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
     if "://" not in proxy:
         proxy = f"http://{proxy}"
     scheme = proxy.partition("://")[0].lower()
-    if scheme not in ("http", "https"):
+    if scheme not in ("http", "https"):  # (named by its scheme alone: the URL holds passwords)
+        shown = "".join(ch if ch.isalnum() or ch in "+-." else "?" for ch in scheme[:20])
         raise NetworkError(
-            f"the proxy set for {parts.scheme} URLs ({_safe_url(proxy)}) is a {scheme[:20]} "
-            f"proxy; only http:// and https:// proxies are supported (NO_PROXY={host} "
-            "goes straight to the host)"
+            f"the proxy set for {parts.scheme} URLs is a {shown} proxy; only http:// and "
+            f"https:// proxies are supported ({_proxy_hint(url)}: NO_PROXY={host} goes "
+            "straight to the host)"
         )
     try:
-        if not parse_url(proxy).host:
+        given = parse_url(proxy)
+        # A path: a '/' in its password ("http://alice:1234/word@host" reads as host alice).
+        if not given.host or given.path not in (None, "", "/") or given.query or given.fragment:
             raise LocationParseError(proxy)
     except LocationParseError:  # (its message would quote the URL, password and all)
         raise NetworkError(
@@ -669,7 +684,7 @@ def _proxy_hint(url: str) -> str:
 def proxy_refusal(exc: BaseException) -> str | None:
     """Words for a proxy that refused to open a tunnel (403, 407: asking again gets the same
     answer, so it is not retried); None for any other failure (a proxy that is down, or
-    answered 502 or 503, is retried)."""
+    answered 429, 502 or 503, is retried)."""
     seen: set[int] = set()
     pending: list[object] = [exc]
     while pending:
@@ -678,8 +693,11 @@ def proxy_refusal(exc: BaseException) -> str | None:
             continue
         seen.add(id(error))
         said = str(error)
-        if isinstance(error, OSError) and said.startswith("Tunnel connection failed: 4"):
+        if isinstance(error, OSError) and said.startswith(
+            ("Tunnel connection failed: 403", "Tunnel connection failed: 407")
+        ):
             answer = said.removeprefix("Tunnel connection failed: ")[:80]
+            answer = "".join(ch if ch.isprintable() else "?" for ch in answer)  # (its words)
             return (
                 f"the proxy refused to open a tunnel ({answer}; it is set by HTTPS_PROXY or "
                 "ALL_PROXY, and NO_PROXY exempts hosts)"
