@@ -686,6 +686,8 @@ def test_the_sdist_carries_what_its_tests_and_docs_need(tmp_path: Path) -> None:
         if (root / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, tree / name)
+    (tree / "tests" / "__pycache__").mkdir()
+    (tree / "tests" / "__pycache__" / "helpers.cpython-311.pyc").write_bytes(b"stale")
     out.mkdir()
     code = "import sys, setuptools.build_meta as b; b.build_sdist(sys.argv[1])"
     built = subprocess.run(

@@ -74,7 +74,7 @@ def write_digits(
     """
     datasets = require("sklearn.datasets", "demo", "scikit-learn")
     digits = datasets.load_digits()
-    available = int(np.bincount(digits.target).min())
+    available = int(np.bincount(digits.target).min(axis=0))
     if not 1 <= images_per_class <= available:
         raise ValueError(f"images_per_class must be from 1 to {available}, got {images_per_class}")
     root.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 _FRACTION = re.compile(r"[.,](\d+)")
 _EXTENDED_DATE = re.compile(r"\d{4}-\d\d-\d\d")
 _BASIC_TIME = re.compile(r"\d{3}")  # hhmm, not hh or hh:mm
+_ODD_OFFSET = re.compile(r"[+-]\d\d:?\d\d[.,]")  # an offset with a fraction
 # A UTC offset at the end of a time: "+0530", "+05" and "+05:30" are all ISO 8601.
 _OFFSET = re.compile(r"([+-])(\d\d):?(\d\d)?$")
 
@@ -38,7 +39,9 @@ def parse_time(value: str | None) -> datetime | None:
     date, sep, time = text[:10], text[10:11], text[11:]
     # The extended forms alone: 3.11 takes the basic ones ("20240102T030405Z") and week
     # dates too, which 3.10 does not.
-    if not _EXTENDED_DATE.fullmatch(date) or _BASIC_TIME.match(time):
+    if not _EXTENDED_DATE.fullmatch(date) or _BASIC_TIME.match(time) or _ODD_OFFSET.search(time):
+        return None
+    if time and sep not in ("T", "t", " "):  # (3.10 read any character there, 3.11 too)
         return None
     if sep in ("T", "t", " ") and time:
         time = _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), time, count=1)
