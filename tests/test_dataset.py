@@ -717,40 +717,23 @@ def test_num_images_of_a_job_listing_some_chunks_counts_is_unknown_not_their_sum
     assert len(list(dataset)) == UNIFORM_TOTAL
 
 
-def test_a_warning_with_progress_on_points_at_the_callers_loop_not_at_tqdm(
+def test_a_warning_with_progress_on_points_at_the_callers_loop_on_a_line_of_its_own(
     live_server: LiveServer,
     tmp_path: Path,
     server_factory: Callable[..., str],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """It pointed into tqdm; then it was written on from the bar's last drawing:
+    `... 40.0img/s]tests/...: RuntimeWarning`."""
     pytest.importorskip("tqdm")
     base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (3,)))
     dataset = load_dataset(
         JOB_UNIFORM, live_server.api_key, base_url, on_error="warn", progress=True
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in dataset:
-            pass
-    skipped = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert [w.filename for w in skipped] == [__file__], [str(w) for w in skipped]
-    assert capsys.readouterr().err.strip().endswith("received, 1 skipped]")  # on the bar, too
-
-
-def test_a_warning_with_progress_on_gets_a_line_of_its_own_not_the_end_of_the_bars(
-    live_server: LiveServer,
-    tmp_path: Path,
-    server_factory: Callable[..., str],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """It was written on from the bar's last drawing: `... 40.0img/s]tests/...: RuntimeWarning`."""
-    pytest.importorskip("tqdm")
-    base_url = server_factory(corrupt_copy(live_server.store, tmp_path, (3,)))
-    dataset = load_dataset(
-        JOB_UNIFORM, live_server.api_key, base_url, on_error="warn", progress=True
-    )
+    warned: list[str] = []
 
     def show(message: Any, category: Any, filename: str, lineno: int, *_: Any) -> None:
+        warned.append(filename)
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno))
 
     with warnings.catch_warnings():  # (pytest records warnings: show them, as Python does)
@@ -758,11 +741,12 @@ def test_a_warning_with_progress_on_gets_a_line_of_its_own_not_the_end_of_the_ba
         warnings.showwarning = show
         for _ in dataset:
             pass
+    assert warned == [__file__]
     err = capsys.readouterr().err
     shown = err.index(f"{__file__}:")
     assert "RuntimeWarning: skipped" in err[shown:], err
     assert err[shown - 1] in "\r\n", repr(err[max(0, shown - 80) : shown + 40])
-    assert err.rstrip().endswith("1 skipped]")  # the bar drawn again after it
+    assert err.rstrip().endswith("received, 1 skipped]")  # the bar drawn again after it
 
 
 @pytest.mark.parametrize("set_up", [False, True], ids=["no logging set up", "logging set up"])

@@ -685,13 +685,7 @@ def proxy_refusal(exc: BaseException) -> str | None:
     """Words for a proxy that refused to open a tunnel (403, 407: asking again gets the same
     answer, so it is not retried); None for any other failure (a proxy that is down, or
     answered 429, 502 or 503, is retried)."""
-    seen: set[int] = set()
-    pending: list[object] = [exc]
-    while pending:
-        error = pending.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        seen.add(id(error))
+    for error in _causes(exc):
         said = str(error)
         if isinstance(error, OSError) and said.startswith(
             ("Tunnel connection failed: 403", "Tunnel connection failed: 407")
@@ -702,9 +696,22 @@ def proxy_refusal(exc: BaseException) -> str | None:
                 f"the proxy refused to open a tunnel ({answer}; it is set by HTTPS_PROXY or "
                 "ALL_PROXY, and NO_PROXY exempts hosts)"
             )
+    return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every error behind it, each once: its cause, its context, and what
+    urllib3 keeps in ``.reason`` (MaxRetryError) or ``args`` (SSLError, ProxyError)."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
         pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
         pending += error.args
-    return None
 
 
 def _ca_bundle() -> str | None:
@@ -766,19 +773,10 @@ def _safe_url(url: str) -> str:
 def certificate_refused(exc: BaseException) -> bool:
     """Whether a request failed on the host's TLS certificate (self-signed, expired, for
     another name): asking again gets the same answer, so it is not retried."""
-    seen: set[int] = set()
-    pending: list[object] = [exc]
-    while pending:
-        error = pending.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, (ssl.SSLCertVerificationError, _HostnameMismatch)):
-            return True
-        # urllib3 keeps the cause in .reason (MaxRetryError) or args[0] (SSLError).
-        pending += [error.__cause__, error.__context__, getattr(error, "reason", None)]
-        pending += error.args
-    return False
+    return any(
+        isinstance(error, (ssl.SSLCertVerificationError, _HostnameMismatch))
+        for error in _causes(exc)
+    )
 
 
 def refused_certificate(exc: BaseException) -> str:
