@@ -452,12 +452,68 @@ def test_a_ca_bundle_the_environment_names_verifies_the_api(
         assert dataset.job.id == "job_tls" and seen == ["/api/v1/jobs/job_tls"]
 
 
-def test_a_ca_bundle_that_is_not_there_is_said_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/corp-ca.pem")
-    with pytest.raises(NetworkError, match=r"REQUESTS_CA_BUNDLE names /nonexistent/corp-ca\.pem"):
-        ApiClient(KEY, "https://api.example.com")
+@pytest.mark.parametrize(
+    ("bundle", "said"),
+    [
+        ("/nonexistent/corp-ca.pem", "is no file or folder of CA certificates"),
+        ("not a certificate", "holds no CA certificate that could be read"),  # (a file)
+    ],
+)
+def test_a_ca_bundle_that_cannot_be_used_is_said_by_name_for_https_alone(
+    live_server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundle: str, said: str
+) -> None:
+    """It failed every attempt in OpenSSL's words ("no certificate or crl found"), never
+    naming the variable; and a stale one must not stop an http:// API, as in requests."""
+    if not bundle.startswith("/"):
+        (tmp_path / "corp-ca.cer").write_text(bundle)  # (a DER export reads no better)
+        bundle = str(tmp_path / "corp-ca.cer")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", bundle)
+    client = ApiClient(KEY, "https://127.0.0.1:9", retry=RetryPolicy(3, backoff_base=30))
+    with pytest.raises(NetworkError, match=f"REQUESTS_CA_BUNDLE names .*, which {said}"):
+        client.get_job("job_x")  # (at once: before any connection, and not retried)
+    with load_dataset(JOB_UNIFORM, live_server.api_key, live_server.base_url) as dataset:
+        assert len(dataset) == UNIFORM_TOTAL  # http://: the bundle is not read
     with pytest.warns(UserWarning, match="verify_ssl=False"):
         ApiClient(KEY, "https://api.example.com", verify_ssl=False).close()  # unread then
+
+
+def test_a_certificate_refused_against_a_ca_bundle_says_which(
+    self_signed_api: tuple[str, list[str], list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bundle holding only the company's CA replaces the system's store: against any
+    other host the refusal read as the host's fault."""
+    url, seen, _ = self_signed_api
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(other_certificate_pem())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other))
+    with pytest.raises(NetworkError, match="checked against REQUESTS_CA_BUNDLE, not the system"):
+        load_dataset("job_tls", KEY, url, retries=0)
+    assert seen == []
+
+
+def other_certificate_pem() -> bytes:
+    """A self-signed certificate of another name and key than the API's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corp-ca")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def test_through_a_proxy_an_https_api_is_a_tunnel_the_proxy_cannot_read(

@@ -217,6 +217,29 @@ def test_a_proxy_refusing_says_so_at_once_naming_where_it_was_set(
     assert f"{scheme.upper()}_PROXY or ALL_PROXY" in str(info.value)
 
 
+@pytest.mark.parametrize("refusal", [(405, "Method Not Allowed"), (403, "Forbidden")])
+def test_a_tunnel_refused_is_not_asked_for_again(
+    monkeypatch: pytest.MonkeyPatch, refusal: tuple[int, str]
+) -> None:
+    """(A web server named as the proxy answers CONNECT with 405.)"""
+    with proxy() as forward:
+        forward.refuse, forward.refusal = True, refusal
+        monkeypatch.setenv("HTTPS_PROXY", forward.url)
+        with pytest.raises(NetworkError, match=f"the proxy refused to open a tunnel .{refusal[0]}"):
+            load_dataset(JOB_UNIFORM, "k" * 24, f"https://{NAME}:9", retries=1, backoff=0.01)
+    assert len(forward.requests) == 1
+
+
+def test_a_proxy_url_with_a_path_is_used_without_it(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As requests and curl do; it was refused as "not a URL"."""
+    with proxy() as forward:
+        monkeypatch.setenv("HTTP_PROXY", f"{forward.url}/corp/proxy/")
+        assert len(pixels(live_server)) == UNIFORM_TOTAL
+    assert forward.requests
+
+
 def test_a_chunk_whose_tunnel_the_proxy_refuses_fails_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -301,8 +301,13 @@ class ApiClient:
             "retries": False,
             "headers": {"User-Agent": config.USER_AGENT},
         }
-        if verify_ssl and (bundle := _ca_bundle()) is not None:
-            self._pool_options["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+        # A CA bundle the environment names (see _ca_bundle), checked at the first HTTPS
+        # request: a stale one must not stop an http:// or loopback API, as in requests.
+        self.ca_bundle = _ca_bundle() if verify_ssl else None
+        self._bundle_checked = self.ca_bundle is None
+        if self.ca_bundle is not None:
+            path = self.ca_bundle[1]
+            self._pool_options["ca_cert_dir" if os.path.isdir(path) else "ca_certs"] = path
         self._pool = urllib3.PoolManager(**self._pool_options)
         self._pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
         # HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY (any case), as requests and httpx
@@ -406,6 +411,10 @@ class ApiClient:
         through the proxy the environment names for it (an HTTPS URL in a CONNECT tunnel,
         so the proxy sees neither the key nor the bytes)."""
         proxy = proxy_for(url, self._proxies)
+        bundle = None if self._bundle_checked else self.ca_bundle
+        if bundle is not None and "https" in (urlsplit(url).scheme, urlsplit(proxy or "").scheme):
+            _check_bundle(*bundle)
+            self._bundle_checked = True
         if proxy is None:
             return self._pool
         with self._via_lock:
@@ -492,7 +501,8 @@ class ApiClient:
                 if self._closed.is_set():  # close() cut it: no retry, no backoff
                     raise NetworkError(f"{what}: the client was closed") from exc
                 if certificate_refused(exc):
-                    raise NetworkError(f"{what} failed: {refused_certificate(exc)}") from exc
+                    refused = refused_certificate(exc, self.ca_bundle)
+                    raise NetworkError(f"{what} failed: {refused}") from exc
                 if (refusal := proxy_refusal(exc)) is not None:
                     raise NetworkError(f"{what} failed: {refusal}") from exc
                 failures += 1
@@ -664,9 +674,12 @@ def proxy_for(url: str, proxies: Mapping[str, str]) -> str | None:
         )
     try:
         given = parse_url(proxy)
-        # A path: a '/' in its password ("http://alice:1234/word@host" reads as host alice).
-        if not given.host or given.path not in (None, "", "/") or given.query or given.fragment:
+        rest = f"{given.path or ''}{given.query or ''}{given.fragment or ''}"
+        # An '@' after the host: a '/' in its password ("http://alice:1234/w@host" reads
+        # as host alice). Any other path is left out, as requests and curl leave it.
+        if not given.host or "@" in rest:
             raise LocationParseError(proxy)
+        proxy = given._replace(path=None, query=None, fragment=None).url
     except LocationParseError:  # (its message would quote the URL, password and all)
         raise NetworkError(
             f"the proxy set for {parts.scheme} URLs is not a URL ({_proxy_hint(url)}; "
@@ -682,20 +695,21 @@ def _proxy_hint(url: str) -> str:
 
 
 def proxy_refusal(exc: BaseException) -> str | None:
-    """Words for a proxy that refused to open a tunnel (403, 407: asking again gets the same
-    answer, so it is not retried); None for any other failure (a proxy that is down, or
-    answered 429, 502 or 503, is retried)."""
+    """Words for a proxy that refused to open a tunnel (a 4xx, 403 and 407 the likeliest:
+    asking again gets the same answer, so it is not retried); None for any other failure
+    (a proxy that is down, or answered 408, 429 or 5xx, is retried)."""
     for error in _causes(exc):
         said = str(error)
-        if isinstance(error, OSError) and said.startswith(
-            ("Tunnel connection failed: 403", "Tunnel connection failed: 407")
+        answer = said.removeprefix("Tunnel connection failed: ")
+        if (
+            isinstance(error, OSError)
+            and answer != said
+            and answer[:1] == "4"
+            and not answer.startswith(("408", "429"))  # (a wait asked for: retried)
         ):
-            answer = said.removeprefix("Tunnel connection failed: ")[:80]
+            answer = answer[:80]
             answer = "".join(ch if ch.isprintable() else "?" for ch in answer)  # (its words)
-            return (
-                f"the proxy refused to open a tunnel ({answer}; it is set by HTTPS_PROXY or "
-                "ALL_PROXY, and NO_PROXY exempts hosts)"
-            )
+            return f"the proxy refused to open a tunnel ({answer}; {_proxy_hint('https:')})"
     return None
 
 
@@ -714,18 +728,34 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         pending += error.args
 
 
-def _ca_bundle() -> str | None:
-    """The CA certificates requests would trust instead of the system's: REQUESTS_CA_BUNDLE,
-    else CURL_CA_BUNDLE (a file, or a folder of them). SSL_CERT_FILE and SSL_CERT_DIR,
-    OpenSSL's own, it reads itself where these are not set."""
+def _ca_bundle() -> tuple[str, str] | None:
+    """The CA certificates requests would trust instead of the system's, and the variable
+    that names them: REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE (a file, or a folder of them).
+    SSL_CERT_FILE and SSL_CERT_DIR, OpenSSL's own, it reads itself where these are not set."""
     for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         if path := os.environ.get(variable, "").strip():
-            if not os.path.exists(path):
-                raise NetworkError(
-                    f"{variable} names {path[:300]}, which is no file or folder of CA certificates"
-                )
-            return path
+            return variable, path
     return None
+
+
+def _check_bundle(variable: str, path: str) -> None:
+    """Refuse, by name and before any connection, a bundle that cannot be used (each
+    attempt would fail alike on it, in words that never say where it came from)."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in path[:300])
+    try:
+        if os.path.isdir(path):
+            ssl.create_default_context(capath=path)
+        else:
+            ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise NetworkError(
+            f"{variable} names {shown}, which is no file or folder of CA certificates"
+        ) from None
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise NetworkError(
+            f"{variable} names {shown}, which holds no CA certificate that could be read "
+            f"(a PEM file, or a folder of them, is needed: {exc.__class__.__name__})"
+        ) from None
 
 
 def _loopback(host: str) -> bool:
@@ -779,11 +809,13 @@ def certificate_refused(exc: BaseException) -> bool:
     )
 
 
-def refused_certificate(exc: BaseException) -> str:
-    """Words for :func:`certificate_refused`'s failures."""
+def refused_certificate(exc: BaseException, bundle: tuple[str, str] | None = None) -> str:
+    """Words for :func:`certificate_refused`'s failures; ``bundle``: the CA bundle from the
+    environment the certificate was checked against (ApiClient.ca_bundle), if any."""
+    against = f"; it was checked against {bundle[0]}, not the system's store" if bundle else ""
     return (
         f"{exc.__class__.__name__}: {_safe_exc(exc)} (the TLS certificate did not verify, "
-        "so it was not retried)"
+        f"so it was not retried{against})"
     )
 
 

@@ -1122,7 +1122,8 @@ class ChunkDownloader:
                     raise _Cancelled() from exc
                 if certificate_refused(exc):
                     raise DownloadError(
-                        f"Chunk {index} failed: {refused_certificate(exc)}", chunk_id=index
+                        f"Chunk {index} failed: {refused_certificate(exc, self.client.ca_bundle)}",
+                        chunk_id=index,
                     ) from exc
                 if (refusal := proxy_refusal(exc)) is not None:
                     raise DownloadError(f"Chunk {index} failed: {refusal}", chunk_id=index) from exc

@@ -43,7 +43,7 @@ def parse_time(value: str | None) -> datetime | None:
         return None
     if time and sep not in ("T", "t", " "):  # (3.10 read any character there, 3.11 too)
         return None
-    if sep in ("T", "t", " ") and time:
+    if time:
         time = _FRACTION.sub(lambda m: "." + m[1][:6].ljust(6, "0"), time, count=1)
         time = _OFFSET.sub(lambda m: f"{m[1]}{m[2]}:{m[3] or '00'}", time, count=1)
         text = date + sep + time
