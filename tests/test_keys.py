@@ -456,7 +456,7 @@ def test_a_ca_bundle_the_environment_names_verifies_the_api(
     ("bundle", "said"),
     [
         ("/nonexistent/corp-ca.pem", "is no file or folder of CA certificates"),
-        ("not a certificate", "holds no CA certificate that could be read"),  # (a file)
+        ("not a certificate", "holds no certificate OpenSSL could read"),  # (a file)
     ],
 )
 def test_a_ca_bundle_that_cannot_be_used_is_said_by_name_for_https_alone(
@@ -488,7 +488,25 @@ def test_a_certificate_refused_against_a_ca_bundle_says_which(
     other = tmp_path / "other-ca.pem"
     other.write_bytes(other_certificate_pem())
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other))
-    with pytest.raises(NetworkError, match="checked against REQUESTS_CA_BUNDLE, not the system"):
+    said = r"checked against REQUESTS_CA_BUNDLE \(.*other-ca\.pem\), not the system's store"
+    with pytest.raises(NetworkError, match=said):
+        load_dataset("job_tls", KEY, url, retries=0)
+    assert seen == []
+
+
+def test_a_ca_folder_without_hash_names_is_said_to_need_them(
+    self_signed_api: tuple[str, list[str], list[int]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The API's own certificate in a folder, unhashed (OpenSSL finds certificates in a
+    folder by hash names only): the refusal read as the wrong CA."""
+    url, seen, _ = self_signed_api
+    folder = tmp_path / "corp-cas"
+    folder.mkdir()
+    (folder / "corp-ca.crt").write_bytes((tmp_path / "cert.pem").read_bytes())
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(folder))
+    with pytest.raises(NetworkError, match="a folder is read by hash names: `openssl rehash`"):
         load_dataset("job_tls", KEY, url, retries=0)
     assert seen == []
 

@@ -752,9 +752,10 @@ def _check_bundle(variable: str, path: str) -> None:
             f"{variable} names {shown}, which is no file or folder of CA certificates"
         ) from None
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        why = getattr(exc, "reason", None) or exc.__class__.__name__  # (OpenSSL's token)
         raise NetworkError(
-            f"{variable} names {shown}, which holds no CA certificate that could be read "
-            f"(a PEM file, or a folder of them, is needed: {exc.__class__.__name__})"
+            f"{variable} names {shown}, which holds no certificate OpenSSL could read "
+            f"({why}): point it at your CA's certificate (PEM), or unset it"
         ) from None
 
 
@@ -812,7 +813,12 @@ def certificate_refused(exc: BaseException) -> bool:
 def refused_certificate(exc: BaseException, bundle: tuple[str, str] | None = None) -> str:
     """Words for :func:`certificate_refused`'s failures; ``bundle``: the CA bundle from the
     environment the certificate was checked against (ApiClient.ca_bundle), if any."""
-    against = f"; it was checked against {bundle[0]}, not the system's store" if bundle else ""
+    against = ""
+    if bundle is not None:
+        variable, path = bundle
+        against = f"; it was checked against {variable} ({path[:300]}), not the system's store"
+        if os.path.isdir(path):
+            against += " (a folder is read by hash names: `openssl rehash` it, or name a file)"
     return (
         f"{exc.__class__.__name__}: {_safe_exc(exc)} (the TLS certificate did not verify, "
         f"so it was not retried{against})"
