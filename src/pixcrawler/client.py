@@ -221,7 +221,8 @@ class _ReportingHTTPConnection(HTTPConnection):
         # A handle of its own on the socket for shutdown_connection: wrapping it in TLS
         # detaches the one urllib3 holds for the whole handshake, and a shutdown of that
         # would cut nothing.
-        self._cut = sock.dup()
+        with contextlib.suppress(OSError):  # (no descriptor left: the request goes on)
+            self._cut = sock.dup()
         _report(self)
         return sock
 
