@@ -213,6 +213,7 @@ class ForwardProxy(_LoopbackHost):
         self.auth: list[str | None] = []
         self.refuse = False
         self.refusal = (407, "Proxy Authentication Required")
+        self.refused_paths = ""  # a regex: refuse only the requests it finds (all: "")
         self.stall = False
         self._stopping = threading.Event()
         outer = self
@@ -225,14 +226,15 @@ class ForwardProxy(_LoopbackHost):
                     outer._stopping.wait(60)
                     self.close_connection = True
                     return False
-                if outer.refuse:
+                refuse = outer.refuse and re.search(outer.refused_paths, self.path) is not None
+                if refuse:
                     self.send_response(*outer.refusal)
                     self.send_header("Proxy-Authenticate", 'Basic realm="test"')
                     self.send_header("Content-Length", "0")
                     self.send_header("Connection", "close")
                     self.end_headers()
                     self.close_connection = True
-                return not outer.refuse
+                return not refuse
 
             def do_GET(self) -> None:
                 if not self._seen():

@@ -19,7 +19,12 @@ from helpers import ForwardProxy, settles
 from pixcrawler import load_dataset
 from pixcrawler.client import ApiClient, proxy_for
 from pixcrawler.downloader import ChunkDownloader
-from pixcrawler.exceptions import DownloadError, NetworkError, PixCrawlerError
+from pixcrawler.exceptions import (
+    AuthenticationError,
+    DownloadError,
+    NetworkError,
+    PixCrawlerError,
+)
 from pixcrawler.models import Chunk
 from pixcrawler.retry import RetryPolicy
 
@@ -238,6 +243,28 @@ def test_a_proxy_url_with_a_path_is_used_without_it(
         monkeypatch.setenv("HTTP_PROXY", f"{forward.url}/corp/proxy/")
         assert len(pixels(live_server)) == UNIFORM_TOTAL
     assert forward.requests
+
+
+def test_a_403_relayed_by_a_proxy_says_the_proxy_may_have_given_it(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy's policy page (403) read as the API refusing the key, and nothing more."""
+    with proxy() as forward:
+        forward.refuse, forward.refusal = True, (403, "Forbidden")
+        monkeypatch.setenv("HTTP_PROXY", forward.url)
+        with pytest.raises(AuthenticationError, match="may have refused it itself") as info:
+            pixels(live_server, retries=0)
+    assert "HTTP 403" in str(info.value) and info.value.status_code == 403
+    with pytest.raises(AuthenticationError) as direct:  # no proxy: no word of one
+        load_dataset(JOB_UNIFORM, "k" * 24, live_server.base_url, retries=0)
+    assert "proxy" not in str(direct.value)
+    with proxy() as forward:  # a chunk's, too
+        forward.refuse, forward.refusal = True, (403, "Forbidden")
+        forward.refused_paths = r"/chunks/"
+        monkeypatch.setenv("HTTP_PROXY", forward.url)
+        with pytest.raises(DownloadError, match="may have refused it itself") as chunk:
+            pixels(live_server, retries=0)
+    assert isinstance(chunk.value.__cause__, AuthenticationError)
 
 
 def test_a_chunk_whose_tunnel_the_proxy_refuses_fails_at_once(

@@ -334,10 +334,12 @@ class ApiClient:
         return error_message(response, body, secret=self._api_key)
 
     def refusal(
-        self, response: urllib3.BaseHTTPResponse, what: str, body: bytes | None = None
+        self, response: urllib3.BaseHTTPResponse, what: str, body: bytes | None, url: str
     ) -> PixCrawlerError:
-        """:func:`map_status`, the key scrubbed from the server's words."""
-        return map_status(response, what, body, secret=self._api_key)
+        """:func:`map_status` for an answer from ``url``, the key scrubbed from the
+        server's words (a 403 a plain-HTTP proxy relayed says it may be the proxy's)."""
+        relayed = response.status == 403 and self._relayed(url)
+        return map_status(response, what, body, secret=self._api_key, relayed=relayed)
 
     def request(
         self,
@@ -425,6 +427,13 @@ class ApiClient:
             if manager is None:
                 manager = self._via[proxy] = self._proxy_manager(proxy)
         return manager
+
+    def _relayed(self, url: str) -> bool:
+        """Whether a request for ``url`` went through a proxy that could read its answer
+        (a plain-HTTP one: an HTTPS answer comes through a tunnel the proxy cannot read)."""
+        with contextlib.suppress(NetworkError):
+            return urlsplit(url).scheme == "http" and proxy_for(url, self._proxies) is not None
+        return False
 
     def _proxy_manager(self, proxy: str) -> urllib3.ProxyManager:
         parsed = parse_url(proxy)
@@ -520,7 +529,7 @@ class ApiClient:
                 if response.status not in config.RETRY_STATUSES:
                     if response.status in (401, 403) and not self.sends_key_to(answer.url):
                         raise self._refused_elsewhere(answer, what)
-                    raise map_status(response, what, answer.body, secret=self._api_key)
+                    raise self.refusal(response, what, answer.body, answer.url)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 failures += 1
                 if self.retry.retry_after_too_long(retry_after) or failures > self.retry.retries:
@@ -618,15 +627,23 @@ def map_status(
     body: bytes | None = None,
     *,
     secret: str | None = None,
+    relayed: bool = False,
 ) -> PixCrawlerError:
     """A non-retryable HTTP error as the SDK's exception, with the server's message
-    (``body`` and ``secret``: as :func:`error_message` takes them)."""
+    (``body`` and ``secret``: as :func:`error_message` takes them). ``relayed``: the answer
+    came through a proxy that could have given it itself."""
     status = response.status
     message = error_message(response, body, secret=secret)
     if status in (401, 403):
+        proxy = (
+            " It came through a proxy (HTTP_PROXY or ALL_PROXY; NO_PROXY exempts hosts), "
+            "which may have refused it itself."
+            if relayed
+            else ""
+        )
         return AuthenticationError(
             f"{what}: the API key was rejected (HTTP {status}: {message}). Check the key "
-            "or run `pixcrawler login`.",
+            f"or run `pixcrawler login`.{proxy}",
             status_code=status,
         )
     if status == 404:

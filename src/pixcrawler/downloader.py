@@ -1057,7 +1057,7 @@ class ChunkDownloader:
                     )
                 if status not in config.RETRY_STATUSES:
                     what = f"GET chunk {index}"
-                    cause = self.client.refusal(response, what, error_body(response))
+                    cause = self.client.refusal(response, what, error_body(response), answered)
                     raise DownloadError(
                         f"Chunk {index} could not be downloaded: {cause.message}",
                         chunk_id=index,
