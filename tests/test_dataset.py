@@ -762,6 +762,7 @@ def test_a_log_line_with_progress_on_goes_above_the_bar_once(
     # (Not pytest's handlers: none, or one printing as a user's basicConfig() would.)
     handlers = [logging.StreamHandler(sys.stderr)] if set_up else []
     monkeypatch.setattr(logging.root, "handlers", handlers)
+    monkeypatch.setattr(dataset_module.log, "handlers", [])  # (the CLI's, an earlier test's)
     with FaultProxy(live_server.base_url, schedule=schedule) as proxy:
         dataset = load_dataset(
             JOB_UNIFORM, live_server.api_key, proxy.base_url, progress=True, backoff=0.01
