@@ -358,34 +358,9 @@ def self_signed_api(tmp_path: Path) -> Iterator[tuple[str, list[str], list[int]]
     """An HTTPS server with a self-signed certificate; yields its URL, the paths it got and
     one entry per connection it accepted."""
     pytest.importorskip("cryptography")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([loopback]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = self_signed_pem("127.0.0.1", address="127.0.0.1")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
     seen: list[str] = []
     job = {"id": "job_tls", "name": "tls", "status": "completed", "progress": 100, "chunks": []}
 
@@ -486,7 +461,7 @@ def test_a_certificate_refused_against_a_ca_bundle_says_which(
     other host the refusal read as the host's fault."""
     url, seen, _ = self_signed_api
     other = tmp_path / "other-ca.pem"
-    other.write_bytes(other_certificate_pem())
+    other.write_bytes(self_signed_pem("corp-ca")[0])  # another name and key than the API's
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other))
     said = r"checked against REQUESTS_CA_BUNDLE \(.*other-ca\.pem\), not the system's store"
     with pytest.raises(NetworkError, match=said):
@@ -511,17 +486,18 @@ def test_a_ca_folder_without_hash_names_is_said_to_need_them(
     assert seen == []
 
 
-def other_certificate_pem() -> bytes:
-    """A self-signed certificate of another name and key than the API's."""
+def self_signed_pem(common_name: str, *, address: str | None = None) -> tuple[bytes, bytes]:
+    """A self-signed certificate for ``common_name`` (and the IP ``address``, a name TLS
+    checks), with a fresh key: both as PEM."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "corp-ca")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -529,9 +505,17 @@ def other_certificate_pem() -> bytes:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
     )
-    return cert.public_bytes(serialization.Encoding.PEM)
+    if address is not None:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))])
+        builder = builder.add_extension(san, critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def test_through_a_proxy_an_https_api_is_a_tunnel_the_proxy_cannot_read(
