@@ -39,7 +39,7 @@ from .auth import (
     save_api_key,
 )
 from .client import ApiClient, api_root, job_path
-from .dataset import DatasetInfo, load_dataset, num_images_of
+from .dataset import DatasetInfo, above_bars, load_dataset, num_images_of
 from .decode import validate_image_size
 from .exceptions import (
     AuthenticationError,
@@ -161,14 +161,8 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)  # bars exist only if imported
-        if tqdm is None or not getattr(tqdm, "_instances", None):
+        with above_bars():
             super().emit(record)
-            return
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
 
 
 def _log_to_stderr(debug: bool) -> None:

@@ -868,14 +868,20 @@ class Dataset:
         return None
 
 
-def _warn_above_bars(message: str, stacklevel: int) -> None:
-    """A ``RuntimeWarning``; while tqdm bars are drawn, they are cleared first and drawn
-    again after, so the warning gets a line of its own instead of running on from a bar's."""
+def above_bars() -> contextlib.AbstractContextManager[Any]:
+    """While tqdm bars are drawn: a block whose writes to stderr get a line of their own,
+    not the end of a bar's (the bars are cleared first and drawn again after, as
+    ``tqdm.write`` does); otherwise a block like any other."""
     std = sys.modules.get("tqdm.std")  # bars exist only if tqdm is imported
     if std is None or not getattr(std.tqdm, "_instances", None):
-        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
-        return
-    with std.tqdm.external_write_mode(file=sys.stderr):
+        return contextlib.nullcontext()
+    manager: contextlib.AbstractContextManager[Any] = std.tqdm.external_write_mode(file=sys.stderr)
+    return manager
+
+
+def _warn_above_bars(message: str, stacklevel: int) -> None:
+    """A ``RuntimeWarning``, above any progress bars (:func:`above_bars`)."""
+    with above_bars():
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
@@ -987,9 +993,9 @@ class _AboveBars(logging.Handler):
                 return  # another handler takes it
             logger = logger.parent if logger.propagate else None
         try:
-            from tqdm.auto import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
+            line = self.format(record)
+            with above_bars():
+                sys.stderr.write(line + "\n")
         except Exception:
             self.handleError(record)
 
