@@ -636,8 +636,7 @@ def map_status(
     message = error_message(response, body, secret=secret)
     if status in (401, 403):
         proxy = (
-            " It came through a proxy (HTTP_PROXY or ALL_PROXY; NO_PROXY exempts hosts), "
-            "which may have refused it itself."
+            f" It came through a proxy ({_proxy_hint('http:')}), which may have refused it itself."
             if relayed
             else ""
         )
